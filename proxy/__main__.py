@@ -1,0 +1,71 @@
+"""``tracing-proxy`` / ``python -m proxy``: run until SIGTERM or SIGINT, then drain and exit 0."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+
+from aiohttp import http_parser
+
+from proxy import __version__, config, log
+from proxy.config import Settings
+from proxy.server import ProxyServer
+
+
+def c_parser_in_use() -> bool:
+    """aiohttp's pure-Python parser has had request smuggling bugs; we want llhttp."""
+    return http_parser.HttpRequestParser.__module__ == "aiohttp._http_parser"
+
+
+async def serve(settings: Settings) -> int:
+    logger = log.get_logger()
+    loop = asyncio.get_running_loop()
+    signals: asyncio.Queue[signal.Signals] = asyncio.Queue()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, signals.put_nowait, sig)
+
+    server = ProxyServer(settings)
+    await server.start()
+    logger.info(
+        "listening",
+        proxy=f"http://{server.proxy_address}",
+        metrics=f"http://{server.admin_address}/metrics" if server.admin_address else None,
+        version=__version__,
+        loop=type(loop).__module__,
+    )
+    try:
+        first = await signals.get()
+        # SIGTERM (Kubernetes) keeps serving through the grace period; Ctrl-C does not.
+        grace = settings.shutdown_grace if first == signal.SIGTERM else 0.0
+        logger.info("signal", signal=first.name)
+        drain = asyncio.ensure_future(server.drain(grace, settings.drain_timeout))
+        second = asyncio.ensure_future(signals.get())
+        await asyncio.wait({drain, second}, return_when=asyncio.FIRST_COMPLETED)
+        if not drain.done():
+            logger.warning("drain_skipped", signal=second.result().name)
+            drain.cancel()
+        second.cancel()
+    finally:
+        await server.close()
+        logger.info("stopped")
+    return 0
+
+
+def main() -> None:
+    settings = config.load_from_process()
+    log.configure(settings.log_format, settings.log_level)
+    if not c_parser_in_use():
+        print("tracing-proxy: error: aiohttp's C HTTP parser is not available", file=sys.stderr)
+        sys.exit(1)
+    if settings.event_loop == "uvloop":
+        import uvloop
+
+        code = uvloop.run(serve(settings))
+    else:
+        code = asyncio.run(serve(settings))
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

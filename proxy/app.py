@@ -1,0 +1,226 @@
+"""Wiring: the proxy application, the admin application, and their shared state."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any, Final
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from proxy import errors, log
+from proxy.config import Settings
+from proxy.errors import ProxyError
+from proxy.forwarding import SKIP_AUTO_HEADERS, Forwarder, strip_added_defaults
+from proxy.metrics import Metrics
+from proxy.observe import Observer
+from proxy.request_id import new_request_id
+from proxy.target import TargetError, absolute_target, forward_target
+from proxy.tracing import trace_config
+
+
+class Lifecycle:
+    """Readiness and in-flight bookkeeping for graceful shutdown (no I/O here)."""
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.draining = False  # /readyz answers 503; requests are still served
+        self.refusing = False  # after the grace period: new requests get 503
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def enter(self) -> None:
+        self.in_flight += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+    def __repr__(self) -> str:
+        return (
+            f"<Lifecycle in_flight={self.in_flight} draining={self.draining} "
+            f"refusing={self.refusing}>"
+        )
+
+
+SETTINGS: Final = web.AppKey("settings", Settings)
+REGISTRY: Final = web.AppKey("registry", CollectorRegistry)
+METRICS: Final = web.AppKey("metrics", Metrics)
+LIFECYCLE: Final = web.AppKey("lifecycle", Lifecycle)
+LOGGER: Final = web.AppKey("logger", Any)
+SESSION: Final = web.AppKey("session", aiohttp.ClientSession)
+FORWARDER: Final = web.AppKey("forwarder", Forwarder)
+
+NOT_A_PROXY_REQUEST: Final = ProxyError(
+    400,
+    "http_request_error",
+    "this is a forward proxy: send absolute-form requests (GET http://host/path) or "
+    "CONNECT; its own endpoints are /metrics, /healthz and /readyz",
+)
+BAD_TARGET: Final = ProxyError(400, "http_request_error", "")
+SHUTTING_DOWN: Final = ProxyError(503, "proxy_internal_response", "the proxy is shutting down")
+CONNECT_NOT_SUPPORTED: Final = ProxyError(
+    501, "http_request_error", "CONNECT tunnels are not supported yet"
+)
+
+# -- local endpoints: the same handlers on the admin listener and the proxy listener ----------
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[REGISTRY])
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def healthz_endpoint(request: web.Request) -> web.Response:
+    return web.Response(text="ok\n")
+
+
+async def readyz_endpoint(request: web.Request) -> web.Response:
+    if request.app[LIFECYCLE].draining:
+        return web.Response(status=503, text="draining\n")
+    return web.Response(text="ready\n")
+
+
+LOCAL_ROUTES: Final = (
+    ("/metrics", metrics_endpoint),
+    ("/healthz", healthz_endpoint),
+    ("/readyz", readyz_endpoint),
+)
+
+
+def _add_local_routes(app: web.Application) -> None:
+    for path, handler in LOCAL_ROUTES:
+        app.router.add_get(path, handler)
+
+
+# -- the proxy listener ----------------------------------------------------------------------
+
+
+def _reject(request: web.Request, err: ProxyError, *, close: bool = False) -> web.Response:
+    """Answer a request the proxy will not forward, and log why."""
+    settings = request.app[SETTINGS]
+    request_id = new_request_id()
+    response = errors.error_response(err, settings.via_pseudonym, close=close)
+    response.headers[settings.request_id_header] = request_id
+    request.app[LOGGER].info(
+        "rejected",
+        request_id=request_id,
+        client=request.remote,
+        method=request.method,
+        status=err.status,
+        error=err.error,
+        reason=err.text,
+    )
+    return response
+
+
+@web.middleware
+async def dispatch(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Route by request form: absolute-form is forwarded, origin-form is ours."""
+    if request.method == "CONNECT":
+        return _reject(request, CONNECT_NOT_SUPPORTED)
+    url = absolute_target(request)
+    if url is None:
+        if request.method in ("GET", "HEAD") and request.path in _LOCAL_PATHS:
+            response: web.StreamResponse = await handler(request)
+            return response
+        return _reject(request, NOT_A_PROXY_REQUEST)
+    lifecycle = request.app[LIFECYCLE]
+    if lifecycle.refusing:
+        return _reject(request, SHUTTING_DOWN, close=True)
+    try:
+        target = forward_target(url)
+    except TargetError as exc:
+        return _reject(request, BAD_TARGET.with_text(str(exc)))
+    lifecycle.enter()
+    try:
+        response = await request.app[FORWARDER](request, target.url, target.host)
+    finally:
+        lifecycle.leave()
+    if lifecycle.draining and not response.prepared:
+        response.force_close()
+    return response
+
+
+_LOCAL_PATHS: Final = frozenset(path for path, _ in LOCAL_ROUTES)
+
+
+async def _on_response_prepare(request: web.Request, response: web.StreamResponse) -> None:
+    strip_added_defaults(response)
+
+
+def build_session(settings: Settings) -> aiohttp.ClientSession:
+    """The one long-lived upstream session: pooled, traced, and transparent."""
+    connector = aiohttp.TCPConnector(
+        limit=settings.pool_limit,
+        limit_per_host=settings.pool_limit_per_host,
+        keepalive_timeout=settings.upstream_keepalive_timeout,
+        use_dns_cache=settings.dns_cache_ttl > 0,
+        ttl_dns_cache=int(settings.dns_cache_ttl) if settings.dns_cache_ttl > 0 else None,
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        trace_configs=[trace_config()] if settings.observe else None,
+        timeout=aiohttp.ClientTimeout(
+            total=None,
+            sock_connect=settings.connect_timeout,
+            # Until the response headers; forwarding switches it to read_idle_timeout.
+            sock_read=settings.response_headers_timeout,
+        ),
+        auto_decompress=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        skip_auto_headers=SKIP_AUTO_HEADERS,
+        trust_env=False,  # never route through our own HTTP_PROXY
+        raise_for_status=False,
+    )
+
+
+async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    session = build_session(settings)
+    metrics = app[METRICS]
+    observer = (
+        Observer(metrics, app[LOGGER], log_query=settings.log_query) if settings.observe else None
+    )
+    app[SESSION] = session
+    app[FORWARDER] = Forwarder(
+        session,
+        observer,
+        request_id_header=settings.request_id_header,
+        via_pseudonym=settings.via_pseudonym,
+        read_idle_timeout=settings.read_idle_timeout,
+    )
+    try:
+        yield
+    finally:
+        await session.close()
+
+
+def build_proxy_app(
+    settings: Settings, registry: CollectorRegistry, metrics: Metrics, lifecycle: Lifecycle
+) -> web.Application:
+    app = web.Application(middlewares=[dispatch], handler_args={"auto_decompress": False})
+    app[SETTINGS] = settings
+    app[REGISTRY] = registry
+    app[METRICS] = metrics
+    app[LIFECYCLE] = lifecycle
+    app[LOGGER] = log.get_logger()
+    _add_local_routes(app)
+    app.on_response_prepare.append(_on_response_prepare)
+    app.cleanup_ctx.append(_upstream_session)
+    return app
+
+
+def build_admin_app(registry: CollectorRegistry, lifecycle: Lifecycle) -> web.Application:
+    app = web.Application()
+    app[REGISTRY] = registry
+    app[LIFECYCLE] = lifecycle
+    _add_local_routes(app)
+    return app

@@ -1,0 +1,321 @@
+"""Frozen settings, read from CLI flags with a ``PROXY_*`` environment twin for each.
+
+Precedence: flag, then environment, then default. A bad value, wherever it came from,
+exits with status 2 and one line that names the flag and its environment variable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import ipaddress
+import math
+import os
+import re
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+DEFAULT_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    listen: Address = Address("127.0.0.1", 3128)
+    admin_listen: Address | None = Address("127.0.0.1", 9901)
+    pool_limit: int = 1024
+    pool_limit_per_host: int = 256
+    upstream_keepalive_timeout: float = 15.0
+    dns_cache_ttl: float = 10.0
+    connect_timeout: float = 5.0
+    response_headers_timeout: float = 60.0
+    read_idle_timeout: float = 300.0
+    client_idle_timeout: float = 75.0
+    request_id_header: str = "X-Request-ID"
+    via_pseudonym: str = "tracing-proxy"
+    histogram_buckets: tuple[float, ...] = DEFAULT_BUCKETS
+    log_format: str = "json"
+    log_level: str = "info"
+    log_query: bool = False
+    observe: bool = True
+    event_loop: str = "uvloop"
+    shutdown_grace: float = 5.0
+    drain_timeout: float = 30.0
+
+
+class SettingError(ValueError):
+    """A value that cannot be used; the message says what was expected."""
+
+
+# -- converters: str -> value, raising SettingError -------------------------------------------
+
+
+def parse_address(text: str) -> Address:
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([^:\[\]]*):(\d{1,5})", text.strip())
+    if not match:
+        raise SettingError(f"expected HOST:PORT or [IPv6]:PORT, got {text!r}")
+    host = match.group(1) or match.group(3) or "0.0.0.0"
+    port = int(match.group(2) or match.group(4))
+    if not 0 <= port <= 65535:
+        raise SettingError(f"port out of range in {text!r}")
+    if match.group(1):
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise SettingError(f"not an IPv6 address in {text!r}") from None
+    return Address(host, port)
+
+
+def parse_optional_address(text: str) -> Address | None:
+    return None if text.strip().lower() in ("", "off", "none") else parse_address(text)
+
+
+def parse_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise SettingError(f"expected a number of seconds, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise SettingError(f"expected a number of seconds >= 0, got {text!r}")
+    return value
+
+
+def parse_positive_seconds(text: str) -> float:
+    value = parse_seconds(text)
+    if value == 0:
+        raise SettingError(f"expected a number of seconds > 0, got {text!r}")
+    return value
+
+
+def parse_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise SettingError(f"expected a whole number >= 0, got {text!r}") from None
+    if value < 0:
+        raise SettingError(f"expected a whole number >= 0, got {text!r}")
+    return value
+
+
+def parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise SettingError(f"expected true or false, got {text!r}")
+
+
+def parse_buckets(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise SettingError(f"expected comma-separated seconds, got {text!r}") from None
+    if not values or any(not math.isfinite(v) or v <= 0 for v in values):
+        raise SettingError(f"expected positive finite bounds, got {text!r}")
+    if list(values) != sorted(set(values)):
+        raise SettingError(f"bounds must be strictly increasing, got {text!r}")
+    return values
+
+
+# RFC 9110 §5.1: a field name is a token.
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def parse_header_name(text: str) -> str:
+    if not _TOKEN.fullmatch(text):
+        raise SettingError(f"expected an HTTP field name, got {text!r}")
+    return text
+
+
+def parse_pseudonym(text: str) -> str:
+    # RFC 9110 §7.6.3: received-by is a pseudonym token, or host[:port].
+    if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z:\[\]-]+", text):
+        raise SettingError(f"expected a token for the Via pseudonym, got {text!r}")
+    return text
+
+
+def choice(*options: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in options:
+            raise SettingError(f"expected one of {', '.join(options)}, got {text!r}")
+        return text
+
+    return parse
+
+
+# -- the table: one row per setting -----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    field: str
+    parse: Callable[[str], Any]
+    help: str
+    metavar: str = "VALUE"
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.field.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return "PROXY_" + self.field.upper()
+
+    @property
+    def default_text(self) -> str:
+        value = getattr(Settings(), self.field)
+        if isinstance(value, tuple):
+            return ",".join(f"{v:g}" for v in value)
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if value is None:
+            return "off"
+        if isinstance(value, float):
+            return f"{value:g}"
+        return str(value)
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("listen", parse_address, "proxy listener", "HOST:PORT"),
+    Option(
+        "admin_listen",
+        parse_optional_address,
+        "admin listener for /metrics, /healthz, /readyz ('off' to disable)",
+        "HOST:PORT",
+    ),
+    Option("pool_limit", parse_count, "upstream connections in total (0 = unlimited)", "N"),
+    Option("pool_limit_per_host", parse_count, "upstream connections per host (0 = unlimited)", "N"),
+    Option(
+        "upstream_keepalive_timeout",
+        parse_positive_seconds,
+        "seconds an idle pooled upstream connection is kept",
+        "SECONDS",
+    ),
+    Option("dns_cache_ttl", parse_seconds, "seconds a DNS answer is cached (0 = no cache)", "SECONDS"),
+    Option("connect_timeout", parse_positive_seconds, "seconds to open a connection", "SECONDS"),
+    Option(
+        "response_headers_timeout",
+        parse_positive_seconds,
+        "seconds from the end of the request to the response headers",
+        "SECONDS",
+    ),
+    Option(
+        "read_idle_timeout",
+        parse_positive_seconds,
+        "seconds without a byte from the upstream before giving up",
+        "SECONDS",
+    ),
+    Option(
+        "client_idle_timeout",
+        parse_positive_seconds,
+        "seconds an idle client keep-alive connection is kept",
+        "SECONDS",
+    ),
+    Option("request_id_header", parse_header_name, "request id header name", "NAME"),
+    Option("via_pseudonym", parse_pseudonym, "name this proxy adds to Via", "NAME"),
+    Option("histogram_buckets", parse_buckets, "histogram upper bounds in seconds", "S,S,..."),
+    Option("log_format", choice("json", "console"), "access log format: json or console", "FORMAT"),
+    Option(
+        "log_level",
+        choice("debug", "info", "warning", "error"),
+        "debug, info, warning or error (access lines are info)",
+        "LEVEL",
+    ),
+    Option("log_query", parse_bool, "log the query string with the path", "BOOL"),
+    Option(
+        "observe",
+        parse_bool,
+        "tracing, metrics and access log (false only to measure their cost)",
+        "BOOL",
+    ),
+    Option("event_loop", choice("uvloop", "asyncio"), "event loop: uvloop or asyncio", "LOOP"),
+    Option(
+        "shutdown_grace",
+        parse_seconds,
+        "after SIGTERM, seconds to keep serving new requests",
+        "SECONDS",
+    ),
+    Option(
+        "drain_timeout",
+        parse_seconds,
+        "after the grace, seconds to wait for in-flight requests",
+        "SECONDS",
+    ),
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, exit 2: the same contract as a bad setting value.
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="tracing-proxy",
+        description="Forward HTTP proxy with per-host timing histograms on /metrics.",
+        epilog="Every flag has an environment twin, shown in brackets; the flag wins.",
+    )
+    for option in OPTIONS:
+        parser.add_argument(
+            option.flag,
+            dest=option.field,
+            metavar=option.metavar,
+            default=None,
+            help=f"{option.help} [{option.env}] (default: {option.default_text})",
+        )
+    return parser
+
+
+def load(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
+    """Settings from argv and environ; on a bad value print one line and exit 2."""
+    parser = build_parser()
+    namespace = parser.parse_args(list(argv))
+    values: dict[str, Any] = {}
+    for option in OPTIONS:
+        raw = getattr(namespace, option.field)
+        if raw is None:
+            raw = environ.get(option.env)
+        if raw is None:
+            continue
+        try:
+            values[option.field] = option.parse(raw)
+        except SettingError as exc:
+            parser.exit(2, f"{parser.prog}: error: {option.flag} ({option.env}): {exc}\n")
+    return Settings(**values)
+
+
+def load_from_process() -> Settings:
+    return load(sys.argv[1:], os.environ)
+
+
+def replace(settings: Settings, **changes: Any) -> Settings:
+    """A copy with some fields changed (tests and benchmarks build variants this way)."""
+    return dataclasses.replace(settings, **changes)

@@ -1,0 +1,112 @@
+"""One table: what went wrong -> status code, RFC 9209 ``Proxy-Status`` error type, body text.
+
+The error type doubles as the ``error`` label of ``proxy_upstream_errors_total`` and the
+``error`` field of the access log, so the three always agree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Final
+
+import aiohttp
+from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyError:
+    status: int
+    error: str  # RFC 9209 §2.3 error type (499's client_disconnected is ours)
+    text: str
+
+    def with_text(self, text: str) -> ProxyError:
+        return ProxyError(self.status, self.error, text)
+
+
+CONNECTION_REFUSED: Final = ProxyError(502, "connection_refused", "upstream refused the connection")
+DNS_ERROR: Final = ProxyError(502, "dns_error", "upstream host name could not be resolved")
+CONNECTION_TIMEOUT: Final = ProxyError(
+    504, "connection_timeout", "timed out connecting to the upstream"
+)
+DESTINATION_UNAVAILABLE: Final = ProxyError(
+    502, "destination_unavailable", "could not connect to the upstream"
+)
+RESPONSE_TIMEOUT: Final = ProxyError(
+    504, "http_response_timeout", "upstream sent no response headers in time"
+)
+CONNECTION_TERMINATED: Final = ProxyError(
+    502, "connection_terminated", "upstream closed the connection before responding"
+)
+PROTOCOL_ERROR: Final = ProxyError(502, "http_protocol_error", "upstream sent an invalid response")
+RESPONSE_INCOMPLETE: Final = ProxyError(
+    502, "http_response_incomplete", "upstream closed the connection mid-body"
+)
+READ_TIMEOUT: Final = ProxyError(
+    504, "connection_read_timeout", "upstream went quiet in the middle of the body"
+)
+CLIENT_DISCONNECTED: Final = ProxyError(499, "client_disconnected", "client went away")
+BAD_REQUEST_BODY: Final = ProxyError(
+    400, "http_request_error", "the request body could not be read from the client"
+)
+INTERNAL_ERROR: Final = ProxyError(502, "proxy_internal_error", "the proxy failed on this request")
+
+# Checked in order; the first matching class wins, so subclasses come first.
+# (aiohttp's ClientConnectorDNSError, ConnectionTimeoutError etc. are subclasses of
+# ClientOSError / ServerTimeoutError, which come later.)
+BEFORE_RESPONSE: Final[tuple[tuple[type[BaseException], ProxyError], ...]] = (
+    (aiohttp.ClientConnectorDNSError, DNS_ERROR),
+    (aiohttp.ConnectionTimeoutError, CONNECTION_TIMEOUT),
+    (aiohttp.SocketTimeoutError, RESPONSE_TIMEOUT),
+    (aiohttp.ClientConnectorError, DESTINATION_UNAVAILABLE),  # refined by errno below
+    (aiohttp.ServerDisconnectedError, CONNECTION_TERMINATED),
+    (aiohttp.ClientResponseError, PROTOCOL_ERROR),
+    (aiohttp.ClientPayloadError, PROTOCOL_ERROR),
+    (RequestPayloadError, BAD_REQUEST_BODY),
+    (aiohttp.ClientOSError, CONNECTION_TERMINATED),
+    (aiohttp.ClientConnectionError, CONNECTION_TERMINATED),
+    (asyncio.TimeoutError, RESPONSE_TIMEOUT),
+)
+
+DURING_BODY: Final[tuple[tuple[type[BaseException], ProxyError], ...]] = (
+    (aiohttp.SocketTimeoutError, READ_TIMEOUT),
+    (aiohttp.ClientPayloadError, RESPONSE_INCOMPLETE),
+    (aiohttp.ClientConnectionError, RESPONSE_INCOMPLETE),
+)
+
+
+def classify(exc: BaseException, table: tuple[tuple[type[BaseException], ProxyError], ...]) -> ProxyError:
+    for cls, error in table:
+        if isinstance(exc, cls):
+            if error is DESTINATION_UNAVAILABLE and isinstance(
+                getattr(exc, "os_error", None), ConnectionRefusedError
+            ):
+                return CONNECTION_REFUSED
+            return error
+    return INTERNAL_ERROR
+
+
+def _quote(text: str) -> str:
+    # RFC 8941 §3.3.3 sf-string: printable ASCII, with " and \ escaped.
+    cleaned = "".join(c if " " <= c <= "~" else "?" for c in text)
+    return '"' + cleaned.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def proxy_status(pseudonym: str, error: str, details: str | None = None) -> str:
+    """A ``Proxy-Status`` member naming this proxy (RFC 9209 §2)."""
+    value = f"{pseudonym}; error={error}"
+    return f"{value}; details={_quote(details)}" if details else value
+
+
+def error_response(
+    err: ProxyError, pseudonym: str, details: str | None = None, *, close: bool = False
+) -> web.Response:
+    """The short text answer a client gets when the proxy itself fails the request."""
+    headers = {"Proxy-Status": proxy_status(pseudonym, err.error, details)}
+    response = web.Response(
+        status=err.status, text=err.text + "\n", headers=headers, content_type="text/plain"
+    )
+    if close:
+        response.force_close()
+    return response

@@ -1,0 +1,223 @@
+"""Forward one absolute-form ``http://`` request through the traced upstream session.
+
+Bodies stream in both directions (bounded by aiohttp's read buffers); every request ends
+in exactly one ``Outcome`` that feeds the metrics and the access log.
+"""
+
+from __future__ import annotations
+
+from time import perf_counter
+from typing import Final
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from proxy import errors, headers
+from proxy.errors import ProxyError
+from proxy.observe import Observer, Outcome
+from proxy.request_id import choose_request_id, choose_trace_context
+from proxy.tracing import Timings
+
+# aiohttp's client would otherwise add these (RFC 9110 §7.6: a proxy forwards, it does
+# not invent request fields).
+SKIP_AUTO_HEADERS: Final = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
+
+# RFC 9110 §9.3.8: a TRACE echo should leave out fields likely to hold credentials.
+_TRACE_ECHO_HIDDEN: Final = frozenset(
+    {b"authorization", b"proxy-authorization", b"cookie", b"set-cookie"}
+)
+_ALLOWED_METHODS: Final = "GET, HEAD, POST, PUT, DELETE, OPTIONS, TRACE, PATCH"
+
+
+class ForwardedResponse(web.StreamResponse):
+    """A response relayed from an upstream; remembers which defaults aiohttp must not add."""
+
+    def __init__(self, up: aiohttp.ClientResponse, fields: CIMultiDict[str]) -> None:
+        super().__init__(status=up.status, reason=up.reason, headers=fields)
+        self.upstream_had_content_type = "Content-Type" in fields
+        self.upstream_had_server = "Server" in fields
+
+
+def strip_added_defaults(response: web.StreamResponse) -> None:
+    """Remove the Content-Type and Server aiohttp adds when the upstream sent none.
+
+    Date stays: RFC 9110 §6.6.1 asks a forwarding recipient to add one when missing.
+    """
+    if isinstance(response, ForwardedResponse):
+        if not response.upstream_had_content_type:
+            response.headers.popall("Content-Type", None)
+        if not response.upstream_had_server:
+            response.headers.popall("Server", None)
+
+
+class Forwarder:
+    """The handler for absolute-form ``http://`` requests."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        observer: Observer | None,
+        *,
+        request_id_header: str,
+        via_pseudonym: str,
+        read_idle_timeout: float,
+    ) -> None:
+        self._session = session
+        self._observer = observer
+        self._rid_header = request_id_header
+        self._rid_key = request_id_header.lower().encode("latin-1")
+        self._pseudonym = via_pseudonym
+        self._read_idle_timeout = read_idle_timeout
+        self._via = {
+            version: headers.via_value(version, via_pseudonym) for version in ((1, 1), (1, 0))
+        }
+
+    async def __call__(self, request: web.Request, target: URL, host: str) -> web.StreamResponse:
+        start = perf_counter()
+        request_id = choose_request_id(request.headers.get(self._rid_header))
+        trace = choose_trace_context(request.headers.get("traceparent"))
+        outcome = Outcome(request, target, host, request_id, trace.trace_id, Timings(start))
+        try:
+            response = await self._forward(request, target, outcome, trace.traceparent, trace.kept)
+        finally:
+            outcome.total = perf_counter() - start
+            if self._observer is not None:
+                self._observer(outcome)
+        return response
+
+    async def _forward(
+        self,
+        request: web.Request,
+        target: URL,
+        outcome: Outcome,
+        traceparent: str,
+        trace_kept: bool,
+    ) -> web.StreamResponse:
+        raw = request.raw_headers
+        fields = headers.filter_fields(raw, headers.request_drop_set(raw, self._rid_key))
+        if not trace_kept:
+            fields.popall("tracestate", None)
+        version = (request.version.major, request.version.minor)
+        fields.add("Via", self._via.get(version) or headers.via_value(version, self._pseudonym))
+        fields[self._rid_header] = outcome.request_id
+        fields["traceparent"] = traceparent
+
+        max_forwards = headers.max_forwards(request.method, request.headers.get("Max-Forwards"))
+        if max_forwards == 0:
+            return self._answer_locally(request, outcome)
+        if max_forwards is not None:
+            fields["Max-Forwards"] = str(max_forwards - 1)
+
+        body = request.content if request.body_exists else None
+        length = request.headers.get("Content-Length")
+        if body is not None and length is not None:
+            fields["Content-Length"] = length  # keeps the client's framing choice
+
+        try:
+            up = await self._session.request(
+                request.method,
+                target,
+                headers=fields,
+                data=body,
+                allow_redirects=False,
+                trace_request_ctx=outcome.timings,
+            )
+        except Exception as exc:
+            outcome.bytes_in = request.content.total_bytes
+            return self._fail_before_response(request, outcome, exc)
+
+        try:
+            return await self._relay(request, up, outcome)
+        finally:
+            up.release()
+
+    async def _relay(
+        self, request: web.Request, up: aiohttp.ClientResponse, outcome: Outcome
+    ) -> web.StreamResponse:
+        raw = up.raw_headers
+        fields = headers.filter_fields(raw, headers.response_drop_set(raw, self._rid_key))
+        fields.add("Via", self._via.get((up.version.major, up.version.minor), self._via[(1, 1)]))
+        fields[self._rid_header] = outcome.request_id
+        response = ForwardedResponse(up, fields)
+        outcome.status = up.status
+        connection = up.connection
+        if connection is not None and connection.protocol is not None:
+            # The session's sock_read bounds the wait for headers; the body gets its own.
+            connection.protocol.read_timeout = self._read_idle_timeout
+
+        await response.prepare(request)
+        content = up.content
+        while True:
+            try:
+                chunk = await content.readany()
+            except Exception as exc:
+                outcome.fail(errors.classify(exc, errors.DURING_BODY), exc)
+                up.close()  # never pool a connection whose body is not complete
+                _close_incomplete(request)
+                return response
+            if not chunk:
+                break
+            try:
+                await response.write(chunk)
+            except ConnectionError as exc:
+                outcome.fail(errors.CLIENT_DISCONNECTED, exc)
+                up.close()
+                return response
+            outcome.bytes_out += len(chunk)
+        outcome.bytes_in = request.content.total_bytes
+        await response.write_eof()
+        return response
+
+    def _fail_before_response(
+        self, request: web.Request, outcome: Outcome, exc: Exception
+    ) -> web.StreamResponse:
+        if _client_gone(request):
+            err: ProxyError = errors.CLIENT_DISCONNECTED
+        else:
+            err = errors.classify(exc, errors.BEFORE_RESPONSE)
+        outcome.fail(err, exc)
+        outcome.status = err.status
+        response = errors.error_response(err, self._pseudonym, details=_details(exc))
+        response.headers[self._rid_header] = outcome.request_id
+        return response
+
+    def _answer_locally(self, request: web.Request, outcome: Outcome) -> web.StreamResponse:
+        """Max-Forwards reached 0: this proxy is the final recipient (RFC 9110 §7.6.2)."""
+        outcome.status = 200
+        if request.method == "OPTIONS":
+            response = web.Response(status=200, headers={"Allow": _ALLOWED_METHODS})
+        else:
+            lines = [f"TRACE {request.raw_path} HTTP/{request.version.major}.{request.version.minor}"]
+            lines += [
+                f"{name.decode('latin-1')}: {value.decode('latin-1')}"
+                for name, value in request.raw_headers
+                if name.lower() not in _TRACE_ECHO_HIDDEN
+            ]
+            response = web.Response(
+                status=200, body="\r\n".join(lines).encode("latin-1") + b"\r\n\r\n"
+            )
+            response.content_type = "message/http"
+        response.headers[self._rid_header] = outcome.request_id
+        return response
+
+
+def _client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing() or request.content.exception() is not None
+
+
+def _close_incomplete(request: web.Request) -> None:
+    """Close the client connection so the partial body cannot look complete.
+
+    The bytes already written are flushed first; what the client then sees is a body short
+    of its Content-Length, or chunked framing without the last chunk.
+    """
+    transport = request.transport
+    if transport is not None:
+        transport.close()
+
+
+def _details(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:200]

@@ -1,0 +1,108 @@
+"""Pure header rules for forwarding: what is dropped, what is added, in which order.
+
+Works on aiohttp's ``raw_headers`` (``(name, value)`` byte pairs in wire order), so the
+original spelling, order and duplicates survive into the forwarded message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Final
+
+from multidict import CIMultiDict
+
+RawHeaders = Iterable[tuple[bytes, bytes]]
+
+# RFC 9110 §7.6.1: connection-specific fields a proxy must not forward, in either
+# direction, plus every field named in Connection. Proxy-Connection is the
+# non-standard twin some clients still send (RFC 9112 Appendix C.2.2).
+HOP_BY_HOP: Final = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+# Request fields the proxy owns on the way up:
+# - Host is rebuilt from the target (RFC 9112 §3.2.2);
+# - Expect is answered by our own server before the handler runs, so forwarding it
+#   would make the upstream wait for a second handshake (RFC 9110 §10.1.1);
+# - Content-Length is passed separately, so the client library frames the body itself
+#   (RFC 9112 §6.3: the proxy re-frames, never copies framing).
+_REQUEST_OWNED: Final = frozenset({b"host", b"expect", b"content-length"})
+
+# Trace context fields are replaced wholesale by ours (W3C Trace Context §3).
+TRACE_FIELDS: Final = frozenset({b"traceparent", b"tracestate"})
+
+
+def connection_options(raw: RawHeaders) -> frozenset[bytes]:
+    """Lower-cased field names listed in every Connection field (RFC 9110 §7.6.1)."""
+    names: set[bytes] = set()
+    for name, value in raw:
+        if name.lower() == b"connection":
+            names.update(part.strip().lower() for part in value.split(b","))
+    names.discard(b"")
+    return frozenset(names)
+
+
+def filter_fields(raw: RawHeaders, drop: frozenset[bytes]) -> CIMultiDict[str]:
+    """Copy fields whose lower-cased name is not in ``drop``, keeping order and duplicates.
+
+    A name repeated with a different spelling reuses its first spelling: aiohttp's client
+    collapses duplicates whose names differ only in case.
+    """
+    out: CIMultiDict[str] = CIMultiDict()
+    spelling: dict[bytes, str] = {}
+    for name, value in raw:
+        lowered = name.lower()
+        if lowered in drop:
+            continue
+        text = spelling.get(lowered)
+        if text is None:
+            text = spelling[lowered] = name.decode("latin-1")
+        out.add(text, value.decode("utf-8", "surrogateescape"))
+    return out
+
+
+def request_drop_set(raw: RawHeaders, request_id_header: bytes) -> frozenset[bytes]:
+    """Everything the proxy must not copy from a client request."""
+    drop = HOP_BY_HOP | _REQUEST_OWNED | TRACE_FIELDS | {request_id_header}
+    options = connection_options(raw)
+    return drop | options if options else drop
+
+
+def response_drop_set(raw: RawHeaders, request_id_header: bytes) -> frozenset[bytes]:
+    """Everything the proxy must not copy from an upstream response."""
+    drop = HOP_BY_HOP | {b"content-length", b"traceparent", request_id_header}
+    options = connection_options(raw)
+    return drop | options if options else drop
+
+
+def via_value(version: tuple[int, int], pseudonym: str) -> str:
+    """Our Via entry: the protocol we received the message with, then our name (§7.6.3)."""
+    return f"{version[0]}.{version[1]} {pseudonym}"
+
+
+# RFC 9110 §7.6.2: Max-Forwards applies to TRACE and OPTIONS only.
+MAX_FORWARDS_METHODS: Final = frozenset({"TRACE", "OPTIONS"})
+
+
+def max_forwards(method: str, value: str | None) -> int | None:
+    """The received Max-Forwards of a TRACE or OPTIONS request; None when the rule does not apply.
+
+    0 means the proxy answers itself; above 0 it forwards with the value decremented.
+    An unparsable value is treated as absent, since the field is advisory.
+    """
+    if method not in MAX_FORWARDS_METHODS or value is None:
+        return None
+    text = value.strip()
+    if not (text.isascii() and text.isdigit()):
+        return None
+    return int(text)

@@ -1,0 +1,60 @@
+"""structlog set-up: one line per event on stdout, JSON or a readable console form.
+
+aiohttp's own stdlib log records (errors while parsing a request, for instance) are
+rendered by the same processors, so every stdout line has the same shape.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Any, TextIO
+
+import structlog
+from structlog.typing import Processor
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
+_LEVELS["error"] = logging.ERROR
+
+
+def _renderer(fmt: str) -> Processor:
+    if fmt == "console":
+        return structlog.dev.ConsoleRenderer(colors=False)
+    # ensure_ascii keeps each line 7-bit clean whatever a client sends.
+    return structlog.processors.JSONRenderer(serializer=json.dumps, ensure_ascii=True)
+
+
+def configure(fmt: str = "json", level: str = "info", stream: TextIO | None = None) -> None:
+    out = stream if stream is not None else sys.stdout
+    shared: list[Processor] = [
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    structlog.configure(
+        processors=[*shared, _renderer(fmt)],
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
+        logger_factory=structlog.WriteLoggerFactory(file=out),
+        cache_logger_on_first_use=True,
+    )
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                _renderer(fmt),
+            ],
+            foreign_pre_chain=[
+                structlog.stdlib.add_logger_name,
+                *shared,
+            ],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(max(_LEVELS[level], logging.WARNING))
+
+
+def get_logger(**initial: Any) -> Any:
+    return structlog.get_logger(**initial)

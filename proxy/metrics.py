@@ -1,0 +1,206 @@
+"""Every metric the proxy exports, kept per host in plain Python and rendered on scrape.
+
+The request path only does list and dict arithmetic (the proxy runs on one event loop,
+so no locks are needed); a custom collector turns the numbers into Prometheus families
+when ``/metrics`` is scraped. Everything is registered on an injected ``CollectorRegistry``.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Callable, Iterator, Sequence
+from typing import Final
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from proxy import __version__
+
+# Methods outside this set are counted as "_OTHER" (an unbounded label otherwise);
+# the same convention as OpenTelemetry's http.request.method.
+STANDARD_METHODS: Final = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
+)
+
+
+def method_label(method: str) -> str:
+    return method if method in STANDARD_METHODS else "_OTHER"
+
+
+class Histogram:
+    """Bucket counts for one label set; cumulative only when rendered."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last slot is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        # Prometheus buckets are "less than or equal": bisect_left finds the first bound >= value.
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        out: list[tuple[str, float]] = []
+        running = 0
+        for bound, count in zip(self.bounds, self.counts, strict=False):
+            running += count
+            out.append((_float_text(bound), running))
+        out.append(("+Inf", running + self.counts[-1]))
+        return out
+
+
+def _float_text(value: float) -> str:
+    return repr(float(value))
+
+
+class HostStats:
+    """Everything counted for one upstream host label."""
+
+    __slots__ = (
+        "bytes_received",
+        "bytes_sent",
+        "connect",
+        "connections_new",
+        "connections_reused",
+        "dns",
+        "dns_hit",
+        "dns_miss",
+        "errors",
+        "queue",
+        "requests",
+        "total",
+        "ttfb",
+    )
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.queue = Histogram(bounds)
+        self.dns = Histogram(bounds)
+        self.connect = Histogram(bounds)
+        self.ttfb = Histogram(bounds)
+        self.total = Histogram(bounds)
+        self.requests: dict[tuple[str, str], int] = {}
+        self.errors: dict[str, int] = {}
+        self.connections_new = 0
+        self.connections_reused = 0
+        self.dns_hit = 0
+        self.dns_miss = 0
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+
+_HISTOGRAMS: Final = (
+    ("proxy_upstream_queue_seconds", "queue", "Time each request waited for a pooled connection."),
+    ("proxy_upstream_dns_seconds", "dns", "Duration of each DNS lookup that ran (cache misses)."),
+    (
+        "proxy_upstream_connect_seconds",
+        "connect",
+        "Time to open each new upstream connection (TCP, plus TLS), DNS excluded.",
+    ),
+    (
+        "proxy_upstream_ttfb_seconds",
+        "ttfb",
+        "Request headers sent upstream to response headers received.",
+    ),
+    (
+        "proxy_upstream_request_seconds",
+        "total",
+        "Request reached the proxy to the last response byte written back.",
+    ),
+)
+
+
+class Metrics:
+    """The proxy's metrics; ``register`` puts them on a registry."""
+
+    def __init__(self, buckets: Sequence[float]) -> None:
+        self.buckets = tuple(buckets)
+        self.hosts: dict[str, HostStats] = {}
+
+    def host(self, label: str) -> HostStats:
+        stats = self.hosts.get(label)
+        if stats is None:
+            stats = self.hosts[label] = HostStats(self.buckets)
+        return stats
+
+    def register(self, registry: CollectorRegistry, in_flight: Callable[[], int]) -> None:
+        """Expose these metrics on ``registry``; ``in_flight`` is read at each scrape."""
+        registry.register(_Collector(self, in_flight))
+
+
+class _Collector(Collector):
+    def __init__(self, metrics: Metrics, in_flight: Callable[[], int]) -> None:
+        self._metrics = metrics
+        self._in_flight = in_flight
+
+    def describe(self) -> list[Metric]:
+        # Non-empty describe() lets the registry check for name clashes without collecting.
+        return list(self._families({}))
+
+    def collect(self) -> Iterator[Metric]:
+        return self._families(self._metrics.hosts)
+
+    def _families(self, hosts: dict[str, HostStats]) -> Iterator[Metric]:
+        items = sorted(hosts.items())
+        for name, attr, help_text in _HISTOGRAMS:
+            family = HistogramMetricFamily(name, help_text, labels=["host"])
+            for host, stats in items:
+                hist: Histogram = getattr(stats, attr)
+                family.add_metric([host], hist.cumulative(), hist.sum)
+            yield family
+
+        requests = CounterMetricFamily(
+            "proxy_upstream_requests",
+            "Finished forwarded requests.",
+            labels=["host", "method", "code"],
+        )
+        errors = CounterMetricFamily(
+            "proxy_upstream_errors",
+            "Failed requests by RFC 9209 Proxy-Status error type.",
+            labels=["host", "error"],
+        )
+        connections = CounterMetricFamily(
+            "proxy_upstream_connections",
+            "Upstream connection acquisitions, new or reused from the pool.",
+            labels=["host", "kind"],
+        )
+        dns_cache = CounterMetricFamily(
+            "proxy_upstream_dns_cache",
+            "DNS cache use by hostname requests.",
+            labels=["host", "result"],
+        )
+        body_bytes = CounterMetricFamily(
+            "proxy_upstream_bytes",
+            "Body bytes sent to and received from upstreams.",
+            labels=["host", "direction"],
+        )
+        for host, stats in items:
+            for (method, code), count in sorted(stats.requests.items()):
+                requests.add_metric([host, method, code], count)
+            for error, count in sorted(stats.errors.items()):
+                errors.add_metric([host, error], count)
+            connections.add_metric([host, "new"], stats.connections_new)
+            connections.add_metric([host, "reused"], stats.connections_reused)
+            if stats.dns_hit or stats.dns_miss:
+                dns_cache.add_metric([host, "hit"], stats.dns_hit)
+                dns_cache.add_metric([host, "miss"], stats.dns_miss)
+            body_bytes.add_metric([host, "sent"], stats.bytes_sent)
+            body_bytes.add_metric([host, "received"], stats.bytes_received)
+        yield from (requests, errors, connections, dns_cache, body_bytes)
+
+        yield GaugeMetricFamily(
+            "proxy_requests_in_flight", "Requests being served.", value=self._in_flight()
+        )
+        build = GaugeMetricFamily(
+            "proxy_build_info", "Always 1; the version is a label.", labels=["version"]
+        )
+        build.add_metric([__version__], 1)
+        yield build

@@ -1,0 +1,126 @@
+"""One finished request -> histograms, counters and one access-log line, from the same numbers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+from yarl import URL
+
+from proxy.errors import ProxyError
+from proxy.metrics import Metrics, method_label
+from proxy.tracing import Timings
+
+
+class Outcome:
+    """What happened to one forwarded request; filled in by the forwarder as it goes."""
+
+    __slots__ = (
+        "bytes_in",
+        "bytes_out",
+        "error",
+        "exc",
+        "host",
+        "request",
+        "request_id",
+        "status",
+        "target",
+        "timings",
+        "total",
+        "trace_id",
+    )
+
+    def __init__(
+        self,
+        request: web.Request,
+        target: URL,
+        host: str,
+        request_id: str,
+        trace_id: str,
+        timings: Timings,
+    ) -> None:
+        self.request = request
+        self.target = target
+        self.host = host
+        self.request_id = request_id
+        self.trace_id = trace_id
+        self.timings = timings
+        self.status = 0
+        self.error: ProxyError | None = None
+        self.exc: BaseException | None = None
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.total = 0.0
+
+    def fail(self, error: ProxyError, exc: BaseException | None = None) -> None:
+        self.error = error
+        self.exc = exc
+        if error.status == 499:
+            self.status = 499
+
+    def __repr__(self) -> str:
+        err = self.error.error if self.error else None
+        return f"<Outcome {self.request.method} {self.host} status={self.status} error={err}>"
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000.0, 3)
+
+
+class Observer:
+    """Records an ``Outcome`` in the metrics and writes its access-log line."""
+
+    def __init__(self, metrics: Metrics, logger: Any, *, log_query: bool) -> None:
+        self._metrics = metrics
+        self._logger = logger
+        self._log_query = log_query
+
+    def __call__(self, outcome: Outcome) -> None:
+        t = outcome.timings
+        stats = self._metrics.host(outcome.host)
+        if t.reused is not None:
+            stats.queue.observe(t.queue)
+            if t.reused:
+                stats.connections_reused += 1
+            else:
+                stats.connections_new += 1
+        if t.dns is not None:
+            stats.dns.observe(t.dns)
+        if t.dns_cache == "hit":
+            stats.dns_hit += 1
+        elif t.dns_cache == "miss":
+            stats.dns_miss += 1
+        if t.connect is not None:
+            stats.connect.observe(t.connect)
+        ttfb = t.ttfb
+        if ttfb is not None:
+            stats.ttfb.observe(ttfb)
+        stats.total.observe(outcome.total)
+        request = outcome.request
+        key = (method_label(request.method), str(outcome.status))
+        stats.requests[key] = stats.requests.get(key, 0) + 1
+        error = outcome.error.error if outcome.error is not None else None
+        if error is not None:
+            stats.errors[error] = stats.errors.get(error, 0) + 1
+        stats.bytes_sent += outcome.bytes_in
+        stats.bytes_received += outcome.bytes_out
+
+        self._logger.info(
+            "access",
+            request_id=outcome.request_id,
+            trace_id=outcome.trace_id,
+            client=request.remote,
+            method=request.method,
+            host=outcome.host,
+            path=outcome.target.raw_path_qs if self._log_query else outcome.target.raw_path,
+            status=outcome.status,
+            bytes_in=outcome.bytes_in,
+            bytes_out=outcome.bytes_out,
+            queue_ms=_ms(t.queue if t.reused is not None else None),
+            dns_ms=_ms(t.dns),
+            connect_ms=_ms(t.connect),
+            ttfb_ms=_ms(ttfb),
+            total_ms=_ms(outcome.total),
+            reused=t.reused,
+            error=error,
+        )

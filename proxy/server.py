@@ -1,0 +1,109 @@
+"""Listeners and graceful shutdown, usable from the CLI, the tests and the benchmark.
+
+aiohttp's own run_app shutdown drops bytes that clients send after the signal (uploads
+and tunnels stall), so draining is ours: keep serving through a grace period, then
+refuse new requests while the in-flight ones finish, and only then close the listeners.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from types import TracebackType
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, ProcessCollector
+
+from proxy import log
+from proxy.app import Lifecycle, build_admin_app, build_proxy_app
+from proxy.config import Address, Settings
+from proxy.metrics import Metrics
+
+# Backstop for handlers still running after the drain: aiohttp waits twice this long.
+_FINAL_SHUTDOWN_TIMEOUT = 1.0
+
+
+class ProxyServer:
+    """The proxy listener plus the optional admin listener, started and stopped together."""
+
+    def __init__(self, settings: Settings, registry: CollectorRegistry | None = None) -> None:
+        self.settings = settings
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.lifecycle = Lifecycle()
+        self.metrics = Metrics(settings.histogram_buckets)
+        self._runners: list[web.AppRunner] = []
+        self.proxy_address: Address | None = None
+        self.admin_address: Address | None = None
+        self._logger = log.get_logger()
+
+    async def start(self) -> None:
+        settings = self.settings
+        self.metrics.register(self.registry, in_flight=lambda: self.lifecycle.in_flight)
+        ProcessCollector(registry=self.registry)
+        proxy_app = build_proxy_app(settings, self.registry, self.metrics, self.lifecycle)
+        try:
+            self.proxy_address = await self._listen(
+                proxy_app,
+                settings.listen,
+                auto_decompress=False,
+                keepalive_timeout=settings.client_idle_timeout,
+            )
+            if settings.admin_listen is not None:
+                admin_app = build_admin_app(self.registry, self.lifecycle)
+                self.admin_address = await self._listen(admin_app, settings.admin_listen)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _listen(self, app: web.Application, address: Address, **handler: Any) -> Address:
+        runner = web.AppRunner(
+            app,
+            handle_signals=False,
+            access_log=None,
+            shutdown_timeout=_FINAL_SHUTDOWN_TIMEOUT,
+            **handler,
+        )
+        await runner.setup()
+        self._runners.append(runner)
+        site = web.TCPSite(runner, address.host, address.port, reuse_address=True)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        return Address(host, port)
+
+    async def drain(self, grace: float, drain_timeout: float) -> bool:
+        """Readiness off, keep serving ``grace`` s, then wait for in-flight work; True if idle."""
+        lifecycle = self.lifecycle
+        lifecycle.draining = True
+        self._logger.info("draining", grace_s=grace, in_flight=lifecycle.in_flight)
+        if grace > 0:
+            await asyncio.sleep(grace)
+        lifecycle.refusing = True
+        try:
+            await asyncio.wait_for(lifecycle.wait_idle(), drain_timeout)
+        except TimeoutError:
+            self._logger.warning("drain_timeout", in_flight=lifecycle.in_flight)
+            return False
+        return True
+
+    async def close(self) -> None:
+        for runner in reversed(self._runners):
+            with contextlib.suppress(Exception):
+                await runner.cleanup()
+        self._runners.clear()
+
+    async def __aenter__(self) -> ProxyServer:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return f"<ProxyServer proxy={self.proxy_address} admin={self.admin_address} {self.lifecycle!r}>"
+

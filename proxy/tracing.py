@@ -1,0 +1,142 @@
+"""aiohttp trace signals -> one ``Timings`` record per forwarded request.
+
+The phases are disjoint (see README "Timings"):
+
+- queue: the sum of every wait for a pooled connection; 0 when a slot was free.
+- dns: the lookup, only when one ran (a cache miss).
+- connect: a new connection's TCP (+ TLS) time, DNS excluded.
+- ttfb: request headers sent upstream -> response headers received.
+- total: request reached the proxy -> last response byte written (the handler's clock;
+  no signal marks the end of a streamed body).
+
+Signals are delivered with the ``Timings`` object as ``trace_request_ctx``; the callbacks
+only record clock readings, so they stay cheap on the request path.
+"""
+
+from __future__ import annotations
+
+from time import perf_counter
+from types import SimpleNamespace
+from typing import Any
+
+import aiohttp
+
+
+class Timings:
+    """Clock readings and derived phase durations (seconds) of one request."""
+
+    __slots__ = (
+        "_connect_start",
+        "_dns_start",
+        "_queue_start",
+        "connect",
+        "dns",
+        "dns_cache",
+        "queue",
+        "response_at",
+        "reused",
+        "sent_at",
+        "start",
+    )
+
+    def __init__(self, start: float) -> None:
+        self.start = start
+        self.queue = 0.0
+        self.dns: float | None = None
+        self.dns_cache: str | None = None  # "hit" | "miss" | None (IP literal, reused conn)
+        self.connect: float | None = None
+        self.reused: bool | None = None
+        self.sent_at: float | None = None
+        self.response_at: float | None = None
+        self._queue_start = 0.0
+        self._dns_start = 0.0
+        self._connect_start = 0.0
+
+    @property
+    def ttfb(self) -> float | None:
+        if self.sent_at is None or self.response_at is None:
+            return None
+        return self.response_at - self.sent_at
+
+    def __repr__(self) -> str:
+        fields = ("queue", "dns", "connect", "ttfb", "reused", "dns_cache")
+        return "<Timings " + " ".join(f"{f}={getattr(self, f)!r}" for f in fields) + ">"
+
+
+def _timings(ctx: SimpleNamespace) -> Timings | None:
+    timings = ctx.trace_request_ctx
+    return timings if isinstance(timings, Timings) else None
+
+
+async def _queued_start(_s: Any, ctx: SimpleNamespace, _p: Any) -> None:
+    if (t := _timings(ctx)) is not None:
+        t._queue_start = perf_counter()
+
+
+async def _queued_end(_s: Any, ctx: SimpleNamespace, _p: Any) -> None:
+    if (t := _timings(ctx)) is not None:
+        t.queue += perf_counter() - t._queue_start
+
+
+async def _create_start(_s: Any, ctx: SimpleNamespace, _p: Any) -> None:
+    if (t := _timings(ctx)) is not None:
+        t._connect_start = perf_counter()
+        t.reused = False
+
+
+async def _create_end(_s: Any, ctx: SimpleNamespace, _p: Any) -> None:
+    if (t := _timings(ctx)) is not None:
+        t.connect = perf_counter() - t._connect_start - (t.dns or 0.0)
+
+
+async def _reuseconn(_s: Any, ctx: SimpleNamespace, _p: Any) -> None:
+    if (t := _timings(ctx)) is not None:
+        t.reused = True
+
+
+async def _dns_start(_s: Any, ctx: SimpleNamespace, _p: Any) -> None:
+    if (t := _timings(ctx)) is not None:
+        t._dns_start = perf_counter()
+
+
+async def _dns_end(_s: Any, ctx: SimpleNamespace, _p: Any) -> None:
+    if (t := _timings(ctx)) is not None:
+        t.dns = perf_counter() - t._dns_start
+
+
+async def _dns_hit(_s: Any, ctx: SimpleNamespace, _p: Any) -> None:
+    if (t := _timings(ctx)) is not None:
+        t.dns_cache = "hit"
+
+
+async def _dns_miss(_s: Any, ctx: SimpleNamespace, _p: Any) -> None:
+    if (t := _timings(ctx)) is not None:
+        t.dns_cache = "miss"
+
+
+async def _headers_sent(_s: Any, ctx: SimpleNamespace, _p: Any) -> None:
+    if (t := _timings(ctx)) is not None:
+        t.sent_at = perf_counter()
+
+
+async def _request_end(_s: Any, ctx: SimpleNamespace, _p: Any) -> None:
+    if (t := _timings(ctx)) is not None:
+        t.response_at = perf_counter()
+
+
+def trace_config() -> aiohttp.TraceConfig:
+    """A TraceConfig that fills the ``Timings`` passed as ``trace_request_ctx``."""
+    config = aiohttp.TraceConfig()
+    config.on_connection_queued_start.append(_queued_start)
+    config.on_connection_queued_end.append(_queued_end)
+    config.on_connection_create_start.append(_create_start)
+    config.on_connection_create_end.append(_create_end)
+    config.on_connection_reuseconn.append(_reuseconn)
+    config.on_dns_resolvehost_start.append(_dns_start)
+    config.on_dns_resolvehost_end.append(_dns_end)
+    config.on_dns_cache_hit.append(_dns_hit)
+    config.on_dns_cache_miss.append(_dns_miss)
+    config.on_request_headers_sent.append(_headers_sent)
+    config.on_request_end.append(_request_end)
+    config.freeze()
+    return config
