@@ -78,9 +78,9 @@ class Forwarder:
         start = perf_counter()
         request_id = choose_request_id(request.headers.get(self._rid_header))
         trace = choose_trace_context(request.headers.get("traceparent"))
-        outcome = Outcome(request, target, host, request_id, trace.trace_id, Timings(start))
+        outcome = Outcome(request, target, host, request_id, trace, Timings(start))
         try:
-            response = await self._forward(request, target, outcome, trace.traceparent, trace.kept)
+            response = await self._forward(request, target, outcome)
         finally:
             outcome.total = perf_counter() - start
             if self._observer is not None:
@@ -92,17 +92,14 @@ class Forwarder:
         request: web.Request,
         target: URL,
         outcome: Outcome,
-        traceparent: str,
-        trace_kept: bool,
     ) -> web.StreamResponse:
         raw = request.raw_headers
         fields = headers.filter_fields(raw, headers.request_drop_set(raw, self._rid_key))
-        if not trace_kept:
-            fields.popall("tracestate", None)
+        if not outcome.trace.kept:
+            fields.popall("tracestate", None)  # it belonged to the trace we replaced
         version = (request.version.major, request.version.minor)
         fields.add("Via", self._via.get(version) or headers.via_value(version, self._pseudonym))
-        fields[self._rid_header] = outcome.request_id
-        fields["traceparent"] = traceparent
+        self._stamp(fields, outcome)
 
         max_forwards = headers.max_forwards(request.method, request.headers.get("Max-Forwards"))
         if max_forwards == 0:
@@ -139,7 +136,7 @@ class Forwarder:
         raw = up.raw_headers
         fields = headers.filter_fields(raw, headers.response_drop_set(raw, self._rid_key))
         fields.add("Via", self._via.get((up.version.major, up.version.minor), self._via[(1, 1)]))
-        fields[self._rid_header] = outcome.request_id
+        self._stamp(fields, outcome)
         response = ForwardedResponse(up, fields)
         outcome.status = up.status
         connection = up.connection
@@ -180,7 +177,7 @@ class Forwarder:
         outcome.fail(err, exc)
         outcome.status = err.status
         response = errors.error_response(err, self._pseudonym, details=_details(exc))
-        response.headers[self._rid_header] = outcome.request_id
+        self._stamp(response.headers, outcome)
         return response
 
     def _answer_locally(self, request: web.Request, outcome: Outcome) -> web.StreamResponse:
@@ -199,8 +196,13 @@ class Forwarder:
                 status=200, body="\r\n".join(lines).encode("latin-1") + b"\r\n\r\n"
             )
             response.content_type = "message/http"
-        response.headers[self._rid_header] = outcome.request_id
+        self._stamp(response.headers, outcome)
         return response
+
+    def _stamp(self, fields: CIMultiDict[str], outcome: Outcome) -> None:
+        """The request id and trace context go on every message we send, both ways."""
+        fields[self._rid_header] = outcome.request_id
+        fields["traceparent"] = outcome.trace.traceparent
 
 
 def _client_gone(request: web.Request) -> bool:

@@ -38,8 +38,9 @@ HOP_BY_HOP: Final = frozenset(
 #   (RFC 9112 §6.3: the proxy re-frames, never copies framing).
 _REQUEST_OWNED: Final = frozenset({b"host", b"expect", b"content-length"})
 
-# Trace context fields are replaced wholesale by ours (W3C Trace Context §3).
-TRACE_FIELDS: Final = frozenset({b"traceparent", b"tracestate"})
+# traceparent is always set by the proxy (kept when valid, else a new trace); tracestate
+# is forwarded with a kept trace and dropped with a replaced one (W3C Trace Context §3.3).
+TRACE_FIELDS: Final = frozenset({b"traceparent"})
 
 
 def connection_options(raw: RawHeaders) -> frozenset[bytes]:
@@ -80,7 +81,7 @@ def request_drop_set(raw: RawHeaders, request_id_header: bytes) -> frozenset[byt
 
 def response_drop_set(raw: RawHeaders, request_id_header: bytes) -> frozenset[bytes]:
     """Everything the proxy must not copy from an upstream response."""
-    drop = HOP_BY_HOP | {b"content-length", b"traceparent", request_id_header}
+    drop = HOP_BY_HOP | {b"traceparent", request_id_header}
     options = connection_options(raw)
     return drop | options if options else drop
 

@@ -9,6 +9,7 @@ from yarl import URL
 
 from proxy.errors import ProxyError
 from proxy.metrics import Metrics, method_label
+from proxy.request_id import TraceContext
 from proxy.tracing import Timings
 
 
@@ -27,7 +28,7 @@ class Outcome:
         "target",
         "timings",
         "total",
-        "trace_id",
+        "trace",
     )
 
     def __init__(
@@ -36,14 +37,14 @@ class Outcome:
         target: URL,
         host: str,
         request_id: str,
-        trace_id: str,
+        trace: TraceContext,
         timings: Timings,
     ) -> None:
         self.request = request
         self.target = target
         self.host = host
         self.request_id = request_id
-        self.trace_id = trace_id
+        self.trace = trace
         self.timings = timings
         self.status = 0
         self.error: ProxyError | None = None
@@ -108,7 +109,7 @@ class Observer:
         self._logger.info(
             "access",
             request_id=outcome.request_id,
-            trace_id=outcome.trace_id,
+            trace_id=outcome.trace.trace_id,
             client=request.remote,
             method=request.method,
             host=outcome.host,

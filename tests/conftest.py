@@ -1,0 +1,277 @@
+"""Shared fixtures: a real aiohttp origin, raw TCP origins, and the proxy on real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import hashlib
+import io
+import json
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from prometheus_client import CollectorRegistry
+
+from proxy import config, log
+from proxy.config import Address, Settings
+from proxy.server import ProxyServer
+
+GZIP_BODY = gzip.compress(b"compressed hello " * 100)
+
+
+def pattern(size: int, seed: int = 0) -> bytes:
+    """Deterministic pseudo-random bytes (so both ends can check sha256 without storing)."""
+    block = hashlib.sha256(str(seed).encode()).digest() * 2048  # 64 KiB
+    reps, rest = divmod(size, len(block))
+    return block * reps + block[:rest]
+
+
+async def _echo(request: web.Request) -> web.Response:
+    digest = hashlib.sha256()
+    size = 0
+    async for chunk in request.content.iter_any():
+        digest.update(chunk)
+        size += len(chunk)
+    return web.json_response(
+        {
+            "method": request.method,
+            "target": request.raw_path,
+            "headers": [[k.decode("latin-1"), v.decode("latin-1")] for k, v in request.raw_headers],
+            "body_len": size,
+            "body_sha256": digest.hexdigest(),
+            "version": f"{request.version.major}.{request.version.minor}",
+        }
+    )
+
+
+async def _slow_headers(request: web.Request) -> web.Response:
+    await asyncio.sleep(int(request.query.get("ms", "200")) / 1000)
+    return web.Response(text="slow")
+
+
+async def _stream(request: web.Request) -> web.StreamResponse:
+    """``size`` pattern bytes, chunked unless ``cl=1``; ``delay_ms`` between 64 KiB chunks."""
+    size = int(request.query["size"])
+    delay = int(request.query.get("delay_ms", "0")) / 1000
+    response = web.StreamResponse()
+    if request.query.get("cl") == "1":
+        response.content_length = size
+    await response.prepare(request)
+    body = pattern(size)
+    for offset in range(0, size, 65536):
+        await response.write(body[offset : offset + 65536])
+        if delay:
+            await asyncio.sleep(delay)
+    await response.write_eof()
+    return response
+
+
+async def _cookies(request: web.Request) -> web.Response:
+    response = web.Response(text="cookies")
+    response.headers.add("Set-Cookie", "a=1")
+    response.headers.add("Set-Cookie", "b=2")
+    response.headers.add("X-UPPER", "A")
+    response.headers.add("x-lower", "b")
+    return response
+
+
+async def _redirect(request: web.Request) -> web.Response:
+    raise web.HTTPFound("/echo")
+
+
+async def _status(request: web.Request) -> web.Response:
+    code = int(request.match_info["code"])
+    headers = {"ETag": '"v1"', "Content-Length": "1234"} if code in (204, 304) else {}
+    return web.Response(status=code, headers=headers)
+
+
+async def _gzip(request: web.Request) -> web.Response:
+    return web.Response(
+        body=GZIP_BODY, headers={"Content-Encoding": "gzip", "Content-Type": "text/plain"}
+    )
+
+
+async def _big_head(request: web.Request) -> web.Response:
+    return web.Response(text="x" * 1234)
+
+
+def origin_app() -> web.Application:
+    app = web.Application(handler_args={"auto_decompress": False})
+    app.router.add_route("*", "/echo", _echo)
+    app.router.add_route("*", "/echo/{tail:.*}", _echo)
+    app.router.add_get("/slow-headers", _slow_headers)
+    app.router.add_get("/stream", _stream)
+    app.router.add_get("/cookies", _cookies)
+    app.router.add_get("/redirect", _redirect)
+    app.router.add_route("*", "/status/{code}", _status)
+    app.router.add_get("/gzip", _gzip)
+    app.router.add_route("*", "/big", _big_head)
+    return app
+
+
+@dataclass
+class Origin:
+    host: str
+    port: int
+
+    @property
+    def authority(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def url(self, path: str) -> str:
+        return f"http://{self.authority}{path}"
+
+
+@pytest.fixture
+async def origin() -> AsyncIterator[Origin]:
+    server = TestServer(origin_app(), host="127.0.0.1")
+    await server.start_server()
+    try:
+        yield Origin("127.0.0.1", server.port or 0)
+    finally:
+        await server.close()
+
+
+@dataclass
+class RawOrigin:
+    """A TCP origin driven by a script; remembers every byte each connection sent it."""
+
+    port: int
+    received: list[bytes] = field(default_factory=list)
+    connections: int = 0
+
+    def url(self, path: str = "/") -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+
+Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter, RawOrigin], Awaitable[None]]
+
+
+async def read_head(reader: asyncio.StreamReader) -> bytes:
+    """Read one request head (up to the blank line)."""
+    return await reader.readuntil(b"\r\n\r\n")
+
+
+@pytest.fixture
+async def raw_origin() -> AsyncIterator[Callable[[Script], Awaitable[RawOrigin]]]:
+    servers: list[asyncio.Server] = []
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def start(script: Script) -> RawOrigin:
+        state = RawOrigin(0)
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            state.connections += 1
+            task = asyncio.current_task()
+            assert task is not None
+            tasks.add(task)  # type: ignore[arg-type]
+            try:
+                await script(reader, writer, state)
+            except (ConnectionError, asyncio.IncompleteReadError):
+                pass
+            finally:
+                writer.close()
+                tasks.discard(task)  # type: ignore[arg-type]
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        servers.append(server)
+        state.port = server.sockets[0].getsockname()[1]
+        return state
+
+    try:
+        yield start
+    finally:
+        for task in list(tasks):
+            task.cancel()
+        for server in servers:
+            server.close()
+            await server.wait_closed()
+
+
+class LogCapture:
+    """The proxy's stdout log lines, parsed."""
+
+    def __init__(self) -> None:
+        self.stream = io.StringIO()
+
+    def lines(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.stream.getvalue().splitlines() if line]
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [line for line in self.lines() if line.get("event") == name]
+
+
+@pytest.fixture
+def logs() -> LogCapture:
+    capture = LogCapture()
+    log.configure("json", "info", stream=capture.stream)
+    return capture
+
+
+@dataclass
+class RunningProxy:
+    server: ProxyServer
+    registry: CollectorRegistry
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.server.proxy_address}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://{self.server.admin_address}"
+
+    def sample(self, name: str, **labels: str) -> float | None:
+        return self.registry.get_sample_value(name, labels)
+
+
+TEST_SETTINGS = Settings(listen=Address("127.0.0.1", 0), admin_listen=Address("127.0.0.1", 0))
+
+
+@pytest.fixture
+async def start_proxy(logs: LogCapture) -> AsyncIterator[Callable[..., Awaitable[RunningProxy]]]:
+    started: list[ProxyServer] = []
+
+    async def start(**changes: Any) -> RunningProxy:
+        settings = config.replace(TEST_SETTINGS, **changes)
+        registry = CollectorRegistry()
+        server = ProxyServer(settings, registry)
+        await server.start()
+        started.append(server)
+        return RunningProxy(server, registry)
+
+    try:
+        yield start
+    finally:
+        for server in started:
+            await server.close()
+
+
+@pytest.fixture
+async def proxy(start_proxy: Callable[..., Awaitable[RunningProxy]]) -> RunningProxy:
+    return await start_proxy()
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[aiohttp.ClientSession]:
+    """A plain client session: no decompression, nothing from the environment."""
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        yield session
+
+
+def promtool_or_skip() -> str:
+    """Path of promtool; a missing promtool fails under CI=true instead of skipping."""
+    import shutil
+
+    path = shutil.which("promtool")
+    if path is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("promtool is required in CI (install the Debian prometheus package)")
+        pytest.skip("promtool not installed")
+    return path
