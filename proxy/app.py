@@ -156,6 +156,12 @@ async def _on_response_prepare(request: web.Request, response: web.StreamRespons
     strip_added_defaults(response)
 
 
+def build_resolver(settings: Settings) -> aiohttp.AsyncResolver:
+    """aiodns with one try of ``dns_timeout``; explicit servers when configured."""
+    servers = {"nameservers": list(settings.dns_servers)} if settings.dns_servers else {}
+    return aiohttp.AsyncResolver(timeout=settings.dns_timeout, tries=1, **servers)
+
+
 def build_session(settings: Settings) -> aiohttp.ClientSession:
     """The one long-lived upstream session: pooled, traced, and transparent."""
     connector = aiohttp.TCPConnector(
@@ -163,7 +169,8 @@ def build_session(settings: Settings) -> aiohttp.ClientSession:
         limit_per_host=settings.pool_limit_per_host,
         keepalive_timeout=settings.upstream_keepalive_timeout,
         use_dns_cache=settings.dns_cache_ttl > 0,
-        ttl_dns_cache=int(settings.dns_cache_ttl) if settings.dns_cache_ttl > 0 else None,
+        ttl_dns_cache=settings.dns_cache_ttl if settings.dns_cache_ttl > 0 else None,
+        resolver=build_resolver(settings),
     )
     return aiohttp.ClientSession(
         connector=connector,

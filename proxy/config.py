@@ -52,7 +52,9 @@ class Settings:
     pool_limit: int = 1024
     pool_limit_per_host: int = 256
     upstream_keepalive_timeout: float = 15.0
-    dns_cache_ttl: float = 10.0
+    dns_cache_ttl: int = 10
+    dns_servers: tuple[str, ...] = ()
+    dns_timeout: float = 5.0
     connect_timeout: float = 5.0
     response_headers_timeout: float = 60.0
     read_idle_timeout: float = 300.0
@@ -132,6 +134,27 @@ def parse_bool(text: str) -> bool:
     raise SettingError(f"expected true or false, got {text!r}")
 
 
+def parse_dns_servers(text: str) -> tuple[str, ...]:
+    """Comma-separated ``IP``, ``IP:PORT`` or ``[IPv6]:PORT``; empty means the system's."""
+    servers: list[str] = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        host = item
+        if item.startswith("["):
+            host = item[1:].partition("]")[0]
+        elif item.count(":") == 1:
+            host, _, port = item.partition(":")
+            if not port.isdigit() or not 0 < int(port) < 65536:
+                raise SettingError(f"bad port in {item!r}")
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise SettingError(f"expected IP[:PORT] addresses, got {item!r}") from None
+        servers.append(item)
+    return tuple(servers)
+
+
 def parse_buckets(text: str) -> tuple[float, ...]:
     try:
         values = tuple(float(part) for part in text.split(",") if part.strip())
@@ -192,7 +215,7 @@ class Option:
     def default_text(self) -> str:
         value = getattr(Settings(), self.field)
         if isinstance(value, tuple):
-            return ",".join(f"{v:g}" for v in value)
+            return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
         if isinstance(value, bool):
             return "true" if value else "false"
         if value is None:
@@ -218,7 +241,14 @@ OPTIONS: tuple[Option, ...] = (
         "seconds an idle pooled upstream connection is kept",
         "SECONDS",
     ),
-    Option("dns_cache_ttl", parse_seconds, "seconds a DNS answer is cached (0 = no cache)", "SECONDS"),
+    Option("dns_cache_ttl", parse_count, "seconds a DNS answer is cached (0 = no cache)", "SECONDS"),
+    Option(
+        "dns_servers",
+        parse_dns_servers,
+        "DNS servers to ask, IP[:PORT],... (default: the system's resolv.conf)",
+        "ADDRS",
+    ),
+    Option("dns_timeout", parse_positive_seconds, "seconds to wait for a DNS answer", "SECONDS"),
     Option("connect_timeout", parse_positive_seconds, "seconds to open a connection", "SECONDS"),
     Option(
         "response_headers_timeout",

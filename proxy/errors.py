@@ -7,9 +7,11 @@ The error type doubles as the ``error`` label of ``proxy_upstream_errors_total``
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
+import aiodns
 import aiohttp
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
@@ -52,37 +54,57 @@ BAD_REQUEST_BODY: Final = ProxyError(
 )
 INTERNAL_ERROR: Final = ProxyError(502, "proxy_internal_error", "the proxy failed on this request")
 
-# Checked in order; the first matching class wins, so subclasses come first.
-# (aiohttp's ClientConnectorDNSError, ConnectionTimeoutError etc. are subclasses of
-# ClientOSError / ServerTimeoutError, which come later.)
-BEFORE_RESPONSE: Final[tuple[tuple[type[BaseException], ProxyError], ...]] = (
-    (aiohttp.ClientConnectorDNSError, DNS_ERROR),
-    (aiohttp.ConnectionTimeoutError, CONNECTION_TIMEOUT),
-    (aiohttp.SocketTimeoutError, RESPONSE_TIMEOUT),
-    (aiohttp.ClientConnectorError, DESTINATION_UNAVAILABLE),  # refined by errno below
-    (aiohttp.ServerDisconnectedError, CONNECTION_TERMINATED),
-    (aiohttp.ClientResponseError, PROTOCOL_ERROR),
-    (aiohttp.ClientPayloadError, PROTOCOL_ERROR),
-    (RequestPayloadError, BAD_REQUEST_BODY),
-    (aiohttp.ClientOSError, CONNECTION_TERMINATED),
-    (aiohttp.ClientConnectionError, CONNECTION_TERMINATED),
-    (asyncio.TimeoutError, RESPONSE_TIMEOUT),
+DNS_TIMEOUT: Final = ProxyError(504, "dns_timeout", "timed out resolving the upstream host name")
+
+
+def _refused(exc: BaseException) -> bool:
+    return isinstance(getattr(exc, "os_error", None), ConnectionRefusedError)
+
+
+def _dns_timed_out(exc: BaseException) -> bool:
+    # aiohttp re-raises aiodns' DNSError(code, message) as OSError(None, message) from it.
+    cause = getattr(getattr(exc, "os_error", None), "__cause__", None)
+    return isinstance(cause, aiodns.error.DNSError) and cause.args[:1] == (
+        aiodns.error.ARES_ETIMEOUT,
+    )
+
+
+def _always(exc: BaseException) -> bool:
+    return True
+
+
+Rule = tuple[type[BaseException], Callable[[BaseException], bool], ProxyError]
+
+# Checked in order, first match wins: subclasses before their bases (aiohttp's
+# ClientConnectorDNSError and ConnectionTimeoutError derive from ClientOSError and
+# ServerTimeoutError, which come later).
+BEFORE_RESPONSE: Final[tuple[Rule, ...]] = (
+    (aiohttp.ClientConnectorDNSError, _dns_timed_out, DNS_TIMEOUT),
+    (aiohttp.ClientConnectorDNSError, _always, DNS_ERROR),
+    (aiohttp.ConnectionTimeoutError, _always, CONNECTION_TIMEOUT),
+    (aiohttp.SocketTimeoutError, _always, RESPONSE_TIMEOUT),
+    (aiohttp.ClientConnectorError, _refused, CONNECTION_REFUSED),
+    (aiohttp.ClientConnectorError, _always, DESTINATION_UNAVAILABLE),
+    (aiohttp.ServerDisconnectedError, _always, CONNECTION_TERMINATED),
+    (aiohttp.ClientResponseError, _always, PROTOCOL_ERROR),
+    (aiohttp.ClientPayloadError, _always, PROTOCOL_ERROR),
+    (RequestPayloadError, _always, BAD_REQUEST_BODY),
+    (aiohttp.ClientOSError, _always, CONNECTION_TERMINATED),
+    (aiohttp.ClientConnectionError, _always, CONNECTION_TERMINATED),
+    (asyncio.TimeoutError, _always, RESPONSE_TIMEOUT),
 )
 
-DURING_BODY: Final[tuple[tuple[type[BaseException], ProxyError], ...]] = (
-    (aiohttp.SocketTimeoutError, READ_TIMEOUT),
-    (aiohttp.ClientPayloadError, RESPONSE_INCOMPLETE),
-    (aiohttp.ClientConnectionError, RESPONSE_INCOMPLETE),
+DURING_BODY: Final[tuple[Rule, ...]] = (
+    (aiohttp.SocketTimeoutError, _always, READ_TIMEOUT),
+    (aiohttp.ClientPayloadError, _always, RESPONSE_INCOMPLETE),
+    (aiohttp.ClientConnectionError, _always, RESPONSE_INCOMPLETE),
 )
 
 
-def classify(exc: BaseException, table: tuple[tuple[type[BaseException], ProxyError], ...]) -> ProxyError:
-    for cls, error in table:
-        if isinstance(exc, cls):
-            if error is DESTINATION_UNAVAILABLE and isinstance(
-                getattr(exc, "os_error", None), ConnectionRefusedError
-            ):
-                return CONNECTION_REFUSED
+def classify(exc: BaseException, rules: tuple[Rule, ...]) -> ProxyError:
+    """The first rule whose class and predicate match; an internal error otherwise."""
+    for cls, applies, error in rules:
+        if isinstance(exc, cls) and applies(exc):
             return error
     return INTERNAL_ERROR
 

@@ -140,9 +140,13 @@ class Forwarder:
         response = ForwardedResponse(up, fields)
         outcome.status = up.status
         connection = up.connection
-        if connection is not None and connection.protocol is not None:
-            # The session's sock_read bounds the wait for headers; the body gets its own.
+        if connection is not None and connection.protocol is not None and not up.content.is_eof():
+            # The session's sock_read bounded the wait for headers; the body gets its own
+            # idle limit. Restarting the timer is safe only while the body is unfinished:
+            # aiohttp drops it at end of body, and a timer left on a pooled connection
+            # would break it later.
             connection.protocol.read_timeout = self._read_idle_timeout
+            connection.protocol.start_timeout()
 
         await response.prepare(request)
         content = up.content

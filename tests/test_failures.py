@@ -1,0 +1,302 @@
+"""Upstream and client failures: the status, Proxy-Status, counter and log line of each."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.conftest import LogCapture, Origin, RawOrigin, RunningProxy, read_head
+from tests.dns import DnsServer, start_dns, stop_dns
+from tests.test_forwarding import curl, raw_exchange
+
+StartRaw = Callable[[Any], Awaitable[RawOrigin]]
+
+
+def closed_port() -> int:
+    """A loopback port with nothing listening (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def get(proxy: RunningProxy, url: str) -> tuple[int, str, str]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(url, proxy=proxy.url) as resp,
+    ):
+        return resp.status, resp.headers.get("Proxy-Status", ""), await resp.text()
+
+
+def assert_error(
+    proxy: RunningProxy, logs: LogCapture, host: str, error: str, status: int
+) -> None:
+    assert proxy.sample("proxy_upstream_errors_total", host=host, error=error) == 1
+    assert proxy.sample(
+        "proxy_upstream_requests_total", host=host, method="GET", code=str(status)
+    ) == 1
+    (line,) = logs.events("access")
+    assert (line["status"], line["error"], line["host"]) == (status, error, host)
+
+
+async def test_connection_refused(proxy: RunningProxy, logs: LogCapture) -> None:
+    """A closed port answers 502 with Proxy-Status error=connection_refused."""
+    port = closed_port()
+    status, proxy_status, body = await get(proxy, f"http://127.0.0.1:{port}/")
+    assert status == 502
+    assert proxy_status.startswith("tracing-proxy; error=connection_refused")
+    assert "refused" in body
+    assert_error(proxy, logs, f"127.0.0.1:{port}", "connection_refused", 502)
+
+
+@pytest.fixture
+async def dns() -> AsyncIterator[DnsServer]:
+    server = await start_dns({"slow.test": None, "app.test": "127.0.0.1"})
+    try:
+        yield server
+    finally:
+        stop_dns(server)
+
+
+async def test_dns_failure(start_proxy: Any, dns: DnsServer, logs: LogCapture) -> None:
+    """A name the DNS server does not know answers 502 dns_error."""
+    proxy = await start_proxy(dns_servers=(dns.address,))
+    status, proxy_status, _ = await get(proxy, "http://missing.test/")
+    assert status == 502
+    assert proxy_status.startswith("tracing-proxy; error=dns_error")
+    assert "missing.test" in dns.queries
+    assert_error(proxy, logs, "missing.test", "dns_error", 502)
+
+
+async def test_dns_timeout(start_proxy: Any, dns: DnsServer, logs: LogCapture) -> None:
+    """A DNS server that never answers gives 504 dns_timeout."""
+    proxy = await start_proxy(dns_servers=(dns.address,), dns_timeout=0.3)
+    status, proxy_status, _ = await get(proxy, "http://slow.test/")
+    assert status == 504
+    assert proxy_status.startswith("tracing-proxy; error=dns_timeout")
+    assert_error(proxy, logs, "slow.test", "dns_timeout", 504)
+
+
+async def test_names_from_the_configured_dns_server_are_forwarded(
+    start_proxy: Any, dns: DnsServer, origin: Origin, logs: LogCapture
+) -> None:
+    """A name answered by --dns-servers is looked up there and the request is forwarded."""
+    proxy = await start_proxy(dns_servers=(dns.address,))
+    status, _, _ = await get(proxy, f"http://app.test:{origin.port}/echo")
+    assert status == 200
+    assert "app.test" in dns.queries
+    assert proxy.sample("proxy_upstream_dns_seconds_count", host=f"app.test:{origin.port}") == 1
+
+
+@pytest.fixture
+def unanswered_port() -> Any:
+    """A listener whose accept queue is full, so a further connect hangs in SYN_SENT."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    fillers = []
+    for _ in range(4):
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(listener.getsockname())
+        fillers.append(filler)
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        for filler in fillers:
+            filler.close()
+        listener.close()
+
+
+async def test_connect_timeout(
+    start_proxy: Any, unanswered_port: int, logs: LogCapture
+) -> None:
+    """A connection that is never accepted answers 504 connection_timeout."""
+    proxy = await start_proxy(connect_timeout=0.3)
+    status, proxy_status, _ = await get(proxy, f"http://127.0.0.1:{unanswered_port}/")
+    assert status == 504
+    assert proxy_status.startswith("tracing-proxy; error=connection_timeout")
+    assert_error(proxy, logs, f"127.0.0.1:{unanswered_port}", "connection_timeout", 504)
+
+
+async def test_no_response_headers_in_time(
+    start_proxy: Any, raw_origin: StartRaw, logs: LogCapture
+) -> None:
+    """An upstream that reads the request and stays silent answers 504 http_response_timeout."""
+
+    async def silent(reader: Any, writer: Any, state: RawOrigin) -> None:
+        await read_head(reader)
+        await asyncio.sleep(5)
+
+    upstream = await raw_origin(silent)
+    proxy = await start_proxy(response_headers_timeout=0.3)
+    status, proxy_status, _ = await get(proxy, upstream.url())
+    assert status == 504
+    assert proxy_status.startswith("tracing-proxy; error=http_response_timeout")
+    assert_error(proxy, logs, f"127.0.0.1:{upstream.port}", "http_response_timeout", 504)
+
+
+async def test_upstream_disconnect_before_response_headers(
+    proxy: RunningProxy, raw_origin: StartRaw, logs: LogCapture
+) -> None:
+    """An upstream that closes after reading the request answers 502 connection_terminated."""
+
+    async def hang_up(reader: Any, writer: Any, state: RawOrigin) -> None:
+        await read_head(reader)
+
+    upstream = await raw_origin(hang_up)
+    status, proxy_status, _ = await get(proxy, upstream.url())
+    assert status == 502
+    assert proxy_status.startswith("tracing-proxy; error=connection_terminated")
+    assert_error(proxy, logs, f"127.0.0.1:{upstream.port}", "connection_terminated", 502)
+
+
+async def test_upstream_sends_garbage_instead_of_a_response(
+    proxy: RunningProxy, raw_origin: StartRaw, logs: LogCapture
+) -> None:
+    """An upstream that answers with non-HTTP bytes gives 502 http_protocol_error."""
+
+    async def garbage(reader: Any, writer: Any, state: RawOrigin) -> None:
+        await read_head(reader)
+        writer.write(b"SSH-2.0-OpenSSH_9.2\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(1)
+
+    upstream = await raw_origin(garbage)
+    status, proxy_status, _ = await get(proxy, upstream.url())
+    assert status == 502
+    assert proxy_status.startswith("tracing-proxy; error=http_protocol_error")
+    assert_error(proxy, logs, f"127.0.0.1:{upstream.port}", "http_protocol_error", 502)
+
+
+@pytest.mark.parametrize(
+    "framing",
+    [
+        b"Content-Length: 100000\r\n\r\n",
+        b"Transfer-Encoding: chunked\r\n\r\n4000\r\n",
+    ],
+    ids=["content-length", "chunked"],
+)
+async def test_upstream_disconnect_before_response_complete(
+    proxy: RunningProxy, raw_origin: StartRaw, logs: LogCapture, framing: bytes
+) -> None:
+    """A body cut by the upstream reaches the client visibly incomplete, never clean."""
+
+    async def cut(reader: Any, writer: Any, state: RawOrigin) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\n" + framing + b"x" * 0x4000)
+        await writer.drain()
+
+    upstream = await raw_origin(cut)
+    code, out, err = await curl("-x", proxy.url, upstream.url())
+    assert code == 18, err  # curl: "Transferred a partial file"
+    assert out == b"x" * 0x4000
+    host = f"127.0.0.1:{upstream.port}"
+    await wait_for_log(logs)
+    assert proxy.sample("proxy_upstream_errors_total", host=host, error="http_response_incomplete") == 1
+    (line,) = logs.events("access")
+    assert (line["status"], line["error"]) == (200, "http_response_incomplete")
+
+
+async def wait_for_log(logs: LogCapture, count: int = 1) -> None:
+    """The access line is written when the handler finishes, a moment after the client is done."""
+    for _ in range(100):
+        if len(logs.events("access")) >= count:
+            return
+        await asyncio.sleep(0.02)
+
+
+async def test_upstream_quiet_mid_body_hits_the_read_idle_timeout(
+    start_proxy: Any, raw_origin: StartRaw, logs: LogCapture
+) -> None:
+    """An upstream that stops sending mid-body is cut after the read-idle timeout."""
+
+    async def stall(reader: Any, writer: Any, state: RawOrigin) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+        await writer.drain()
+        await asyncio.sleep(5)
+
+    upstream = await raw_origin(stall)
+    proxy = await start_proxy(read_idle_timeout=0.3)
+    code, out, _ = await curl("-x", proxy.url, upstream.url())
+    assert code == 18
+    assert out == b"abc"
+    await wait_for_log(logs)
+    (line,) = logs.events("access")
+    assert line["error"] == "connection_read_timeout"
+
+
+async def test_client_disconnect_during_download(
+    proxy: RunningProxy, origin: Origin, logs: LogCapture
+) -> None:
+    """A client that leaves mid-download is logged as 499 and the upstream connection dropped."""
+    assert proxy.server.proxy_address is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.server.proxy_address.port)
+    url = origin.url("/stream?size=50000000&delay_ms=5")
+    writer.write(f"GET {url} HTTP/1.1\r\nHost: {origin.authority}\r\n\r\n".encode())
+    await reader.readexactly(100_000)
+    writer.transport.abort()
+    await wait_for_log(logs)
+    (line,) = logs.events("access")
+    assert (line["status"], line["error"]) == (499, "client_disconnected")
+    host = origin.authority
+    assert proxy.sample("proxy_upstream_errors_total", host=host, error="client_disconnected") == 1
+    # The next request cannot have been given the abandoned connection.
+    status, _, _ = await get(proxy, origin.url("/echo"))
+    assert status == 200
+    assert proxy.sample("proxy_upstream_connections_total", host=host, kind="new") == 2
+
+
+async def test_client_disconnect_during_upload(
+    proxy: RunningProxy, raw_origin: StartRaw, logs: LogCapture
+) -> None:
+    """A client that leaves mid-upload gets the upstream request aborted, never completed."""
+    got_all = asyncio.Event()
+
+    async def slurp(reader: Any, writer: Any, state: RawOrigin) -> None:
+        await read_head(reader)
+        try:
+            await reader.readexactly(1_000_000)
+            got_all.set()
+        finally:
+            state.received.append(b"closed")
+
+    upstream = await raw_origin(slurp)
+    assert proxy.server.proxy_address is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.server.proxy_address.port)
+    writer.write(
+        f"PUT {upstream.url()} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n".encode()
+        + b"y" * 1000
+    )
+    await writer.drain()
+    for _ in range(100):
+        if upstream.connections:
+            break
+        await asyncio.sleep(0.02)
+    writer.transport.abort()
+    await wait_for_log(logs)
+    for _ in range(100):
+        if upstream.received:
+            break
+        await asyncio.sleep(0.02)
+    assert upstream.received == [b"closed"]  # the upstream saw the connection end early
+    assert not got_all.is_set()
+    (line,) = logs.events("access")
+    assert (line["status"], line["error"]) == (499, "client_disconnected")
+
+
+async def test_error_responses_carry_request_id_and_traceparent(proxy: RunningProxy) -> None:
+    """A proxy-generated 502 still carries the request id and traceparent."""
+    request = (
+        f"GET http://127.0.0.1:{closed_port()}/ HTTP/1.1\r\nHost: x\r\n"
+        "X-Request-ID: abc-123\r\nConnection: close\r\n\r\n"
+    ).encode()
+    status, received = await raw_exchange(proxy, request)
+    assert status == b"HTTP/1.1 502 Bad Gateway"
+    assert b"\r\nX-Request-ID: abc-123\r\n" in received
+    assert b"\r\ntraceparent: 00-" in received
