@@ -9,6 +9,7 @@ from typing import Any, Final
 import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from structlog.typing import FilteringBoundLogger
 
 from proxy import errors, log
 from proxy.config import Settings
@@ -54,7 +55,7 @@ SETTINGS: Final = web.AppKey("settings", Settings)
 REGISTRY: Final = web.AppKey("registry", CollectorRegistry)
 METRICS: Final = web.AppKey("metrics", Metrics)
 LIFECYCLE: Final = web.AppKey("lifecycle", Lifecycle)
-LOGGER: Final = web.AppKey("logger", Any)
+LOGGER: Final = web.AppKey("logger", FilteringBoundLogger)
 SESSION: Final = web.AppKey("session", aiohttp.ClientSession)
 FORWARDER: Final = web.AppKey("forwarder", Forwarder)
 
@@ -158,8 +159,11 @@ async def _on_response_prepare(request: web.Request, response: web.StreamRespons
 
 def build_resolver(settings: Settings) -> aiohttp.AsyncResolver:
     """aiodns with one try of ``dns_timeout``; explicit servers when configured."""
-    servers = {"nameservers": list(settings.dns_servers)} if settings.dns_servers else {}
-    return aiohttp.AsyncResolver(timeout=settings.dns_timeout, tries=1, **servers)
+    if settings.dns_servers:
+        return aiohttp.AsyncResolver(
+            nameservers=list(settings.dns_servers), timeout=settings.dns_timeout, tries=1
+        )
+    return aiohttp.AsyncResolver(timeout=settings.dns_timeout, tries=1)
 
 
 def build_session(settings: Settings) -> aiohttp.ClientSession:

@@ -234,14 +234,18 @@ OPTIONS: tuple[Option, ...] = (
         "HOST:PORT",
     ),
     Option("pool_limit", parse_count, "upstream connections in total (0 = unlimited)", "N"),
-    Option("pool_limit_per_host", parse_count, "upstream connections per host (0 = unlimited)", "N"),
+    Option(
+        "pool_limit_per_host", parse_count, "upstream connections per host (0 = unlimited)", "N"
+    ),
     Option(
         "upstream_keepalive_timeout",
         parse_positive_seconds,
         "seconds an idle pooled upstream connection is kept",
         "SECONDS",
     ),
-    Option("dns_cache_ttl", parse_count, "seconds a DNS answer is cached (0 = no cache)", "SECONDS"),
+    Option(
+        "dns_cache_ttl", parse_count, "seconds a DNS answer is cached (0 = no cache)", "SECONDS"
+    ),
     Option(
         "dns_servers",
         parse_dns_servers,

@@ -135,7 +135,9 @@ class Forwarder:
     ) -> web.StreamResponse:
         raw = up.raw_headers
         fields = headers.filter_fields(raw, headers.response_drop_set(raw, self._rid_key))
-        fields.add("Via", self._via.get((up.version.major, up.version.minor), self._via[(1, 1)]))
+        version = up.version
+        key = (version.major, version.minor) if version is not None else (1, 1)
+        fields.add("Via", self._via.get(key) or headers.via_value(key, self._pseudonym))
         self._stamp(fields, outcome)
         response = ForwardedResponse(up, fields)
         outcome.status = up.status
@@ -190,7 +192,9 @@ class Forwarder:
         if request.method == "OPTIONS":
             response = web.Response(status=200, headers={"Allow": _ALLOWED_METHODS})
         else:
-            lines = [f"TRACE {request.raw_path} HTTP/{request.version.major}.{request.version.minor}"]
+            lines = [
+                f"TRACE {request.raw_path} HTTP/{request.version.major}.{request.version.minor}"
+            ]
             lines += [
                 f"{name.decode('latin-1')}: {value.decode('latin-1')}"
                 for name, value in request.raw_headers

@@ -12,7 +12,7 @@ import sys
 from typing import Any, TextIO
 
 import structlog
-from structlog.typing import Processor
+from structlog.typing import FilteringBoundLogger, Processor
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
 _LEVELS["error"] = logging.ERROR
@@ -56,5 +56,6 @@ def configure(fmt: str = "json", level: str = "info", stream: TextIO | None = No
     root.setLevel(max(_LEVELS[level], logging.WARNING))
 
 
-def get_logger(**initial: Any) -> Any:
-    return structlog.get_logger(**initial)
+def get_logger(**initial: Any) -> FilteringBoundLogger:
+    logger: FilteringBoundLogger = structlog.get_logger(**initial)
+    return logger

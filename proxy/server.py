@@ -105,5 +105,5 @@ class ProxyServer:
         await self.close()
 
     def __repr__(self) -> str:
-        return f"<ProxyServer proxy={self.proxy_address} admin={self.admin_address} {self.lifecycle!r}>"
-
+        addresses = f"proxy={self.proxy_address} admin={self.admin_address}"
+        return f"<ProxyServer {addresses} {self.lifecycle!r}>"

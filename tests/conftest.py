@@ -153,6 +153,16 @@ class RawOrigin:
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter, RawOrigin], Awaitable[None]]
 
 
+def http_request(
+    method: str, target: str, *fields: str, host: str = "x", close: bool = True, body: bytes = b""
+) -> bytes:
+    """The raw bytes of one HTTP/1.1 request."""
+    lines = [f"{method} {target} HTTP/1.1", f"Host: {host}", *fields]
+    if close:
+        lines.append("Connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
 async def read_head(reader: asyncio.StreamReader) -> bytes:
     """Read one request head (up to the blank line)."""
     return await reader.readuntil(b"\r\n\r\n")
@@ -170,14 +180,14 @@ async def raw_origin() -> AsyncIterator[Callable[[Script], Awaitable[RawOrigin]]
             state.connections += 1
             task = asyncio.current_task()
             assert task is not None
-            tasks.add(task)  # type: ignore[arg-type]
+            tasks.add(task)
             try:
                 await script(reader, writer, state)
             except (ConnectionError, asyncio.IncompleteReadError):
                 pass
             finally:
                 writer.close()
-                tasks.discard(task)  # type: ignore[arg-type]
+                tasks.discard(task)
 
         server = await asyncio.start_server(handle, "127.0.0.1", 0)
         servers.append(server)

@@ -32,13 +32,12 @@ async def get(proxy: RunningProxy, url: str) -> tuple[int, str, str]:
         return resp.status, resp.headers.get("Proxy-Status", ""), await resp.text()
 
 
-def assert_error(
-    proxy: RunningProxy, logs: LogCapture, host: str, error: str, status: int
-) -> None:
+def assert_error(proxy: RunningProxy, logs: LogCapture, host: str, error: str, status: int) -> None:
     assert proxy.sample("proxy_upstream_errors_total", host=host, error=error) == 1
-    assert proxy.sample(
-        "proxy_upstream_requests_total", host=host, method="GET", code=str(status)
-    ) == 1
+    assert (
+        proxy.sample("proxy_upstream_requests_total", host=host, method="GET", code=str(status))
+        == 1
+    )
     (line,) = logs.events("access")
     assert (line["status"], line["error"], line["host"]) == (status, error, host)
 
@@ -112,9 +111,7 @@ def unanswered_port() -> Any:
         listener.close()
 
 
-async def test_connect_timeout(
-    start_proxy: Any, unanswered_port: int, logs: LogCapture
-) -> None:
+async def test_connect_timeout(start_proxy: Any, unanswered_port: int, logs: LogCapture) -> None:
     """A connection that is never accepted answers 504 connection_timeout."""
     proxy = await start_proxy(connect_timeout=0.3)
     status, proxy_status, _ = await get(proxy, f"http://127.0.0.1:{unanswered_port}/")
@@ -197,7 +194,10 @@ async def test_upstream_disconnect_before_response_complete(
     assert out == b"x" * 0x4000
     host = f"127.0.0.1:{upstream.port}"
     await wait_for_log(logs)
-    assert proxy.sample("proxy_upstream_errors_total", host=host, error="http_response_incomplete") == 1
+    assert (
+        proxy.sample("proxy_upstream_errors_total", host=host, error="http_response_incomplete")
+        == 1
+    )
     (line,) = logs.events("access")
     assert (line["status"], line["error"]) == (200, "http_response_incomplete")
 
@@ -268,7 +268,7 @@ async def test_client_disconnect_during_upload(
 
     upstream = await raw_origin(slurp)
     assert proxy.server.proxy_address is not None
-    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.server.proxy_address.port)
+    _, writer = await asyncio.open_connection("127.0.0.1", proxy.server.proxy_address.port)
     writer.write(
         f"PUT {upstream.url()} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n".encode()
         + b"y" * 1000

@@ -13,7 +13,15 @@ import httpx
 import pytest
 import requests
 
-from tests.conftest import GZIP_BODY, Origin, RawOrigin, RunningProxy, pattern, read_head
+from tests.conftest import (
+    GZIP_BODY,
+    Origin,
+    RawOrigin,
+    RunningProxy,
+    http_request,
+    pattern,
+    read_head,
+)
 
 
 def seen_headers(echo: dict[str, Any]) -> list[tuple[str, str]]:
@@ -181,9 +189,7 @@ async def test_redirects_are_passed_back_not_followed(
     proxy: RunningProxy, origin: Origin, client: aiohttp.ClientSession
 ) -> None:
     """A 302 from the origin reaches the client as a 302 with its Location."""
-    async with client.get(
-        origin.url("/redirect"), proxy=proxy.url, allow_redirects=False
-    ) as resp:
+    async with client.get(origin.url("/redirect"), proxy=proxy.url, allow_redirects=False) as resp:
         assert resp.status == 302
         assert resp.headers["Location"] == "/echo"
 
@@ -212,9 +218,7 @@ async def test_proxy_environment_of_the_proxy_is_ignored(
         assert resp.status == 200
 
 
-async def test_nothing_is_added_to_the_request(
-    proxy: RunningProxy, raw_origin: Any
-) -> None:
+async def test_nothing_is_added_to_the_request(proxy: RunningProxy, raw_origin: Any) -> None:
     """The proxy adds no Accept, User-Agent, Accept-Encoding or Content-Type of its own."""
 
     async def script(reader: Any, writer: Any, state: RawOrigin) -> None:
@@ -303,9 +307,7 @@ async def test_hop_by_hop_request_fields_are_removed(proxy: RunningProxy, origin
     assert "x-kept" in names
 
 
-async def test_hop_by_hop_response_fields_are_removed(
-    proxy: RunningProxy, raw_origin: Any
-) -> None:
+async def test_hop_by_hop_response_fields_are_removed(proxy: RunningProxy, raw_origin: Any) -> None:
     """Fields named by the upstream's Connection, and Keep-Alive, do not reach the client."""
 
     async def script(reader: Any, writer: Any, state: RawOrigin) -> None:
@@ -344,17 +346,20 @@ async def test_host_is_taken_from_the_target(proxy: RunningProxy, origin: Origin
         f"GET {origin.url('/echo')} HTTP/1.1\r\nHost: wrong.example\r\nConnection: close\r\n\r\n"
     ).encode()
     _, received = await raw_exchange(proxy, request)
-    hosts = [v for k, v in seen_headers(json.loads(received.split(b"\r\n\r\n", 1)[1])) if k.lower() == "host"]
+    hosts = [
+        v
+        for k, v in seen_headers(json.loads(received.split(b"\r\n\r\n", 1)[1]))
+        if k.lower() == "host"
+    ]
     assert hosts == [origin.authority]
 
 
 @pytest.mark.parametrize("path", ["/status/204", "/status/304"])
 async def test_no_body_for_204_and_304(proxy: RunningProxy, origin: Origin, path: str) -> None:
     """204 and 304 responses reach the client with no body and the connection stays usable."""
-    request = (
-        f"GET {origin.url(path)} HTTP/1.1\r\nHost: {origin.authority}\r\n\r\n"
-        f"GET {origin.url('/big')} HTTP/1.1\r\nHost: {origin.authority}\r\nConnection: close\r\n\r\n"
-    ).encode()
+    request = http_request("GET", origin.url(path), close=False) + http_request(
+        "GET", origin.url("/big")
+    )
     _, received = await raw_exchange(proxy, request)
     first, second = received.split(b"HTTP/1.1 200 OK")
     assert first.endswith(b"\r\n\r\n")
@@ -440,9 +445,7 @@ async def test_client_keep_alive_serves_many_requests_on_one_connection(
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.server.proxy_address.port)
     try:
         for i in range(50):
-            writer.write(
-                f"GET {origin.url(f'/echo/{i}')} HTTP/1.1\r\nHost: {origin.authority}\r\n\r\n".encode()
-            )
+            writer.write(http_request("GET", origin.url(f"/echo/{i}"), close=False))
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
             assert head.startswith(b"HTTP/1.1 200 OK")
             length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
@@ -458,9 +461,7 @@ async def test_gets_with_encoded_path_and_query_are_byte_exact(
 ) -> None:
     """Percent-encoded path and query reach the origin exactly as the client wrote them."""
     target = "/echo/p%2Fx/%7Euser?q=%20&a=b"
-    request = (
-        f"GET {origin.url(target)} HTTP/1.1\r\nHost: {origin.authority}\r\nConnection: close\r\n\r\n"
-    ).encode()
+    request = http_request("GET", origin.url(target))
     _, received = await raw_exchange(proxy, request)
     assert json.loads(received.split(b"\r\n\r\n", 1)[1])["target"] == target
 
@@ -494,14 +495,10 @@ async def test_other_origin_form_requests_get_400(proxy: RunningProxy) -> None:
 
 async def test_absolute_form_metrics_path_is_forwarded(proxy: RunningProxy, origin: Origin) -> None:
     """GET http://other-host/metrics goes to that host, never to our own /metrics."""
-    status, received = await raw_exchange(
-        proxy,
-        f"GET {origin.url('/echo/metrics')} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode(),
-    )
+    status, received = await raw_exchange(proxy, http_request("GET", origin.url("/echo/metrics")))
     assert status == b"HTTP/1.1 200 OK"
     assert json.loads(received.split(b"\r\n\r\n", 1)[1])["target"] == "/echo/metrics"
-    request = f"GET http://127.0.0.1:{origin.port}/metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    status, received = await raw_exchange(proxy, request.encode())
+    status, received = await raw_exchange(proxy, http_request("GET", origin.url("/metrics")))
     assert status == b"HTTP/1.1 404 Not Found"  # the origin's answer, not ours
     assert b"# HELP" not in received
 
@@ -521,10 +518,10 @@ async def test_admin_listener_serves_metrics_health_and_readiness(
 async def test_non_http_absolute_targets_get_400(proxy: RunningProxy, scheme: str) -> None:
     """An https:// or ftp:// absolute target is refused with 400 and a hint."""
     status, received = await raw_exchange(
-        proxy, f"GET {scheme}://127.0.0.1:9/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+        proxy,
+        f"GET {scheme}://127.0.0.1:9/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode(),
     )
     assert status == b"HTTP/1.1 400 Bad Request"
     assert b"Proxy-Status: tracing-proxy; error=http_request_error" in received
     if scheme == "https":
         assert b"CONNECT" in received
-

@@ -106,7 +106,9 @@ async def test_counters_and_bytes_follow_each_request(
         await resp.read()
     host = origin.authority
     assert proxy.sample("proxy_upstream_requests_total", host=host, method="POST", code="200") == 1
-    assert proxy.sample("proxy_upstream_requests_total", host=host, method="_OTHER", code="200") == 1
+    assert (
+        proxy.sample("proxy_upstream_requests_total", host=host, method="_OTHER", code="200") == 1
+    )
     assert proxy.sample("proxy_upstream_bytes_total", host=host, direction="sent") == 1000
     received = proxy.sample("proxy_upstream_bytes_total", host=host, direction="received")
     assert received is not None

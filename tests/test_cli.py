@@ -1,0 +1,154 @@
+"""The CLI as a real subprocess: it starts, serves, drains on SIGTERM and exits 0."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import aiohttp
+import pytest
+
+from tests.conftest import Origin
+
+
+@dataclass
+class Cli:
+    process: asyncio.subprocess.Process
+    proxy: str
+    metrics: str
+
+    async def stdout_lines(self) -> list[dict[str, object]]:
+        assert self.process.stdout is not None
+        out = await asyncio.wait_for(self.process.stdout.read(), 30)
+        return [json.loads(line) for line in out.decode().splitlines() if line.strip()]
+
+
+async def start_cli(*args: str) -> Cli:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "proxy",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={k: v for k, v in os.environ.items() if not k.startswith("PROXY_")},
+    )
+    assert process.stdout is not None
+    line = await asyncio.wait_for(process.stdout.readline(), 30)
+    listening = json.loads(line)
+    assert listening["event"] == "listening"
+    return Cli(process, str(listening["proxy"]), str(listening["metrics"]))
+
+
+@pytest.fixture
+async def cli() -> AsyncIterator[list[Cli]]:
+    started: list[Cli] = []
+    yield started
+    for running in started:
+        if running.process.returncode is None:
+            running.process.kill()
+            await running.process.wait()
+
+
+async def test_cli_serves_and_exposes_metrics(cli: list[Cli], origin: Origin) -> None:
+    """The subprocess forwards a request and shows it on its admin /metrics."""
+    running = await start_cli()
+    cli.append(running)
+    async with aiohttp.ClientSession() as session:
+        async with session.get(origin.url("/echo"), proxy=running.proxy) as resp:
+            assert resp.status == 200
+        async with session.get(running.metrics) as resp:
+            text = await resp.text()
+    assert (
+        f'proxy_upstream_requests_total{{code="200",host="{origin.authority}",method="GET"}} 1.0'
+        in text
+    )
+    running.process.send_signal(signal.SIGINT)
+    assert await asyncio.wait_for(running.process.wait(), 10) == 0
+
+
+async def test_sigterm_finishes_an_in_flight_stream_then_exits_0(
+    cli: list[Cli], origin: Origin
+) -> None:
+    """On SIGTERM readiness drops, a running download completes, and the process exits 0."""
+    running = await start_cli("--shutdown-grace", "0.5", "--drain-timeout", "10")
+    cli.append(running)
+    size = 40 * 65536  # 40 chunks, 25 ms apart: about 1 s of streaming
+    async with aiohttp.ClientSession() as session:
+        url = origin.url(f"/stream?size={size}&delay_ms=25")
+        async with session.get(url, proxy=running.proxy) as resp:
+            first = await resp.content.readexactly(65536)
+            running.process.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.2)
+            async with session.get(running.metrics.replace("/metrics", "/readyz")) as ready:
+                assert ready.status == 503
+            # Still serving during the grace period.
+            async with session.get(origin.url("/echo"), proxy=running.proxy) as late:
+                assert late.status == 200
+            rest = await resp.read()
+    assert len(first) + len(rest) == size
+    started = time.monotonic()
+    assert await asyncio.wait_for(running.process.wait(), 15) == 0
+    assert time.monotonic() - started < 10
+    events = [line["event"] for line in await running.stdout_lines()]
+    assert events.count("access") == 2
+    assert "draining" in events
+    assert events[-1] == "stopped"
+
+
+async def test_cli_bad_setting_exits_2_naming_it() -> None:
+    """A bad environment value stops the CLI with exit code 2 and one line naming it."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "proxy",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PROXY_DNS_CACHE_TTL": "ten"},
+    )
+    _, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 2
+    assert err.decode().strip().count("\n") == 0
+    assert "--dns-cache-ttl (PROXY_DNS_CACHE_TTL)" in err.decode()
+
+
+async def test_console_log_format(cli: list[Cli], origin: Origin) -> None:
+    """--log-format console writes readable, non-JSON access lines."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "proxy",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "off",
+        "--log-format",
+        "console",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    line = (await asyncio.wait_for(process.stdout.readline(), 30)).decode()
+    assert "listening" in line
+    assert not line.startswith("{")
+    address = line.split("proxy=")[1].split()[0]
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(origin.url("/echo"), proxy=address) as resp,
+    ):
+        assert resp.status == 200
+    access = (await asyncio.wait_for(process.stdout.readline(), 30)).decode()
+    assert "access" in access
+    assert "status=200" in access
+    process.send_signal(signal.SIGINT)
+    assert await asyncio.wait_for(process.wait(), 10) == 0

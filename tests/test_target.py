@@ -1,0 +1,79 @@
+"""Request forms and host labels, checked against aiohttp's real request parser."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from aiohttp import web
+from yarl import URL
+
+from proxy.target import TargetError, absolute_target, forward_target, host_label
+
+
+@pytest.mark.parametrize(
+    ("url", "label"),
+    [
+        ("http://API.Example.com/x", "api.example.com"),
+        ("http://api.example.com:80/x", "api.example.com"),
+        ("http://127.0.0.1:8081/", "127.0.0.1:8081"),
+        ("http://[::1]:8081/", "[::1]:8081"),
+        ("http://[::1]/", "[::1]"),
+    ],
+)
+def test_host_label_keeps_only_non_default_ports(url: str, label: str) -> None:
+    """The label is the lower-case host, with :port only when it is not the default."""
+    assert host_label(URL(url)) == label
+
+
+def test_userinfo_and_fragment_are_stripped() -> None:
+    """Userinfo (it would become Authorization) and the fragment are not sent upstream."""
+    target = forward_target(URL("http://user:pw@h:81/p?q#frag"))
+    assert str(target.url) == "http://h:81/p?q"
+    assert target.host == "h:81"
+
+
+@pytest.mark.parametrize("url", ["https://h/", "ftp://h/", "file:///etc/passwd"])
+def test_only_http_is_forwarded(url: str) -> None:
+    """Other schemes are refused with a message for the client."""
+    with pytest.raises(TargetError):
+        forward_target(URL(url))
+
+
+async def _parsed(line: bytes) -> URL | None:
+    """absolute_target() of a request line parsed by aiohttp's real server on a socket."""
+    seen: list[Any] = []
+
+    async def handler(request: web.BaseRequest) -> web.Response:
+        seen.append(absolute_target(request))
+        return web.Response()
+
+    server = web.Server(handler)
+    loop = asyncio.get_running_loop()
+    listener = await loop.create_server(server, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(line + b"\r\nHost: x\r\nConnection: close\r\n\r\n")
+    await reader.read(-1)
+    writer.close()
+    listener.close()
+    await server.shutdown()
+    result: URL | None = seen[0]
+    return result
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        (b"GET http://other.example:8080/metrics HTTP/1.1", "http://other.example:8080/metrics"),
+        (b"GET HTTP://Other.Example/x HTTP/1.1", "http://Other.Example/x"),
+        (b"GET /metrics HTTP/1.1", None),
+        (b"OPTIONS * HTTP/1.1", None),
+        (b"CONNECT example.test:443 HTTP/1.1", None),
+    ],
+)
+async def test_absolute_target_tells_the_forms_apart(line: bytes, expected: str | None) -> None:
+    """Only absolute-form targets are returned; origin-form, * and CONNECT are not."""
+    target = await _parsed(line)
+    assert (None if target is None else str(target)) == expected
