@@ -34,6 +34,7 @@ async def serve(settings: Settings) -> int:
         version=__version__,
         loop=type(loop).__module__,
     )
+    log.flush()
     try:
         first = await signals.get()
         # SIGTERM (Kubernetes) keeps serving through the grace period; Ctrl-C does not.

@@ -122,6 +122,10 @@ def _reject(request: web.Request, err: ProxyError, *, close: bool = False) -> we
     return response
 
 
+async def _not_a_proxy_request(request: web.Request) -> web.StreamResponse:
+    return _reject(request, NOT_A_PROXY_REQUEST)
+
+
 @web.middleware
 async def dispatch(request: web.Request, handler: Any) -> web.StreamResponse:
     """Route by request form: absolute-form is forwarded, origin-form is ours."""
@@ -224,6 +228,9 @@ def build_proxy_app(
     app[LIFECYCLE] = lifecycle
     app[LOGGER] = log.get_logger()
     _add_local_routes(app)
+    # Absolute-form targets are dispatched by the middleware, but the router still looks
+    # at their path first; a catch-all spares it building a 404 for each of them.
+    app.router.add_route("*", "/{tail:.*}", _not_a_proxy_request)
     app.on_response_prepare.append(_on_response_prepare)
     app.cleanup_ctx.append(_upstream_session)
     return app

@@ -40,6 +40,16 @@ class ForwardedResponse(web.StreamResponse):
         self.upstream_had_server = "Server" in fields
 
 
+class ReadyForwardedResponse(ForwardedResponse):
+    """For a body whose first bytes have already arrived: the headers leave with them.
+
+    One write (one system call) instead of two. When the body is not there yet, the plain
+    class sends the headers at once, so a slow stream still shows its headers early.
+    """
+
+    _send_headers_immediately = False
+
+
 def strip_added_defaults(response: web.StreamResponse) -> None:
     """Remove the Content-Type and Server aiohttp adds when the upstream sent none.
 
@@ -139,7 +149,9 @@ class Forwarder:
         key = (version.major, version.minor) if version is not None else (1, 1)
         fields.add("Via", self._via.get(key) or headers.via_value(key, self._pseudonym))
         self._stamp(fields, outcome)
-        response = ForwardedResponse(up, fields)
+        content = up.content
+        ready = content.is_eof() or content.total_bytes > 0
+        response = (ReadyForwardedResponse if ready else ForwardedResponse)(up, fields)
         outcome.status = up.status
         connection = up.connection
         if connection is not None and connection.protocol is not None and not up.content.is_eof():
@@ -151,7 +163,6 @@ class Forwarder:
             connection.protocol.start_timeout()
 
         await response.prepare(request)
-        content = up.content
         while True:
             try:
                 chunk = await content.readany()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from typing import Any, TextIO
 
 import structlog
@@ -25,8 +26,47 @@ def _renderer(fmt: str) -> Processor:
     return structlog.processors.JSONRenderer(serializer=json.dumps, ensure_ascii=True)
 
 
+class LineWriter:
+    """A structlog logger that writes lines without flushing each one.
+
+    A flush per access line is a system call per request; instead the stream is flushed
+    when ``flush_interval`` has passed since the last flush, and by ``flush()``, which the
+    server calls periodically and at shutdown (Envoy buffers access logs the same way).
+    """
+
+    def __init__(self, stream: TextIO, flush_interval: float = 0.2) -> None:
+        self._write = stream.write
+        self._flush = stream.flush
+        self._interval = flush_interval
+        self._last = time.monotonic()
+
+    def msg(self, message: str) -> None:
+        self._write(message + "\n")
+        now = time.monotonic()
+        if now - self._last >= self._interval:
+            self._last = now
+            self._flush()
+
+    def flush(self) -> None:
+        self._last = time.monotonic()
+        self._flush()
+
+    log = debug = info = warn = warning = error = critical = exception = msg
+
+
+_writer: LineWriter | None = None
+
+
+def flush() -> None:
+    """Write out buffered log lines now."""
+    if _writer is not None:
+        _writer.flush()
+
+
 def configure(fmt: str = "json", level: str = "info", stream: TextIO | None = None) -> None:
+    global _writer
     out = stream if stream is not None else sys.stdout
+    _writer = writer = LineWriter(out)
     shared: list[Processor] = [
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
@@ -34,7 +74,7 @@ def configure(fmt: str = "json", level: str = "info", stream: TextIO | None = No
     structlog.configure(
         processors=[*shared, _renderer(fmt)],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=structlog.WriteLoggerFactory(file=out),
+        logger_factory=lambda *args: writer,
         cache_logger_on_first_use=True,
     )
     handler = logging.StreamHandler(out)

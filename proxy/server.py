@@ -36,6 +36,7 @@ class ProxyServer:
         self.proxy_address: Address | None = None
         self.admin_address: Address | None = None
         self._logger = log.get_logger()
+        self._flusher: asyncio.Future[None] | None = None
 
     async def start(self) -> None:
         settings = self.settings
@@ -55,6 +56,7 @@ class ProxyServer:
         except BaseException:
             await self.close()
             raise
+        self._flusher = asyncio.ensure_future(_flush_logs_periodically())
 
     async def _listen(self, app: web.Application, address: Address, **handler: Any) -> Address:
         runner = web.AppRunner(
@@ -91,6 +93,10 @@ class ProxyServer:
             with contextlib.suppress(Exception):
                 await runner.cleanup()
         self._runners.clear()
+        if self._flusher is not None:
+            self._flusher.cancel()
+            self._flusher = None
+        log.flush()
 
     async def __aenter__(self) -> ProxyServer:
         await self.start()
@@ -107,3 +113,10 @@ class ProxyServer:
     def __repr__(self) -> str:
         addresses = f"proxy={self.proxy_address} admin={self.admin_address}"
         return f"<ProxyServer {addresses} {self.lifecycle!r}>"
+
+
+async def _flush_logs_periodically(interval: float = 0.2) -> None:
+    """Bound how long an access line can sit in the buffer when traffic stops."""
+    while True:
+        await asyncio.sleep(interval)
+        log.flush()

@@ -1,0 +1,31 @@
+"""A minimal origin for benchmarks: answers every request with a small fixed body.
+
+Runs as its own process on uvloop and prints its port on the first line of stdout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import uvloop
+from aiohttp import web
+
+BODY = b"x" * 100
+
+
+async def handle(request: web.BaseRequest) -> web.Response:
+    await request.read()
+    return web.Response(body=BODY, content_type="text/plain")
+
+
+async def main(port: int) -> None:
+    server = web.Server(handle, access_log=None)
+    loop = asyncio.get_running_loop()
+    listener = await loop.create_server(server, "127.0.0.1", port, backlog=1024)
+    print(listener.sockets[0].getsockname()[1], flush=True)
+    await asyncio.Event().wait()
+
+
+if __name__ == "__main__":
+    uvloop.run(main(int(sys.argv[1]) if len(sys.argv) > 1 else 0))
