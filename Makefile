@@ -36,6 +36,8 @@ pytest: $(STAMP_TEST)
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 bench: $(STAMP_TEST)
+	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -qq wrk; } \
+		|| { echo "make bench needs wrk: apt-get install wrk"; exit 1; }
 	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
 
 clean:
