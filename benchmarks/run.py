@@ -68,7 +68,16 @@ def run_wrk(url: str, path: str, connections: int, seconds: int) -> Load:
         script.write(f'wrk.path = "{path}"\n')
     try:
         out = subprocess.run(
-            ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", script.name, url],
+            [
+                "wrk",
+                "-t1",
+                f"-c{connections}",
+                f"-d{seconds}s",
+                "--latency",
+                "-s",
+                script.name,
+                url,
+            ],
             capture_output=True,
             text=True,
             check=True,
@@ -105,9 +114,19 @@ def process(args: list[str]) -> Iterator[tuple[subprocess.Popen[str], str]]:
 
 def proxy_sample(name: str, origin_port: int, observe: bool, args: argparse.Namespace) -> Sample:
     command = [
-        sys.executable, "-m", "proxy", "--listen", "127.0.0.1:0", "--admin-listen", "off",
-        "--observe", "true" if observe else "false", "--log-level", "info",
-        "--event-loop", args.loop,
+        sys.executable,
+        "-m",
+        "proxy",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "off",
+        "--observe",
+        "true" if observe else "false",
+        "--log-level",
+        "info",
+        "--event-loop",
+        args.loop,
     ]
     # The access log goes to a file, as a sidecar's stdout goes to the node's log pipe.
     with tempfile.TemporaryFile("w") as sink:
@@ -149,7 +168,9 @@ def main() -> None:
     with process([sys.executable, "-m", "benchmarks.origin"]) as (_, port_line):
         port = int(port_line)
         run_wrk(f"http://127.0.0.1:{port}", "/", args.connections, 2)
-        direct = Sample("direct", run_wrk(f"http://127.0.0.1:{port}", "/", args.connections, args.seconds))
+        direct = Sample(
+            "direct", run_wrk(f"http://127.0.0.1:{port}", "/", args.connections, args.seconds)
+        )
         on: list[Sample] = []
         off: list[Sample] = []
         for _ in range(args.rounds):  # alternate, so drift in the machine hits both alike
@@ -157,21 +178,30 @@ def main() -> None:
             off.append(proxy_sample("proxy, tracing off", port, False, args))
     traced, untraced = median_sample(on), median_sample(off)
 
-    print(f"\n{args.connections} keep-alive clients, {args.seconds:g} s per run, "
-          f"{args.rounds} rounds (median by CPU/request), loop={args.loop}, wrk -t1\n")
-    print(f"{'scenario':<22}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'CPU us/req':>12}"
-          f"{'peak RSS MB':>13}{'errors':>8}")
+    print(
+        f"\n{args.connections} keep-alive clients, {args.seconds:g} s per run, "
+        f"{args.rounds} rounds (median by CPU/request), loop={args.loop}, wrk -t1\n"
+    )
+    print(
+        f"{'scenario':<22}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'CPU us/req':>12}"
+        f"{'peak RSS MB':>13}{'errors':>8}"
+    )
     for sample in (direct, traced, untraced):
         cpu = f"{sample.cpu_us_per_request:.0f}" if sample.cpu_us_per_request else "-"
         rss = f"{sample.peak_rss_mb:.1f}" if sample.peak_rss_mb else "-"
-        print(f"{sample.name:<22}{sample.load.rps:>10.0f}{sample.load.p50_ms:>9.2f}"
-              f"{sample.load.p99_ms:>9.2f}{cpu:>12}{rss:>13}{sample.load.errors:>8}")
-    assert traced.cpu_us_per_request and untraced.cpu_us_per_request
+        print(
+            f"{sample.name:<22}{sample.load.rps:>10.0f}{sample.load.p50_ms:>9.2f}"
+            f"{sample.load.p99_ms:>9.2f}{cpu:>12}{rss:>13}{sample.load.errors:>8}"
+        )
+    assert traced.cpu_us_per_request
+    assert untraced.cpu_us_per_request
     print("\nratios")
     print(f"  through proxy vs direct, req/s:      {traced.load.rps / direct.load.rps:.2f}")
     print(f"  through proxy vs direct, p50:        {traced.load.p50_ms / direct.load.p50_ms:.2f}")
-    print(f"  tracing on vs off, CPU per request:  "
-          f"{traced.cpu_us_per_request / untraced.cpu_us_per_request:.3f}")
+    print(
+        f"  tracing on vs off, CPU per request:  "
+        f"{traced.cpu_us_per_request / untraced.cpu_us_per_request:.3f}"
+    )
     print(f"  tracing on vs off, req/s:            {traced.load.rps / untraced.load.rps:.3f}")
     print("  all rounds, CPU us/req on:  " + ", ".join(f"{s.cpu_us_per_request:.0f}" for s in on))
     print("  all rounds, CPU us/req off: " + ", ".join(f"{s.cpu_us_per_request:.0f}" for s in off))
