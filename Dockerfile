@@ -39,9 +39,11 @@ RUN pip --python /opt/venv/bin/python install --no-cache-dir --no-binary tracing
 FROM ${PYTHON_IMAGE} AS runtime
 
 # A fixed numeric uid/gid, so Kubernetes' runAsNonRoot can verify it without /etc/passwd.
+# The base image's own packaging tools are removed: nothing is installed at run time.
 RUN groupadd --system --gid 10001 proxy \
     && useradd --system --uid 10001 --gid proxy --no-create-home \
-        --home-dir /nonexistent --shell /usr/sbin/nologin proxy
+        --home-dir /nonexistent --shell /usr/sbin/nologin proxy \
+    && python -m pip uninstall --yes --quiet pip setuptools wheel
 
 COPY --from=build /opt/venv /opt/venv
 

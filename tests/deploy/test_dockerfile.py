@@ -84,7 +84,7 @@ def test_multi_stage_on_the_slim_python_base() -> None:
     build_runs = " ".join(args for word, args in build if word == "RUN")
     assert re.search(r"\bpip\b.*\binstall\b.*\s\.(\s|$)", build_runs)
     runtime_runs = " ".join(args for word, args in runtime if word == "RUN")
-    for tool in ("pip ", "apt-get", "gcc", "build-essential"):
+    for tool in ("pip install", "apt-get", "gcc", "build-essential"):
         assert tool not in runtime_runs
 
 
