@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+from benchmarks.procfs import cpu_seconds, peak_rss_mb
 
 
 @dataclass
@@ -41,20 +41,6 @@ class Sample:
     load: Load
     cpu_us_per_request: float | None = None
     peak_rss_mb: float | None = None
-
-
-def _cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
-
-
-def _peak_rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM")
 
 
 def _duration_ms(text: str) -> float:
@@ -137,10 +123,10 @@ def proxy_sample(name: str, origin_port: int, observe: bool, args: argparse.Name
             drain = subprocess.Popen(["cat"], stdin=proc.stdout, stdout=sink)
             target = f"http://127.0.0.1:{origin_port}/"
             run_wrk(proxy_url, target, args.connections, 2)  # warm-up: pool, caches
-            before = _cpu_seconds(proc.pid)
+            before = cpu_seconds(proc.pid)
             load = run_wrk(proxy_url, target, args.connections, args.seconds)
-            cpu = _cpu_seconds(proc.pid) - before
-            rss = _peak_rss_mb(proc.pid)
+            cpu = cpu_seconds(proc.pid) - before
+            rss = peak_rss_mb(proc.pid)
         finally:
             proc.terminate()
             proc.wait(timeout=60)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import hashlib
 import io
 import json
 import os
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -273,6 +275,34 @@ async def client() -> AsyncIterator[aiohttp.ClientSession]:
     """A plain client session: no decompression, nothing from the environment."""
     async with aiohttp.ClientSession(auto_decompress=False) as session:
         yield session
+
+
+@contextlib.asynccontextmanager
+async def proxy_process(*args: str) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
+    """``python -m proxy`` on a free port; yields the process and its proxy URL.
+
+    The rest of its stdout (the access log) is kept flowing so the proxy never blocks on it.
+    """
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "proxy",
+        "--listen",
+        "127.0.0.1:0",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        env={k: v for k, v in os.environ.items() if not k.startswith("PROXY_")},
+    )
+    assert process.stdout is not None
+    listening = json.loads(await asyncio.wait_for(process.stdout.readline(), 30))
+    rest = asyncio.ensure_future(process.stdout.read())
+    try:
+        yield process, str(listening["proxy"])
+    finally:
+        if process.returncode is None:
+            process.terminate()
+        await process.wait()
+        await rest
 
 
 def promtool_or_skip() -> str:

@@ -32,24 +32,29 @@ async def get(proxy: RunningProxy, url: str) -> tuple[int, str, str]:
         return resp.status, resp.headers.get("Proxy-Status", ""), await resp.text()
 
 
-def assert_error(proxy: RunningProxy, logs: LogCapture, host: str, error: str, status: int) -> None:
+async def expect_failure(
+    proxy: RunningProxy, logs: LogCapture, url: str, status: int, error: str
+) -> str:
+    """GET url through the proxy; check status, Proxy-Status, counters and log; return the body."""
+    code, proxy_status, body = await get(proxy, url)
+    assert code == status
+    assert proxy_status.startswith(f"tracing-proxy; error={error}")
+    host = url.split("/")[2]
     assert proxy.sample("proxy_upstream_errors_total", host=host, error=error) == 1
-    assert (
-        proxy.sample("proxy_upstream_requests_total", host=host, method="GET", code=str(status))
-        == 1
+    requests = proxy.sample(
+        "proxy_upstream_requests_total", host=host, method="GET", code=str(status)
     )
+    assert requests == 1
     (line,) = logs.events("access")
     assert (line["status"], line["error"], line["host"]) == (status, error, host)
+    return body
 
 
 async def test_connection_refused(proxy: RunningProxy, logs: LogCapture) -> None:
     """A closed port answers 502 with Proxy-Status error=connection_refused."""
     port = closed_port()
-    status, proxy_status, body = await get(proxy, f"http://127.0.0.1:{port}/")
-    assert status == 502
-    assert proxy_status.startswith("tracing-proxy; error=connection_refused")
+    body = await expect_failure(proxy, logs, f"http://127.0.0.1:{port}/", 502, "connection_refused")
     assert "refused" in body
-    assert_error(proxy, logs, f"127.0.0.1:{port}", "connection_refused", 502)
 
 
 @pytest.fixture
@@ -64,20 +69,14 @@ async def dns() -> AsyncIterator[DnsServer]:
 async def test_dns_failure(start_proxy: Any, dns: DnsServer, logs: LogCapture) -> None:
     """A name the DNS server does not know answers 502 dns_error."""
     proxy = await start_proxy(dns_servers=(dns.address,))
-    status, proxy_status, _ = await get(proxy, "http://missing.test/")
-    assert status == 502
-    assert proxy_status.startswith("tracing-proxy; error=dns_error")
+    await expect_failure(proxy, logs, "http://missing.test/", 502, "dns_error")
     assert "missing.test" in dns.queries
-    assert_error(proxy, logs, "missing.test", "dns_error", 502)
 
 
 async def test_dns_timeout(start_proxy: Any, dns: DnsServer, logs: LogCapture) -> None:
     """A DNS server that never answers gives 504 dns_timeout."""
     proxy = await start_proxy(dns_servers=(dns.address,), dns_timeout=0.3)
-    status, proxy_status, _ = await get(proxy, "http://slow.test/")
-    assert status == 504
-    assert proxy_status.startswith("tracing-proxy; error=dns_timeout")
-    assert_error(proxy, logs, "slow.test", "dns_timeout", 504)
+    await expect_failure(proxy, logs, "http://slow.test/", 504, "dns_timeout")
 
 
 async def test_names_from_the_configured_dns_server_are_forwarded(
@@ -114,10 +113,9 @@ def unanswered_port() -> Any:
 async def test_connect_timeout(start_proxy: Any, unanswered_port: int, logs: LogCapture) -> None:
     """A connection that is never accepted answers 504 connection_timeout."""
     proxy = await start_proxy(connect_timeout=0.3)
-    status, proxy_status, _ = await get(proxy, f"http://127.0.0.1:{unanswered_port}/")
-    assert status == 504
-    assert proxy_status.startswith("tracing-proxy; error=connection_timeout")
-    assert_error(proxy, logs, f"127.0.0.1:{unanswered_port}", "connection_timeout", 504)
+    await expect_failure(
+        proxy, logs, f"http://127.0.0.1:{unanswered_port}/", 504, "connection_timeout"
+    )
 
 
 async def test_no_response_headers_in_time(
@@ -131,10 +129,7 @@ async def test_no_response_headers_in_time(
 
     upstream = await raw_origin(silent)
     proxy = await start_proxy(response_headers_timeout=0.3)
-    status, proxy_status, _ = await get(proxy, upstream.url())
-    assert status == 504
-    assert proxy_status.startswith("tracing-proxy; error=http_response_timeout")
-    assert_error(proxy, logs, f"127.0.0.1:{upstream.port}", "http_response_timeout", 504)
+    await expect_failure(proxy, logs, upstream.url(), 504, "http_response_timeout")
 
 
 async def test_upstream_disconnect_before_response_headers(
@@ -146,10 +141,7 @@ async def test_upstream_disconnect_before_response_headers(
         await read_head(reader)
 
     upstream = await raw_origin(hang_up)
-    status, proxy_status, _ = await get(proxy, upstream.url())
-    assert status == 502
-    assert proxy_status.startswith("tracing-proxy; error=connection_terminated")
-    assert_error(proxy, logs, f"127.0.0.1:{upstream.port}", "connection_terminated", 502)
+    await expect_failure(proxy, logs, upstream.url(), 502, "connection_terminated")
 
 
 async def test_upstream_sends_garbage_instead_of_a_response(
@@ -164,10 +156,7 @@ async def test_upstream_sends_garbage_instead_of_a_response(
         await asyncio.sleep(1)
 
     upstream = await raw_origin(garbage)
-    status, proxy_status, _ = await get(proxy, upstream.url())
-    assert status == 502
-    assert proxy_status.startswith("tracing-proxy; error=http_protocol_error")
-    assert_error(proxy, logs, f"127.0.0.1:{upstream.port}", "http_protocol_error", 502)
+    await expect_failure(proxy, logs, upstream.url(), 502, "http_protocol_error")
 
 
 @pytest.mark.parametrize(

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
-import os
-import sys
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -14,17 +11,12 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from benchmarks.procfs import peak_rss_mb
+from tests.conftest import proxy_process
+
 GIB = 1024**3
 CHUNK = hashlib.sha256(b"block").digest() * 8192  # 256 KiB of fixed bytes
 RSS_LIMIT_MB = 100
-
-
-def peak_rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError("no VmHWM")
 
 
 def expected_digest(size: int) -> str:
@@ -66,35 +58,13 @@ async def big_origin() -> AsyncIterator[str]:
         await server.close()
 
 
-@pytest.fixture
-async def proxy_process() -> AsyncIterator[tuple[int, str]]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "proxy",
-        "--listen",
-        "127.0.0.1:0",
-        "--admin-listen",
-        "off",
-        stdout=asyncio.subprocess.PIPE,
-        env={k: v for k, v in os.environ.items() if not k.startswith("PROXY_")},
-    )
-    assert process.stdout is not None
-    listening = json.loads(await asyncio.wait_for(process.stdout.readline(), 30))
-    drain = asyncio.ensure_future(process.stdout.read())  # keep the log pipe flowing
-    try:
-        yield process.pid, str(listening["proxy"])
-    finally:
-        process.terminate()
-        await process.wait()
-        await drain
-
-
-async def test_one_gib_upload_and_download_with_bounded_memory(
-    big_origin: str, proxy_process: tuple[int, str]
-) -> None:
+async def test_one_gib_upload_and_download_with_bounded_memory(big_origin: str) -> None:
     """A 1 GiB PUT and a 1 GiB GET arrive byte-exact while the proxy stays under 100 MB."""
-    pid, proxy_url = proxy_process
+    async with proxy_process("--admin-listen", "off") as (process, proxy_url):
+        await transfer_both_ways(big_origin, process.pid, proxy_url)
+
+
+async def transfer_both_ways(big_origin: str, pid: int, proxy_url: str) -> None:
 
     async def body() -> AsyncIterator[bytes]:
         for _ in range(GIB // len(CHUNK)):
