@@ -10,6 +10,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from structlog.typing import FilteringBoundLogger
+from yarl import URL
 
 from proxy import errors, log
 from proxy.config import Settings
@@ -20,6 +21,13 @@ from proxy.observe import Observer
 from proxy.request_id import new_request_id
 from proxy.target import TargetError, absolute_target, forward_target
 from proxy.tracing import trace_config
+from proxy.tunnelling import (
+    SessionResolver,
+    Tunneller,
+    TunnelObserver,
+    TunnelTargetError,
+    tunnel_target,
+)
 
 
 class Lifecycle:
@@ -58,6 +66,7 @@ LIFECYCLE: Final = web.AppKey("lifecycle", Lifecycle)
 LOGGER: Final = web.AppKey("logger", FilteringBoundLogger)
 SESSION: Final = web.AppKey("session", aiohttp.ClientSession)
 FORWARDER: Final = web.AppKey("forwarder", Forwarder)
+TUNNELLER: Final = web.AppKey("tunneller", Tunneller)
 
 NOT_A_PROXY_REQUEST: Final = ProxyError(
     400,
@@ -67,9 +76,6 @@ NOT_A_PROXY_REQUEST: Final = ProxyError(
 )
 BAD_TARGET: Final = ProxyError(400, "http_request_error", "")
 SHUTTING_DOWN: Final = ProxyError(503, "proxy_internal_response", "the proxy is shutting down")
-CONNECT_NOT_SUPPORTED: Final = ProxyError(
-    501, "http_request_error", "CONNECT tunnels are not supported yet"
-)
 
 # -- local endpoints: the same handlers on the admin listener and the proxy listener ----------
 
@@ -128,11 +134,9 @@ async def _not_a_proxy_request(request: web.Request) -> web.StreamResponse:
 
 @web.middleware
 async def dispatch(request: web.Request, handler: Any) -> web.StreamResponse:
-    """Route by request form: absolute-form is forwarded, origin-form is ours."""
-    if request.method == "CONNECT":
-        return _reject(request, CONNECT_NOT_SUPPORTED)
+    """Route by request form: CONNECT is tunnelled, absolute-form forwarded, origin-form ours."""
     url = absolute_target(request)
-    if url is None:
+    if url is None and request.method != "CONNECT":
         if request.method in ("GET", "HEAD") and request.path in _LOCAL_PATHS:
             response: web.StreamResponse = await handler(request)
             return response
@@ -140,18 +144,32 @@ async def dispatch(request: web.Request, handler: Any) -> web.StreamResponse:
     lifecycle = request.app[LIFECYCLE]
     if lifecycle.refusing:
         return _reject(request, SHUTTING_DOWN, close=True)
+    lifecycle.enter()  # tunnels count too: the drain waits for them
     try:
-        target = forward_target(url)
-    except TargetError as exc:
-        return _reject(request, BAD_TARGET.with_text(str(exc)))
-    lifecycle.enter()
-    try:
-        response = await request.app[FORWARDER](request, target.url, target.host)
+        response = await (_tunnel(request) if url is None else _forward(request, url))
     finally:
         lifecycle.leave()
     if lifecycle.draining and not response.prepared:
         response.force_close()
     return response
+
+
+async def _forward(request: web.Request, url: URL) -> web.StreamResponse:
+    try:
+        target = forward_target(url)
+    except TargetError as exc:
+        return _reject(request, BAD_TARGET.with_text(str(exc)))
+    return await request.app[FORWARDER](request, target.url, target.host)
+
+
+async def _tunnel(request: web.Request) -> web.StreamResponse:
+    try:
+        # For CONNECT the raw target is the authority-form host:port (RFC 9112 §3.2.3).
+        target = tunnel_target(request.raw_path, request.app[SETTINGS].connect_ports)
+    except TunnelTargetError as exc:
+        # Closed: what a client sends after a refused CONNECT is not HTTP.
+        return _reject(request, exc.error, close=True)
+    return await request.app[TUNNELLER](request, target)
 
 
 _LOCAL_PATHS: Final = frozenset(path for path, _ in LOCAL_ROUTES)
@@ -212,10 +230,23 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
         via_pseudonym=settings.via_pseudonym,
         read_idle_timeout=settings.read_idle_timeout,
     )
+    app[TUNNELLER] = Tunneller(
+        SessionResolver(session),
+        TunnelObserver(metrics, app[LOGGER]) if settings.observe else None,
+        request_id_header=settings.request_id_header,
+        via_pseudonym=settings.via_pseudonym,
+        connect_timeout=settings.connect_timeout,
+        idle_timeout=settings.tunnel_idle_timeout,
+    )
     try:
         yield
     finally:
         await session.close()
+
+
+async def _close_tunnels(app: web.Application) -> None:
+    # Runs once the drain is over (or skipped): whatever is still open is cut now.
+    app[TUNNELLER].close_all()
 
 
 def build_proxy_app(
@@ -233,6 +264,7 @@ def build_proxy_app(
     app.router.add_route("*", "/{tail:.*}", _not_a_proxy_request)
     app.on_response_prepare.append(_on_response_prepare)
     app.cleanup_ctx.append(_upstream_session)
+    app.on_shutdown.append(_close_tunnels)
     return app
 
 

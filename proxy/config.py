@@ -69,6 +69,8 @@ class Settings:
     event_loop: str = "uvloop"
     shutdown_grace: float = 5.0
     drain_timeout: float = 30.0
+    connect_ports: tuple[int, ...] = (443,)
+    tunnel_idle_timeout: float = 900.0
 
 
 class SettingError(ValueError):
@@ -153,6 +155,18 @@ def parse_dns_servers(text: str) -> tuple[str, ...]:
             raise SettingError(f"expected IP[:PORT] addresses, got {item!r}") from None
         servers.append(item)
     return tuple(servers)
+
+
+def parse_ports(text: str) -> tuple[int, ...]:
+    """Comma-separated TCP ports, 1-65535; empty allows none."""
+    ports: set[int] = set()
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        if not re.fullmatch(r"[0-9]{1,5}", item) or not 0 < int(item) < 65536:
+            raise SettingError(f"expected ports 1-65535, got {item!r}")
+        ports.add(int(item))
+    return tuple(sorted(ports))
 
 
 def parse_buckets(text: str) -> tuple[float, ...]:
@@ -300,6 +314,18 @@ OPTIONS: tuple[Option, ...] = (
         "drain_timeout",
         parse_seconds,
         "after the grace, seconds to wait for in-flight requests",
+        "SECONDS",
+    ),
+    Option(
+        "connect_ports",
+        parse_ports,
+        "ports CONNECT may open tunnels to (empty: none)",
+        "PORT,...",
+    ),
+    Option(
+        "tunnel_idle_timeout",
+        parse_positive_seconds,
+        "seconds a tunnel may carry no bytes either way before it is closed",
         "SECONDS",
     ),
 )

@@ -61,12 +61,18 @@ def _refused(exc: BaseException) -> bool:
     return isinstance(getattr(exc, "os_error", None), ConnectionRefusedError)
 
 
-def _dns_timed_out(exc: BaseException) -> bool:
+def _lookup_timed_out(exc: BaseException) -> bool:
     # aiohttp re-raises aiodns' DNSError(code, message) as OSError(None, message) from it.
-    cause = getattr(getattr(exc, "os_error", None), "__cause__", None)
+    cause = exc.__cause__
     return isinstance(cause, aiodns.error.DNSError) and cause.args[:1] == (
         aiodns.error.ARES_ETIMEOUT,
     )
+
+
+def _dns_timed_out(exc: BaseException) -> bool:
+    # The connector wraps the resolver's OSError once more, as ``os_error``.
+    os_error = getattr(exc, "os_error", None)
+    return os_error is not None and _lookup_timed_out(os_error)
 
 
 def _always(exc: BaseException) -> bool:
@@ -101,12 +107,31 @@ DURING_BODY: Final[tuple[Rule, ...]] = (
 )
 
 
+# A CONNECT tunnel resolves and dials without the client session, so its failures arrive
+# as the resolver's and the socket's own exceptions.
+LOOKUP: Final[tuple[Rule, ...]] = (
+    (OSError, _lookup_timed_out, DNS_TIMEOUT),
+    (OSError, _always, DNS_ERROR),
+)
+
+DIAL: Final[tuple[Rule, ...]] = (
+    (ConnectionRefusedError, _always, CONNECTION_REFUSED),
+    (TimeoutError, _always, CONNECTION_TIMEOUT),  # an OSError too: before the next row
+    (OSError, _always, DESTINATION_UNAVAILABLE),
+)
+
+
 def classify(exc: BaseException, rules: tuple[Rule, ...]) -> ProxyError:
     """The first rule whose class and predicate match; an internal error otherwise."""
     for cls, applies, error in rules:
         if isinstance(exc, cls) and applies(exc):
             return error
     return INTERNAL_ERROR
+
+
+def describe(exc: BaseException) -> str:
+    """A short one-line account of an exception for ``details`` and the log."""
+    return f"{type(exc).__name__}: {exc}"[:200]
 
 
 def _quote(text: str) -> str:

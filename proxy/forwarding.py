@@ -193,7 +193,7 @@ class Forwarder:
             err = errors.classify(exc, errors.BEFORE_RESPONSE)
         outcome.fail(err, exc)
         outcome.status = err.status
-        response = errors.error_response(err, self._pseudonym, details=_details(exc))
+        response = errors.error_response(err, self._pseudonym, details=errors.describe(exc))
         self._stamp(response.headers, outcome)
         return response
 
@@ -238,7 +238,3 @@ def _close_incomplete(request: web.Request) -> None:
     transport = request.transport
     if transport is not None:
         transport.close()
-
-
-def _details(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"[:200]

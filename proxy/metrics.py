@@ -62,6 +62,10 @@ def _float_text(value: float) -> str:
     return repr(float(value))
 
 
+# Tunnel lifetimes run from a failed handshake (milliseconds) to a long-lived stream (hours).
+TUNNEL_BUCKETS: Final = (0.01, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0)
+
+
 class HostStats:
     """Everything counted for one upstream host label."""
 
@@ -79,6 +83,10 @@ class HostStats:
         "requests",
         "total",
         "ttfb",
+        "tunnel_bytes_received",
+        "tunnel_bytes_sent",
+        "tunnel_seconds",
+        "tunnels",
     )
 
     def __init__(self, bounds: Sequence[float]) -> None:
@@ -95,6 +103,21 @@ class HostStats:
         self.dns_miss = 0
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.tunnels: dict[str, int] = {}  # by outcome
+        self.tunnel_seconds = Histogram(TUNNEL_BUCKETS)
+        self.tunnel_bytes_sent = 0  # client -> upstream
+        self.tunnel_bytes_received = 0  # upstream -> client
+
+    def observe_dial(self, dns: float | None, dns_cache: str | None, connect: float | None) -> None:
+        """The lookup (when one ran) and the new connection of a request or a tunnel."""
+        if dns is not None:
+            self.dns.observe(dns)
+        if dns_cache == "hit":
+            self.dns_hit += 1
+        elif dns_cache == "miss":
+            self.dns_miss += 1
+        if connect is not None:
+            self.connect.observe(connect)
 
 
 _HISTOGRAMS: Final = (
@@ -124,6 +147,7 @@ class Metrics:
     def __init__(self, buckets: Sequence[float]) -> None:
         self.buckets = tuple(buckets)
         self.hosts: dict[str, HostStats] = {}
+        self.tunnels_open = 0
 
     def host(self, label: str) -> HostStats:
         stats = self.hosts.get(label)
@@ -195,12 +219,42 @@ class _Collector(Collector):
             body_bytes.add_metric([host, "sent"], stats.bytes_sent)
             body_bytes.add_metric([host, "received"], stats.bytes_received)
         yield from (requests, errors, connections, dns_cache, body_bytes)
+        yield from self._tunnel_families(items)
 
         yield GaugeMetricFamily(
             "proxy_requests_in_flight", "Requests being served.", value=self._in_flight()
+        )
+        yield GaugeMetricFamily(
+            "proxy_tunnels_open", "Open CONNECT tunnels.", value=self._metrics.tunnels_open
         )
         build = GaugeMetricFamily(
             "proxy_build_info", "Always 1; the version is a label.", labels=["version"]
         )
         build.add_metric([__version__], 1)
         yield build
+
+    def _tunnel_families(self, items: list[tuple[str, HostStats]]) -> Iterator[Metric]:
+        outcomes = CounterMetricFamily(
+            "proxy_tunnels",
+            "Finished CONNECT tunnels by outcome (failed: never established).",
+            labels=["host", "outcome"],
+        )
+        seconds = HistogramMetricFamily(
+            "proxy_tunnel_seconds",
+            "Lifetime of each established tunnel, CONNECT received to both sides closed.",
+            labels=["host"],
+        )
+        tunnel_bytes = CounterMetricFamily(
+            "proxy_tunnel_bytes",
+            "Bytes relayed through tunnels: sent is client to upstream, received the reverse.",
+            labels=["host", "direction"],
+        )
+        for host, stats in items:
+            if not stats.tunnels:
+                continue  # a host only ever reached by forwarded requests
+            for outcome, count in sorted(stats.tunnels.items()):
+                outcomes.add_metric([host, outcome], count)
+            seconds.add_metric([host], stats.tunnel_seconds.cumulative(), stats.tunnel_seconds.sum)
+            tunnel_bytes.add_metric([host, "sent"], stats.tunnel_bytes_sent)
+            tunnel_bytes.add_metric([host, "received"], stats.tunnel_bytes_received)
+        yield from (outcomes, seconds, tunnel_bytes)

@@ -64,7 +64,7 @@ class Outcome:
         return f"<Outcome {self.request.method} {self.host} status={self.status} error={err}>"
 
 
-def _ms(seconds: float | None) -> float | None:
+def milliseconds(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000.0, 3)
 
 
@@ -85,14 +85,7 @@ class Observer:
                 stats.connections_reused += 1
             else:
                 stats.connections_new += 1
-        if t.dns is not None:
-            stats.dns.observe(t.dns)
-        if t.dns_cache == "hit":
-            stats.dns_hit += 1
-        elif t.dns_cache == "miss":
-            stats.dns_miss += 1
-        if t.connect is not None:
-            stats.connect.observe(t.connect)
+        stats.observe_dial(t.dns, t.dns_cache, t.connect)
         ttfb = t.ttfb
         if ttfb is not None:
             stats.ttfb.observe(ttfb)
@@ -117,11 +110,11 @@ class Observer:
             status=outcome.status,
             bytes_in=outcome.bytes_in,
             bytes_out=outcome.bytes_out,
-            queue_ms=_ms(t.queue if t.reused is not None else None),
-            dns_ms=_ms(t.dns),
-            connect_ms=_ms(t.connect),
-            ttfb_ms=_ms(ttfb),
-            total_ms=_ms(outcome.total),
+            queue_ms=milliseconds(t.queue if t.reused is not None else None),
+            dns_ms=milliseconds(t.dns),
+            connect_ms=milliseconds(t.connect),
+            ttfb_ms=milliseconds(ttfb),
+            total_ms=milliseconds(outcome.total),
             reused=t.reused,
             error=error,
         )

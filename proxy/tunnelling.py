@@ -1,0 +1,346 @@
+"""CONNECT tunnels (RFC 9110 §9.3.6): dial the target, answer 200, relay bytes until closed.
+
+A tunnel is timed and counted like a forwarded request: its lookup goes through the
+upstream session's resolver and DNS cache, its TCP connect is timed apart from DNS, and
+one ``TunnelRecord`` per tunnel feeds the metrics and one ``tunnel`` log line at its end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import re
+from collections.abc import Collection
+from dataclasses import dataclass
+from time import perf_counter
+from typing import Any, Final, cast
+
+import aiohttp
+from aiohttp import web
+from aiohttp.abc import ResolveResult
+from aiohttp.http import WebSocketReader
+from aiohttp.tracing import Trace
+from yarl import URL
+
+from proxy import errors
+from proxy.errors import ProxyError
+from proxy.metrics import Metrics
+from proxy.observe import milliseconds
+from proxy.relay import ClientProtocol, Relay
+from proxy.request_id import choose_request_id
+from proxy.target import host_label
+from proxy.tracing import Timings
+
+BAD_AUTHORITY: Final = ProxyError(
+    400, "http_request_error", "CONNECT takes a target of the form host:port"
+)
+PORT_DENIED: Final = ProxyError(403, "http_request_denied", "CONNECT to this port is not allowed")
+
+
+class TunnelTargetError(ValueError):
+    """A CONNECT target the proxy will not dial; ``error`` is the answer."""
+
+    def __init__(self, error: ProxyError) -> None:
+        super().__init__(error.text)
+        self.error = error
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelTarget:
+    host: str  # as dialled: a lower-case name or an IP address (IPv6 without brackets)
+    port: int
+    label: str  # metric host label: ":port" only when it is not 443
+
+    @property
+    def authority(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+# RFC 9112 §3.2.3: authority-form is uri-host ":" port, nothing else (no userinfo).
+_AUTHORITY: Final = re.compile(
+    r"(?:\[(?P<ipv6>[0-9A-Fa-f:.]+)\]|(?P<name>[A-Za-z0-9._-]+)):(?P<port>[0-9]{1,5})"
+)
+_DOTTED_NUMBER: Final = re.compile(r"[0-9.]+")
+
+
+def tunnel_target(authority: str, allowed_ports: Collection[int]) -> TunnelTarget:
+    """The checked target of ``CONNECT authority``.
+
+    Raises ``TunnelTargetError``: 400 for anything but host:port, 403 for a port that is
+    not in ``allowed_ports`` (RFC 9110 §9.3.6 warns against tunnels to arbitrary ports).
+    """
+    match = _AUTHORITY.fullmatch(authority)
+    if match is None or not _valid_host(match["ipv6"], match["name"]):
+        raise TunnelTargetError(BAD_AUTHORITY)
+    port = int(match["port"])
+    if not 0 < port < 65536:
+        raise TunnelTargetError(BAD_AUTHORITY)
+    if port not in allowed_ports:
+        raise TunnelTargetError(PORT_DENIED.with_text(f"CONNECT to port {port} is not allowed"))
+    host = match["ipv6"] or match["name"].lower()
+    # 443 is to CONNECT what it is to https: the default, left out of the label.
+    return TunnelTarget(host, port, host_label(URL.build(scheme="https", host=host, port=port)))
+
+
+def _valid_host(ipv6: str | None, name: str | None) -> bool:
+    if ipv6 is not None:
+        try:
+            ipaddress.IPv6Address(ipv6)
+        except ValueError:
+            return False
+        return True
+    assert name is not None
+    if _DOTTED_NUMBER.fullmatch(name):
+        # Only the canonical dotted quad: 127.1 or 0177.0.0.1 would dodge address checks.
+        try:
+            ipaddress.IPv4Address(name)
+        except ValueError:
+            return False
+        return True
+    return all(name.rstrip(".").split("."))  # no empty label
+
+
+class SessionResolver:
+    """Name lookups through the upstream session's connector, sharing its DNS cache.
+
+    aiohttp has no public call for this. ``TCPConnector._resolve_host`` is what the
+    connector itself runs before a new connection, so a tunnel's lookup uses the same
+    cache, joins a lookup already in flight for the same name, and fires the same trace
+    signals, which ``proxy.tracing`` turns into DNS timings. aiohttp is pinned below 3.15
+    and tests/test_tunnelling.py exercises this call.
+    """
+
+    def __init__(self, session: aiohttp.ClientSession) -> None:
+        connector = session.connector
+        if not isinstance(connector, aiohttp.TCPConnector):
+            raise TypeError("tunnels need the session's TCPConnector for DNS")
+        self._session = session
+        self._connector = connector
+
+    async def resolve(self, host: str, port: int, timings: Timings) -> list[ResolveResult]:
+        traces = [
+            Trace(self._session, config, config.trace_config_ctx(trace_request_ctx=timings))
+            for config in self._session.trace_configs
+        ]
+        return await self._connector._resolve_host(host, port, traces=traces)
+
+
+class TunnelRecord:
+    """What happened to one CONNECT; filled in by the tunneller as it goes."""
+
+    __slots__ = (
+        "client",
+        "duration",
+        "error",
+        "exc",
+        "relay",
+        "request_id",
+        "status",
+        "target",
+        "timings",
+    )
+
+    def __init__(
+        self, client: str | None, target: TunnelTarget, request_id: str, timings: Timings
+    ) -> None:
+        self.client = client
+        self.target = target
+        self.request_id = request_id
+        self.timings = timings
+        self.status = 200
+        self.error: ProxyError | None = None  # why the tunnel was never established
+        self.exc: BaseException | None = None
+        self.relay: Relay | None = None  # set once the 200 is out
+        self.duration = 0.0
+
+    def fail(self, error: ProxyError, exc: BaseException) -> None:
+        self.error = error
+        self.exc = exc
+        self.status = error.status
+
+    @property
+    def outcome(self) -> str:
+        if self.relay is None or self.relay.outcome is None:
+            return "failed"
+        return self.relay.outcome
+
+    def __repr__(self) -> str:
+        return f"<TunnelRecord {self.target.authority} status={self.status} {self.outcome}>"
+
+
+class TunnelObserver:
+    """Records a finished tunnel in the metrics and writes its ``tunnel`` log line."""
+
+    def __init__(self, metrics: Metrics, logger: Any) -> None:
+        self._metrics = metrics
+        self._logger = logger
+
+    def opened(self) -> None:
+        self._metrics.tunnels_open += 1
+
+    def __call__(self, record: TunnelRecord) -> None:
+        t = record.timings
+        stats = self._metrics.host(record.target.label)
+        stats.observe_dial(t.dns, t.dns_cache, t.connect)
+        outcome = record.outcome
+        stats.tunnels[outcome] = stats.tunnels.get(outcome, 0) + 1
+        relay = record.relay
+        sent = received = 0
+        error: str | None = None
+        exc = record.exc
+        if record.error is not None:
+            error = record.error.error
+            stats.errors[error] = stats.errors.get(error, 0) + 1
+        if relay is not None:
+            self._metrics.tunnels_open -= 1
+            sent, received = relay.received["client"], relay.received["upstream"]
+            stats.tunnel_seconds.observe(record.duration)
+            stats.tunnel_bytes_sent += sent
+            stats.tunnel_bytes_received += received
+            exc = relay.error
+            error = _RELAY_ERRORS.get(outcome)
+        self._logger.info(
+            "tunnel",
+            request_id=record.request_id,
+            client=record.client,
+            host=record.target.label,
+            target=record.target.authority,
+            status=record.status,
+            outcome=outcome,
+            closed_by=relay.closed_by if relay is not None else None,
+            dns_ms=milliseconds(t.dns),
+            connect_ms=milliseconds(t.connect),
+            duration_ms=milliseconds(record.duration),
+            bytes_in=sent,
+            bytes_out=received,
+            error=error,
+            details=errors.describe(exc) if exc is not None else None,
+        )
+
+
+# An established tunnel that ended badly; RFC 9209 has no type for a reset mid-tunnel.
+_RELAY_ERRORS: Final = {"reset": "connection_reset", "error": errors.INTERNAL_ERROR.error}
+
+
+class Tunneller:
+    """The handler for CONNECT with a checked target."""
+
+    def __init__(
+        self,
+        resolver: SessionResolver,
+        observer: TunnelObserver | None,
+        *,
+        request_id_header: str,
+        via_pseudonym: str,
+        connect_timeout: float,
+        idle_timeout: float,
+    ) -> None:
+        self._resolver = resolver
+        self._observer = observer
+        self._rid_header = request_id_header
+        self._pseudonym = via_pseudonym
+        self._connect_timeout = connect_timeout
+        self._idle_timeout = idle_timeout
+        self._open: set[Relay] = set()
+
+    async def __call__(self, request: web.Request, target: TunnelTarget) -> web.StreamResponse:
+        request_id = choose_request_id(request.headers.get(self._rid_header))
+        record = TunnelRecord(request.remote, target, request_id, Timings(perf_counter()))
+        try:
+            return await self._tunnel(request, record)
+        finally:
+            record.duration = perf_counter() - record.timings.start
+            if self._observer is not None:
+                self._observer(record)
+
+    def close_all(self) -> None:
+        """Shutdown: end every open tunnel now (the drain has already waited for them)."""
+        for relay in list(self._open):
+            relay.close("shutdown")
+
+    async def _tunnel(self, request: web.Request, record: TunnelRecord) -> web.StreamResponse:
+        target = record.target
+        try:
+            addresses = await self._resolver.resolve(target.host, target.port, record.timings)
+        except Exception as exc:
+            return self._fail(record, errors.classify(exc, errors.LOOKUP), exc)
+        relay = Relay(self._idle_timeout)
+        try:
+            await self._dial(addresses, relay, record.timings)
+        except Exception as exc:
+            return self._fail(record, errors.classify(exc, errors.DIAL), exc)
+
+        response = web.StreamResponse(status=200, reason="Connection Established")
+        response.headers[self._rid_header] = record.request_id
+        try:
+            await response.prepare(request)
+        except ConnectionError as exc:
+            relay.close("error")
+            return self._fail(record, errors.CLIENT_DISCONNECTED, exc)
+        response.force_close()  # only after prepare: before, the 200 would say Connection: close
+        transport = request.transport
+        if transport is None:  # the client left while the 200 was going out
+            relay.close("error")
+            return self._fail(record, errors.CLIENT_DISCONNECTED, ConnectionResetError())
+        self._relay(request, transport, relay, record)
+        try:
+            # Shielded: a cancelled handler must not cancel ``done``; it closes the relay.
+            await asyncio.shield(relay.done)
+        except asyncio.CancelledError:
+            relay.close("shutdown")
+            raise
+        finally:
+            self._open.discard(relay)
+        return response
+
+    async def _dial(self, addresses: list[ResolveResult], relay: Relay, timings: Timings) -> None:
+        """Connect to the first address that accepts, all within ``connect_timeout``."""
+        loop = asyncio.get_running_loop()
+        started = perf_counter()
+        failure = OSError("the name resolved to no address")
+        async with asyncio.timeout(self._connect_timeout):
+            for address in addresses:
+                try:
+                    await loop.create_connection(
+                        relay.upstream_protocol,
+                        address["host"],
+                        address["port"],
+                        family=address["family"],
+                    )
+                except OSError as exc:
+                    failure = exc
+                else:
+                    timings.connect = perf_counter() - started
+                    return
+        raise failure
+
+    def _relay(
+        self,
+        request: web.Request,
+        transport: asyncio.Transport,
+        relay: Relay,
+        record: TunnelRecord,
+    ) -> None:
+        """Hand the client connection from aiohttp to the relay (no await: no bytes slip by)."""
+        protocol = ClientProtocol(relay, request.protocol)
+        transport.set_protocol(protocol)  # first, so flow control already reaches the relay
+        relay.start(transport)
+        # The bytes that came with the CONNECT header (aiohttp keeps them) go upstream first.
+        # set_parser is typed for aiohttp's WebSocket reader; it only calls feed_data/feed_eof.
+        request.protocol.set_parser(cast(WebSocketReader, protocol))
+        record.relay = relay
+        self._open.add(relay)
+        if self._observer is not None:
+            self._observer.opened()
+
+    def _fail(self, record: TunnelRecord, err: ProxyError, exc: BaseException) -> web.Response:
+        record.fail(err, exc)
+        # Closed: after a refused CONNECT, what the client sends next is not HTTP.
+        response = errors.error_response(
+            err, self._pseudonym, details=errors.describe(exc), close=True
+        )
+        response.headers[self._rid_header] = record.request_id
+        return response
+
+    def __repr__(self) -> str:
+        return f"<Tunneller open={len(self._open)}>"
