@@ -269,25 +269,31 @@ class Tunneller:
             await self._dial(addresses, relay, record.timings)
         except Exception as exc:
             return self._fail(record, errors.classify(exc, errors.DIAL), exc)
+        return await self._answer_and_relay(request, relay, record)
 
+    async def _answer_and_relay(
+        self, request: web.Request, relay: Relay, record: TunnelRecord
+    ) -> web.StreamResponse:
         response = web.StreamResponse(status=200, reason="Connection Established")
         response.headers[self._rid_header] = record.request_id
+        transport = request.transport
         try:
+            if transport is None:
+                raise ConnectionResetError("the client has gone")
             await response.prepare(request)
         except ConnectionError as exc:
             relay.close("error")
             return self._fail(record, errors.CLIENT_DISCONNECTED, exc)
         response.force_close()  # only after prepare: before, the 200 would say Connection: close
-        transport = request.transport
-        if transport is None:  # the client left while the 200 was going out
-            relay.close("error")
-            return self._fail(record, errors.CLIENT_DISCONNECTED, ConnectionResetError())
-        self._relay(request, transport, relay, record)
         try:
+            self._hand_over(request, transport, relay, record)
             # Shielded: a cancelled handler must not cancel ``done``; it closes the relay.
             await asyncio.shield(relay.done)
         except asyncio.CancelledError:
             relay.close("shutdown")
+            raise
+        except Exception:
+            relay.close("error")
             raise
         finally:
             self._open.discard(relay)
@@ -314,7 +320,7 @@ class Tunneller:
                     return
         raise failure
 
-    def _relay(
+    def _hand_over(
         self,
         request: web.Request,
         transport: asyncio.Transport,
@@ -322,16 +328,16 @@ class Tunneller:
         record: TunnelRecord,
     ) -> None:
         """Hand the client connection from aiohttp to the relay (no await: no bytes slip by)."""
+        record.relay = relay
+        self._open.add(relay)
+        if self._observer is not None:
+            self._observer.opened()
         protocol = ClientProtocol(relay, request.protocol)
         transport.set_protocol(protocol)  # first, so flow control already reaches the relay
         relay.start(transport)
         # The bytes that came with the CONNECT header (aiohttp keeps them) go upstream first.
         # set_parser is typed for aiohttp's WebSocket reader; it only calls feed_data/feed_eof.
         request.protocol.set_parser(cast(WebSocketReader, protocol))
-        record.relay = relay
-        self._open.add(relay)
-        if self._observer is not None:
-            self._observer.opened()
 
     def _fail(self, record: TunnelRecord, err: ProxyError, exc: BaseException) -> web.Response:
         record.fail(err, exc)

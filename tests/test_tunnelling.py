@@ -19,7 +19,7 @@ import requests
 import trustme
 from aiohttp import web
 
-from proxy import config
+from proxy import config, errors
 from proxy.config import SettingError
 from proxy.tunnelling import TunnelTargetError, tunnel_target
 from tests.conftest import LogCapture, Origin, RawOrigin, RunningProxy, pattern, read_head
@@ -248,7 +248,7 @@ async def test_echo_including_bytes_sent_with_the_connect_header(
 async def test_upstream_that_speaks_first_is_heard(
     start_proxy: StartProxy, raw_origin: StartRaw
 ) -> None:
-    """A banner the origin sends on accept, before the 200 is out, reaches the client after it."""
+    """A banner the origin sends as soon as it accepts reaches the client, after the 200."""
 
     async def banner_then_echo(
         reader: asyncio.StreamReader, writer: asyncio.StreamWriter, state: RawOrigin
@@ -444,6 +444,34 @@ async def test_unknown_name_gets_502_dns_error(start_proxy: StartProxy, logs: Lo
         stop_dns(dns)
     assert "missing.test" in dns.queries
     assert proxy.sample("proxy_upstream_errors_total", host="missing.test", error="dns_error") == 1
+
+
+async def test_dns_timeout_gets_504(start_proxy: StartProxy, logs: LogCapture) -> None:
+    """A DNS server that never answers gives 504 dns_timeout."""
+    dns = await start_dns({"slow.test": None})
+    try:
+        proxy = await start_proxy(dns_servers=(dns.address,), dns_timeout=0.3)
+        tunnel = await open_tunnel(proxy.url, "slow.test:443")
+        assert tunnel.status == 504
+        assert (tunnel.field("Proxy-Status") or "").startswith("tracing-proxy; error=dns_timeout")
+        tunnel.writer.close()
+    finally:
+        stop_dns(dns)
+    (line,) = await tunnel_lines(logs)
+    assert (line["host"], line["outcome"], line["error"]) == ("slow.test", "failed", "dns_timeout")
+
+
+@pytest.mark.parametrize(
+    ("exc", "error"),
+    [
+        (ConnectionRefusedError(111, "Connection refused"), "connection_refused"),
+        (TimeoutError(), "connection_timeout"),
+        (OSError(113, "No route to host"), "destination_unavailable"),
+    ],
+)
+def test_dial_failures_map_to_proxy_status(exc: OSError, error: str) -> None:
+    """Each way a tunnel's TCP connect fails has its own Proxy-Status error type."""
+    assert errors.classify(exc, errors.DIAL).error == error
 
 
 # -- metrics, log, timeouts, shutdown -----------------------------------------------------------
