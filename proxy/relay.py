@@ -97,11 +97,16 @@ class Relay:
             # still in flight (a TLS close_notify, say): an ordinary end of the tunnel.
             self._end("closed", abort=False)
 
-    def close(self, reason: Literal["idle_timeout", "shutdown", "error"]) -> None:
-        """End the relay from the proxy's side."""
+    def close(
+        self,
+        reason: Literal["idle_timeout", "shutdown", "error"],
+        exc: BaseException | None = None,
+    ) -> None:
+        """End the relay from the proxy's side (``exc``: what went wrong, for "error")."""
         if self.done.done():
             return
         self._first_to_close(reason)
+        self.error = exc
         # Shutdown lets buffered bytes go out; a tunnel idle that long, or broken, need not.
         self._end(reason, abort=reason != "shutdown")
 

@@ -292,8 +292,8 @@ class Tunneller:
         except asyncio.CancelledError:
             relay.close("shutdown")
             raise
-        except Exception:
-            relay.close("error")
+        except Exception as exc:
+            relay.close("error", exc)
             raise
         finally:
             self._open.discard(relay)

@@ -155,3 +155,14 @@ async def test_nothing_is_relayed_after_the_end() -> None:
     relay.feed("client", b"late")
     assert (bytes(upstream.written), relay.received["client"]) == (b"abc", 3)
     assert (relay.outcome, upstream.ended, client.ended) == ("idle_timeout", "abort", "abort")
+
+
+async def test_proxy_failure_aborts_both_sides_and_keeps_the_cause() -> None:
+    """close("error", exc) aborts both connections and records why."""
+    upstream, client = RecordingTransport(), RecordingTransport()
+    relay = relay_with(upstream)
+    relay.start(client)
+    cause = RuntimeError("broken")
+    relay.close("error", cause)
+    assert (relay.outcome, relay.closed_by, relay.error) == ("error", "error", cause)
+    assert (upstream.ended, client.ended) == ("abort", "abort")
