@@ -17,6 +17,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
+from proxy.hostpatterns import PatternError, check_pattern
+
 DEFAULT_BUCKETS = (
     0.0005,
     0.001,
@@ -71,6 +73,9 @@ class Settings:
     drain_timeout: float = 30.0
     connect_ports: tuple[int, ...] = (443,)
     tunnel_idle_timeout: float = 900.0
+    max_hosts: int = 1000
+    track_hosts: tuple[str, ...] = ()
+    host_label_ttl: float = 600.0
 
 
 class SettingError(ValueError):
@@ -169,6 +174,14 @@ def parse_ports(text: str) -> tuple[int, ...]:
     return tuple(sorted(ports))
 
 
+def parse_host_patterns(text: str) -> tuple[str, ...]:
+    """Comma-separated host names or ``*.domain`` patterns; empty means none."""
+    try:
+        return tuple(check_pattern(item) for item in text.split(",") if item.strip())
+    except PatternError as exc:
+        raise SettingError(str(exc)) from None
+
+
 def parse_buckets(text: str) -> tuple[float, ...]:
     try:
         values = tuple(float(part) for part in text.split(",") if part.strip())
@@ -216,6 +229,7 @@ class Option:
     parse: Callable[[str], Any]
     help: str
     metavar: str = "VALUE"
+    empty: str = "(none)"  # what an empty default means, for --help and the README
 
     @property
     def flag(self) -> str:
@@ -228,6 +242,8 @@ class Option:
     @property
     def default_text(self) -> str:
         value = getattr(Settings(), self.field)
+        if value == () or value == "":
+            return self.empty
         if isinstance(value, tuple):
             return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
         if isinstance(value, bool):
@@ -265,6 +281,7 @@ OPTIONS: tuple[Option, ...] = (
         parse_dns_servers,
         "DNS servers to ask, IP[:PORT],... (default: the system's resolv.conf)",
         "ADDRS",
+        empty="(system)",
     ),
     Option("dns_timeout", parse_positive_seconds, "seconds to wait for a DNS answer", "SECONDS"),
     Option("connect_timeout", parse_positive_seconds, "seconds to open a connection", "SECONDS"),
@@ -326,6 +343,24 @@ OPTIONS: tuple[Option, ...] = (
         "tunnel_idle_timeout",
         parse_positive_seconds,
         "seconds a tunnel may carry no bytes either way before it is closed",
+        "SECONDS",
+    ),
+    Option(
+        "max_hosts",
+        parse_count,
+        'distinct host label values in the metrics; later hosts count as host="other"',
+        "N",
+    ),
+    Option(
+        "track_hosts",
+        parse_host_patterns,
+        "hosts that always get their own label, past --max-hosts (names, *.domain)",
+        "HOST,...",
+    ),
+    Option(
+        "host_label_ttl",
+        parse_positive_seconds,
+        "seconds a host label may go unused before its series are dropped",
         "SECONDS",
     ),
 )

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from time import monotonic
 from typing import Final
 
 from prometheus_client import CollectorRegistry
@@ -21,6 +23,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from proxy import __version__
+from proxy.hostpatterns import HostPatterns
 
 # Methods outside this set are counted as "_OTHER" (an unbounded label otherwise);
 # the same convention as OpenTelemetry's http.request.method.
@@ -72,6 +75,7 @@ class HostStats:
     __slots__ = (
         "bytes_received",
         "bytes_sent",
+        "capped",
         "connect",
         "connections_new",
         "connections_reused",
@@ -79,6 +83,7 @@ class HostStats:
         "dns_hit",
         "dns_miss",
         "errors",
+        "last_used",
         "queue",
         "requests",
         "total",
@@ -89,7 +94,9 @@ class HostStats:
         "tunnels",
     )
 
-    def __init__(self, bounds: Sequence[float]) -> None:
+    def __init__(self, bounds: Sequence[float], *, capped: bool = True) -> None:
+        self.capped = capped  # counts against --max-hosts (tracked hosts do not)
+        self.last_used = 0.0  # monotonic seconds; idle labels expire
         self.queue = Histogram(bounds)
         self.dns = Histogram(bounds)
         self.connect = Histogram(bounds)
@@ -141,19 +148,76 @@ _HISTOGRAMS: Final = (
 )
 
 
-class Metrics:
-    """The proxy's metrics; ``register`` puts them on a registry."""
+# Where hosts past the cap are counted.
+OVERFLOW_HOST: Final = "other"
 
-    def __init__(self, buckets: Sequence[float]) -> None:
+# On the overflow path, idle labels are looked for at most this often (seconds).
+_SWEEP_INTERVAL: Final = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class HostLabelLimits:
+    """How many host labels may exist, which are exempt, and how long an idle one lives."""
+
+    max_hosts: int = 1000
+    track: HostPatterns = field(default_factory=HostPatterns)
+    ttl: float = 600.0
+
+
+class Metrics:
+    """The proxy's metrics; ``register`` puts them on a registry.
+
+    Per-host series are the cardinality risk, so host labels are capped: past
+    ``max_hosts`` untracked labels, a new host is counted under ``other``; a label idle
+    for ``ttl`` seconds is dropped (at scrape, or when the cap is hit) to free its slot.
+    """
+
+    def __init__(
+        self,
+        buckets: Sequence[float],
+        limits: HostLabelLimits | None = None,
+        clock: Callable[[], float] = monotonic,
+    ) -> None:
         self.buckets = tuple(buckets)
+        self.limits = limits if limits is not None else HostLabelLimits()
         self.hosts: dict[str, HostStats] = {}
+        self.host_overflow = 0  # acquisitions sent to OVERFLOW_HOST
         self.tunnels_open = 0
+        self._clock = clock
+        self._capped = 0  # labels in ``hosts`` that count against max_hosts
+        self._next_sweep = 0.0
 
     def host(self, label: str) -> HostStats:
+        """The stats for ``label``, or for ``other`` when the label cap is reached."""
         stats = self.hosts.get(label)
         if stats is None:
-            stats = self.hosts[label] = HostStats(self.buckets)
+            stats = self._admit(label)
+        stats.last_used = self._clock()
         return stats
+
+    def _admit(self, label: str) -> HostStats:
+        limits = self.limits
+        capped = not limits.track.matches(label)
+        if capped and self._capped >= limits.max_hosts:
+            if self._clock() >= self._next_sweep:
+                self.expire_idle()
+            if self._capped >= limits.max_hosts:
+                self.host_overflow += 1
+                label, capped = OVERFLOW_HOST, False
+                stats = self.hosts.get(label)
+                if stats is not None:
+                    return stats
+        stats = self.hosts[label] = HostStats(self.buckets, capped=capped)
+        self._capped += capped
+        return stats
+
+    def expire_idle(self) -> None:
+        """Drop every host label unused for ``ttl`` seconds (its series disappear)."""
+        now = self._clock()
+        self._next_sweep = now + _SWEEP_INTERVAL
+        cutoff = now - self.limits.ttl
+        for label in [label for label, stats in self.hosts.items() if stats.last_used < cutoff]:
+            self._capped -= self.hosts.pop(label).capped
 
     def register(self, registry: CollectorRegistry, in_flight: Callable[[], int]) -> None:
         """Expose these metrics on ``registry``; ``in_flight`` is read at each scrape."""
@@ -170,6 +234,7 @@ class _Collector(Collector):
         return list(self._families({}))
 
     def collect(self) -> Iterator[Metric]:
+        self._metrics.expire_idle()
         return self._families(self._metrics.hosts)
 
     def _families(self, hosts: dict[str, HostStats]) -> Iterator[Metric]:
@@ -226,6 +291,11 @@ class _Collector(Collector):
         )
         yield GaugeMetricFamily(
             "proxy_tunnels_open", "Open CONNECT tunnels.", value=self._metrics.tunnels_open
+        )
+        yield CounterMetricFamily(
+            "proxy_host_label_overflow",
+            'Requests and tunnels counted under host="other": the host label cap was reached.',
+            value=self._metrics.host_overflow,
         )
         build = GaugeMetricFamily(
             "proxy_build_info", "Always 1; the version is a label.", labels=["version"]

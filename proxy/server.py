@@ -18,7 +18,8 @@ from prometheus_client import CollectorRegistry, ProcessCollector
 from proxy import log
 from proxy.app import Lifecycle, build_admin_app, build_proxy_app
 from proxy.config import Address, Settings
-from proxy.metrics import Metrics
+from proxy.hostpatterns import HostPatterns
+from proxy.metrics import HostLabelLimits, Metrics
 
 # Backstop for handlers still running after the drain: aiohttp waits twice this long.
 _FINAL_SHUTDOWN_TIMEOUT = 1.0
@@ -31,7 +32,12 @@ class ProxyServer:
         self.settings = settings
         self.registry = registry if registry is not None else CollectorRegistry()
         self.lifecycle = Lifecycle()
-        self.metrics = Metrics(settings.histogram_buckets)
+        self.metrics = Metrics(
+            settings.histogram_buckets,
+            HostLabelLimits(
+                settings.max_hosts, HostPatterns(settings.track_hosts), settings.host_label_ttl
+            ),
+        )
         self._runners: list[web.AppRunner] = []
         self.proxy_address: Address | None = None
         self.admin_address: Address | None = None
