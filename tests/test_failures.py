@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
 import pytest
 
-from tests.conftest import LogCapture, Origin, RawOrigin, RunningProxy, read_head
+from tests.conftest import LogCapture, Origin, RawOrigin, RunningProxy, Script, read_head
 from tests.dns import DnsServer, start_dns, stop_dns
 from tests.test_forwarding import curl, raw_exchange
 
@@ -48,6 +49,47 @@ async def expect_failure(
     (line,) = logs.events("access")
     assert (line["status"], line["error"], line["host"]) == (status, error, host)
     return body
+
+
+async def serve_ok(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answer every request on the connection with a small 200 and keep it open."""
+    while True:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+
+
+def then_healthy(fault: Script, faulty: int = 1) -> Script:
+    """``fault`` on the origin's first ``faulty`` connections; every later one is healthy."""
+
+    async def script(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, state: RawOrigin
+    ) -> None:
+        if state.connections <= faulty:
+            await fault(reader, writer, state)
+        else:
+            await serve_ok(reader, writer)
+
+    return script
+
+
+async def expect_fresh_connection(
+    proxy: RunningProxy, upstream: RawOrigin, accepted: int = 2
+) -> None:
+    """The next request to the origin succeeds on a new connection: the bad one was not pooled."""
+    status, _, body = await get(proxy, upstream.url())
+    assert (status, body) == (200, "ok")
+    assert upstream.connections == accepted
+    host = f"127.0.0.1:{upstream.port}"
+    assert proxy.sample("proxy_upstream_connections_total", host=host, kind="new") == 2
+    assert proxy.sample("proxy_upstream_connections_total", host=host, kind="reused") == 0
+
+
+def reset(writer: asyncio.StreamWriter) -> None:
+    """Close with a TCP RST instead of a FIN (SO_LINGER with a zero timeout)."""
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
 
 
 async def test_connection_refused(proxy: RunningProxy, logs: LogCapture) -> None:
@@ -121,15 +163,16 @@ async def test_connect_timeout(start_proxy: Any, unanswered_port: int, logs: Log
 async def test_no_response_headers_in_time(
     start_proxy: Any, raw_origin: StartRaw, logs: LogCapture
 ) -> None:
-    """An upstream that reads the request and stays silent answers 504 http_response_timeout."""
+    """An upstream silent after the request gives 504 http_response_timeout and is not reused."""
 
     async def silent(reader: Any, writer: Any, state: RawOrigin) -> None:
         await read_head(reader)
         await asyncio.sleep(5)
 
-    upstream = await raw_origin(silent)
+    upstream = await raw_origin(then_healthy(silent))
     proxy = await start_proxy(response_headers_timeout=0.3)
     await expect_failure(proxy, logs, upstream.url(), 504, "http_response_timeout")
+    await expect_fresh_connection(proxy, upstream)
 
 
 async def test_upstream_disconnect_before_response_headers(
@@ -140,14 +183,31 @@ async def test_upstream_disconnect_before_response_headers(
     async def hang_up(reader: Any, writer: Any, state: RawOrigin) -> None:
         await read_head(reader)
 
-    upstream = await raw_origin(hang_up)
+    # aiohttp retries an idempotent request once on a new connection (RFC 9110 §9.2.2).
+    upstream = await raw_origin(then_healthy(hang_up, faulty=2))
     await expect_failure(proxy, logs, upstream.url(), 502, "connection_terminated")
+    await expect_fresh_connection(proxy, upstream, accepted=3)
+
+
+async def test_upstream_reset_before_response_headers(
+    proxy: RunningProxy, raw_origin: StartRaw, logs: LogCapture
+) -> None:
+    """An upstream that resets the connection after the request gives 502 connection_terminated."""
+
+    async def rst(reader: Any, writer: Any, state: RawOrigin) -> None:
+        await read_head(reader)
+        reset(writer)
+
+    upstream = await raw_origin(then_healthy(rst, faulty=2))  # the retry meets a reset too
+    body = await expect_failure(proxy, logs, upstream.url(), 502, "connection_terminated")
+    assert "closed the connection" in body
+    await expect_fresh_connection(proxy, upstream, accepted=3)
 
 
 async def test_upstream_sends_garbage_instead_of_a_response(
     proxy: RunningProxy, raw_origin: StartRaw, logs: LogCapture
 ) -> None:
-    """An upstream that answers with non-HTTP bytes gives 502 http_protocol_error."""
+    """An upstream that answers with non-HTTP bytes gives 502 http_protocol_error, not reused."""
 
     async def garbage(reader: Any, writer: Any, state: RawOrigin) -> None:
         await read_head(reader)
@@ -155,8 +215,9 @@ async def test_upstream_sends_garbage_instead_of_a_response(
         await writer.drain()
         await asyncio.sleep(1)
 
-    upstream = await raw_origin(garbage)
+    upstream = await raw_origin(then_healthy(garbage))
     await expect_failure(proxy, logs, upstream.url(), 502, "http_protocol_error")
+    await expect_fresh_connection(proxy, upstream)
 
 
 @pytest.mark.parametrize(
@@ -177,7 +238,38 @@ async def test_upstream_disconnect_before_response_complete(
         writer.write(b"HTTP/1.1 200 OK\r\n" + framing + b"x" * 0x4000)
         await writer.drain()
 
-    upstream = await raw_origin(cut)
+    upstream = await raw_origin(then_healthy(cut))
+    await expect_incomplete_body(proxy, upstream, logs)
+
+
+@pytest.mark.parametrize(
+    "framing",
+    [
+        b"Content-Length: 100000\r\n\r\n",
+        b"Transfer-Encoding: chunked\r\n\r\n4000\r\n",
+    ],
+    ids=["content-length", "chunked"],
+)
+async def test_upstream_reset_before_response_complete(
+    proxy: RunningProxy, raw_origin: StartRaw, logs: LogCapture, framing: bytes
+) -> None:
+    """A body cut by an upstream RST reaches the client visibly incomplete, never clean."""
+
+    async def cut(reader: Any, writer: Any, state: RawOrigin) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\n" + framing + b"x" * 0x4000)
+        await writer.drain()
+        await asyncio.sleep(0.1)  # the proxy relays the first part before the reset
+        reset(writer)
+
+    upstream = await raw_origin(then_healthy(cut))
+    await expect_incomplete_body(proxy, upstream, logs)
+
+
+async def expect_incomplete_body(
+    proxy: RunningProxy, upstream: RawOrigin, logs: LogCapture
+) -> None:
+    """curl gets the 0x4000 bytes sent and an error; counted and logged; not pooled."""
     code, out, err = await curl("-x", proxy.url, upstream.url())
     assert code == 18, err  # curl: "Transferred a partial file"
     assert out == b"x" * 0x4000
@@ -187,8 +279,11 @@ async def test_upstream_disconnect_before_response_complete(
         proxy.sample("proxy_upstream_errors_total", host=host, error="http_response_incomplete")
         == 1
     )
+    assert proxy.sample("proxy_upstream_requests_total", host=host, method="GET", code="200") == 1
     (line,) = logs.events("access")
     assert (line["status"], line["error"]) == (200, "http_response_incomplete")
+    assert line["bytes_out"] == 0x4000
+    await expect_fresh_connection(proxy, upstream)
 
 
 async def wait_for_log(logs: LogCapture, count: int = 1) -> None:
@@ -202,7 +297,7 @@ async def wait_for_log(logs: LogCapture, count: int = 1) -> None:
 async def test_upstream_quiet_mid_body_hits_the_read_idle_timeout(
     start_proxy: Any, raw_origin: StartRaw, logs: LogCapture
 ) -> None:
-    """An upstream that stops sending mid-body is cut after the read-idle timeout."""
+    """An upstream that stops sending mid-body is cut after the read-idle timeout, not reused."""
 
     async def stall(reader: Any, writer: Any, state: RawOrigin) -> None:
         await read_head(reader)
@@ -210,14 +305,19 @@ async def test_upstream_quiet_mid_body_hits_the_read_idle_timeout(
         await writer.drain()
         await asyncio.sleep(5)
 
-    upstream = await raw_origin(stall)
+    upstream = await raw_origin(then_healthy(stall))
     proxy = await start_proxy(read_idle_timeout=0.3)
     code, out, _ = await curl("-x", proxy.url, upstream.url())
     assert code == 18
     assert out == b"abc"
     await wait_for_log(logs)
     (line,) = logs.events("access")
-    assert line["error"] == "connection_read_timeout"
+    assert (line["status"], line["error"]) == (200, "connection_read_timeout")
+    host = f"127.0.0.1:{upstream.port}"
+    assert (
+        proxy.sample("proxy_upstream_errors_total", host=host, error="connection_read_timeout") == 1
+    )
+    await expect_fresh_connection(proxy, upstream)
 
 
 async def test_client_disconnect_during_download(
@@ -235,6 +335,7 @@ async def test_client_disconnect_during_download(
     assert (line["status"], line["error"]) == (499, "client_disconnected")
     host = origin.authority
     assert proxy.sample("proxy_upstream_errors_total", host=host, error="client_disconnected") == 1
+    assert proxy.sample("proxy_upstream_requests_total", host=host, method="GET", code="499") == 1
     # The next request cannot have been given the abandoned connection.
     status, _, _ = await get(proxy, origin.url("/echo"))
     assert status == 200
@@ -277,6 +378,39 @@ async def test_client_disconnect_during_upload(
     assert not got_all.is_set()
     (line,) = logs.events("access")
     assert (line["status"], line["error"]) == (499, "client_disconnected")
+    host = f"127.0.0.1:{upstream.port}"
+    assert proxy.sample("proxy_upstream_errors_total", host=host, error="client_disconnected") == 1
+    assert proxy.sample("proxy_upstream_requests_total", host=host, method="PUT", code="499") == 1
+
+
+async def test_client_disconnect_while_waiting_for_response_headers(
+    proxy: RunningProxy, raw_origin: StartRaw, logs: LogCapture
+) -> None:
+    """A client that leaves before the upstream answers is logged and counted as 499."""
+    answered = asyncio.Event()
+
+    async def late(reader: Any, writer: Any, state: RawOrigin) -> None:
+        await read_head(reader)
+        await asyncio.sleep(0.3)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        answered.set()
+        await asyncio.sleep(1)
+
+    upstream = await raw_origin(late)
+    assert proxy.server.proxy_address is not None
+    _, writer = await asyncio.open_connection("127.0.0.1", proxy.server.proxy_address.port)
+    writer.write(f"GET {upstream.url()} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    await writer.drain()
+    await asyncio.sleep(0.1)
+    writer.transport.abort()
+    await asyncio.wait_for(answered.wait(), 5)
+    await wait_for_log(logs)
+    (line,) = logs.events("access")
+    assert (line["status"], line["error"]) == (499, "client_disconnected")
+    host = f"127.0.0.1:{upstream.port}"
+    assert proxy.sample("proxy_upstream_errors_total", host=host, error="client_disconnected") == 1
+    assert proxy.sample("proxy_upstream_requests_total", host=host, method="GET", code="499") == 1
 
 
 async def test_error_responses_carry_request_id_and_traceparent(proxy: RunningProxy) -> None:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import aiohttp
 
-from tests.conftest import Origin, RunningProxy
+from tests.conftest import Origin, RawOrigin, RunningProxy, pattern, proxy_process
+from tests.test_tunnelling import echo, open_tunnel
 
 
 async def test_upload_in_flight_completes_during_drain(
@@ -69,3 +72,81 @@ async def test_drain_gives_up_after_the_drain_timeout(
     await proxy.server.close()
     request.cancel()
     await asyncio.gather(request, return_exceptions=True)
+
+
+async def test_sigterm_lets_an_upload_a_download_and_a_tunnel_finish(
+    origin: Origin, raw_origin: Callable[[Any], Awaitable[RawOrigin]]
+) -> None:
+    """After SIGTERM an upload, a download and a tunnel in flight all complete; exit code 0."""
+    echo_origin = await raw_origin(echo)
+    halfway = [asyncio.Event() for _ in range(3)]
+    terminated = asyncio.Event()
+    parts = 20  # each transfer sends or receives 20 parts, 50 ms apart: about 1 s
+
+    async def upload(proxy_url: str) -> str:
+        async def body() -> AsyncIterator[bytes]:
+            for i in range(parts):
+                if i == parts // 2:
+                    halfway[0].set()
+                    await terminated.wait()
+                await asyncio.sleep(0.05)
+                yield pattern(50_000, seed=i)
+
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(origin.url("/echo"), data=body(), proxy=proxy_url) as resp,
+        ):
+            assert resp.status == 200
+            return str((await resp.json())["body_sha256"])
+
+    async def download(proxy_url: str) -> bytes:
+        url = origin.url(f"/stream?size={parts * 65536}&delay_ms=100")  # about 2 s
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(url, proxy=proxy_url) as resp,
+        ):
+            assert resp.status == 200
+            first = await resp.content.readexactly(parts // 2 * 65536)
+            halfway[1].set()
+            return first + await resp.read()
+
+    async def tunnel(proxy_url: str) -> bytes:
+        opened = await open_tunnel(proxy_url, f"127.0.0.1:{echo_origin.port}")
+        assert opened.status == 200
+        echoed = b""
+        for i in range(parts):
+            if i == parts // 2:
+                halfway[2].set()
+                await terminated.wait()
+            await asyncio.sleep(0.05)
+            opened.writer.write(pattern(1000, seed=i))
+            echoed += await opened.reader.readexactly(1000)
+        opened.writer.write_eof()
+        assert await opened.reader.read() == b""  # the echo origin closed its side too
+        opened.writer.close()
+        return echoed
+
+    async with proxy_process(
+        "--admin-listen",
+        "off",
+        "--connect-ports",
+        str(echo_origin.port),
+        "--shutdown-grace",
+        "0.2",
+        "--drain-timeout",
+        "30",
+    ) as (process, proxy_url):
+        transfers = asyncio.gather(upload(proxy_url), download(proxy_url), tunnel(proxy_url))
+        await asyncio.wait_for(asyncio.gather(*(event.wait() for event in halfway)), 10)
+        process.send_signal(signal.SIGTERM)
+        terminated.set()
+        uploaded, downloaded, echoed = await asyncio.wait_for(transfers, 20)
+        # Back well before the 30 s drain timeout: the drain saw all three end.
+        assert await asyncio.wait_for(process.wait(), 20) == 0
+
+    assert (
+        uploaded
+        == hashlib.sha256(b"".join(pattern(50_000, seed=i) for i in range(parts))).hexdigest()
+    )
+    assert downloaded == pattern(parts * 65536)
+    assert echoed == b"".join(pattern(1000, seed=i) for i in range(parts))
