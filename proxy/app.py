@@ -12,10 +12,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from structlog.typing import FilteringBoundLogger
 from yarl import URL
 
-from proxy import errors, log
+from proxy import errors, log, policy
 from proxy.config import Settings
 from proxy.errors import ProxyError
 from proxy.forwarding import SKIP_AUTO_HEADERS, Forwarder, strip_added_defaults
+from proxy.guard import CheckedConnector, CheckedResolver, ClientGate, Denial
 from proxy.metrics import Metrics
 from proxy.observe import Observer
 from proxy.request_id import new_request_id
@@ -67,6 +68,8 @@ LOGGER: Final = web.AppKey("logger", FilteringBoundLogger)
 SESSION: Final = web.AppKey("session", aiohttp.ClientSession)
 FORWARDER: Final = web.AppKey("forwarder", Forwarder)
 TUNNELLER: Final = web.AppKey("tunneller", Tunneller)
+GATE: Final = web.AppKey("gate", ClientGate)
+OWN_ADDRESSES: Final = web.AppKey("own_addresses", policy.OwnAddresses)
 
 NOT_A_PROXY_REQUEST: Final = ProxyError(
     400,
@@ -128,6 +131,13 @@ def _reject(request: web.Request, err: ProxyError, *, close: bool = False) -> we
     return response
 
 
+def _deny(request: web.Request, denial: Denial) -> web.Response:
+    # After a refused CONNECT, what the client sends next is not HTTP: close.
+    response = _reject(request, denial.error, close=denial.close or request.method == "CONNECT")
+    response.headers.update(denial.headers)
+    return response
+
+
 async def _not_a_proxy_request(request: web.Request) -> web.StreamResponse:
     return _reject(request, NOT_A_PROXY_REQUEST)
 
@@ -136,7 +146,11 @@ async def _not_a_proxy_request(request: web.Request) -> web.StreamResponse:
 async def dispatch(request: web.Request, handler: Any) -> web.StreamResponse:
     """Route by request form: CONNECT is tunnelled, absolute-form forwarded, origin-form ours."""
     url = absolute_target(request)
-    if url is None and request.method != "CONNECT":
+    proxied = url is not None or request.method == "CONNECT"
+    denial = request.app[GATE](request, proxied=proxied)
+    if denial is not None:
+        return _deny(request, denial)
+    if not proxied:
         if request.method in ("GET", "HEAD") and request.path in _LOCAL_PATHS:
             response: web.StreamResponse = await handler(request)
             return response
@@ -188,15 +202,20 @@ def build_resolver(settings: Settings) -> aiohttp.AsyncResolver:
     return aiohttp.AsyncResolver(timeout=settings.dns_timeout, tries=1)
 
 
-def build_session(settings: Settings) -> aiohttp.ClientSession:
-    """The one long-lived upstream session: pooled, traced, and transparent."""
-    connector = aiohttp.TCPConnector(
+def build_session(settings: Settings, check: policy.DestinationCheck) -> aiohttp.ClientSession:
+    """The one long-lived upstream session: pooled, traced, transparent, and checked.
+
+    Every destination passes ``check``: the host before any lookup, then every address
+    the resolver returns, so what is dialled is what was checked.
+    """
+    connector = CheckedConnector(
+        check,
         limit=settings.pool_limit,
         limit_per_host=settings.pool_limit_per_host,
         keepalive_timeout=settings.upstream_keepalive_timeout,
         use_dns_cache=settings.dns_cache_ttl > 0,
         ttl_dns_cache=settings.dns_cache_ttl if settings.dns_cache_ttl > 0 else None,
-        resolver=build_resolver(settings),
+        resolver=CheckedResolver(build_resolver(settings), check),
     )
     return aiohttp.ClientSession(
         connector=connector,
@@ -217,7 +236,11 @@ def build_session(settings: Settings) -> aiohttp.ClientSession:
 
 async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    session = build_session(settings)
+    destinations = policy.Destinations(
+        deny=policy.Rules.parse(settings.deny_destinations),
+        allow=policy.Rules.parse(settings.allow_destinations),
+    )
+    session = build_session(settings, policy.DestinationCheck(destinations, app[OWN_ADDRESSES]))
     metrics = app[METRICS]
     observer = (
         Observer(metrics, app[LOGGER], log_query=settings.log_query) if settings.observe else None
@@ -250,14 +273,26 @@ async def _close_tunnels(app: web.Application) -> None:
 
 
 def build_proxy_app(
-    settings: Settings, registry: CollectorRegistry, metrics: Metrics, lifecycle: Lifecycle
+    settings: Settings,
+    registry: CollectorRegistry,
+    metrics: Metrics,
+    lifecycle: Lifecycle,
+    own_addresses: policy.OwnAddresses,
 ) -> web.Application:
+    """The proxy listener's app; ``own_addresses`` is filled in once the listeners are bound."""
     app = web.Application(middlewares=[dispatch], handler_args={"auto_decompress": False})
     app[SETTINGS] = settings
     app[REGISTRY] = registry
     app[METRICS] = metrics
     app[LIFECYCLE] = lifecycle
     app[LOGGER] = log.get_logger()
+    app[OWN_ADDRESSES] = own_addresses
+    credentials = (settings.proxy_auth,) if settings.proxy_auth is not None else ()
+    app[GATE] = ClientGate(
+        policy.Rules.parse(settings.allow_clients),
+        credentials + settings.proxy_auth_file,
+        metrics,
+    )
     _add_local_routes(app)
     # Absolute-form targets are dispatched by the middleware, but the router still looks
     # at their path first; a catch-all spares it building a 404 for each of them.

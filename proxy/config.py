@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from proxy.hostpatterns import PatternError, check_pattern
+from proxy.policy import BUILTIN_DENIED, LOOPBACK, Credential, parse_rule
 
 DEFAULT_BUCKETS = (
     0.0005,
@@ -76,6 +77,11 @@ class Settings:
     max_hosts: int = 1000
     track_hosts: tuple[str, ...] = ()
     host_label_ttl: float = 600.0
+    allow_clients: tuple[str, ...] = LOOPBACK
+    proxy_auth: Credential | None = None
+    proxy_auth_file: tuple[Credential, ...] = ()
+    deny_destinations: tuple[str, ...] = BUILTIN_DENIED
+    allow_destinations: tuple[str, ...] = ()
 
 
 class SettingError(ValueError):
@@ -180,6 +186,62 @@ def parse_host_patterns(text: str) -> tuple[str, ...]:
         return tuple(check_pattern(item) for item in text.split(",") if item.strip())
     except PatternError as exc:
         raise SettingError(str(exc)) from None
+
+
+def parse_networks(text: str) -> tuple[str, ...]:
+    """Comma-separated CIDRs (a bare address is a /32 or /128); empty means none."""
+    networks: list[str] = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        try:
+            networks.append(str(ipaddress.ip_network(item, strict=False)))
+        except ValueError:
+            raise SettingError(f"expected CIDRs such as 10.0.0.0/8, got {item!r}") from None
+    return tuple(networks)
+
+
+def parse_destinations(text: str) -> tuple[str, ...]:
+    """Comma-separated CIDRs and host patterns (``name``, ``*.domain``); empty means none."""
+    try:
+        return tuple(parse_rule(item) for item in text.split(",") if item.strip())
+    except ValueError as exc:
+        raise SettingError(str(exc)) from None
+
+
+def parse_deny_destinations(text: str) -> tuple[str, ...]:
+    """The built-in denials always stay; what is given is denied as well."""
+    return tuple(dict.fromkeys(BUILTIN_DENIED + parse_destinations(text)))
+
+
+def parse_credential(text: str) -> Credential | None:
+    if text.strip().lower() in ("", "off", "none"):
+        return None
+    try:
+        return Credential.parse(text)
+    except ValueError as exc:
+        raise SettingError(str(exc)) from None
+
+
+def parse_credential_file(path: str) -> tuple[Credential, ...]:
+    """``user:password`` lines; blank lines and lines starting with # are skipped."""
+    if not path.strip():
+        return ()
+    try:
+        with open(path, encoding="utf-8") as file:
+            lines = file.read().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SettingError(f"cannot read {path!r}: {exc}") from None
+    credentials: list[Credential] = []
+    for number, line in enumerate(lines, 1):
+        if line.strip() and not line.lstrip().startswith("#"):
+            try:
+                credentials.append(Credential.parse(line))
+            except ValueError as exc:  # the message never repeats the line: it holds a secret
+                raise SettingError(f"{path} line {number}: {exc}") from None
+    if not credentials:
+        raise SettingError(f"{path} holds no user:password line")
+    return tuple(credentials)
 
 
 def parse_buckets(text: str) -> tuple[float, ...]:
@@ -362,6 +424,36 @@ OPTIONS: tuple[Option, ...] = (
         parse_positive_seconds,
         "seconds a host label may go unused before its series are dropped",
         "SECONDS",
+    ),
+    Option(
+        "allow_clients",
+        parse_networks,
+        "client networks that may use the proxy listener, endpoints included",
+        "CIDR,...",
+    ),
+    Option(
+        "proxy_auth",
+        parse_credential,
+        "require Basic proxy credentials for proxying (407 otherwise)",
+        "USER:PASSWORD",
+    ),
+    Option(
+        "proxy_auth_file",
+        parse_credential_file,
+        "file of user:password lines, each accepted as proxy credentials",
+        "PATH",
+    ),
+    Option(
+        "deny_destinations",
+        parse_deny_destinations,
+        "destinations never dialled, CIDRs and host patterns (added to the defaults)",
+        "RULE,...",
+    ),
+    Option(
+        "allow_destinations",
+        parse_destinations,
+        "destinations dialled even when a deny rule matches (CIDRs, host patterns)",
+        "RULE,...",
     ),
 )
 

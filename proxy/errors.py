@@ -16,6 +16,8 @@ import aiohttp
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
+from proxy.policy import DestinationDenied, LoopDetected, UnusualSpelling
+
 
 @dataclass(frozen=True, slots=True)
 class ProxyError:
@@ -56,6 +58,19 @@ INTERNAL_ERROR: Final = ProxyError(502, "proxy_internal_error", "the proxy faile
 
 DNS_TIMEOUT: Final = ProxyError(504, "dns_timeout", "timed out resolving the upstream host name")
 
+# Refusals by policy (proxy.policy): who may use the proxy and where it may connect.
+CLIENT_DENIED: Final = ProxyError(403, "http_request_denied", "this client may not use the proxy")
+AUTH_REQUIRED: Final = ProxyError(407, "http_request_denied", "proxy authentication required")
+DESTINATION_DENIED: Final = ProxyError(
+    403, "destination_ip_prohibited", "the proxy does not connect to this destination"
+)
+LOOP_DETECTED: Final = ProxyError(
+    508, "proxy_loop_detected", "the request would come back to this proxy"
+)
+UNUSUAL_ADDRESS: Final = ProxyError(
+    400, "http_request_error", "write an IPv4 address as four decimal numbers (a.b.c.d)"
+)
+
 
 def _refused(exc: BaseException) -> bool:
     return isinstance(getattr(exc, "os_error", None), ConnectionRefusedError)
@@ -85,6 +100,9 @@ Rule = tuple[type[BaseException], Callable[[BaseException], bool], ProxyError]
 # ClientConnectorDNSError and ConnectionTimeoutError derive from ClientOSError and
 # ServerTimeoutError, which come later).
 BEFORE_RESPONSE: Final[tuple[Rule, ...]] = (
+    (DestinationDenied, _always, DESTINATION_DENIED),
+    (LoopDetected, _always, LOOP_DETECTED),
+    (UnusualSpelling, _always, UNUSUAL_ADDRESS),
     (aiohttp.ClientConnectorDNSError, _dns_timed_out, DNS_TIMEOUT),
     (aiohttp.ClientConnectorDNSError, _always, DNS_ERROR),
     (aiohttp.ConnectionTimeoutError, _always, CONNECTION_TIMEOUT),
@@ -110,6 +128,8 @@ DURING_BODY: Final[tuple[Rule, ...]] = (
 # A CONNECT tunnel resolves and dials without the client session, so its failures arrive
 # as the resolver's and the socket's own exceptions.
 LOOKUP: Final[tuple[Rule, ...]] = (
+    (DestinationDenied, _always, DESTINATION_DENIED),
+    (LoopDetected, _always, LOOP_DETECTED),
     (OSError, _lookup_timed_out, DNS_TIMEOUT),
     (OSError, _always, DNS_ERROR),
 )

@@ -14,7 +14,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from proxy import errors, headers
+from proxy import errors, headers, policy
 from proxy.errors import ProxyError
 from proxy.observe import Observer, Outcome
 from proxy.request_id import choose_request_id, choose_trace_context
@@ -103,6 +103,9 @@ class Forwarder:
         target: URL,
         outcome: Outcome,
     ) -> web.StreamResponse:
+        if policy.via_loops(request.headers.getall("Via", ()), self._pseudonym):
+            loop = policy.LoopDetected(f"Via already holds {self._pseudonym}")
+            return self._fail_before_response(request, outcome, loop)
         raw = request.raw_headers
         fields = headers.filter_fields(raw, headers.request_drop_set(raw, self._rid_key))
         if not outcome.trace.kept:

@@ -183,6 +183,7 @@ class Metrics:
         self.hosts: dict[str, HostStats] = {}
         self.host_overflow = 0  # acquisitions sent to OVERFLOW_HOST
         self.tunnels_open = 0
+        self.denied: dict[str, int] = {}  # refused clients, by reason (proxy.guard)
         self._clock = clock
         self._capped = 0  # labels in ``hosts`` that count against max_hosts
         self._next_sweep = 0.0
@@ -297,6 +298,14 @@ class _Collector(Collector):
             'Requests and tunnels counted under host="other": the host label cap was reached.',
             value=self._metrics.host_overflow,
         )
+        denied = CounterMetricFamily(
+            "proxy_denied",
+            "Requests refused before proxying: client not allowed, or proxy credentials.",
+            labels=["reason"],
+        )
+        for reason, count in sorted(self._metrics.denied.items()):
+            denied.add_metric([reason], count)
+        yield denied
         build = GaugeMetricFamily(
             "proxy_build_info", "Always 1; the version is a label.", labels=["version"]
         )

@@ -20,6 +20,7 @@ from proxy.app import Lifecycle, build_admin_app, build_proxy_app
 from proxy.config import Address, Settings
 from proxy.hostpatterns import HostPatterns
 from proxy.metrics import HostLabelLimits, Metrics
+from proxy.policy import OwnAddresses
 
 # Backstop for handlers still running after the drain: aiohttp waits twice this long.
 _FINAL_SHUTDOWN_TIMEOUT = 1.0
@@ -43,12 +44,15 @@ class ProxyServer:
         self.admin_address: Address | None = None
         self._logger = log.get_logger()
         self._flusher: asyncio.Future[None] | None = None
+        self.own_addresses = OwnAddresses()  # what the listeners bound: never a destination
 
     async def start(self) -> None:
         settings = self.settings
         self.metrics.register(self.registry, in_flight=lambda: self.lifecycle.in_flight)
         ProcessCollector(registry=self.registry)
-        proxy_app = build_proxy_app(settings, self.registry, self.metrics, self.lifecycle)
+        proxy_app = build_proxy_app(
+            settings, self.registry, self.metrics, self.lifecycle, self.own_addresses
+        )
         try:
             self.proxy_address = await self._listen(
                 proxy_app,
@@ -76,6 +80,8 @@ class ProxyServer:
         self._runners.append(runner)
         site = web.TCPSite(runner, address.host, address.port, reuse_address=True)
         await site.start()
+        for sockname in runner.addresses:
+            self.own_addresses.add(*sockname[:2])
         host, port = runner.addresses[0][:2]
         return Address(host, port)
 

@@ -22,7 +22,7 @@ from aiohttp.http import WebSocketReader
 from aiohttp.tracing import Trace
 from yarl import URL
 
-from proxy import errors
+from proxy import errors, policy
 from proxy.errors import ProxyError
 from proxy.metrics import Metrics
 from proxy.observe import milliseconds
@@ -260,6 +260,9 @@ class Tunneller:
 
     async def _tunnel(self, request: web.Request, record: TunnelRecord) -> web.StreamResponse:
         target = record.target
+        if policy.via_loops(request.headers.getall("Via", ()), self._pseudonym):
+            loop = policy.LoopDetected(f"Via already holds {self._pseudonym}")
+            return self._fail(record, errors.LOOP_DETECTED, loop)
         try:
             addresses = await self._resolver.resolve(target.host, target.port, record.timings)
         except Exception as exc:

@@ -1,0 +1,268 @@
+"""Pure access rules: who may use the proxy, where it may connect, and when a request loops.
+
+Rules are data (networks and host patterns); the checks are plain functions over them.
+The I/O that applies them (the resolver, the connector, the request gate) is in
+``proxy.guard``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import ipaddress
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Final
+
+from proxy.hostpatterns import HostPatterns, check_pattern
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# Never dialled unless an allow rule says so: link-local (which holds the cloud metadata
+# service at 169.254.169.254), AWS's IPv6 metadata address, and the unspecified
+# addresses, which Linux connects to the local host.
+BUILTIN_DENIED: Final = ("169.254.0.0/16", "fe80::/10", "fd00:ec2::254/128", "0.0.0.0/8", "::/128")
+
+LOOPBACK: Final = ("127.0.0.0/8", "::1/128")
+
+
+# -- addresses in every spelling ---------------------------------------------------------------
+
+# One part of a legacy numeric IPv4 address, as inet_aton(3) reads it: hex, octal or decimal.
+_NUMBER_PART: Final = re.compile(r"0[xX][0-9a-fA-F]*|0[0-7]*|[1-9][0-9]*")
+
+
+def parse_ip(text: str) -> IPAddress | None:
+    """The address ``text`` spells, however it spells it; None when it is a host name.
+
+    Besides the canonical forms this reads ``[v6]``, IPv4-mapped IPv6 (as the IPv4
+    address it reaches) and the inet_aton forms ``2130706433``, ``0177.0.0.1``,
+    ``0x7f.1`` and ``127.1``, which socket calls accept as addresses.
+    """
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    if ":" in text:
+        try:
+            address = ipaddress.IPv6Address(text)
+        except ValueError:
+            return None
+        return address.ipv4_mapped or address
+    return _legacy_ipv4(text)
+
+
+def _legacy_ipv4(text: str) -> ipaddress.IPv4Address | None:
+    parts = text.split(".")
+    if not 1 <= len(parts) <= 4 or not all(_NUMBER_PART.fullmatch(part) for part in parts):
+        return None
+    numbers = [_number(part) for part in parts]
+    *leading, last = numbers
+    # a.b.c.d; a.b.c with c 16 bits wide; a.b with b 24 bits wide; a alone 32 bits wide.
+    if any(n > 255 for n in leading) or last >= 1 << (8 * (5 - len(numbers))):
+        return None
+    value = last
+    for index, number in enumerate(leading):
+        value |= number << (24 - 8 * index)
+    return ipaddress.IPv4Address(value)
+
+
+def _number(part: str) -> int:
+    if part[:2].lower() == "0x":
+        return int(part[2:] or "0", 16)
+    return int(part, 8 if part.startswith("0") else 10)
+
+
+# -- rules: networks and host-name patterns ----------------------------------------------------
+
+
+def _network(text: str) -> Network | None:
+    try:
+        return ipaddress.ip_network(text.strip(), strict=False)
+    except ValueError:
+        return None
+
+
+def parse_rule(text: str) -> str:
+    """A rule in its normal spelling: a CIDR (a bare address is a /32 or /128) or a host
+    pattern (``name``, ``*.domain``); raises ValueError for anything else."""
+    network = _network(text)
+    return check_pattern(text) if network is None else str(network)
+
+
+@dataclass(frozen=True, slots=True)
+class Rules:
+    """Networks and host patterns; a destination matches if its address or its name does."""
+
+    networks: tuple[Network, ...] = ()
+    names: HostPatterns = field(default_factory=HostPatterns)
+
+    @classmethod
+    def parse(cls, items: Iterable[str]) -> Rules:
+        networks: list[Network] = []
+        patterns: list[str] = []
+        for item in items:
+            network = _network(item)
+            if network is None:
+                patterns.append(item)
+            else:
+                networks.append(network)
+        return cls(tuple(networks), HostPatterns(patterns))
+
+    def contains(self, address: IPAddress) -> bool:
+        return any(address in network for network in self.networks)
+
+    def matches(self, name: str | None, address: IPAddress | None) -> bool:
+        # A trailing dot names the same host (an absolute name); it must not dodge a pattern.
+        return (name is not None and self.names.matches(name.lower().rstrip("."))) or (
+            address is not None and self.contains(address)
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Destinations:
+    """Where the proxy may connect: an allow rule beats a deny rule, anything else is allowed."""
+
+    deny: Rules
+    allow: Rules
+
+    def permits(self, name: str | None, address: IPAddress | None) -> bool:
+        return self.allow.matches(name, address) or not self.deny.matches(name, address)
+
+
+# -- loops -------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class OwnAddresses:
+    """The proxy's bound listeners, filled in once they are bound (the app exists before)."""
+
+    bound: set[tuple[IPAddress, int]] = field(default_factory=set)
+
+    def add(self, host: str, port: int) -> None:
+        address = parse_ip(host)
+        if address is not None:
+            self.bound.add((address, port))
+
+    def contains(self, address: IPAddress, port: int) -> bool:
+        for own, own_port in self.bound:
+            # A wildcard listener is reached through every local address; loopback is the
+            # part of that a rule can know without asking the interfaces.
+            if own_port == port and (
+                own == address or (own.is_unspecified and (address.is_loopback or address == own))
+            ):
+                return True
+        return False
+
+
+# RFC 9110 §7.6.3: Via = #( received-protocol RWS received-by [ RWS comment ] ).
+_COMMENT: Final = re.compile(r"\([^()]*\)")
+
+
+def via_names(values: Iterable[str]) -> list[str]:
+    """The received-by of each Via entry, lower-cased, in order."""
+    names: list[str] = []
+    for value in values:
+        for entry in _COMMENT.sub("", value).split(","):
+            words = entry.split()
+            if len(words) >= 2:
+                names.append(words[1].lower())
+    return names
+
+
+def via_loops(values: Iterable[str], pseudonym: str) -> bool:
+    """True when a Via entry was added by a proxy with our pseudonym: we saw this request."""
+    return pseudonym.lower() in via_names(values)
+
+
+class DestinationDenied(Exception):
+    """The proxy will not connect there; the message names the destination."""
+
+
+class LoopDetected(Exception):
+    """The destination is this proxy itself; the message names it."""
+
+
+class UnusualSpelling(ValueError):
+    """An allowed IPv4 address in a legacy form (``0x7f.1``): refused rather than guessed at."""
+
+
+@dataclass(frozen=True, slots=True)
+class DestinationCheck:
+    """Raises for a destination the proxy must not dial; loops are checked before rules."""
+
+    destinations: Destinations
+    own: OwnAddresses
+
+    def host(self, host: str, port: int) -> None:
+        """Before any lookup: an address literal in full, a host name by its patterns."""
+        address = parse_ip(host)
+        self.address(None if address is not None else host, address, port)
+        if address is not None and ":" not in host and host != str(address):
+            raise UnusualSpelling(f"{host} means {address}; write it that way")
+
+    def address(self, name: str | None, address: IPAddress | None, port: int) -> None:
+        if address is not None and self.own.contains(address, port):
+            raise LoopDetected(f"{address}:{port} is this proxy")
+        if not self.destinations.permits(name, address):
+            shown = " -> ".join(str(part) for part in (name, address) if part is not None)
+            raise DestinationDenied(f"{shown} is not an allowed destination")
+
+
+# -- who may use the proxy ---------------------------------------------------------------------
+
+# RFC 9110 §11.7.1: the challenge a proxy sends with 407.
+CHALLENGE: Final = 'Basic realm="tracing-proxy"'
+
+
+@dataclass(frozen=True, slots=True)
+class Credential:
+    """One ``user:password`` the proxy accepts; its repr never shows the password."""
+
+    user: str
+    password: str = field(repr=False)
+
+    @classmethod
+    def parse(cls, text: str) -> Credential:
+        # RFC 7617 §2: the user-id cannot hold a colon; the password may.
+        user, colon, password = text.partition(":")
+        if not user or not colon or not password:
+            raise ValueError("expected user:password with neither part empty")
+        return cls(user, password)
+
+    @property
+    def token(self) -> bytes:
+        return f"{self.user}:{self.password}".encode()
+
+
+def basic_credentials(value: str | None) -> bytes | None:
+    """The ``user:password`` bytes of a Basic Proxy-Authorization value, None if not Basic.
+
+    RFC 9110 §11.1: the scheme name is case-insensitive; RFC 7617 §2: the token is the
+    base64 of ``user-id ":" password``.
+    """
+    if value is None:
+        return None
+    scheme, _, token = value.strip().partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(token.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return decoded if b":" in decoded else None
+
+
+def credentials_match(given: bytes, accepted: Sequence[bytes]) -> bool:
+    """Constant-time comparison against every accepted ``user:password``, never stopping early."""
+    found = False
+    for expected in accepted:
+        found |= hmac.compare_digest(given, expected)
+    return found
+
+
+def client_permitted(address: str | None, allowed: Rules) -> bool:
+    """Whether a peer address may use the proxy; an unknown peer may not."""
+    parsed = parse_ip(address) if address is not None else None
+    return parsed is not None and allowed.contains(parsed)
