@@ -21,7 +21,7 @@ from proxy.metrics import Metrics
 from proxy.observe import Observer
 from proxy.request_id import new_request_id
 from proxy.target import TargetError, absolute_target, forward_target
-from proxy.tracing import trace_config
+from proxy.tracing import pool_wait_trace_config, trace_config
 from proxy.tunnelling import (
     SessionResolver,
     Tunneller,
@@ -219,7 +219,7 @@ def build_session(settings: Settings, check: policy.DestinationCheck) -> aiohttp
     )
     return aiohttp.ClientSession(
         connector=connector,
-        trace_configs=[trace_config()] if settings.observe else None,
+        trace_configs=[trace_config() if settings.observe else pool_wait_trace_config()],
         timeout=aiohttp.ClientTimeout(
             total=None,
             sock_connect=settings.connect_timeout,
@@ -252,6 +252,7 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
         request_id_header=settings.request_id_header,
         via_pseudonym=settings.via_pseudonym,
         read_idle_timeout=settings.read_idle_timeout,
+        pool_wait_timeout=settings.pool_wait_timeout,
     )
     app[TUNNELLER] = Tunneller(
         SessionResolver(session),

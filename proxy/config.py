@@ -74,6 +74,11 @@ class Settings:
     drain_timeout: float = 30.0
     connect_ports: tuple[int, ...] = (443,)
     tunnel_idle_timeout: float = 900.0
+    max_request_header_size: int = 65536
+    max_request_target_length: int = 8192
+    request_header_timeout: float = 10.0
+    max_client_connections: int = 10000
+    pool_wait_timeout: float = 10.0
     max_hosts: int = 1000
     track_hosts: tuple[str, ...] = ()
     host_label_ttl: float = 600.0
@@ -135,6 +140,13 @@ def parse_count(text: str) -> int:
         raise SettingError(f"expected a whole number >= 0, got {text!r}") from None
     if value < 0:
         raise SettingError(f"expected a whole number >= 0, got {text!r}")
+    return value
+
+
+def parse_positive_count(text: str) -> int:
+    value = parse_count(text)
+    if value == 0:
+        raise SettingError(f"expected a whole number > 0, got {text!r}")
     return value
 
 
@@ -405,6 +417,36 @@ OPTIONS: tuple[Option, ...] = (
         "tunnel_idle_timeout",
         parse_positive_seconds,
         "seconds a tunnel may carry no bytes either way before it is closed",
+        "SECONDS",
+    ),
+    Option(
+        "max_request_header_size",
+        parse_positive_count,
+        "bytes a request head (request line and fields) may take (431 beyond)",
+        "BYTES",
+    ),
+    Option(
+        "max_request_target_length",
+        parse_positive_count,
+        "bytes a request target may take (414 beyond)",
+        "BYTES",
+    ),
+    Option(
+        "request_header_timeout",
+        parse_positive_seconds,
+        "seconds a client has to send a complete request head (408 and close beyond)",
+        "SECONDS",
+    ),
+    Option(
+        "max_client_connections",
+        parse_count,
+        "client connections open at once; more are closed at once (0 = unlimited)",
+        "N",
+    ),
+    Option(
+        "pool_wait_timeout",
+        parse_positive_seconds,
+        "seconds a request may wait for a free upstream connection (503 beyond)",
         "SECONDS",
     ),
     Option(

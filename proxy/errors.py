@@ -57,6 +57,31 @@ BAD_REQUEST_BODY: Final = ProxyError(
 INTERNAL_ERROR: Final = ProxyError(502, "proxy_internal_error", "the proxy failed on this request")
 
 DNS_TIMEOUT: Final = ProxyError(504, "dns_timeout", "timed out resolving the upstream host name")
+CONNECTION_LIMIT_REACHED: Final = ProxyError(
+    503, "connection_limit_reached", "no upstream connection became free in time; retry later"
+)
+
+# Request heads the listener refuses (proxy.limits); RFC 9209 has one name for them all.
+MALFORMED_REQUEST: Final = ProxyError(
+    400, "http_request_error", "the request is not valid HTTP/1.1 (RFC 9112)"
+)
+REQUEST_TIMEOUT: Final = ProxyError(
+    408, "http_request_error", "the request header fields did not arrive in time"
+)
+TARGET_TOO_LONG: Final = ProxyError(
+    414, "http_request_error", "the request target is longer than this proxy accepts"
+)
+HEADERS_TOO_LARGE: Final = ProxyError(
+    431, "http_request_error", "the request header fields are larger than this proxy accepts"
+)
+VERSION_NOT_SUPPORTED: Final = ProxyError(
+    505, "http_request_error", "this proxy speaks HTTP/1.0 and HTTP/1.1 only"
+)
+
+
+class PoolWaitExceeded(Exception):
+    """No pooled upstream connection became free within ``--pool-wait-timeout``."""
+
 
 # Refusals by policy (proxy.policy): who may use the proxy and where it may connect.
 CLIENT_DENIED: Final = ProxyError(403, "http_request_denied", "this client may not use the proxy")
@@ -100,6 +125,7 @@ Rule = tuple[type[BaseException], Callable[[BaseException], bool], ProxyError]
 # ClientConnectorDNSError and ConnectionTimeoutError derive from ClientOSError and
 # ServerTimeoutError, which come later).
 BEFORE_RESPONSE: Final[tuple[Rule, ...]] = (
+    (PoolWaitExceeded, _always, CONNECTION_LIMIT_REACHED),
     (DestinationDenied, _always, DESTINATION_DENIED),
     (LoopDetected, _always, LOOP_DETECTED),
     (UnusualSpelling, _always, UNUSUAL_ADDRESS),
@@ -171,6 +197,8 @@ def error_response(
 ) -> web.Response:
     """The short text answer a client gets when the proxy itself fails the request."""
     headers = {"Proxy-Status": proxy_status(pseudonym, err.error, details)}
+    if err.status == 503:
+        headers["Retry-After"] = "1"  # RFC 9110 §10.2.3: a retry soon may well succeed
     response = web.Response(
         status=err.status, text=err.text + "\n", headers=headers, content_type="text/plain"
     )

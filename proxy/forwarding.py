@@ -17,6 +17,7 @@ from yarl import URL
 from proxy import errors, headers, policy
 from proxy.errors import ProxyError
 from proxy.observe import Observer, Outcome
+from proxy.pool_wait import PoolWait
 from proxy.request_id import choose_request_id, choose_trace_context
 from proxy.tracing import Timings
 
@@ -73,6 +74,7 @@ class Forwarder:
         request_id_header: str,
         via_pseudonym: str,
         read_idle_timeout: float,
+        pool_wait_timeout: float,
     ) -> None:
         self._session = session
         self._observer = observer
@@ -80,6 +82,7 @@ class Forwarder:
         self._rid_key = request_id_header.lower().encode("latin-1")
         self._pseudonym = via_pseudonym
         self._read_idle_timeout = read_idle_timeout
+        self._pool_wait_timeout = pool_wait_timeout
         self._via = {
             version: headers.via_value(version, via_pseudonym) for version in ((1, 1), (1, 0))
         }
@@ -125,15 +128,17 @@ class Forwarder:
         if body is not None and length is not None:
             fields["Content-Length"] = length  # keeps the client's framing choice
 
+        pool_wait = outcome.timings.pool_wait = PoolWait(self._pool_wait_timeout)
         try:
-            up = await self._session.request(
-                request.method,
-                target,
-                headers=fields,
-                data=body,
-                allow_redirects=False,
-                trace_request_ctx=outcome.timings,
-            )
+            async with pool_wait:
+                up = await self._session.request(
+                    request.method,
+                    target,
+                    headers=fields,
+                    data=body,
+                    allow_redirects=False,
+                    trace_request_ctx=outcome.timings,
+                )
         except Exception as exc:
             outcome.bytes_in = request.content.total_bytes
             return self._fail_before_response(request, outcome, exc)

@@ -164,6 +164,17 @@ class HostLabelLimits:
     ttl: float = 600.0
 
 
+class ClientStats:
+    """Client connections on the proxy listener (``proxy.limits`` keeps these)."""
+
+    __slots__ = ("header_timeouts", "open", "rejected")
+
+    def __init__(self) -> None:
+        self.open = 0
+        self.rejected = 0
+        self.header_timeouts = 0
+
+
 class Metrics:
     """The proxy's metrics; ``register`` puts them on a registry.
 
@@ -183,6 +194,7 @@ class Metrics:
         self.hosts: dict[str, HostStats] = {}
         self.host_overflow = 0  # acquisitions sent to OVERFLOW_HOST
         self.tunnels_open = 0
+        self.clients = ClientStats()
         self.denied: dict[str, int] = {}  # refused clients, by reason (proxy.guard)
         self._clock = clock
         self._capped = 0  # labels in ``hosts`` that count against max_hosts
@@ -292,6 +304,22 @@ class _Collector(Collector):
         )
         yield GaugeMetricFamily(
             "proxy_tunnels_open", "Open CONNECT tunnels.", value=self._metrics.tunnels_open
+        )
+        clients = self._metrics.clients
+        yield GaugeMetricFamily(
+            "proxy_client_connections_open",
+            "Client connections open on the proxy listener.",
+            value=clients.open,
+        )
+        yield CounterMetricFamily(
+            "proxy_client_connections_rejected",
+            "Client connections closed on arrival: --max-client-connections were open.",
+            value=clients.rejected,
+        )
+        yield CounterMetricFamily(
+            "proxy_request_header_timeouts",
+            "Client connections closed: no complete request head within --request-header-timeout.",
+            value=clients.header_timeouts,
         )
         yield CounterMetricFamily(
             "proxy_host_label_overflow",

@@ -19,6 +19,7 @@ from proxy import log
 from proxy.app import Lifecycle, build_admin_app, build_proxy_app
 from proxy.config import Address, Settings
 from proxy.hostpatterns import HostPatterns
+from proxy.limits import ClientLimits, GuardedRunner, ListenerGuard
 from proxy.metrics import HostLabelLimits, Metrics
 from proxy.policy import OwnAddresses
 
@@ -54,11 +55,20 @@ class ProxyServer:
             settings, self.registry, self.metrics, self.lifecycle, self.own_addresses
         )
         try:
+            limits = ClientLimits.from_settings(settings)
+            guard = ListenerGuard(
+                limits,
+                self.metrics.clients,
+                pseudonym=settings.via_pseudonym,
+                request_id_header=settings.request_id_header,
+            )
             self.proxy_address = await self._listen(
                 proxy_app,
                 settings.listen,
+                guard,
                 auto_decompress=False,
                 keepalive_timeout=settings.client_idle_timeout,
+                **limits.handler_kwargs(),
             )
             if settings.admin_listen is not None:
                 admin_app = build_admin_app(self.registry, self.lifecycle)
@@ -68,13 +78,19 @@ class ProxyServer:
             raise
         self._flusher = asyncio.ensure_future(_flush_logs_periodically())
 
-    async def _listen(self, app: web.Application, address: Address, **handler: Any) -> Address:
-        runner = web.AppRunner(
-            app,
-            handle_signals=False,
-            access_log=None,
-            shutdown_timeout=_FINAL_SHUTDOWN_TIMEOUT,
-            **handler,
+    async def _listen(
+        self,
+        app: web.Application,
+        address: Address,
+        guard: ListenerGuard | None = None,
+        **handler: Any,
+    ) -> Address:
+        """Serve ``app``; with a guard, client connections are limited (``proxy.limits``)."""
+        handler.update(
+            handle_signals=False, access_log=None, shutdown_timeout=_FINAL_SHUTDOWN_TIMEOUT
+        )
+        runner = (
+            web.AppRunner(app, **handler) if guard is None else GuardedRunner(app, guard, **handler)
         )
         await runner.setup()
         self._runners.append(runner)

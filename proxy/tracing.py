@@ -17,9 +17,12 @@ from __future__ import annotations
 
 from time import perf_counter
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
+
+if TYPE_CHECKING:
+    from proxy.pool_wait import PoolWait
 
 
 class Timings:
@@ -32,6 +35,7 @@ class Timings:
         "connect",
         "dns",
         "dns_cache",
+        "pool_wait",
         "queue",
         "response_at",
         "reused",
@@ -48,6 +52,7 @@ class Timings:
         self.reused: bool | None = None
         self.sent_at: float | None = None
         self.response_at: float | None = None
+        self.pool_wait: PoolWait | None = None  # set by the forwarder around each request
         self._queue_start = 0.0
         self._dns_start = 0.0
         self._connect_start = 0.0
@@ -71,11 +76,15 @@ def _timings(ctx: SimpleNamespace) -> Timings | None:
 async def _queued_start(_s: Any, ctx: SimpleNamespace, _p: Any) -> None:
     if (t := _timings(ctx)) is not None:
         t._queue_start = perf_counter()
+        if t.pool_wait is not None:
+            t.pool_wait.queued()
 
 
 async def _queued_end(_s: Any, ctx: SimpleNamespace, _p: Any) -> None:
     if (t := _timings(ctx)) is not None:
         t.queue += perf_counter() - t._queue_start
+        if t.pool_wait is not None:
+            t.pool_wait.dequeued()
 
 
 async def _create_start(_s: Any, ctx: SimpleNamespace, _p: Any) -> None:
@@ -138,5 +147,14 @@ def trace_config() -> aiohttp.TraceConfig:
     config.on_dns_cache_miss.append(_dns_miss)
     config.on_request_headers_sent.append(_headers_sent)
     config.on_request_end.append(_request_end)
+    config.freeze()
+    return config
+
+
+def pool_wait_trace_config() -> aiohttp.TraceConfig:
+    """Only the queue signals: the pool wait limit holds with observation off too."""
+    config = aiohttp.TraceConfig()
+    config.on_connection_queued_start.append(_queued_start)
+    config.on_connection_queued_end.append(_queued_end)
     config.freeze()
     return config

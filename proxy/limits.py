@@ -1,0 +1,276 @@
+"""What one client may hold and send on the proxy listener, and how a bad request head is answered.
+
+aiohttp's ``RequestHandler`` has no deadline for a request head, no cap on connections and
+no limit on a head's total size, answers every parse failure with a 400 that quotes the
+offending bytes, and forwards a well-formed ``HTTP/2.0`` request line as if it were 1.1.
+``GuardedRequestHandler`` closes those gaps; ``GuardedRunner`` makes the listener use it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any, Final
+
+from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
+from aiohttp.http_parser import RawRequestMessage
+from aiohttp.streams import EMPTY_PAYLOAD
+from aiohttp.web_protocol import RequestHandler, _ErrInfo
+
+from proxy import errors, log
+from proxy.config import Settings
+from proxy.errors import ProxyError
+from proxy.metrics import ClientStats
+from proxy.request_id import new_request_id
+
+# llhttp reports too many fields as a plain BadHttpMessage; this is its text (aiohttp 3.14).
+_TOO_MANY_FIELDS: Final = "Too many headers received"
+
+
+class HeadTooLarge(BadHttpMessage):
+    """The request head grew past ``--max-request-header-size``."""
+
+
+class HeadTimeout(BadHttpMessage):
+    """The request head did not arrive within ``--request-header-timeout``."""
+
+
+class VersionNotSupported(BadHttpMessage):
+    """A well-formed request line with a major version other than 1."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClientLimits:
+    max_connections: int  # 0: unlimited
+    header_bytes: int
+    target_bytes: int
+    header_timeout: float
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ClientLimits:
+        return cls(
+            settings.max_client_connections,
+            settings.max_request_header_size,
+            settings.max_request_target_length,
+            settings.request_header_timeout,
+        )
+
+    def handler_kwargs(self) -> dict[str, Any]:
+        """llhttp's own limits: the target is the request line's URL, a field is name + value."""
+        return {"max_line_size": self.target_bytes, "max_field_size": self.header_bytes}
+
+
+class ListenerGuard:
+    """Admits connections up to the cap and answers the request heads the proxy refuses."""
+
+    def __init__(
+        self, limits: ClientLimits, stats: ClientStats, *, pseudonym: str, request_id_header: str
+    ) -> None:
+        self.limits = limits
+        self.stats = stats
+        self._pseudonym = pseudonym
+        self._rid_header = request_id_header
+        self._logger = log.get_logger()
+
+    def admit(self) -> bool:
+        cap = self.limits.max_connections
+        if cap and self.stats.open >= cap:
+            self.stats.rejected += 1
+            return False
+        self.stats.open += 1
+        return True
+
+    def release(self) -> None:
+        self.stats.open -= 1
+
+    def classify(self, exc: BaseException | None) -> ProxyError | None:
+        """The answer to a head that failed to parse or was refused; None for other failures."""
+        if isinstance(exc, HeadTimeout):
+            return errors.REQUEST_TIMEOUT
+        if isinstance(exc, VersionNotSupported):
+            return errors.VERSION_NOT_SUPPORTED
+        if isinstance(exc, HeadTooLarge) or (
+            isinstance(exc, BadHttpMessage) and exc.message == _TOO_MANY_FIELDS
+        ):
+            return errors.HEADERS_TOO_LARGE
+        if isinstance(exc, LineTooLong):
+            # The limit in its args tells a field (max_field_size) from the target.
+            too_long_field = exc.args[1] == self.limits.header_bytes
+            return errors.HEADERS_TOO_LARGE if too_long_field else errors.TARGET_TOO_LONG
+        if isinstance(exc, HttpProcessingError):
+            return errors.MALFORMED_REQUEST
+        return None
+
+    def answer(
+        self, request: web.BaseRequest, err: ProxyError, exc: BaseException
+    ) -> web.StreamResponse:
+        """Our short text, never the parser's message: that quotes the client's bytes."""
+        request_id = new_request_id()
+        response = errors.error_response(err, self._pseudonym, close=True)
+        response.headers[self._rid_header] = request_id
+        self._logger.info(
+            "rejected",
+            request_id=request_id,
+            client=request.remote,
+            status=err.status,
+            error=err.error,
+            reason=err.text,
+            cause=type(exc).__name__,
+        )
+        return response
+
+
+class GuardedRequestHandler(RequestHandler):
+    """aiohttp's HTTP/1 protocol plus the connection cap, the head deadline and head checks.
+
+    A head is awaited from the moment the connection opens until the first request is
+    parsed, and again from the first byte of each keep-alive request; the idle time in
+    between is ``--client-idle-timeout``'s business.
+    """
+
+    def __init__(self, manager: web.Server, guard: ListenerGuard, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._guard = guard
+        self._admitted = False
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._head_bytes = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if not self._guard.admit():
+            self.force_close()
+            return
+        self._admitted = True
+        self._arm()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._disarm()
+        if self._admitted:
+            self._admitted = False
+            self._guard.release()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        queued = len(self._messages)
+        super().data_received(data)
+        parsed = len(self._messages) - queued
+        if parsed > 0:
+            self._disarm()
+            self._check_parsed(parsed)
+        elif data and self._awaiting_head():
+            self._head_bytes += len(data)
+            if self._head_bytes > self._guard.limits.header_bytes:
+                self._refuse(HeadTooLarge("request head too large"))
+            elif self._head_timer is None:
+                self._arm()
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        err = self._guard.classify(exc)
+        if err is None or exc is None:  # a handler failure, not a bad head: aiohttp's 500
+            return super().handle_error(request, status, exc, message)
+        return self._guard.answer(request, err, exc)
+
+    def _awaiting_head(self) -> bool:
+        # start() waits on _waiter only between requests; a body arrives while it does not.
+        waiting = self._waiter is not None and not self._waiter.done()
+        return not self._messages and (waiting or self._request_count == 0)
+
+    def _check_parsed(self, count: int) -> None:
+        """Refuse what llhttp lets through: RFC 9112 §2.3 versions, a head over the size cap."""
+        for index in range(len(self._messages) - count, len(self._messages)):
+            message = self._messages[index][0]
+            if not isinstance(message, RawRequestMessage):
+                continue
+            if message.version.major != 1:
+                self._refuse(VersionNotSupported("not HTTP/1"), index)
+            elif _head_size(message) > self._guard.limits.header_bytes:
+                self._refuse(HeadTooLarge("request head too large"), index)
+            else:
+                continue
+            return
+
+    def _refuse(self, exc: BadHttpMessage, index: int | None = None) -> None:
+        """Answer ``exc`` in place of the request at ``index`` (or next), then close."""
+        entry = (_ErrInfo(status=400, exc=exc, message=exc.message), EMPTY_PAYLOAD)
+        if index is None:
+            self._messages.append(entry)
+        else:
+            self._messages[index] = entry
+            for _ in range(len(self._messages) - index - 1):
+                self._messages.pop()  # pipelined after a refused head: never answered
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+        self.close()  # parse nothing more on this connection
+
+    def _arm(self) -> None:
+        self._head_bytes = 0
+        timeout = self._guard.limits.header_timeout
+        self._head_timer = self._loop.call_later(timeout, self._head_timed_out)
+
+    def _disarm(self) -> None:
+        self._head_bytes = 0
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.transport is None or not self._awaiting_head():
+            return
+        self._guard.stats.header_timeouts += 1
+        self._refuse(HeadTimeout("request head not received in time"))
+
+
+def _head_size(message: RawRequestMessage) -> int:
+    # The request line plus each "name: value\r\n", close to the bytes on the wire.
+    fields = sum(len(name) + len(value) + 4 for name, value in message.raw_headers)
+    return len(message.method) + len(message.path) + 12 + fields
+
+
+class GuardedServer(web.Server):
+    """aiohttp's low-level server, handing each connection to a ``GuardedRequestHandler``."""
+
+    def __init__(
+        self, handler: Any, *, request_factory: Any, guard: ListenerGuard, **kwargs: Any
+    ) -> None:
+        super().__init__(handler, request_factory=request_factory, **kwargs)
+        self._guard = guard
+        self._handler_kwargs = kwargs
+
+    def __call__(self) -> RequestHandler:
+        return GuardedRequestHandler(self, self._guard, loop=self._loop, **self._handler_kwargs)
+
+
+class GuardedRunner(web.AppRunner):
+    """An ``AppRunner`` whose server is a ``GuardedServer`` with the given handler arguments."""
+
+    def __init__(
+        self,
+        app: web.Application,
+        guard: ListenerGuard,
+        *,
+        handle_signals: bool,
+        shutdown_timeout: float,
+        **handler: Any,
+    ) -> None:
+        super().__init__(
+            app, handle_signals=handle_signals, shutdown_timeout=shutdown_timeout, **handler
+        )
+        self._guard = guard
+        self._handler = handler
+
+    async def _make_server(self) -> web.Server:
+        plain = await super()._make_server()  # runs the application's start-up
+        return GuardedServer(
+            plain.request_handler,
+            request_factory=plain.request_factory,
+            guard=self._guard,
+            **self._handler,
+        )
