@@ -278,12 +278,16 @@ async def client() -> AsyncIterator[aiohttp.ClientSession]:
 
 
 @contextlib.asynccontextmanager
-async def proxy_process(*args: str) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
+async def proxy_process(
+    *args: str, prefix: tuple[str, ...] = ()
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
     """``python -m proxy`` on a free port; yields the process and its proxy URL.
 
+    ``prefix`` runs it through another command (``ip netns exec NS``), which must exec it.
     The rest of its stdout (the access log) is kept flowing so the proxy never blocks on it.
     """
     process = await asyncio.create_subprocess_exec(
+        *prefix,
         sys.executable,
         "-m",
         "proxy",

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import base64
 import ipaddress
+from pathlib import Path
 
 import pytest
 
-from proxy import policy
+from proxy import config, policy
 from proxy.config import Settings
 from proxy.policy import (
     Credential,
@@ -290,3 +291,68 @@ def test_credential_repr_hides_the_password() -> None:
 def test_default_clients_are_loopback(address: str | None, permitted: bool) -> None:
     """By default only loopback peers may use the proxy; an unknown peer may not."""
     assert policy.client_permitted(address, Rules.parse(Settings().allow_clients)) is permitted
+
+
+# -- settings ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ", "field", "value"),
+    [
+        ([], {}, "allow_clients", ("127.0.0.0/8", "::1/128")),
+        (["--allow-clients", "10.0.0.0/8, ::1"], {}, "allow_clients", ("10.0.0.0/8", "::1/128")),
+        ([], {"PROXY_ALLOW_CLIENTS": "192.168.1.7"}, "allow_clients", ("192.168.1.7/32",)),
+        (
+            ["--deny-destinations", "10.0.0.0/8,*.Internal"],
+            {},
+            "deny_destinations",
+            (*policy.BUILTIN_DENIED, "10.0.0.0/8", "*.internal"),
+        ),
+        ([], {"PROXY_DENY_DESTINATIONS": ""}, "deny_destinations", policy.BUILTIN_DENIED),
+        (
+            [],
+            {"PROXY_ALLOW_DESTINATIONS": "169.254.1.1"},
+            "allow_destinations",
+            ("169.254.1.1/32",),
+        ),
+        (["--proxy-auth", "u:p:w"], {}, "proxy_auth", Credential("u", "p:w")),
+        ([], {"PROXY_PROXY_AUTH": "off"}, "proxy_auth", None),
+    ],
+)
+def test_access_settings_from_flags_and_environment(
+    argv: list[str], environ: dict[str, str], field: str, value: object
+) -> None:
+    """Each access setting reads from its flag or environment twin; built-in denials stay."""
+    assert getattr(config.load(argv, environ), field) == value
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--allow-clients", "everyone"],
+        ["--allow-clients", "*.internal"],  # clients are addresses, not names
+        ["--deny-destinations", "http://x"],
+        ["--allow-destinations", "10.0.0.0/40"],
+        ["--proxy-auth", "no-password"],
+        ["--proxy-auth-file", "/nonexistent/users"],
+    ],
+)
+def test_bad_access_settings_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """A bad access setting exits with status 2 and a line naming the flag."""
+    with pytest.raises(SystemExit) as exit_info:
+        config.load(argv, {})
+    assert exit_info.value.code == 2
+    assert argv[0] in capsys.readouterr().err
+
+
+def test_bad_credentials_file_line_is_reported_without_the_secret(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bad line in --proxy-auth-file is named by number; its text (a secret) is not shown."""
+    path = tmp_path / "users"
+    path.write_text("alice:one\nsecretvalue-without-colon\n")
+    with pytest.raises(SystemExit):
+        config.load(["--proxy-auth-file", str(path)], {})
+    err = capsys.readouterr().err
+    assert "line 2" in err
+    assert "secretvalue" not in err
