@@ -183,18 +183,21 @@ class GuardedRequestHandler(RequestHandler):
         return not self._messages and (waiting or self._request_count == 0)
 
     def _check_parsed(self, count: int) -> None:
-        """Refuse what llhttp lets through: RFC 9112 §2.3 versions, a head over the size cap."""
+        """Refuse the first new request llhttp let through that we do not take."""
         for index in range(len(self._messages) - count, len(self._messages)):
-            message = self._messages[index][0]
-            if not isinstance(message, RawRequestMessage):
-                continue
-            if message.version.major != 1:
-                self._refuse(VersionNotSupported("not HTTP/1"), index)
-            elif _head_size(message) > self._guard.limits.header_bytes:
-                self._refuse(HeadTooLarge("request head too large"), index)
-            else:
-                continue
-            return
+            refusal = self._refusal(self._messages[index][0])
+            if refusal is not None:
+                self._refuse(refusal, index)
+                return
+
+    def _refusal(self, message: RawRequestMessage | _ErrInfo) -> BadHttpMessage | None:
+        if not isinstance(message, RawRequestMessage):
+            return None  # already an error llhttp reported
+        if message.version.major != 1:  # RFC 9112 §2.3: 505 for a version we do not speak
+            return VersionNotSupported("not HTTP/1")
+        if _head_size(message) > self._guard.limits.header_bytes:
+            return HeadTooLarge("request head too large")
+        return None
 
     def _refuse(self, exc: BadHttpMessage, index: int | None = None) -> None:
         """Answer ``exc`` in place of the request at ``index`` (or next), then close."""
@@ -203,14 +206,13 @@ class GuardedRequestHandler(RequestHandler):
             self._messages.append(entry)
         else:
             self._messages[index] = entry
-            for _ in range(len(self._messages) - index - 1):
+            while len(self._messages) > index + 1:
                 self._messages.pop()  # pipelined after a refused head: never answered
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
         self.close()  # parse nothing more on this connection
 
     def _arm(self) -> None:
-        self._head_bytes = 0
         timeout = self._guard.limits.header_timeout
         self._head_timer = self._loop.call_later(timeout, self._head_timed_out)
 
@@ -222,16 +224,18 @@ class GuardedRequestHandler(RequestHandler):
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
-        if self.transport is None or not self._awaiting_head():
-            return
+        if self.transport is None or self._close or not self._awaiting_head():
+            return  # gone, closing (shutdown, refusal), or a request is being served
         self._guard.stats.header_timeouts += 1
         self._refuse(HeadTimeout("request head not received in time"))
 
 
 def _head_size(message: RawRequestMessage) -> int:
-    # The request line plus each "name: value\r\n", close to the bytes on the wire.
-    fields = sum(len(name) + len(value) + 4 for name, value in message.raw_headers)
-    return len(message.method) + len(message.path) + 12 + fields
+    """The head's size on the wire, near enough: the request line, then each field line."""
+    line = len(f"{message.method} {message.path} HTTP/1.1\r\n")
+    return line + sum(
+        len(name) + len(value) + len(b": \r\n") for name, value in message.raw_headers
+    )
 
 
 class GuardedServer(web.Server):

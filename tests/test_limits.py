@@ -194,6 +194,21 @@ async def test_raised_limits_let_a_bigger_head_and_target_through(
     assert origin.received[0].count(b"X-Fill-") == 40
 
 
+@pytest.mark.parametrize("complete", [True, False])
+async def test_head_over_the_limit_is_431_complete_or_not(
+    start_proxy: StartProxy, origin: Origin, complete: bool
+) -> None:
+    """Many small fields past the head limit get 431 at once, whether the head ended or not."""
+    proxy = await start_proxy(max_request_header_size=1000)
+    fields = "".join(f"X-Small-{i:02}: {'s' * 40}\r\n" for i in range(30))  # about 1.6 KB
+    head = f"GET {origin.url('/echo')} HTTP/1.1\r\nHost: x\r\n{fields}"
+    # Not waiting for the head deadline (10 s): the close comes well within the read's 5 s.
+    data, closed = await send_and_read(proxy, (head + ("\r\n" if complete else "")).encode())
+    assert closed
+    assert status_lines(data) == [b"HTTP/1.0 431 Request Header Fields Too Large"]
+    assert proxy.sample("proxy_request_header_timeouts_total") == 0
+
+
 def test_sizes_must_be_positive() -> None:
     """A size limit of 0 is a setting error, not 'unlimited'."""
     assert parse_positive_count("65536") == 65536
