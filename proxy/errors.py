@@ -84,6 +84,7 @@ class PoolWaitExceeded(Exception):
 
 
 # Refusals by policy (proxy.policy): who may use the proxy and where it may connect.
+# 407: RFC 9110 §15.5.8; 508 Loop Detected: RFC 5842 §7.2; error types: RFC 9209 §2.3.
 CLIENT_DENIED: Final = ProxyError(403, "http_request_denied", "this client may not use the proxy")
 AUTH_REQUIRED: Final = ProxyError(407, "http_request_denied", "proxy authentication required")
 DESTINATION_DENIED: Final = ProxyError(

@@ -150,7 +150,7 @@ class OwnAddresses:
             # A wildcard listener is reached through every local address; loopback is the
             # part of that a rule can know without asking the interfaces.
             if own_port == port and (
-                own == address or (own.is_unspecified and (address.is_loopback or address == own))
+                own == address or (own.is_unspecified and address.is_loopback)
             ):
                 return True
         return False
