@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
 import pytest
 
+from benchmarks.resets import reset
 from tests.conftest import LogCapture, Origin, RawOrigin, RunningProxy, Script, read_head
 from tests.dns import DnsServer, start_dns, stop_dns
 from tests.test_forwarding import curl, raw_exchange
@@ -83,13 +83,6 @@ async def expect_fresh_connection(
     host = f"127.0.0.1:{upstream.port}"
     assert proxy.sample("proxy_upstream_connections_total", host=host, kind="new") == 2
     assert proxy.sample("proxy_upstream_connections_total", host=host, kind="reused") == 0
-
-
-def reset(writer: asyncio.StreamWriter) -> None:
-    """Close with a TCP RST instead of a FIN (SO_LINGER with a zero timeout)."""
-    sock = writer.get_extra_info("socket")
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    writer.transport.abort()
 
 
 async def test_connection_refused(proxy: RunningProxy, logs: LogCapture) -> None:
@@ -196,7 +189,7 @@ async def test_upstream_reset_before_response_headers(
 
     async def rst(reader: Any, writer: Any, state: RawOrigin) -> None:
         await read_head(reader)
-        reset(writer)
+        reset(writer.transport)
 
     upstream = await raw_origin(then_healthy(rst, faulty=2))  # the retry meets a reset too
     body = await expect_failure(proxy, logs, upstream.url(), 502, "connection_terminated")
@@ -260,7 +253,7 @@ async def test_upstream_reset_before_response_complete(
         writer.write(b"HTTP/1.1 200 OK\r\n" + framing + b"x" * 0x4000)
         await writer.drain()
         await asyncio.sleep(0.1)  # the proxy relays the first part before the reset
-        reset(writer)
+        reset(writer.transport)
 
     upstream = await raw_origin(then_healthy(cut))
     await expect_incomplete_body(proxy, upstream, logs)
