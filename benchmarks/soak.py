@@ -309,6 +309,7 @@ class Report:
     proxy_tunnels: float = 0.0
     access_lines: int = 0
     tunnel_lines: int = 0
+    other_lines: Counter[str] = field(default_factory=Counter)  # by event: none expected
 
     def problems(self) -> list[str]:
         """Every invariant the run broke, in words; empty when the proxy held up."""
@@ -326,6 +327,7 @@ class Report:
             (self.tunnel_lines == tally.tunnels, "tunnel lines != CONNECTs sent"),
         )
         found += [message for ok, message in checks if not ok]
+        found += [f"{count} x log event {event!r}" for event, count in self.other_lines.items()]
         return found
 
     def lines(self) -> list[str]:
@@ -459,8 +461,11 @@ async def _soak_proxy(plan: Plan, origin_port: int, echo_port: int) -> Report:
     # The warm-up's traffic is in the proxy's totals too.
     report.proxy_requests = totals["proxy_upstream_requests_total"] - warm_up.requests
     report.proxy_tunnels = totals["proxy_tunnels_total"] - warm_up.tunnels
-    report.access_lines = events["access"] - warm_up.requests
-    report.tunnel_lines = events["tunnel"] - warm_up.tunnels
+    report.access_lines = events.pop("access") - warm_up.requests
+    report.tunnel_lines = events.pop("tunnel") - warm_up.tunnels
+    for event in ("listening", "signal", "draining", "stopped"):
+        events.pop(event, None)
+    report.other_lines = events
     return report
 
 

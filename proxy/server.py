@@ -26,6 +26,11 @@ from proxy.policy import OwnAddresses
 # Backstop for handlers still running after the drain: aiohttp waits twice this long.
 _FINAL_SHUTDOWN_TIMEOUT = 1.0
 
+# Connections the kernel may hold before we accept them (capped by net.core.somaxconn).
+# aiohttp's default of 128 overflowed when a few hundred clients connected at once (the
+# soak): handshakes were dropped and clients saw resets, closes and stalls.
+_LISTEN_BACKLOG = 1024
+
 
 class ProxyServer:
     """The proxy listener plus the optional admin listener, started and stopped together."""
@@ -94,7 +99,9 @@ class ProxyServer:
         )
         await runner.setup()
         self._runners.append(runner)
-        site = web.TCPSite(runner, address.host, address.port, reuse_address=True)
+        site = web.TCPSite(
+            runner, address.host, address.port, reuse_address=True, backlog=_LISTEN_BACKLOG
+        )
         await site.start()
         for sockname in runner.addresses:
             self.own_addresses.add(*sockname[:2])
