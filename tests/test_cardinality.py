@@ -6,6 +6,7 @@ import asyncio
 import re
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import aiohttp
 import pytest
@@ -14,8 +15,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 from proxy.config import SettingError, parse_host_patterns
 from proxy.hostpatterns import HostPatterns, label_host
 from proxy.metrics import HostLabelLimits, Metrics
-from tests.conftest import LogCapture, RunningProxy
+from tests.conftest import LogCapture, RawOrigin, RunningProxy
 from tests.test_failures import closed_port
+from tests.test_tunnelling import echo, open_tunnel, tunnel_lines
 
 
 class FakeClock:
@@ -198,3 +200,23 @@ async def test_five_thousand_hosts_keep_the_series_bounded(
     assert len(samples) <= 1001 * per_host + 100  # the rest: gauges, process metrics
     await asyncio.sleep(0.3)  # the access log is flushed every 0.2 s
     assert {line["host"] for line in logs.events("access")} == set(hosts)
+
+
+async def test_tunnels_past_the_cap_are_counted_as_other(
+    start_proxy: Callable[..., Awaitable[RunningProxy]],
+    raw_origin: Callable[[Any], Awaitable[RawOrigin]],
+    logs: LogCapture,
+) -> None:
+    """A CONNECT tunnel goes through the same cap: its series say "other", its log line the host."""
+    origin = await raw_origin(echo)
+    proxy = await start_proxy(connect_ports=(origin.port,), max_hosts=0)
+    host = f"127.0.0.1:{origin.port}"
+    tunnel = await open_tunnel(proxy.url, host)
+    tunnel.writer.write_eof()
+    assert await asyncio.wait_for(tunnel.reader.read(), 5) == b""
+    tunnel.writer.close()
+    (line,) = await tunnel_lines(logs)
+    assert line["host"] == host
+    assert proxy.sample("proxy_tunnels_total", host="other", outcome="closed") == 1
+    assert proxy.sample("proxy_tunnels_total", host=host, outcome="closed") is None
+    assert proxy.sample("proxy_host_label_overflow_total") == 1
