@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 
 from proxy.config import SettingError, parse_positive_count
-from tests.conftest import Origin, RawOrigin, RunningProxy
+from tests.conftest import LogCapture, Origin, RawOrigin, RunningProxy
 from tests.test_bad_input import OK_RESPONSE, send_and_read, status_lines
 
 StartProxy = Callable[..., Awaitable[RunningProxy]]
@@ -221,7 +221,7 @@ def test_sizes_must_be_positive() -> None:
 
 @pytest.mark.parametrize("observe", [True, False])
 async def test_full_pool_past_the_wait_limit_is_503_with_retry_after(
-    start_proxy: StartProxy, origin: Origin, observe: bool
+    start_proxy: StartProxy, origin: Origin, logs: LogCapture, observe: bool
 ) -> None:
     """With the one pooled connection busy past --pool-wait-timeout, the next request gets 503."""
     proxy = await start_proxy(pool_limit_per_host=1, pool_wait_timeout=0.2, observe=observe)
@@ -244,3 +244,6 @@ async def test_full_pool_past_the_wait_limit_is_503_with_retry_after(
             "proxy_upstream_errors_total", host=origin.authority, error="connection_limit_reached"
         )
         assert errors == 1
+        await until(lambda: len(logs.events("access")) == 2)
+        refused = [line for line in logs.events("access") if line["status"] == 503]
+        assert [line["error"] for line in refused] == ["connection_limit_reached"]
