@@ -81,6 +81,9 @@ AUTH_INVALID: Final = Denial(
 )
 
 
+_VERDICTS_KEPT = 4096
+
+
 class ClientGate:
     """Who may use the listener: client networks for everything, credentials for proxying."""
 
@@ -90,6 +93,9 @@ class ClientGate:
         self._allowed = allowed
         self._tokens = tuple(credential.token for credential in accepted)
         self._metrics = metrics
+        # Peer address -> verdict. Parsing every spelling costs ~10 us a request, and a
+        # sidecar sees a handful of peers; the bound keeps a scan of addresses harmless.
+        self._verdicts: dict[str | None, bool] = {}
 
     def __call__(self, request: web.BaseRequest, *, proxied: bool) -> Denial | None:
         denial = self._judge(request, proxied)
@@ -99,7 +105,13 @@ class ClientGate:
         return denial
 
     def _judge(self, request: web.BaseRequest, proxied: bool) -> Denial | None:
-        if not policy.client_permitted(request.remote, self._allowed):
+        remote = request.remote
+        permitted = self._verdicts.get(remote)
+        if permitted is None:
+            if len(self._verdicts) >= _VERDICTS_KEPT:
+                self._verdicts.clear()
+            permitted = self._verdicts[remote] = policy.client_permitted(remote, self._allowed)
+        if not permitted:
             return CLIENT_NOT_ALLOWED
         if not proxied or not self._tokens:
             return None  # local endpoints need no credentials
