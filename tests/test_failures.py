@@ -213,7 +213,7 @@ async def test_upstream_sends_garbage_instead_of_a_response(
     await expect_fresh_connection(proxy, upstream)
 
 
-@pytest.mark.parametrize(
+CUT_FRAMINGS = pytest.mark.parametrize(
     "framing",
     [
         b"Content-Length: 100000\r\n\r\n",
@@ -221,41 +221,37 @@ async def test_upstream_sends_garbage_instead_of_a_response(
     ],
     ids=["content-length", "chunked"],
 )
+
+
+def cut_body(framing: bytes, *, rst: bool) -> Any:
+    """An origin script that sends 16 KiB of a longer body, then closes (or resets)."""
+
+    async def cut(reader: Any, writer: Any, state: RawOrigin) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\n" + framing + b"x" * 0x4000)
+        await writer.drain()
+        if rst:
+            await asyncio.sleep(0.1)  # the proxy relays the first part before the reset
+            reset(writer.transport)
+
+    return cut
+
+
+@CUT_FRAMINGS
 async def test_upstream_disconnect_before_response_complete(
     proxy: RunningProxy, raw_origin: StartRaw, logs: LogCapture, framing: bytes
 ) -> None:
     """A body cut by the upstream reaches the client visibly incomplete, never clean."""
-
-    async def cut(reader: Any, writer: Any, state: RawOrigin) -> None:
-        await read_head(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\n" + framing + b"x" * 0x4000)
-        await writer.drain()
-
-    upstream = await raw_origin(then_healthy(cut))
+    upstream = await raw_origin(then_healthy(cut_body(framing, rst=False)))
     await expect_incomplete_body(proxy, upstream, logs)
 
 
-@pytest.mark.parametrize(
-    "framing",
-    [
-        b"Content-Length: 100000\r\n\r\n",
-        b"Transfer-Encoding: chunked\r\n\r\n4000\r\n",
-    ],
-    ids=["content-length", "chunked"],
-)
+@CUT_FRAMINGS
 async def test_upstream_reset_before_response_complete(
     proxy: RunningProxy, raw_origin: StartRaw, logs: LogCapture, framing: bytes
 ) -> None:
     """A body cut by an upstream RST reaches the client visibly incomplete, never clean."""
-
-    async def cut(reader: Any, writer: Any, state: RawOrigin) -> None:
-        await read_head(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\n" + framing + b"x" * 0x4000)
-        await writer.drain()
-        await asyncio.sleep(0.1)  # the proxy relays the first part before the reset
-        reset(writer.transport)
-
-    upstream = await raw_origin(then_healthy(cut))
+    upstream = await raw_origin(then_healthy(cut_body(framing, rst=True)))
     await expect_incomplete_body(proxy, upstream, logs)
 
 
