@@ -42,12 +42,20 @@ print(json.dumps({"status": int(lines[0].split()[1]), "proxy_status": fields.get
 @pytest.fixture
 def netns() -> Iterator[str]:
     """A fresh network namespace holding only an up loopback interface; deleted afterwards."""
-    if shutil.which("ip") is None:
-        pytest.skip("iproute2 (ip) is not installed")
     name = f"tp-test-{os.getpid()}-{secrets.token_hex(4)}"
-    added = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
-    if added.returncode != 0:
-        pytest.skip(f"cannot create a network namespace: {added.stderr.strip()}")
+    problem = None
+    if shutil.which("ip") is None:
+        problem = "iproute2 (ip) is not installed"
+    else:
+        added = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
+        if added.returncode != 0:
+            problem = f"cannot create a network namespace: {added.stderr.strip()}"
+    if problem is not None:
+        # CI runs as root with iproute2 installed by .ci/run: a missing namespace there is a
+        # defect, not a reason to skip the only tests that try non-loopback destinations.
+        if os.environ.get("CI") == "true":
+            pytest.fail(problem)
+        pytest.skip(problem)
     try:
         subprocess.run(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"], check=True)
         yield name
