@@ -20,9 +20,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 
+from benchmarks.processes import proxy_command, ready_process
 from benchmarks.procfs import cpu_seconds, peak_rss_mb
 
 
@@ -83,28 +83,8 @@ def run_wrk(url: str, path: str, connections: int, seconds: int) -> Load:
     )
 
 
-@contextlib.contextmanager
-def process(args: list[str]) -> Iterator[tuple[subprocess.Popen[str], str]]:
-    """Start a process that prints one line when ready; yield it with that line."""
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None
-        first = proc.stdout.readline()
-        if not first:
-            raise RuntimeError(f"{args} exited before it was ready")
-        yield proc, first
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-
-
 def proxy_sample(name: str, origin_port: int, observe: bool, args: argparse.Namespace) -> Sample:
-    command = [
-        sys.executable,
-        "-m",
-        "proxy",
-        "--listen",
-        "127.0.0.1:0",
+    command = proxy_command(
         "--admin-listen",
         "off",
         "--observe",
@@ -113,13 +93,11 @@ def proxy_sample(name: str, origin_port: int, observe: bool, args: argparse.Name
         "info",
         "--event-loop",
         args.loop,
-    ]
+    )
     # The access log goes to a file, as a sidecar's stdout goes to the node's log pipe.
     with tempfile.TemporaryFile("w") as sink:
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-        try:
-            assert proc.stdout is not None
-            proxy_url = json.loads(proc.stdout.readline())["proxy"]
+        with ready_process(command) as (proc, listening):
+            proxy_url = json.loads(listening)["proxy"]
             drain = subprocess.Popen(["cat"], stdin=proc.stdout, stdout=sink)
             target = f"http://127.0.0.1:{origin_port}/"
             run_wrk(proxy_url, target, args.connections, 2)  # warm-up: pool, caches
@@ -127,9 +105,6 @@ def proxy_sample(name: str, origin_port: int, observe: bool, args: argparse.Name
             load = run_wrk(proxy_url, target, args.connections, args.seconds)
             cpu = cpu_seconds(proc.pid) - before
             rss = peak_rss_mb(proc.pid)
-        finally:
-            proc.terminate()
-            proc.wait(timeout=60)
         drain.wait(timeout=30)
     return Sample(name, load, cpu / load.requests * 1e6, rss)
 
@@ -151,7 +126,7 @@ def main() -> None:
     if shutil.which("wrk") is None:
         sys.exit("make bench needs wrk (Debian package 'wrk'): apt-get install wrk")
 
-    with process([sys.executable, "-m", "benchmarks.origin"]) as (_, port_line):
+    with ready_process([sys.executable, "-m", "benchmarks.origin"]) as (_, port_line):
         port = int(port_line)
         run_wrk(f"http://127.0.0.1:{port}", "/", args.connections, 2)
         direct = Sample(

@@ -27,7 +27,6 @@ import argparse
 import asyncio
 import hashlib
 import json
-import os
 import random
 import signal
 import sys
@@ -39,6 +38,7 @@ from dataclasses import dataclass, field
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
+from benchmarks.processes import flags_only_environment
 from benchmarks.procfs import open_fds, peak_rss_mb, rss_mb
 from benchmarks.resets import reset
 from benchmarks.soak_origin import body, digest
@@ -356,7 +356,7 @@ async def _start(*args: str) -> tuple[asyncio.subprocess.Process, bytes]:
         sys.executable,
         *args,
         stdout=asyncio.subprocess.PIPE,
-        env={k: v for k, v in os.environ.items() if not k.startswith("PROXY_")},  # flags only
+        env=flags_only_environment(),
     )
     assert process.stdout is not None
     line = await asyncio.wait_for(process.stdout.readline(), 30)

@@ -14,29 +14,14 @@ import argparse
 import json
 import socket
 import statistics
-import subprocess
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from time import perf_counter
+
+from benchmarks.processes import proxy_command, ready_process
 
 MIB = 1 << 20
 Address = tuple[str, int]
-
-
-@contextmanager
-def _process(args: list[str]) -> Iterator[str]:
-    """Run a process that prints one line when it is ready; yield that line."""
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"{args} exited before it was ready")
-        yield line
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def _open(sink: Address, proxy: Address | None) -> socket.socket:
@@ -116,22 +101,12 @@ def tunnel_throughput(
     size: int = 100 * MIB, runs: int = 3, loop: str = "uvloop"
 ) -> dict[str, float]:
     """MB/s (10^6 bytes/s) each way, straight to the sink and through a CONNECT tunnel."""
-    with _process([sys.executable, "-m", "benchmarks.sink"]) as sink_line:
+    with ready_process([sys.executable, "-m", "benchmarks.sink"]) as (_, sink_line):
         sink = ("127.0.0.1", int(sink_line))
-        proxy_command = [
-            sys.executable,
-            "-m",
-            "proxy",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "off",
-            "--event-loop",
-            loop,
-            "--connect-ports",
-            str(sink[1]),
-        ]
-        with _process(proxy_command) as listening:
+        command = proxy_command(
+            "--admin-listen", "off", "--event-loop", loop, "--connect-ports", str(sink[1])
+        )
+        with ready_process(command) as (_, listening):
             host, _, port = json.loads(listening)["proxy"].removeprefix("http://").rpartition(":")
             proxy = (host, int(port))
             figures: dict[str, float] = {}

@@ -9,7 +9,6 @@ import hashlib
 import io
 import json
 import os
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +19,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 
+from benchmarks.processes import flags_only_environment, proxy_command
 from proxy import config, log
 from proxy.config import Address, Settings
 from proxy.server import ProxyServer
@@ -288,14 +288,9 @@ async def proxy_process(
     """
     process = await asyncio.create_subprocess_exec(
         *prefix,
-        sys.executable,
-        "-m",
-        "proxy",
-        "--listen",
-        "127.0.0.1:0",
-        *args,
+        *proxy_command(*args),
         stdout=asyncio.subprocess.PIPE,
-        env={k: v for k, v in os.environ.items() if not k.startswith("PROXY_")},
+        env=flags_only_environment(),
     )
     assert process.stdout is not None
     listening = json.loads(await asyncio.wait_for(process.stdout.readline(), 30))

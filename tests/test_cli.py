@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import aiohttp
 import pytest
 
+from benchmarks.processes import flags_only_environment, proxy_command
 from tests.conftest import Origin
 
 
@@ -31,17 +32,10 @@ class Cli:
 
 async def start_cli(*args: str) -> Cli:
     process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "proxy",
-        "--listen",
-        "127.0.0.1:0",
-        "--admin-listen",
-        "127.0.0.1:0",
-        *args,
+        *proxy_command("--admin-listen", "127.0.0.1:0", *args),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        env={k: v for k, v in os.environ.items() if not k.startswith("PROXY_")},
+        env=flags_only_environment(),
     )
     assert process.stdout is not None
     line = await asyncio.wait_for(process.stdout.readline(), 30)
@@ -125,17 +119,10 @@ async def test_cli_bad_setting_exits_2_naming_it() -> None:
 async def test_console_log_format(cli: list[Cli], origin: Origin) -> None:
     """--log-format console writes readable, non-JSON access lines."""
     process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "proxy",
-        "--listen",
-        "127.0.0.1:0",
-        "--admin-listen",
-        "off",
-        "--log-format",
-        "console",
+        *proxy_command("--admin-listen", "off", "--log-format", "console"),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
+        env=flags_only_environment(),
     )
     assert process.stdout is not None
     line = (await asyncio.wait_for(process.stdout.readline(), 30)).decode()
