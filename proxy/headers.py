@@ -6,6 +6,7 @@ original spelling, order and duplicates survive into the forwarded message.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from typing import Final
 
@@ -74,16 +75,29 @@ def filter_fields(raw: RawHeaders, drop: frozenset[bytes]) -> CIMultiDict[str]:
 
 def request_drop_set(raw: RawHeaders, request_id_header: bytes) -> frozenset[bytes]:
     """Everything the proxy must not copy from a client request."""
-    drop = HOP_BY_HOP | _REQUEST_OWNED | TRACE_FIELDS | {request_id_header}
-    options = connection_options(raw)
-    return drop | options if options else drop
+    return _with_options(_request_base(request_id_header), raw)
 
 
 def response_drop_set(raw: RawHeaders, request_id_header: bytes) -> frozenset[bytes]:
     """Everything the proxy must not copy from an upstream response."""
-    drop = HOP_BY_HOP | {b"traceparent", request_id_header}
+    return _with_options(_response_base(request_id_header), raw)
+
+
+# The fixed part of each set depends only on the configured request-id header: build it
+# once, not on every request.
+@functools.cache
+def _request_base(request_id_header: bytes) -> frozenset[bytes]:
+    return HOP_BY_HOP | _REQUEST_OWNED | TRACE_FIELDS | {request_id_header}
+
+
+@functools.cache
+def _response_base(request_id_header: bytes) -> frozenset[bytes]:
+    return HOP_BY_HOP | {b"traceparent", request_id_header}
+
+
+def _with_options(base: frozenset[bytes], raw: RawHeaders) -> frozenset[bytes]:
     options = connection_options(raw)
-    return drop | options if options else drop
+    return base | options if options else base
 
 
 def via_value(version: tuple[int, int], pseudonym: str) -> str:
