@@ -8,8 +8,9 @@ import sys
 
 from aiohttp import http_parser
 
-from proxy import __version__, config, log
+from proxy import __version__, config
 from proxy.config import Settings
+from proxy.observe import log
 from proxy.server import ProxyServer
 
 

@@ -12,17 +12,18 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from structlog.typing import FilteringBoundLogger
 from yarl import URL
 
-from proxy import errors, log, policy
 from proxy.config import Settings
-from proxy.errors import ProxyError
-from proxy.forwarding import SKIP_AUTO_HEADERS, Forwarder, strip_added_defaults
-from proxy.guard import CheckedConnector, CheckedResolver, ClientGate, Denial
-from proxy.metrics import Metrics
-from proxy.observe import Observer
-from proxy.request_id import new_request_id
-from proxy.target import TargetError, absolute_target, forward_target
-from proxy.tracing import pool_wait_trace_config, trace_config
-from proxy.tunnelling import (
+from proxy.observe import log
+from proxy.observe.metrics import Metrics
+from proxy.observe.outcome import Observer
+from proxy.observe.tracing import pool_wait_trace_config, trace_config
+from proxy.rules import errors, policy
+from proxy.rules.errors import ProxyError
+from proxy.rules.request_id import new_request_id
+from proxy.rules.target import TargetError, absolute_target, forward_target
+from proxy.wire.forwarding import SKIP_AUTO_HEADERS, Forwarder, strip_added_defaults
+from proxy.wire.guard import CheckedConnector, CheckedResolver, ClientGate, Denial
+from proxy.wire.tunnelling import (
     SessionResolver,
     Tunneller,
     TunnelObserver,

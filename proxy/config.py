@@ -17,8 +17,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from proxy.hostpatterns import PatternError, check_pattern
-from proxy.policy import BUILTIN_DENIED, LOOPBACK, Credential, parse_rule
+from proxy.rules.hostpatterns import PatternError, check_pattern
+from proxy.rules.policy import BUILTIN_DENIED, LOOPBACK, Credential, parse_rule
 
 DEFAULT_BUCKETS = (
     0.0005,

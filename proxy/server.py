@@ -15,13 +15,13 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CollectorRegistry, ProcessCollector
 
-from proxy import log
 from proxy.app import Lifecycle, build_admin_app, build_proxy_app
 from proxy.config import Address, Settings
-from proxy.hostpatterns import HostPatterns
-from proxy.limits import ClientLimits, GuardedRunner, ListenerGuard
-from proxy.metrics import HostLabelLimits, Metrics
-from proxy.policy import OwnAddresses
+from proxy.observe import log
+from proxy.observe.metrics import HostLabelLimits, Metrics
+from proxy.rules.hostpatterns import HostPatterns
+from proxy.rules.policy import OwnAddresses
+from proxy.wire.limits import ClientLimits, GuardedRunner, ListenerGuard
 
 # Backstop for handlers still running after the drain: aiohttp waits twice this long.
 _FINAL_SHUTDOWN_TIMEOUT = 1.0
@@ -90,7 +90,7 @@ class ProxyServer:
         guard: ListenerGuard | None = None,
         **handler: Any,
     ) -> Address:
-        """Serve ``app``; with a guard, client connections are limited (``proxy.limits``)."""
+        """Serve ``app``; with a guard, client connections are limited (``proxy.wire.limits``)."""
         handler.update(
             handle_signals=False, access_log=None, shutdown_timeout=_FINAL_SHUTDOWN_TIMEOUT
         )

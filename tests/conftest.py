@@ -20,8 +20,9 @@ from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 
 from benchmarks.processes import flags_only_environment, proxy_command
-from proxy import config, log
+from proxy import config
 from proxy.config import Address, Settings
+from proxy.observe import log
 from proxy.server import ProxyServer
 
 GZIP_BODY = gzip.compress(b"compressed hello " * 100)

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from proxy import config
-from proxy.policy import Credential
+from proxy.rules.policy import Credential
 from tests.conftest import LogCapture, Origin, RunningProxy, http_request, read_head
 from tests.dns import start_dns, stop_dns
 from tests.test_forwarding import curl

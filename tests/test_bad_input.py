@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 from proxy import __main__ as cli
-from proxy import log
+from proxy.observe import log
 from tests.conftest import LogCapture, RawOrigin, RunningProxy, read_head
 
 StartRaw = Callable[[Any], Awaitable[RawOrigin]]

@@ -13,8 +13,8 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from proxy.config import SettingError, parse_host_patterns
-from proxy.hostpatterns import HostPatterns, label_host
-from proxy.metrics import HostLabelLimits, Metrics
+from proxy.observe.metrics import HostLabelLimits, Metrics
+from proxy.rules.hostpatterns import HostPatterns, label_host
 from tests.conftest import LogCapture, RawOrigin, RunningProxy
 from tests.test_failures import closed_port
 from tests.test_tunnelling import echo, open_tunnel, tunnel_lines

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy import headers
+from proxy.rules import headers
 
 RID = b"x-request-id"
 

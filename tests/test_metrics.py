@@ -9,7 +9,7 @@ import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from proxy.metrics import Histogram, Metrics, method_label
+from proxy.observe.metrics import Histogram, Metrics, method_label
 from tests.conftest import Origin, RunningProxy, promtool_or_skip
 
 

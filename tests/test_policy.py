@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from proxy import config, policy
+from proxy import config
 from proxy.config import Settings
-from proxy.policy import (
+from proxy.rules import policy
+from proxy.rules.policy import (
     Credential,
     DestinationCheck,
     DestinationDenied,

@@ -8,7 +8,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from proxy.config import OPTIONS
-from proxy.metrics import Metrics
+from proxy.observe.metrics import Metrics
 
 README = (Path(__file__).parent.parent / "README.md").read_text()
 

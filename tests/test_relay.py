@@ -10,7 +10,7 @@ import asyncio
 
 import pytest
 
-from proxy.relay import Relay, Side
+from proxy.wire.relay import Relay, Side
 
 
 class RecordingTransport(asyncio.Transport):

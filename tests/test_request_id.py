@@ -7,7 +7,7 @@ import re
 import aiohttp
 import pytest
 
-from proxy.request_id import (
+from proxy.rules.request_id import (
     choose_request_id,
     choose_trace_context,
     new_request_id,

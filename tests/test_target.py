@@ -9,7 +9,7 @@ import pytest
 from aiohttp import web
 from yarl import URL
 
-from proxy.target import TargetError, absolute_target, forward_target, host_label
+from proxy.rules.target import TargetError, absolute_target, forward_target, host_label
 
 
 @pytest.mark.parametrize(

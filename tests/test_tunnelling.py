@@ -19,9 +19,10 @@ import requests
 import trustme
 from aiohttp import web
 
-from proxy import config, errors
+from proxy import config
 from proxy.config import SettingError
-from proxy.tunnelling import TunnelTargetError, tunnel_target
+from proxy.rules import errors
+from proxy.wire.tunnelling import TunnelTargetError, tunnel_target
 from tests.conftest import LogCapture, Origin, RawOrigin, RunningProxy, pattern, read_head
 from tests.dns import start_dns, stop_dns
 from tests.test_cli import start_cli

@@ -7,10 +7,10 @@ from typing import Any
 from aiohttp import web
 from yarl import URL
 
-from proxy.errors import ProxyError
-from proxy.metrics import Metrics, method_label
-from proxy.request_id import TraceContext
-from proxy.tracing import Timings
+from proxy.observe.metrics import Metrics, method_label
+from proxy.observe.tracing import Timings
+from proxy.rules.errors import ProxyError
+from proxy.rules.request_id import TraceContext
 
 
 class Outcome:

@@ -1,4 +1,4 @@
-"""Where the rules of ``proxy.policy`` meet I/O: DNS answers, dials and incoming requests."""
+"""Where the rules of ``proxy.rules.policy`` meet I/O: DNS answers, dials and incoming requests."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.tracing import Trace
 
-from proxy import errors, policy
-from proxy.errors import ProxyError
-from proxy.metrics import Metrics
+from proxy.observe.metrics import Metrics
+from proxy.rules import errors, policy
+from proxy.rules.errors import ProxyError
 
 
 class CheckedResolver(AbstractResolver):
@@ -48,7 +48,7 @@ class CheckedConnector(aiohttp.TCPConnector):
     """Checks the host before any lookup: address literals never reach the resolver.
 
     ``_resolve_host`` is the step every new connection takes, forwarded or tunnelled
-    (``proxy.tunnelling.SessionResolver`` calls it too); aiohttp is pinned below 3.15.
+    (``proxy.wire.tunnelling.SessionResolver`` calls it too); aiohttp is pinned below 3.15.
     """
 
     def __init__(self, check: policy.DestinationCheck, **kwargs: Any) -> None:

@@ -18,11 +18,12 @@ from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import EMPTY_PAYLOAD
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
-from proxy import errors, log
 from proxy.config import Settings
-from proxy.errors import ProxyError
-from proxy.metrics import ClientStats
-from proxy.request_id import new_request_id
+from proxy.observe import log
+from proxy.observe.metrics import ClientStats
+from proxy.rules import errors
+from proxy.rules.errors import ProxyError
+from proxy.rules.request_id import new_request_id
 
 # llhttp reports too many fields as a plain BadHttpMessage; this is its text (aiohttp 3.14).
 _TOO_MANY_FIELDS: Final = "Too many headers received"

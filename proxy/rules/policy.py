@@ -2,7 +2,7 @@
 
 Rules are data (networks and host patterns); the checks are plain functions over them.
 The I/O that applies them (the resolver, the connector, the request gate) is in
-``proxy.guard``.
+``proxy.wire.guard``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
-from proxy.hostpatterns import HostPatterns, check_pattern
+from proxy.rules.hostpatterns import HostPatterns, check_pattern
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network

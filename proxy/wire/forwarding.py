@@ -14,12 +14,12 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from proxy import errors, headers, policy
-from proxy.errors import ProxyError
-from proxy.observe import Observer, Outcome
-from proxy.pool_wait import PoolWait
-from proxy.request_id import choose_request_id, choose_trace_context
-from proxy.tracing import Timings
+from proxy.observe.outcome import Observer, Outcome
+from proxy.observe.pool_wait import PoolWait
+from proxy.observe.tracing import Timings
+from proxy.rules import errors, headers, policy
+from proxy.rules.errors import ProxyError
+from proxy.rules.request_id import choose_request_id, choose_trace_context
 
 # aiohttp's client would otherwise add these (RFC 9110 §7.6: a proxy forwards, it does
 # not invent request fields).

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 
 if TYPE_CHECKING:
-    from proxy.pool_wait import PoolWait
+    from proxy.observe.pool_wait import PoolWait
 
 
 class Timings:

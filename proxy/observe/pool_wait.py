@@ -2,7 +2,7 @@
 
 aiohttp's connector queues a request for as long as the pool stays full; its ``connect``
 timeout would also cover DNS and the TCP handshake, which ``--connect-timeout`` owns. The
-trace signals ``on_connection_queued_start``/``_end`` (see ``proxy.tracing``) start and stop
+trace signals ``on_connection_queued_start``/``_end`` (see ``proxy.observe.tracing``) start and stop
 this deadline around exactly the queueing.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from types import TracebackType
 
-from proxy.errors import PoolWaitExceeded
+from proxy.rules.errors import PoolWaitExceeded
 
 
 class PoolWait:

@@ -23,7 +23,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from proxy import __version__
-from proxy.hostpatterns import HostPatterns
+from proxy.rules.hostpatterns import HostPatterns
 
 # Methods outside this set are counted as "_OTHER" (an unbounded label otherwise);
 # the same convention as OpenTelemetry's http.request.method.
@@ -165,7 +165,7 @@ class HostLabelLimits:
 
 
 class ClientStats:
-    """Client connections on the proxy listener (``proxy.limits`` keeps these)."""
+    """Client connections on the proxy listener (``proxy.wire.limits`` keeps these)."""
 
     __slots__ = ("header_timeouts", "open", "rejected")
 
@@ -195,7 +195,7 @@ class Metrics:
         self.host_overflow = 0  # acquisitions sent to OVERFLOW_HOST
         self.tunnels_open = 0
         self.clients = ClientStats()
-        self.denied: dict[str, int] = {}  # refused clients, by reason (proxy.guard)
+        self.denied: dict[str, int] = {}  # refused clients, by reason (proxy.wire.guard)
         self._clock = clock
         self._capped = 0  # labels in ``hosts`` that count against max_hosts
         self._next_sweep = 0.0

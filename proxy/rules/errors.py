@@ -16,7 +16,7 @@ import aiohttp
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
-from proxy.policy import DestinationDenied, LoopDetected, UnusualSpelling
+from proxy.rules.policy import DestinationDenied, LoopDetected, UnusualSpelling
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +61,7 @@ CONNECTION_LIMIT_REACHED: Final = ProxyError(
     503, "connection_limit_reached", "no upstream connection became free in time; retry later"
 )
 
-# Request heads the listener refuses (proxy.limits); RFC 9209 has one name for them all.
+# Request heads the listener refuses (proxy.wire.limits); RFC 9209 has one name for them all.
 MALFORMED_REQUEST: Final = ProxyError(
     400, "http_request_error", "the request is not valid HTTP/1.1 (RFC 9112)"
 )
@@ -83,7 +83,7 @@ class PoolWaitExceeded(Exception):
     """No pooled upstream connection became free within ``--pool-wait-timeout``."""
 
 
-# Refusals by policy (proxy.policy): who may use the proxy and where it may connect.
+# Refusals by policy (proxy.rules.policy): who may use the proxy and where it may connect.
 # 407: RFC 9110 §15.5.8; 508 Loop Detected: RFC 5842 §7.2; error types: RFC 9209 §2.3.
 CLIENT_DENIED: Final = ProxyError(403, "http_request_denied", "this client may not use the proxy")
 AUTH_REQUIRED: Final = ProxyError(407, "http_request_denied", "proxy authentication required")

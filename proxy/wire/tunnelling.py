@@ -22,14 +22,14 @@ from aiohttp.http import WebSocketReader
 from aiohttp.tracing import Trace
 from yarl import URL
 
-from proxy import errors, policy
-from proxy.errors import ProxyError
-from proxy.metrics import Metrics
-from proxy.observe import milliseconds
-from proxy.relay import ClientProtocol, Relay
-from proxy.request_id import choose_request_id
-from proxy.target import host_label
-from proxy.tracing import Timings
+from proxy.observe.metrics import Metrics
+from proxy.observe.outcome import milliseconds
+from proxy.observe.tracing import Timings
+from proxy.rules import errors, policy
+from proxy.rules.errors import ProxyError
+from proxy.rules.request_id import choose_request_id
+from proxy.rules.target import host_label
+from proxy.wire.relay import ClientProtocol, Relay
 
 BAD_AUTHORITY: Final = ProxyError(
     400, "http_request_error", "CONNECT takes a target of the form host:port"
@@ -106,7 +106,7 @@ class SessionResolver:
     aiohttp has no public call for this. ``TCPConnector._resolve_host`` is what the
     connector itself runs before a new connection, so a tunnel's lookup uses the same
     cache, joins a lookup already in flight for the same name, and fires the same trace
-    signals, which ``proxy.tracing`` turns into DNS timings. aiohttp is pinned below 3.15
+    signals, which ``proxy.observe.tracing`` turns into DNS timings. aiohttp is pinned below 3.15
     and tests/test_tunnelling.py exercises this call.
     """
 

@@ -1,0 +1,1 @@
+"""I/O on the proxy listener and toward upstreams: forwarding, tunnels, guards and limits."""
