@@ -54,15 +54,16 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1
 
 # In a container the proxy must listen on all interfaces: 127.0.0.1 inside a container
-# is unreachable from `docker run -p`. Both are ordinary settings, so a deployment can
-# narrow them again. In a Kubernetes pod the application reaches its sidecar on
-# 127.0.0.1 (containers of a pod share one network namespace), and k8s/ sets
-# PROXY_LISTEN=127.0.0.1:3128 so that other pods cannot use the proxy; the admin port
-# stays on 0.0.0.0 because the kubelet's probes and Prometheus come from outside the
-# pod. A client allow-list (--allow-clients) is planned; until then, narrow the
-# listener or block the port with a NetworkPolicy when 3128 must not be reachable.
+# is unreachable from `docker run -p`. For the same reason the client allow-list takes
+# the private ranges a `docker run -p` client arrives from (the bridge gateway, 172.17.0.1
+# by default) besides loopback; public addresses are still refused with 403. All three are
+# ordinary settings, so a deployment can narrow them again: in a Kubernetes pod the
+# application reaches its sidecar on 127.0.0.1, and k8s/ sets PROXY_LISTEN=127.0.0.1:3128
+# so that other pods cannot use the proxy; the admin port stays on 0.0.0.0 because the
+# kubelet's probes and Prometheus come from outside the pod.
 ENV PROXY_LISTEN=0.0.0.0:3128 \
-    PROXY_ADMIN_LISTEN=0.0.0.0:9901
+    PROXY_ADMIN_LISTEN=0.0.0.0:9901 \
+    PROXY_ALLOW_CLIENTS=127.0.0.0/8,::1/128,10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,fc00::/7
 
 USER 10001:10001
 

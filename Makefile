@@ -20,8 +20,9 @@ $(STAMP_TEST): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $@ $(STAMP_RUN)
 
+# Flags go through ARGS (make run ARGS="--listen 127.0.0.1:3129"); PROXY_* variables work too.
 run: $(STAMP_RUN)
-	$(BIN)/tracing-proxy
+	$(BIN)/tracing-proxy $(ARGS)
 
 test: lint typecheck pytest
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import sys
 
@@ -11,7 +12,7 @@ from aiohttp import http_parser
 from proxy import __version__, config
 from proxy.config import Settings
 from proxy.observe import log
-from proxy.server import ProxyServer
+from proxy.server import ListenError, ProxyServer
 
 
 def c_parser_in_use() -> bool:
@@ -26,8 +27,16 @@ async def serve(settings: Settings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, signals.put_nowait, sig)
 
+    for name, closest in config.unknown_environment(os.environ):
+        logger.warning("unknown_setting", variable=name, did_you_mean=closest)
     server = ProxyServer(settings)
-    await server.start()
+    try:
+        await server.start()
+    except ListenError as exc:
+        # One line and exit 2, like a bad setting value: the fix is the same kind of change.
+        option = config.option(exc.field)
+        print(f"tracing-proxy: error: {option.flag} ({option.env}): {exc}", file=sys.stderr)
+        return 2
     logger.info(
         "listening",
         proxy=f"http://{server.proxy_address}",

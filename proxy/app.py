@@ -114,11 +114,13 @@ def _add_local_routes(app: web.Application) -> None:
 # -- the proxy listener ----------------------------------------------------------------------
 
 
-def _reject(request: web.Request, err: ProxyError, *, close: bool = False) -> web.Response:
+def _reject(
+    request: web.Request, err: ProxyError, *, close: bool = False, details: str | None = None
+) -> web.Response:
     """Answer a request the proxy will not forward, and log why."""
     settings = request.app[SETTINGS]
     request_id = new_request_id()
-    response = errors.error_response(err, settings.via_pseudonym, close=close)
+    response = errors.error_response(err, settings.via_pseudonym, details, close=close)
     response.headers[settings.request_id_header] = request_id
     request.app[LOGGER].info(
         "rejected",
@@ -183,7 +185,7 @@ async def _tunnel(request: web.Request) -> web.StreamResponse:
         target = tunnel_target(request.raw_path, request.app[SETTINGS].connect_ports)
     except TunnelTargetError as exc:
         # Closed: what a client sends after a refused CONNECT is not HTTP.
-        return _reject(request, exc.error, close=True)
+        return _reject(request, exc.error, close=True, details=exc.details)
     return await request.app[TUNNELLER](request, target)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import ipaddress
 import math
 import os
@@ -353,7 +354,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "dns_servers",
         parse_dns_servers,
-        "DNS servers to ask, IP[:PORT],... (default: the system's resolv.conf)",
+        "DNS servers to ask, IP[:PORT],... ('(system)': those in resolv.conf)",
         "ADDRS",
         empty="(system)",
     ),
@@ -500,6 +501,11 @@ OPTIONS: tuple[Option, ...] = (
 )
 
 
+def option(field: str) -> Option:
+    """The table row of one setting."""
+    return next(o for o in OPTIONS if o.field == field)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         # One line, exit 2: the same contract as a bad setting value.
@@ -543,6 +549,19 @@ def load(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
 
 def load_from_process() -> Settings:
     return load(sys.argv[1:], os.environ)
+
+
+def unknown_environment(environ: Mapping[str, str]) -> list[tuple[str, str | None]]:
+    """``PROXY_*`` variables no setting reads, each with the closest known name (or None).
+
+    A typo such as ``PROXY_LISTN`` would otherwise be ignored without a word.
+    """
+    known = [option.env for option in OPTIONS]
+    return [
+        (name, next(iter(difflib.get_close_matches(name, known, n=1)), None))
+        for name in sorted(environ)
+        if name.startswith("PROXY_") and name not in known
+    ]
 
 
 def replace(settings: Settings, **changes: Any) -> Settings:

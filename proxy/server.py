@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from types import TracebackType
 from typing import Any
 
@@ -30,6 +31,17 @@ _FINAL_SHUTDOWN_TIMEOUT = 1.0
 # aiohttp's default of 128 overflowed when a few hundred clients connected at once (the
 # soak): handshakes were dropped and clients saw resets, closes and stalls.
 _LISTEN_BACKLOG = 1024
+
+
+class ListenError(Exception):
+    """A listener could not bind; names the setting so the operator knows what to change."""
+
+    def __init__(self, field: str, address: Address, exc: OSError) -> None:
+        self.field = field
+        self.address = address
+        # asyncio rewraps the bind error's text; errno keeps the plain reason.
+        self.reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        super().__init__(f"cannot listen on {address}: {self.reason.lower()}")
 
 
 class ProxyServer:
@@ -69,6 +81,7 @@ class ProxyServer:
             )
             self.proxy_address = await self._listen(
                 proxy_app,
+                "listen",
                 settings.listen,
                 guard,
                 auto_decompress=False,
@@ -77,7 +90,9 @@ class ProxyServer:
             )
             if settings.admin_listen is not None:
                 admin_app = build_admin_app(self.registry, self.lifecycle)
-                self.admin_address = await self._listen(admin_app, settings.admin_listen)
+                self.admin_address = await self._listen(
+                    admin_app, "admin_listen", settings.admin_listen
+                )
         except BaseException:
             await self.close()
             raise
@@ -86,6 +101,7 @@ class ProxyServer:
     async def _listen(
         self,
         app: web.Application,
+        field: str,
         address: Address,
         guard: ListenerGuard | None = None,
         **handler: Any,
@@ -102,7 +118,10 @@ class ProxyServer:
         site = web.TCPSite(
             runner, address.host, address.port, reuse_address=True, backlog=_LISTEN_BACKLOG
         )
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            raise ListenError(field, address, exc) from exc
         for sockname in runner.addresses:
             self.own_addresses.add(*sockname[:2])
         host, port = runner.addresses[0][:2]

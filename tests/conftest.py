@@ -8,7 +8,6 @@ import gzip
 import hashlib
 import io
 import json
-import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -307,11 +306,23 @@ async def proxy_process(
 
 def promtool_or_skip() -> str:
     """Path of promtool; a missing promtool fails under CI=true instead of skipping."""
-    import shutil
+    from tests.deploy.deploy_support import find_tool
 
-    path = shutil.which("promtool")
-    if path is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("promtool is required in CI (install the Debian prometheus package)")
-        pytest.skip("promtool not installed")
-    return path
+    return find_tool("promtool")
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """After skips, say which tools were missing and how to get them, so nobody needs -rs."""
+    reasons: dict[str, int] = {}
+    for report in terminalreporter.stats.get("skipped", []):
+        _path, _line, reason = report.longrepr
+        reason = reason.removeprefix("Skipped: ")
+        reasons[reason] = reasons.get(reason, 0) + 1
+    if not reasons:
+        return
+    terminalreporter.write_sep("-", "skipped, and how to run them")
+    for reason, count in sorted(reasons.items()):
+        terminalreporter.write_line(f"{count} skipped: {reason}")
+    terminalreporter.write_line(
+        "As root, `bash .ci/run` installs the Debian packages the tests need, then runs them all."
+    )

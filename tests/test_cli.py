@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -15,6 +16,7 @@ import aiohttp
 import pytest
 
 from benchmarks.processes import flags_only_environment, proxy_command
+from proxy.config import OPTIONS
 from tests.conftest import Origin
 
 
@@ -139,3 +141,63 @@ async def test_console_log_format(cli: list[Cli], origin: Origin) -> None:
     assert "status=200" in access
     process.send_signal(signal.SIGINT)
     assert await asyncio.wait_for(process.wait(), 10) == 0
+
+
+async def run_to_exit(*args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
+    """Run the CLI until it exits by itself; its exit code and stderr."""
+    process = await asyncio.create_subprocess_exec(
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env if env is not None else flags_only_environment(),
+    )
+    _, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode is not None
+    return process.returncode, err.decode()
+
+
+@pytest.mark.parametrize(
+    ("flag", "env"), [("--listen", "PROXY_LISTEN"), ("--admin-listen", "PROXY_ADMIN_LISTEN")]
+)
+async def test_port_in_use_exits_2_with_one_line_naming_the_listener(flag: str, env: str) -> None:
+    """A listener whose port is taken exits 2 with one line: setting, address and reason."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        code, err = await run_to_exit(
+            *proxy_command("--admin-listen", "127.0.0.1:0", flag, address)
+        )
+    assert code == 2
+    assert err.count("\n") == 1, err
+    assert f"{flag} ({env}): cannot listen on {address}: address already in use" in err
+
+
+async def test_mistyped_environment_variable_warns_with_the_closest_name(cli: list[Cli]) -> None:
+    """A PROXY_* variable no setting reads gets a warning naming the setting it resembles."""
+    process = await asyncio.create_subprocess_exec(
+        *proxy_command("--admin-listen", "off"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**flags_only_environment(), "PROXY_LISTN": "127.0.0.1:3129"},
+    )
+    assert process.stdout is not None
+    cli.append(Cli(process, "", ""))
+    warning = json.loads(await asyncio.wait_for(process.stdout.readline(), 30))
+    assert warning["event"] == "unknown_setting"
+    assert warning["variable"] == "PROXY_LISTN"
+    assert warning["did_you_mean"] == "PROXY_LISTEN"
+    listening = json.loads(await asyncio.wait_for(process.stdout.readline(), 30))
+    assert listening["event"] == "listening"
+
+
+async def test_help_shows_each_default_once() -> None:
+    """--help names every setting's default exactly once."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "--help", stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await asyncio.wait_for(process.communicate(), 30)
+    text = out.decode().split("options:", 1)[1]
+    assert process.returncode == 0
+    assert " ".join(text.split()).count("(default: ") == len(OPTIONS)
+    assert not [option.flag for option in OPTIONS if "(default" in option.help]

@@ -393,9 +393,13 @@ async def test_disallowed_port_gets_403_and_nothing_is_dialled(
     origin = await raw_origin(echo)
     tunnel = await open_tunnel(proxy.url, f"127.0.0.1:{origin.port}", early=b"\x16\x03\x01")
     assert tunnel.status == 403
-    assert tunnel.field("Proxy-Status") == "tracing-proxy; error=http_request_denied"
+    reason = f"CONNECT to port {origin.port} is not allowed (--connect-ports: 443)"
+    assert tunnel.field("Proxy-Status") == (
+        f'tracing-proxy; error=http_request_denied; details="{reason}"'
+    )
     assert tunnel.field("Connection") == "close"
-    await asyncio.wait_for(tunnel.reader.read(), 5)  # the body, then the close
+    body = await asyncio.wait_for(tunnel.reader.read(), 5)  # the body, then the close
+    assert reason in body.decode()
     assert origin.connections == 0
     (line,) = logs.events("rejected")
     assert (line["status"], line["error"]) == (403, "http_request_denied")

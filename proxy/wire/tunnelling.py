@@ -38,11 +38,12 @@ PORT_DENIED: Final = ProxyError(403, "http_request_denied", "CONNECT to this por
 
 
 class TunnelTargetError(ValueError):
-    """A CONNECT target the proxy will not dial; ``error`` is the answer."""
+    """A CONNECT target the proxy will not dial; ``error`` is the answer, ``details`` why."""
 
-    def __init__(self, error: ProxyError) -> None:
+    def __init__(self, error: ProxyError, details: str | None = None) -> None:
         super().__init__(error.text)
         self.error = error
+        self.details = details
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +77,10 @@ def tunnel_target(authority: str, allowed_ports: Collection[int]) -> TunnelTarge
     if not 0 < port < 65536:
         raise TunnelTargetError(BAD_AUTHORITY)
     if port not in allowed_ports:
-        raise TunnelTargetError(PORT_DENIED.with_text(f"CONNECT to port {port} is not allowed"))
+        # Name the setting: the operator's fix is there, and the client shows only this.
+        allowed = ",".join(map(str, allowed_ports)) or "none"
+        reason = f"CONNECT to port {port} is not allowed (--connect-ports: {allowed})"
+        raise TunnelTargetError(PORT_DENIED.with_text(reason), details=reason)
     host = match["ipv6"] or match["name"].lower()
     # 443 is to CONNECT what it is to https: the default, left out of the label.
     return TunnelTarget(host, port, host_label(URL.build(scheme="https", host=host, port=port)))

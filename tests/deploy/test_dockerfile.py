@@ -10,7 +10,11 @@ import json
 import re
 import subprocess
 
+import pytest
+
+from proxy import config
 from proxy.config import Settings
+from proxy.rules import policy
 from tests.deploy.deploy_support import DOCKERFILE, REPO, find_tool, run
 
 
@@ -123,3 +127,32 @@ def test_dockerignore_lets_in_only_what_pip_install_needs() -> None:
     copied = " ".join(args for word, args in stages()[0] if word == "COPY")
     for name in allowed:
         assert name in copied
+
+
+def image_settings() -> Settings:
+    """The settings the image's ENV lines give the entrypoint, read by the real config."""
+    env: dict[str, str] = {}
+    for word, args in stages()[-1]:
+        if word == "ENV":
+            env.update(pair.split("=", 1) for pair in args.split() if "=" in pair)
+    return config.load([], env)
+
+
+@pytest.mark.parametrize(
+    ("client", "permitted"),
+    [
+        ("127.0.0.1", True),
+        ("172.17.0.1", True),  # docker's default bridge gateway: what `docker run -p` shows
+        ("192.168.65.1", True),  # Docker Desktop's host address
+        ("10.1.2.3", True),
+        ("fd00::1", True),
+        ("203.0.113.9", False),  # public (documentation range): still refused
+        ("2001:db8::1", False),
+    ],
+)
+def test_image_admits_docker_run_clients_and_refuses_public_ones(
+    client: str, permitted: bool
+) -> None:
+    """The image's client allow-list lets a docker run -p client in and keeps public ones out."""
+    allowed = policy.Rules.parse(image_settings().allow_clients)
+    assert policy.client_permitted(client, allowed) is permitted
