@@ -134,7 +134,7 @@ def image_settings() -> Settings:
     env: dict[str, str] = {}
     for word, args in stages()[-1]:
         if word == "ENV":
-            env.update(pair.split("=", 1) for pair in args.split() if "=" in pair)
+            env.update(pair.partition("=")[::2] for pair in args.split() if "=" in pair)
     return config.load([], env)
 
 
