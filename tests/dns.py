@@ -1,6 +1,7 @@
 """A DNS server on loopback for tests: answers A queries from a table, NXDOMAIN otherwise.
 
-Names mapped to None are never answered, which is how tests produce a DNS timeout.
+Names mapped to None are never answered, which is how tests produce a DNS timeout; a
+``delay`` holds every answer back, which is how they produce a slow resolver.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ _A, _IN = 1, 1
 
 
 class DnsServer(asyncio.DatagramProtocol):
-    def __init__(self, records: dict[str, str | None]) -> None:
+    def __init__(self, records: dict[str, str | None], delay: float = 0.0) -> None:
         self.records = {name.lower().rstrip("."): addr for name, addr in records.items()}
+        self.delay = delay
         self.queries: list[str] = []
         self.transport: asyncio.DatagramTransport | None = None
 
@@ -51,13 +53,16 @@ class DnsServer(asyncio.DatagramProtocol):
             answer += ipaddress.IPv4Address(address).packed
             reply = header + struct.pack("!HHHHH", 0x8180, 1, 1, 0, 0) + question + answer
         assert self.transport is not None
-        self.transport.sendto(reply, addr)
+        if self.delay:
+            asyncio.get_running_loop().call_later(self.delay, self.transport.sendto, reply, addr)
+        else:
+            self.transport.sendto(reply, addr)
 
 
-async def start_dns(records: dict[str, str | None]) -> DnsServer:
+async def start_dns(records: dict[str, str | None], delay: float = 0.0) -> DnsServer:
     loop = asyncio.get_running_loop()
     _, protocol = await loop.create_datagram_endpoint(
-        lambda: DnsServer(records), local_addr=("127.0.0.1", 0)
+        lambda: DnsServer(records, delay), local_addr=("127.0.0.1", 0)
     )
     return protocol
 

@@ -412,3 +412,57 @@ async def test_error_responses_carry_request_id_and_traceparent(proxy: RunningPr
     assert status == b"HTTP/1.1 502 Bad Gateway"
     assert b"\r\nX-Request-ID: abc-123\r\n" in received
     assert b"\r\ntraceparent: 00-" in received
+
+
+async def test_a_slow_failing_lookup_is_timed_in_the_dns_phase(
+    start_proxy: Any, logs: LogCapture
+) -> None:
+    """A resolver that answers NXDOMAIN after 200 ms shows that time as dns, not only in total."""
+    slow = await start_dns({}, delay=0.2)
+    try:
+        proxy = await start_proxy(dns_servers=(slow.address,))
+        await expect_failure(proxy, logs, "http://gone.test/", 502, "dns_error")
+    finally:
+        stop_dns(slow)
+    (line,) = logs.events("access")
+    assert line["dns_ms"] >= 200
+    assert line["connect_ms"] is None
+    assert proxy.sample("proxy_upstream_dns_seconds_count", host="gone.test") == 1
+    dns_sum = proxy.sample("proxy_upstream_dns_seconds_sum", host="gone.test")
+    assert dns_sum is not None
+    assert dns_sum >= 0.2
+
+
+async def test_a_dns_timeout_is_timed_in_the_dns_phase(
+    start_proxy: Any, dns: DnsServer, logs: LogCapture
+) -> None:
+    """A lookup given up after --dns-timeout is observed with its time to failure."""
+    proxy = await start_proxy(dns_servers=(dns.address,), dns_timeout=0.3)
+    await expect_failure(proxy, logs, "http://slow.test/", 504, "dns_timeout")
+    (line,) = logs.events("access")
+    assert line["dns_ms"] >= 300
+    assert proxy.sample("proxy_upstream_dns_seconds_count", host="slow.test") == 1
+
+
+async def test_a_refused_dial_is_timed_in_the_connect_phase(
+    proxy: RunningProxy, logs: LogCapture
+) -> None:
+    """A refused connection is observed in the connect histogram and logged as connect_ms."""
+    host = f"127.0.0.1:{closed_port()}"
+    await expect_failure(proxy, logs, f"http://{host}/", 502, "connection_refused")
+    (line,) = logs.events("access")
+    assert line["connect_ms"] is not None
+    assert line["dns_ms"] is None  # an IP literal needs no lookup
+    assert proxy.sample("proxy_upstream_connect_seconds_count", host=host) == 1
+
+
+async def test_a_connect_timeout_is_timed_in_the_connect_phase(
+    start_proxy: Any, unanswered_port: int, logs: LogCapture
+) -> None:
+    """A dial given up after --connect-timeout is observed with its time to failure."""
+    proxy = await start_proxy(connect_timeout=0.3)
+    host = f"127.0.0.1:{unanswered_port}"
+    await expect_failure(proxy, logs, f"http://{host}/", 504, "connection_timeout")
+    (line,) = logs.events("access")
+    assert line["connect_ms"] >= 300
+    assert proxy.sample("proxy_upstream_connect_seconds_count", host=host) == 1

@@ -434,6 +434,8 @@ async def test_refused_target_gets_502_with_proxy_status(
     (line,) = await tunnel_lines(logs)
     assert (line["status"], line["outcome"], line["error"]) == (502, "failed", "connection_refused")
     assert line["closed_by"] is None
+    assert line["connect_ms"] is not None  # the failed dial is timed
+    assert proxy.sample("proxy_upstream_connect_seconds_count", host=host) == 1
 
 
 async def test_unknown_name_gets_502_dns_error(start_proxy: StartProxy, logs: LogCapture) -> None:
@@ -464,6 +466,8 @@ async def test_dns_timeout_gets_504(start_proxy: StartProxy, logs: LogCapture) -
         stop_dns(dns)
     (line,) = await tunnel_lines(logs)
     assert (line["host"], line["outcome"], line["error"]) == ("slow.test", "failed", "dns_timeout")
+    assert line["dns_ms"] >= 300  # the failed lookup is timed
+    assert proxy.sample("proxy_upstream_dns_seconds_count", host="slow.test") == 1
 
 
 @pytest.mark.parametrize(

@@ -3,8 +3,8 @@
 The phases are disjoint (see README "Timings"):
 
 - queue: the sum of every wait for a pooled connection; 0 when a slot was free.
-- dns: the lookup, only when one ran (a cache miss).
-- connect: a new connection's TCP (+ TLS) time, DNS excluded.
+- dns: the lookup, only when one ran (a cache miss), failed lookups included.
+- connect: a new connection's TCP (+ TLS) time, DNS excluded, failed dials included.
 - ttfb: request headers sent upstream -> response headers received.
 - total: request reached the proxy -> last response byte written (the handler's clock;
   no signal marks the end of a streamed body).
@@ -62,6 +62,17 @@ class Timings:
         if self.sent_at is None or self.response_at is None:
             return None
         return self.response_at - self.sent_at
+
+    def settle(self, now: float) -> None:
+        """A lookup or dial that began but never ended failed at ``now``: time it all the same.
+
+        aiohttp signals only the end of a lookup or a dial that succeeded, so without this a
+        slow resolver that then fails would show in the total alone.
+        """
+        if self._dns_start and self.dns is None:
+            self.dns = now - self._dns_start
+        elif self._connect_start and self.connect is None:
+            self.connect = now - self._connect_start - (self.dns or 0.0)
 
     def __repr__(self) -> str:
         fields = ("queue", "dns", "connect", "ttfb", "reused", "dns_cache")

@@ -195,6 +195,7 @@ class Forwarder:
     def _fail_before_response(
         self, request: web.Request, outcome: Outcome, exc: Exception
     ) -> web.StreamResponse:
+        outcome.timings.settle(perf_counter())
         if _client_gone(request):
             err: ProxyError = errors.CLIENT_DISCONNECTED
         else:

@@ -270,6 +270,7 @@ class Tunneller:
         try:
             addresses = await self._resolver.resolve(target.host, target.port, record.timings)
         except Exception as exc:
+            record.timings.settle(perf_counter())  # a failed lookup is timed too
             return self._fail(record, errors.classify(exc, errors.LOOKUP), exc)
         relay = Relay(self._idle_timeout)
         try:
@@ -311,21 +312,23 @@ class Tunneller:
         loop = asyncio.get_running_loop()
         started = perf_counter()
         failure = OSError("the name resolved to no address")
-        async with asyncio.timeout(self._connect_timeout):
-            for address in addresses:
-                try:
-                    await loop.create_connection(
-                        relay.upstream_protocol,
-                        address["host"],
-                        address["port"],
-                        family=address["family"],
-                    )
-                except OSError as exc:
-                    failure = exc
-                else:
-                    timings.connect = perf_counter() - started
-                    return
-        raise failure
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                for address in addresses:
+                    try:
+                        await loop.create_connection(
+                            relay.upstream_protocol,
+                            address["host"],
+                            address["port"],
+                            family=address["family"],
+                        )
+                    except OSError as exc:
+                        failure = exc
+                    else:
+                        return
+            raise failure
+        finally:
+            timings.connect = perf_counter() - started  # failed dials are timed too
 
     def _hand_over(
         self,
