@@ -29,6 +29,7 @@ class Timings:
     """Clock readings and derived phase durations (seconds) of one request."""
 
     __slots__ = (
+        "_connect_end",
         "_connect_start",
         "_dns_start",
         "_queue_start",
@@ -56,6 +57,7 @@ class Timings:
         self._queue_start = 0.0
         self._dns_start = 0.0
         self._connect_start = 0.0
+        self._connect_end = 0.0
 
     @property
     def ttfb(self) -> float | None:
@@ -72,7 +74,31 @@ class Timings:
         if self._dns_start and self.dns is None:
             self.dns = now - self._dns_start
         elif self._connect_start and self.connect is None:
+            self._connect_end = now
             self.connect = now - self._connect_start - (self.dns or 0.0)
+
+    def connected(self, started: float) -> None:
+        """A connection opened outside the connector (a tunnel's dial), begun at ``started``."""
+        self._connect_end = perf_counter()
+        self.connect = self._connect_end - started
+
+    def phases(self) -> list[tuple[str, float, float]]:
+        """(phase, start, duration) of each phase that ran, in perf_counter seconds.
+
+        For span events. queue starts at the last wait's start (the sum of waits is its
+        duration); connect ends where aiohttp's create signal ended, DNS excluded.
+        """
+        out: list[tuple[str, float, float]] = []
+        if self.queue > 0.0:
+            out.append(("queue", self._queue_start, self.queue))
+        if self.dns is not None:
+            out.append(("dns", self._dns_start, self.dns))
+        if self.connect is not None:
+            out.append(("connect", self._connect_end - self.connect, self.connect))
+        ttfb = self.ttfb
+        if ttfb is not None and self.sent_at is not None:
+            out.append(("ttfb", self.sent_at, ttfb))
+        return out
 
     def __repr__(self) -> str:
         fields = ("queue", "dns", "connect", "ttfb", "reused", "dns_cache")
@@ -106,7 +132,8 @@ async def _create_start(_s: Any, ctx: SimpleNamespace, _p: Any) -> None:
 
 async def _create_end(_s: Any, ctx: SimpleNamespace, _p: Any) -> None:
     if (t := _timings(ctx)) is not None:
-        t.connect = perf_counter() - t._connect_start - (t.dns or 0.0)
+        t._connect_end = perf_counter()
+        t.connect = t._connect_end - t._connect_start - (t.dns or 0.0)
 
 
 async def _reuseconn(_s: Any, ctx: SimpleNamespace, _p: Any) -> None:
