@@ -141,7 +141,8 @@ def our_route(count: int) -> tuple[float, float]:
         outcome = Outcome(request, target, "127.0.0.1:8080", "2f1c-req", trace, _timings())
         outcome.status = 502
         outcome.total = 0.005
-        recorder.forwarded(outcome, ("127.0.0.1", 8080))
+        outcome.peer = ("127.0.0.1", 8080)
+        recorder.forwarded(outcome)
     hot = time.process_time() - started
     service = spans.resource("bench")
     started = time.process_time()

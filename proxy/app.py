@@ -16,6 +16,7 @@ from proxy.config import Settings
 from proxy.observe import log
 from proxy.observe.metrics import Metrics
 from proxy.observe.outcome import Observer
+from proxy.observe.spans import SpanRecorder
 from proxy.observe.tracing import pool_wait_trace_config, trace_config
 from proxy.rules import errors, policy
 from proxy.rules.errors import ProxyError
@@ -71,6 +72,7 @@ FORWARDER: Final = web.AppKey("forwarder", Forwarder)
 TUNNELLER: Final = web.AppKey("tunneller", Tunneller)
 GATE: Final = web.AppKey("gate", ClientGate)
 OWN_ADDRESSES: Final = web.AppKey("own_addresses", policy.OwnAddresses)
+SPANS: Final = web.AppKey("spans", SpanRecorder)  # present only when spans are exported
 
 NOT_A_PROXY_REQUEST: Final = ProxyError(
     400,
@@ -256,6 +258,7 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
         via_pseudonym=settings.via_pseudonym,
         read_idle_timeout=settings.read_idle_timeout,
         pool_wait_timeout=settings.pool_wait_timeout,
+        spans=app.get(SPANS),
     )
     app[TUNNELLER] = Tunneller(
         SessionResolver(session),
@@ -264,6 +267,7 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
         via_pseudonym=settings.via_pseudonym,
         connect_timeout=settings.connect_timeout,
         idle_timeout=settings.tunnel_idle_timeout,
+        spans=app.get(SPANS),
     )
     try:
         yield
@@ -282,6 +286,7 @@ def build_proxy_app(
     metrics: Metrics,
     lifecycle: Lifecycle,
     own_addresses: policy.OwnAddresses,
+    spans: SpanRecorder | None = None,
 ) -> web.Application:
     """The proxy listener's app; ``own_addresses`` is filled in once the listeners are bound."""
     app = web.Application(middlewares=[dispatch], handler_args={"auto_decompress": False})
@@ -291,6 +296,8 @@ def build_proxy_app(
     app[LIFECYCLE] = lifecycle
     app[LOGGER] = log.get_logger()
     app[OWN_ADDRESSES] = own_addresses
+    if spans is not None:
+        app[SPANS] = spans
     credentials = (settings.proxy_auth,) if settings.proxy_auth is not None else ()
     app[GATE] = ClientGate(
         policy.Rules.parse(settings.allow_clients),

@@ -88,6 +88,13 @@ class Settings:
     proxy_auth_file: tuple[Credential, ...] = ()
     deny_destinations: tuple[str, ...] = BUILTIN_DENIED
     allow_destinations: tuple[str, ...] = ()
+    otlp_endpoint: str | None = None
+    otlp_service_name: str = "tracing-proxy"
+    otlp_sample_ratio: float = 1.0
+    otlp_batch_size: int = 512
+    otlp_queue_size: int = 2048
+    otlp_export_interval: float = 5.0
+    otlp_export_timeout: float = 10.0
 
 
 class SettingError(ValueError):
@@ -267,6 +274,45 @@ def parse_buckets(text: str) -> tuple[float, ...]:
     if list(values) != sorted(set(values)):
         raise SettingError(f"bounds must be strictly increasing, got {text!r}")
     return values
+
+
+def parse_ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise SettingError(f"expected a number from 0 to 1, got {text!r}") from None
+    if not 0.0 <= value <= 1.0:  # also refuses nan
+        raise SettingError(f"expected a number from 0 to 1, got {text!r}")
+    return value
+
+
+def parse_url(text: str) -> str:
+    """An http:// or https:// URL with a host, used as it is."""
+    url = text.strip()
+    match = re.fullmatch(r"(?i)https?://([^/?#@\s]+)([^?#\s]*)", url)
+    if match is None or match.group(1).startswith(":"):
+        raise SettingError(f"expected an http:// or https:// URL, got {text!r}")
+    return url
+
+
+def parse_otlp_base(text: str) -> str:
+    """The OTLP/HTTP base URL: /v1/traces is appended (OpenTelemetry exporter spec)."""
+    return parse_url(text).rstrip("/") + "/v1/traces"
+
+
+def parse_otlp_endpoint(text: str) -> str | None:
+    """A URL without a path gets /v1/traces; one with a path is used as it is."""
+    if text.strip().lower() in ("", "off", "none"):
+        return None
+    url = parse_url(text)
+    path = re.fullmatch(r"(?i)https?://[^/]+(.*)", url)
+    return parse_otlp_base(url) if path is None or path.group(1) in ("", "/") else url
+
+
+def parse_service_name(text: str) -> str:
+    if not text.strip():
+        raise SettingError("expected a service name, got an empty one")
+    return text.strip()
 
 
 # RFC 9110 §5.1: a field name is a token.
@@ -498,6 +544,53 @@ OPTIONS: tuple[Option, ...] = (
         "destinations dialled even when a deny rule matches (CIDRs, host patterns)",
         "RULE,...",
     ),
+    Option(
+        "otlp_endpoint",
+        parse_otlp_endpoint,
+        "export spans over OTLP/HTTP protobuf to this URL (no path: /v1/traces is added); "
+        "also read from OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, OTEL_EXPORTER_OTLP_ENDPOINT",
+        "URL",
+    ),
+    Option(
+        "otlp_service_name",
+        parse_service_name,
+        "service.name of the exported spans; also read from OTEL_SERVICE_NAME",
+        "NAME",
+    ),
+    Option(
+        "otlp_sample_ratio",
+        parse_ratio,
+        "share of the traces the proxy starts that it records (an incoming traceparent's "
+        "sampled flag decides for the others)",
+        "RATIO",
+    ),
+    Option("otlp_batch_size", parse_positive_count, "spans per OTLP export request", "N"),
+    Option(
+        "otlp_queue_size",
+        parse_positive_count,
+        "spans waiting for export at most; more are dropped and counted",
+        "N",
+    ),
+    Option(
+        "otlp_export_interval",
+        parse_positive_seconds,
+        "seconds between exports when no full batch is waiting",
+        "SECONDS",
+    ),
+    Option(
+        "otlp_export_timeout",
+        parse_positive_seconds,
+        "seconds one OTLP export request may take",
+        "SECONDS",
+    ),
+)
+
+# The standard OpenTelemetry variables, read when neither the flag nor its PROXY_* twin is
+# set; for one setting, the first that is present wins.
+STANDARD_ENV: tuple[tuple[str, str, Callable[[str], Any]], ...] = (
+    ("otlp_endpoint", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", parse_url),
+    ("otlp_endpoint", "OTEL_EXPORTER_OTLP_ENDPOINT", parse_otlp_base),
+    ("otlp_service_name", "OTEL_SERVICE_NAME", parse_service_name),
 )
 
 
@@ -544,6 +637,14 @@ def load(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
             values[option.field] = option.parse(raw)
         except SettingError as exc:
             parser.exit(2, f"{parser.prog}: error: {option.flag} ({option.env}): {exc}\n")
+    for field, env, parse in STANDARD_ENV:
+        raw = environ.get(env)
+        if field in values or raw is None or (field == "otlp_endpoint" and not raw.strip()):
+            continue
+        try:
+            values[field] = parse(raw)
+        except SettingError as exc:
+            parser.exit(2, f"{parser.prog}: error: {env}: {exc}\n")
     return Settings(**values)
 
 

@@ -20,9 +20,11 @@ from proxy.app import Lifecycle, build_admin_app, build_proxy_app
 from proxy.config import Address, Settings
 from proxy.observe import log
 from proxy.observe.metrics import HostLabelLimits, Metrics
+from proxy.observe.spans import SpanQueue, SpanRecorder, TraceIdRatio
 from proxy.rules.hostpatterns import HostPatterns
 from proxy.rules.policy import OwnAddresses
 from proxy.wire.limits import ClientLimits, GuardedRunner, ListenerGuard
+from proxy.wire.otlp import SpanExporter
 
 # Backstop for handlers still running after the drain: aiohttp waits twice this long.
 _FINAL_SHUTDOWN_TIMEOUT = 1.0
@@ -63,15 +65,26 @@ class ProxyServer:
         self._logger = log.get_logger()
         self._flusher: asyncio.Future[None] | None = None
         self.own_addresses = OwnAddresses()  # what the listeners bound: never a destination
+        # Span export: nothing of it exists unless an endpoint is configured.
+        self.spans: SpanRecorder | None = None
+        self.span_exporter: SpanExporter | None = None
+        self._flush_by: float | None = None  # loop time the drain wants spans flushed by
 
     async def start(self) -> None:
         settings = self.settings
         self.metrics.register(self.registry, in_flight=lambda: self.lifecycle.in_flight)
         ProcessCollector(registry=self.registry)
-        proxy_app = build_proxy_app(
-            settings, self.registry, self.metrics, self.lifecycle, self.own_addresses
-        )
         try:
+            if settings.otlp_endpoint is not None:
+                await self._start_spans(settings.otlp_endpoint)
+            proxy_app = build_proxy_app(
+                settings,
+                self.registry,
+                self.metrics,
+                self.lifecycle,
+                self.own_addresses,
+                self.spans,
+            )
             limits = ClientLimits.from_settings(settings)
             guard = ListenerGuard(
                 limits,
@@ -97,6 +110,25 @@ class ProxyServer:
             await self.close()
             raise
         self._flusher = asyncio.ensure_future(_flush_logs_periodically())
+
+    async def _start_spans(self, endpoint: str) -> None:
+        settings = self.settings
+        queue = SpanQueue(settings.otlp_queue_size, settings.otlp_batch_size)
+        queue.register(self.registry)
+        self.spans = SpanRecorder(
+            queue,
+            TraceIdRatio(settings.otlp_sample_ratio),
+            request_id_header=settings.request_id_header,
+            log_query=settings.log_query,
+        )
+        self.span_exporter = SpanExporter(
+            queue,
+            endpoint,
+            service_name=settings.otlp_service_name,
+            interval=settings.otlp_export_interval,
+            timeout=settings.otlp_export_timeout,
+        )
+        await self.span_exporter.start()
 
     async def _listen(
         self,
@@ -135,11 +167,16 @@ class ProxyServer:
         if grace > 0:
             await asyncio.sleep(grace)
         lifecycle.refusing = True
+        # Spans are flushed by close(), within what is left of this deadline.
+        self._flush_by = asyncio.get_running_loop().time() + drain_timeout
         try:
             await asyncio.wait_for(lifecycle.wait_idle(), drain_timeout)
         except TimeoutError:
             self._logger.warning("drain_timeout", in_flight=lifecycle.in_flight)
             return False
+        except asyncio.CancelledError:
+            self._flush_by = None  # a second signal skips the drain: flush briefly
+            raise
         return True
 
     async def close(self) -> None:
@@ -147,10 +184,21 @@ class ProxyServer:
             with contextlib.suppress(Exception):
                 await runner.cleanup()
         self._runners.clear()
+        if self.span_exporter is not None:
+            # After the listeners: tunnels cut at shutdown have queued their spans by now.
+            await self.span_exporter.close(self._flush_budget())
+            self.span_exporter = None
         if self._flusher is not None:
             self._flusher.cancel()
             self._flusher = None
         log.flush()
+
+    def _flush_budget(self) -> float:
+        """What is left of the drain deadline, but at least the final backstop."""
+        if self._flush_by is None:
+            return _FINAL_SHUTDOWN_TIMEOUT
+        left = self._flush_by - asyncio.get_running_loop().time()
+        return max(left, _FINAL_SHUTDOWN_TIMEOUT)
 
     async def __aenter__(self) -> ProxyServer:
         await self.start()

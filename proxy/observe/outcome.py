@@ -22,6 +22,7 @@ class Outcome:
         "error",
         "exc",
         "host",
+        "peer",
         "request",
         "request_id",
         "status",
@@ -52,6 +53,8 @@ class Outcome:
         self.bytes_in = 0
         self.bytes_out = 0
         self.total = 0.0
+        # Spans only (proxy.observe.spans): the upstream address; left None when export is off.
+        self.peer: tuple[str, int] | None = None
 
     def fail(self, error: ProxyError, exc: BaseException | None = None) -> None:
         self.error = error
@@ -103,6 +106,7 @@ class Observer:
             "access",
             request_id=outcome.request_id,
             trace_id=outcome.trace.trace_id,
+            span_id=outcome.trace.span_id,  # None unless the proxy records a span
             client=request.remote,
             method=request.method,
             host=outcome.host,

@@ -35,6 +35,9 @@ from proxy.observe.metrics import method_label
 
 if TYPE_CHECKING:
     from proxy.observe.outcome import Outcome
+    from proxy.observe.tracing import Timings
+    from proxy.rules.errors import ProxyError
+    from proxy.rules.request_id import TraceContext
 
 AttributeValue = str | int | float | tuple[str, ...]
 
@@ -209,7 +212,7 @@ class SpanRecorder:
         self._rid_key = "http.request.header." + request_id_header.lower()
         self._log_query = log_query
 
-    def forwarded(self, outcome: Outcome, peer: tuple[str, int] | None) -> None:
+    def forwarded(self, outcome: Outcome) -> None:
         """The CLIENT span of one forwarded request (only called when it is recorded)."""
         trace = outcome.trace
         if trace.span_id is None:
@@ -234,7 +237,7 @@ class SpanRecorder:
                 error = str(outcome.status)  # semconv: 4xx/5xx fail a client span
         if error is not None:
             attributes["error.type"] = error
-        add_peer(attributes, peer)
+        add_peer(attributes, outcome.peer)
         self.queue.add(
             SpanRecord(
                 attributes["http.request.method"],  # type: ignore[arg-type]
@@ -248,6 +251,49 @@ class SpanRecorder:
                 error=error,
                 error_text=outcome.error.text if outcome.error is not None else "",
                 trace_state=request.headers.get("tracestate") if trace.kept else None,
+            )
+        )
+
+    def tunnel(
+        self,
+        trace: TraceContext,
+        *,
+        host: str,
+        port: int,
+        request_id: str,
+        timings: Timings,
+        duration: float,
+        outcome: str,
+        error: ProxyError | None,
+        peer: tuple[str, int] | None,
+        tracestate: str | None,
+    ) -> None:
+        """The CLIENT span of one CONNECT tunnel: its dial, then its lifetime."""
+        if trace.span_id is None:
+            return
+        attributes: dict[str, AttributeValue] = {
+            "http.request.method": "CONNECT",
+            "server.address": host,
+            "server.port": port,
+            self._rid_key: (request_id,),
+            "proxy.tunnel.outcome": outcome,
+        }
+        if error is not None:
+            attributes["error.type"] = error.error
+        add_peer(attributes, peer)
+        self.queue.add(
+            SpanRecord(
+                "CONNECT",
+                trace.trace_id,
+                trace.span_id,
+                trace.parent_id,
+                timings.start,
+                timings.start + duration,
+                attributes,
+                timings.phases(),
+                error=error.error if error is not None else None,
+                error_text=error.text if error is not None else "",
+                trace_state=tracestate if trace.kept else None,
             )
         )
 
@@ -275,19 +321,33 @@ def resource(service_name: str) -> Resource:
     )
 
 
+class BatchBuilder:
+    """One ``ExportTraceServiceRequest`` (one resource, one scope), filled a slice at a time."""
+
+    def __init__(self, service: Resource) -> None:
+        self._request = ExportTraceServiceRequest()
+        resource_spans = self._request.resource_spans.add()
+        resource_spans.resource.CopyFrom(service)
+        scope_spans = resource_spans.scope_spans.add()
+        scope_spans.scope.name = SCOPE_NAME
+        scope_spans.scope.version = __version__
+        self._add = scope_spans.spans.add
+
+    def add(self, records: Iterable[SpanRecord]) -> None:
+        add = self._add
+        for record in records:
+            fill_span(add(), record)
+
+    def body(self) -> bytes:
+        body: bytes = self._request.SerializeToString()
+        return body
+
+
 def encode(records: Iterable[SpanRecord], service: Resource) -> bytes:
     """An ``ExportTraceServiceRequest`` body for ``records``."""
-    request = ExportTraceServiceRequest()
-    resource_spans = request.resource_spans.add()
-    resource_spans.resource.CopyFrom(service)
-    scope_spans = resource_spans.scope_spans.add()
-    scope_spans.scope.name = SCOPE_NAME
-    scope_spans.scope.version = __version__
-    add = scope_spans.spans.add
-    for record in records:
-        fill_span(add(), record)
-    body: bytes = request.SerializeToString()
-    return body
+    builder = BatchBuilder(service)
+    builder.add(records)
+    return builder.body()
 
 
 def rejected_spans(body: bytes) -> int:

@@ -16,6 +16,7 @@ from yarl import URL
 
 from proxy.observe.outcome import Observer, Outcome
 from proxy.observe.pool_wait import PoolWait
+from proxy.observe.spans import SpanRecorder
 from proxy.observe.tracing import Timings
 from proxy.rules import errors, headers, policy
 from proxy.rules.errors import ProxyError
@@ -75,9 +76,12 @@ class Forwarder:
         via_pseudonym: str,
         read_idle_timeout: float,
         pool_wait_timeout: float,
+        spans: SpanRecorder | None = None,
     ) -> None:
         self._session = session
         self._observer = observer
+        self._spans = spans  # None when span export is off: no span work at all
+        self._record_new = spans.sampler if spans is not None else None
         self._rid_header = request_id_header
         self._rid_key = request_id_header.lower().encode("latin-1")
         self._pseudonym = via_pseudonym
@@ -90,7 +94,7 @@ class Forwarder:
     async def __call__(self, request: web.Request, target: URL, host: str) -> web.StreamResponse:
         start = perf_counter()
         request_id = choose_request_id(request.headers.get(self._rid_header))
-        trace = choose_trace_context(request.headers.get("traceparent"))
+        trace = choose_trace_context(request.headers.get("traceparent"), self._record_new)
         outcome = Outcome(request, target, host, request_id, trace, Timings(start))
         try:
             response = await self._forward(request, target, outcome)
@@ -98,6 +102,8 @@ class Forwarder:
             outcome.total = perf_counter() - start
             if self._observer is not None:
                 self._observer(outcome)
+            if trace.span_id is not None and self._spans is not None:
+                self._spans.forwarded(outcome)
         return response
 
     async def _forward(
@@ -162,6 +168,9 @@ class Forwarder:
         response = (ReadyForwardedResponse if ready else ForwardedResponse)(up, fields)
         outcome.status = up.status
         connection = up.connection
+        if self._spans is not None and connection is not None and connection.transport:
+            peer = connection.transport.get_extra_info("peername")
+            outcome.peer = (peer[0], peer[1]) if peer else None
         if connection is not None and connection.protocol is not None and not up.content.is_eof():
             # The session's sock_read bounded the wait for headers; the body gets its own
             # idle limit. Restarting the timer is safe only while the body is unfinished:

@@ -24,10 +24,11 @@ from yarl import URL
 
 from proxy.observe.metrics import Metrics
 from proxy.observe.outcome import milliseconds
+from proxy.observe.spans import SpanRecorder
 from proxy.observe.tracing import Timings
 from proxy.rules import errors, policy
 from proxy.rules.errors import ProxyError
-from proxy.rules.request_id import choose_request_id
+from proxy.rules.request_id import TraceContext, choose_request_id, choose_trace_context
 from proxy.rules.target import host_label
 from proxy.wire.relay import ClientProtocol, Relay
 
@@ -137,15 +138,22 @@ class TunnelRecord:
         "duration",
         "error",
         "exc",
+        "peer",
         "relay",
         "request_id",
         "status",
         "target",
         "timings",
+        "trace",
     )
 
     def __init__(
-        self, client: str | None, target: TunnelTarget, request_id: str, timings: Timings
+        self,
+        client: str | None,
+        target: TunnelTarget,
+        request_id: str,
+        timings: Timings,
+        trace: TraceContext | None = None,
     ) -> None:
         self.client = client
         self.target = target
@@ -156,6 +164,8 @@ class TunnelRecord:
         self.exc: BaseException | None = None
         self.relay: Relay | None = None  # set once the 200 is out
         self.duration = 0.0
+        self.trace = trace  # only when spans are exported
+        self.peer: tuple[str, int] | None = None  # the address dialled, for the span
 
     def fail(self, error: ProxyError, exc: BaseException) -> None:
         self.error = error
@@ -202,10 +212,14 @@ class TunnelObserver:
             stats.tunnel_bytes_sent += sent
             stats.tunnel_bytes_received += received
             exc = relay.error
-            error = _RELAY_ERRORS.get(outcome)
+            relay_error = _RELAY_ERRORS.get(outcome)
+            error = relay_error.error if relay_error is not None else None
+        trace = record.trace
         self._logger.info(
             "tunnel",
             request_id=record.request_id,
+            trace_id=trace.trace_id if trace is not None else None,
+            span_id=trace.span_id if trace is not None else None,
             client=record.client,
             host=record.target.label,
             target=record.target.authority,
@@ -223,7 +237,10 @@ class TunnelObserver:
 
 
 # An established tunnel that ended badly; RFC 9209 has no type for a reset mid-tunnel.
-_RELAY_ERRORS: Final = {"reset": "connection_reset", "error": errors.INTERNAL_ERROR.error}
+_RELAY_ERRORS: Final = {
+    "reset": ProxyError(502, "connection_reset", "the tunnel was reset"),
+    "error": errors.INTERNAL_ERROR,
+}
 
 
 class Tunneller:
@@ -238,9 +255,11 @@ class Tunneller:
         via_pseudonym: str,
         connect_timeout: float,
         idle_timeout: float,
+        spans: SpanRecorder | None = None,
     ) -> None:
         self._resolver = resolver
         self._observer = observer
+        self._spans = spans
         self._rid_header = request_id_header
         self._pseudonym = via_pseudonym
         self._connect_timeout = connect_timeout
@@ -248,14 +267,35 @@ class Tunneller:
         self._open: set[Relay] = set()
 
     async def __call__(self, request: web.Request, target: TunnelTarget) -> web.StreamResponse:
+        start = perf_counter()
         request_id = choose_request_id(request.headers.get(self._rid_header))
-        record = TunnelRecord(request.remote, target, request_id, Timings(perf_counter()))
+        spans = self._spans
+        trace = (
+            choose_trace_context(request.headers.get("traceparent"), spans.sampler)
+            if spans is not None
+            else None
+        )
+        record = TunnelRecord(request.remote, target, request_id, Timings(start), trace)
         try:
             return await self._tunnel(request, record)
         finally:
-            record.duration = perf_counter() - record.timings.start
+            record.duration = perf_counter() - start
             if self._observer is not None:
                 self._observer(record)
+            if spans is not None and trace is not None and trace.span_id is not None:
+                error = record.error or _RELAY_ERRORS.get(record.outcome)
+                spans.tunnel(
+                    trace,
+                    host=target.host,
+                    port=target.port,
+                    request_id=request_id,
+                    timings=record.timings,
+                    duration=record.duration,
+                    outcome=record.outcome,
+                    error=error,
+                    peer=record.peer,
+                    tracestate=request.headers.get("tracestate"),
+                )
 
     def close_all(self) -> None:
         """Shutdown: end every open tunnel now (the drain has already waited for them)."""
@@ -274,7 +314,7 @@ class Tunneller:
             return self._fail(record, errors.classify(exc, errors.LOOKUP), exc)
         relay = Relay(self._idle_timeout)
         try:
-            await self._dial(addresses, relay, record.timings)
+            record.peer = await self._dial(addresses, relay, record.timings)
         except Exception as exc:
             return self._fail(record, errors.classify(exc, errors.DIAL), exc)
         return await self._answer_and_relay(request, relay, record)
@@ -307,7 +347,9 @@ class Tunneller:
             self._open.discard(relay)
         return response
 
-    async def _dial(self, addresses: list[ResolveResult], relay: Relay, timings: Timings) -> None:
+    async def _dial(
+        self, addresses: list[ResolveResult], relay: Relay, timings: Timings
+    ) -> tuple[str, int]:
         """Connect to the first address that accepts, all within ``connect_timeout``."""
         loop = asyncio.get_running_loop()
         started = perf_counter()
@@ -325,10 +367,10 @@ class Tunneller:
                     except OSError as exc:
                         failure = exc
                     else:
-                        return
+                        return address["host"], address["port"]
             raise failure
         finally:
-            timings.connect = perf_counter() - started  # failed dials are timed too
+            timings.connected(started)  # failed dials are timed too
 
     def _hand_over(
         self,
