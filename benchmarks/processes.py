@@ -15,8 +15,9 @@ def proxy_command(*args: str) -> list[str]:
 
 
 def flags_only_environment() -> dict[str, str]:
-    """This environment without PROXY_* variables, so only the given flags configure a child."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("PROXY_")}
+    """This environment without PROXY_* (and the OTEL_* the proxy reads), so only the given
+    flags configure a child."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("PROXY_", "OTEL_"))}
 
 
 @contextlib.contextmanager

@@ -168,9 +168,8 @@ class Forwarder:
         response = (ReadyForwardedResponse if ready else ForwardedResponse)(up, fields)
         outcome.status = up.status
         connection = up.connection
-        if self._spans is not None and connection is not None and connection.transport:
-            peer = connection.transport.get_extra_info("peername")
-            outcome.peer = (peer[0], peer[1]) if peer else None
+        if self._spans is not None:
+            outcome.peer = upstream_peer(up)
         if connection is not None and connection.protocol is not None and not up.content.is_eof():
             # The session's sock_read bounded the wait for headers; the body gets its own
             # idle limit. Restarting the timer is safe only while the body is unfinished:
@@ -240,6 +239,19 @@ class Forwarder:
         """The request id and trace context go on every message we send, both ways."""
         fields[self._rid_header] = outcome.request_id
         fields["traceparent"] = outcome.trace.traceparent
+
+
+def upstream_peer(up: aiohttp.ClientResponse) -> tuple[str, int] | None:
+    """The address the response came from, for the span's network.peer.*.
+
+    ``up.connection`` is already None when the whole body came with the headers (the
+    connection went back to the pool), so this reads the private ``_protocol`` aiohttp
+    keeps on the response (pinned below 3.15; docs/aiohttp-internals.md; tests/test_spans.py).
+    """
+    protocol = getattr(up, "_protocol", None)
+    transport = getattr(protocol, "transport", None)
+    peer = transport.get_extra_info("peername") if transport is not None else None
+    return (str(peer[0]), int(peer[1])) if peer else None
 
 
 def _client_gone(request: web.Request) -> bool:

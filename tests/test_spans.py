@@ -1,0 +1,379 @@
+"""Spans: one CLIENT span per forwarded request and tunnel, linked into the caller's trace."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import socket
+import types
+from collections.abc import Awaitable, Callable
+
+import aiohttp
+import pytest
+from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
+
+from proxy.observe import spans as spans_module
+from proxy.observe.spans import SpanQueue, SpanRecord, SpanRecorder, TraceIdRatio
+from proxy.rules.request_id import parse_traceparent_fields
+from proxy.wire.otlp import SpanExporter
+from tests.conftest import LogCapture, Origin, RunningProxy, read_head
+from tests.otlp import StartReceiver, attributes, otlp_receiver  # noqa: F401
+from tests.test_tunnelling import StartRaw, echo
+
+StartProxy = Callable[..., Awaitable[RunningProxy]]
+
+CALLER_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+CALLER_SPAN = "00f067aa0ba902b7"
+SAMPLED_TP = f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"
+UNSAMPLED_TP = f"00-{CALLER_TRACE}-{CALLER_SPAN}-00"
+
+
+def _seen_traceparent(echoed: dict[str, object]) -> str:
+    headers = echoed["headers"]
+    assert isinstance(headers, list)
+    values = [value for name, value in headers if name.lower() == "traceparent"]
+    assert len(values) == 1
+    return str(values[0])
+
+
+async def _get(
+    client: aiohttp.ClientSession, proxy: RunningProxy, url: str, **headers: str
+) -> tuple[int, dict[str, object]]:
+    async with client.get(url, headers=headers, proxy=proxy.url) as response:
+        body = await response.json() if response.status == 200 else {}
+        return response.status, body
+
+
+async def _spans_proxy(start_proxy: StartProxy, endpoint: str, **changes: object) -> RunningProxy:
+    """A proxy that exports each span at once (batches of one)."""
+    return await start_proxy(otlp_endpoint=endpoint, otlp_batch_size=1, **changes)
+
+
+# -- sampling rules -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("ratio", "trace_id", "recorded"),
+    [
+        (1.0, "f" * 32, True),
+        (0.0, "0" * 31 + "1", False),
+        (0.5, "f" * 16 + "7fffffffffffffff", True),
+        (0.5, "0" * 16 + "8000000000000000", False),
+        (0.25, "0" * 16 + "3fffffffffffffff", True),
+        (0.25, "0" * 16 + "4000000000000000", False),
+    ],
+)
+def test_ratio_sampling_looks_at_the_low_64_bits(
+    ratio: float, trace_id: str, recorded: bool
+) -> None:
+    """A new trace is recorded when its low 64 bits are below ratio * 2**64 (OTel's rule)."""
+    assert TraceIdRatio(ratio)(trace_id) is recorded
+
+
+def test_a_full_queue_drops_and_counts() -> None:
+    """Past max_size, add() drops the record and counts it; nothing waits."""
+    queue = SpanQueue(max_size=2, batch_size=10)
+    record = SpanRecord("GET", CALLER_TRACE, CALLER_SPAN, None, 0.0, 1.0, {}, [])
+    for _ in range(5):
+        queue.add(record)
+    assert len(queue) == 2
+    assert queue.dropped["queue_full"] == 3
+
+
+def test_encoded_times_share_one_clock_anchor() -> None:
+    """Start, end and events convert through one anchor, so their differences are kept."""
+    record = SpanRecord(
+        "GET", CALLER_TRACE, "1" * 16, CALLER_SPAN, 10.0, 10.5, {}, [("ttfb", 10.1, 0.3)]
+    )
+    span = Span()
+    spans_module.fill_span(span, record)
+    assert span.end_time_unix_nano - span.start_time_unix_nano == 500_000_000
+    assert span.events[0].time_unix_nano - span.start_time_unix_nano == 100_000_000
+
+
+# -- through the proxy --------------------------------------------------------------------
+
+
+async def test_incoming_trace_gets_one_child_span_and_the_origin_its_grandchild(
+    start_proxy: StartProxy,
+    otlp_receiver: StartReceiver,  # noqa: F811
+    origin: Origin,
+    client: aiohttp.ClientSession,
+    logs: LogCapture,
+) -> None:
+    """One span with the caller's trace and parent; the origin's parent id is that span."""
+    receiver = await otlp_receiver()
+    proxy = await _spans_proxy(start_proxy, receiver.endpoint)
+    status, echoed = await _get(
+        client, proxy, origin.url("/echo?secret=1"), traceparent=SAMPLED_TP, tracestate="k=v"
+    )
+    assert status == 200
+    [span] = await receiver.wait_for_spans(1)
+    assert span.trace_id.hex() == CALLER_TRACE
+    assert span.parent_span_id.hex() == CALLER_SPAN
+    assert span.kind == Span.SPAN_KIND_CLIENT
+    assert span.trace_state == "k=v"
+    assert span.status.code == Status.STATUS_CODE_UNSET
+    assert _seen_traceparent(echoed) == f"00-{CALLER_TRACE}-{span.span_id.hex()}-01"
+    assert ["tracestate", "k=v"] in echoed["headers"]  # type: ignore[operator]
+    [line] = logs.events("access")
+    assert line["span_id"] == span.span_id.hex()
+    assert line["trace_id"] == CALLER_TRACE
+    assert receiver.content_types == ["application/x-protobuf"]
+
+
+async def test_span_attributes_follow_the_http_client_conventions(
+    start_proxy: StartProxy,
+    otlp_receiver: StartReceiver,  # noqa: F811
+    origin: Origin,
+    client: aiohttp.ClientSession,
+    logs: LogCapture,
+) -> None:
+    """Method, server, scheme, status, peer, URL without its query, and the request id."""
+    receiver = await otlp_receiver()
+    proxy = await _spans_proxy(start_proxy, receiver.endpoint)
+    await _get(client, proxy, origin.url("/echo?secret=1"), **{"X-Request-ID": "req-7"})
+    [span] = await receiver.wait_for_spans(1)
+    assert span.name == "GET"
+    assert attributes(span) == {
+        "http.request.method": "GET",
+        "server.address": "127.0.0.1",
+        "server.port": origin.port,
+        "url.scheme": "http",
+        "url.full": origin.url("/echo"),
+        "http.request.header.x-request-id": ["req-7"],
+        "http.response.status_code": 200,
+        "network.peer.address": "127.0.0.1",
+        "network.peer.port": origin.port,
+    }
+    resource = {
+        kv.key: kv.value.string_value
+        for kv in receiver.requests[0].resource_spans[0].resource.attributes
+    }
+    assert resource["service.name"] == "tracing-proxy"
+
+
+async def test_phases_are_events_inside_the_span_in_order(
+    start_proxy: StartProxy,
+    otlp_receiver: StartReceiver,  # noqa: F811
+    origin: Origin,
+    client: aiohttp.ClientSession,
+    logs: LogCapture,
+) -> None:
+    """A new connection gives connect then ttfb events, timed within the span, as logged."""
+    receiver = await otlp_receiver()
+    proxy = await _spans_proxy(start_proxy, receiver.endpoint)
+    await _get(client, proxy, origin.url("/echo"))
+    [span] = await receiver.wait_for_spans(1)
+    names = [event.name for event in span.events]
+    assert names == ["connect", "ttfb"]  # an IP literal needs no lookup; the pool was free
+    times = [event.time_unix_nano for event in span.events]
+    assert span.start_time_unix_nano <= times[0] <= times[1] <= span.end_time_unix_nano
+    [line] = logs.events("access")
+    durations = {event.name: attributes(event)["proxy.phase.duration"] for event in span.events}
+    assert round(durations["ttfb"] * 1000, 3) == line["ttfb_ms"]
+    assert round(durations["connect"] * 1000, 3) == line["connect_ms"]
+
+
+async def test_new_trace_is_recorded_sampled_and_logged_with_the_same_ids(
+    start_proxy: StartProxy,
+    otlp_receiver: StartReceiver,  # noqa: F811
+    origin: Origin,
+    client: aiohttp.ClientSession,
+    logs: LogCapture,
+) -> None:
+    """Without trace context, the new trace id is the same in the span, the log and upstream."""
+    receiver = await otlp_receiver()
+    proxy = await _spans_proxy(start_proxy, receiver.endpoint)
+    _, echoed = await _get(client, proxy, origin.url("/echo"))
+    [span] = await receiver.wait_for_spans(1)
+    [line] = logs.events("access")
+    assert span.trace_id.hex() == line["trace_id"]
+    assert span.span_id.hex() == line["span_id"]
+    assert span.parent_span_id == b""  # a root span
+    assert _seen_traceparent(echoed) == f"00-{line['trace_id']}-{line['span_id']}-01"
+
+
+async def test_ratio_zero_records_no_new_trace_but_follows_a_sampled_caller(
+    start_proxy: StartProxy,
+    otlp_receiver: StartReceiver,  # noqa: F811
+    origin: Origin,
+    client: aiohttp.ClientSession,
+    logs: LogCapture,
+) -> None:
+    """Ratio 0: a new trace goes out with 00 and no span; a sampled caller is still followed."""
+    receiver = await otlp_receiver()
+    proxy = await _spans_proxy(start_proxy, receiver.endpoint, otlp_sample_ratio=0.0)
+    _, unrecorded = await _get(client, proxy, origin.url("/echo"))
+    _, unsampled = await _get(client, proxy, origin.url("/echo"), traceparent=UNSAMPLED_TP)
+    _, followed = await _get(client, proxy, origin.url("/echo"), traceparent=SAMPLED_TP)
+    [span] = await receiver.wait_for_spans(1)
+    assert span.trace_id.hex() == CALLER_TRACE
+    fields = parse_traceparent_fields(_seen_traceparent(unrecorded))
+    assert fields is not None
+    assert fields[2] == "00"
+    assert _seen_traceparent(unsampled) == UNSAMPLED_TP  # passed through as it came
+    assert _seen_traceparent(followed) == f"00-{CALLER_TRACE}-{span.span_id.hex()}-01"
+    assert [line["span_id"] for line in logs.events("access")] == [None, None, span.span_id.hex()]
+    assert proxy.server.spans is not None
+    assert len(proxy.server.spans.queue) == 0
+
+
+async def test_log_query_puts_the_query_in_url_full(
+    start_proxy: StartProxy,
+    otlp_receiver: StartReceiver,  # noqa: F811
+    origin: Origin,
+    client: aiohttp.ClientSession,
+) -> None:
+    """With --log-query the span's url.full keeps its query string."""
+    receiver = await otlp_receiver()
+    proxy = await _spans_proxy(start_proxy, receiver.endpoint, log_query=True)
+    await _get(client, proxy, origin.url("/echo?q=1"))
+    [span] = await receiver.wait_for_spans(1)
+    assert attributes(span)["url.full"] == origin.url("/echo?q=1")
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+async def test_connection_refused_502_is_an_error_span(
+    start_proxy: StartProxy,
+    otlp_receiver: StartReceiver,  # noqa: F811
+    client: aiohttp.ClientSession,
+) -> None:
+    """A 502 the proxy answered: status ERROR, error.type from Proxy-Status, no response code."""
+    receiver = await otlp_receiver()
+    proxy = await _spans_proxy(start_proxy, receiver.endpoint)
+    status, _ = await _get(client, proxy, f"http://127.0.0.1:{_closed_port()}/")
+    assert status == 502
+    [span] = await receiver.wait_for_spans(1)
+    assert span.status.code == Status.STATUS_CODE_ERROR
+    assert span.status.message == "upstream refused the connection"
+    assert attributes(span)["error.type"] == "connection_refused"
+    assert "http.response.status_code" not in attributes(span)
+
+
+async def test_response_headers_timeout_is_an_error_span(
+    start_proxy: StartProxy,
+    otlp_receiver: StartReceiver,  # noqa: F811
+    origin: Origin,
+    client: aiohttp.ClientSession,
+) -> None:
+    """A 504 for headers that never came: status ERROR with error.type http_response_timeout."""
+    receiver = await otlp_receiver()
+    proxy = await _spans_proxy(start_proxy, receiver.endpoint, response_headers_timeout=0.2)
+    status, _ = await _get(client, proxy, origin.url("/slow-headers?ms=3000"))
+    assert status == 504
+    [span] = await receiver.wait_for_spans(1)
+    assert span.status.code == Status.STATUS_CODE_ERROR
+    assert attributes(span)["error.type"] == "http_response_timeout"
+
+
+async def test_upstream_5xx_fails_the_client_span(
+    start_proxy: StartProxy,
+    otlp_receiver: StartReceiver,  # noqa: F811
+    origin: Origin,
+    client: aiohttp.ClientSession,
+) -> None:
+    """An upstream 503 is relayed; the span is ERROR with error.type "503" (semconv)."""
+    receiver = await otlp_receiver()
+    proxy = await _spans_proxy(start_proxy, receiver.endpoint)
+    status, _ = await _get(client, proxy, origin.url("/status/503"))
+    assert status == 503
+    [span] = await receiver.wait_for_spans(1)
+    assert span.status.code == Status.STATUS_CODE_ERROR
+    assert attributes(span)["http.response.status_code"] == 503
+    assert attributes(span)["error.type"] == "503"
+
+
+async def test_tunnel_gets_a_connect_span(
+    start_proxy: StartProxy,
+    otlp_receiver: StartReceiver,  # noqa: F811
+    raw_origin: StartRaw,
+    logs: LogCapture,
+) -> None:
+    """A CONNECT tunnel is one CONNECT span with its connect event, linked to the caller."""
+    receiver = await otlp_receiver()
+    port = (await raw_origin(echo)).port
+    proxy = await _spans_proxy(start_proxy, receiver.endpoint, connect_ports=(port,))
+    address = proxy.server.proxy_address
+    assert address is not None
+    reader, writer = await asyncio.open_connection(address.host, address.port)
+    authority = f"127.0.0.1:{port}"
+    writer.write(
+        f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n"
+        f"traceparent: {SAMPLED_TP}\r\n\r\n".encode()
+    )
+    assert (await asyncio.wait_for(read_head(reader), 10)).startswith(b"HTTP/1.1 200")
+    writer.close()
+    [span] = await receiver.wait_for_spans(1)
+    assert span.name == "CONNECT"
+    assert span.trace_id.hex() == CALLER_TRACE
+    assert span.parent_span_id.hex() == CALLER_SPAN
+    assert [event.name for event in span.events] == ["connect"]
+    found = attributes(span)
+    assert found["server.port"] == port
+    assert found["network.peer.address"] == "127.0.0.1"
+    [line] = logs.events("tunnel")
+    assert line["span_id"] == span.span_id.hex()
+
+
+async def test_denied_destinations_do_not_stop_the_exporter(
+    start_proxy: StartProxy,
+    otlp_receiver: StartReceiver,  # noqa: F811
+    origin: Origin,
+    client: aiohttp.ClientSession,
+) -> None:
+    """With loopback denied to users, the 403's span still reaches a loopback collector."""
+    receiver = await otlp_receiver()
+    proxy = await _spans_proxy(start_proxy, receiver.endpoint, deny_destinations=("127.0.0.0/8",))
+    status, _ = await _get(client, proxy, origin.url("/echo"))
+    assert status == 403
+    [span] = await receiver.wait_for_spans(1)
+    assert attributes(span)["error.type"] == "destination_ip_prohibited"
+
+
+def _reachable(root: object) -> list[object]:
+    """Every object reachable from ``root``, not descending into code, classes or modules."""
+    seen: dict[int, object] = {}
+    stack = [root]
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen or isinstance(obj, types.ModuleType | type | types.FunctionType):
+            continue
+        if isinstance(obj, dict) and "__builtins__" in obj:
+            continue  # a module's globals
+        seen[id(obj)] = obj
+        stack.extend(gc.get_referents(obj))
+    return list(seen.values())
+
+
+async def test_export_off_builds_no_span_objects(
+    proxy: RunningProxy, origin: Origin, client: aiohttp.ClientSession, logs: LogCapture
+) -> None:
+    """Without an endpoint the proxy holds no recorder, queue, exporter or record at all."""
+    _, echoed = await _get(client, proxy, origin.url("/echo"), traceparent=SAMPLED_TP)
+    reachable = _reachable(proxy.server)
+    assert len(reachable) > 1000  # the walk did reach the apps, handlers and sessions
+    span_types = (SpanRecord, SpanQueue, SpanRecorder, SpanExporter, TraceIdRatio)
+    assert not [obj for obj in reachable if isinstance(obj, span_types)]
+    assert proxy.server.spans is None
+    assert proxy.server.span_exporter is None
+    assert _seen_traceparent(echoed) == SAMPLED_TP
+    assert logs.events("access")[0]["span_id"] is None
+    assert proxy.sample("proxy_spans_dropped_total", reason="queue_full") is None
+
+
+async def test_export_on_is_found_by_the_same_walk(
+    start_proxy: StartProxy,
+    otlp_receiver: StartReceiver,  # noqa: F811
+) -> None:
+    """The walk that finds nothing with export off finds the recorder and exporter when on."""
+    receiver = await otlp_receiver()
+    proxy = await _spans_proxy(start_proxy, receiver.endpoint)
+    found = {type(obj) for obj in _reachable(proxy.server)}
+    assert {SpanQueue, SpanRecorder, SpanExporter, TraceIdRatio} <= found
