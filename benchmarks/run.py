@@ -2,7 +2,8 @@
 
 Starts a local origin, then for each scenario a fresh proxy process and a wrk load
 (keep-alive clients, small responses). Prints requests/s, p50/p99 latency, the proxy's
-CPU time per request (utime + stime from /proc) and its peak RSS, with the ratios:
+CPU time per request (utime + stime from /proc) and its peak RSS (also with spans exported
+to a local OTLP sink at ratio 1.0), with the ratios:
 through-proxy vs direct, and tracing + metrics + access log on vs off.
 Everything runs on loopback; each load is bounded by wrk's duration.
 """
@@ -83,8 +84,11 @@ def run_wrk(url: str, path: str, connections: int, seconds: int) -> Load:
     )
 
 
-def proxy_sample(name: str, origin_port: int, observe: bool, args: argparse.Namespace) -> Sample:
+def proxy_sample(
+    name: str, origin_port: int, observe: bool, args: argparse.Namespace, *extra: str
+) -> Sample:
     command = proxy_command(
+        *extra,
         "--admin-listen",
         "off",
         "--observe",
@@ -126,18 +130,31 @@ def main() -> None:
     if shutil.which("wrk") is None:
         sys.exit("make bench needs wrk (Debian package 'wrk'): apt-get install wrk")
 
-    with ready_process([sys.executable, "-m", "benchmarks.origin"]) as (_, port_line):
+    with (
+        ready_process([sys.executable, "-m", "benchmarks.origin"]) as (_, port_line),
+        ready_process([sys.executable, "-m", "benchmarks.otlp_sink"]) as (_, sink_line),
+    ):
         port = int(port_line)
+        # Span export at ratio 1.0: every request is a span, sent to a local OTLP sink.
+        spans_args = (
+            "--otlp-endpoint",
+            f"http://127.0.0.1:{int(sink_line)}",
+            "--otlp-sample-ratio",
+            "1.0",
+        )
         run_wrk(f"http://127.0.0.1:{port}", "/", args.connections, 2)
         direct = Sample(
             "direct", run_wrk(f"http://127.0.0.1:{port}", "/", args.connections, args.seconds)
         )
         on: list[Sample] = []
         off: list[Sample] = []
+        exporting: list[Sample] = []
         for _ in range(args.rounds):  # alternate, so drift in the machine hits both alike
             on.append(proxy_sample("proxy, tracing on", port, True, args))
             off.append(proxy_sample("proxy, tracing off", port, False, args))
+            exporting.append(proxy_sample("proxy, spans exported", port, True, args, *spans_args))
     traced, untraced = median_sample(on), median_sample(off)
+    spans_on = median_sample(exporting)
 
     print(
         f"\n{args.connections} keep-alive clients, {args.seconds:g} s per run, "
@@ -147,7 +164,7 @@ def main() -> None:
         f"{'scenario':<22}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'CPU us/req':>12}"
         f"{'peak RSS MB':>13}{'errors':>8}"
     )
-    for sample in (direct, traced, untraced):
+    for sample in (direct, traced, untraced, spans_on):
         cpu = f"{sample.cpu_us_per_request:.0f}" if sample.cpu_us_per_request else "-"
         rss = f"{sample.peak_rss_mb:.1f}" if sample.peak_rss_mb else "-"
         print(
@@ -167,6 +184,11 @@ def main() -> None:
     print("  all rounds, CPU us/req on:  " + ", ".join(f"{s.cpu_us_per_request:.0f}" for s in on))
     print("  all rounds, CPU us/req off: " + ", ".join(f"{s.cpu_us_per_request:.0f}" for s in off))
     print(f"  spread on: {statistics.pstdev(s.cpu_us_per_request or 0 for s in on):.1f} us")
+    assert spans_on.cpu_us_per_request
+    print(
+        f"  spans exported vs not, CPU per request: "
+        f"{spans_on.cpu_us_per_request / traced.cpu_us_per_request:.3f}"
+    )
 
     if not args.skip_tunnel:
         with contextlib.suppress(ImportError):

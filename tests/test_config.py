@@ -46,6 +46,13 @@ def test_every_setting_has_a_flag_and_an_env_twin() -> None:
         (["--dns-servers", "example.com"], {}, "--dns-servers"),
         (["--request-id-header", "bad header"], {}, "--request-id-header"),
         (["--no-such-flag"], {}, "--no-such-flag"),
+        (["--otlp-endpoint", "ftp://collector"], {}, "--otlp-endpoint (PROXY_OTLP_ENDPOINT)"),
+        ([], {"PROXY_OTLP_SAMPLE_RATIO": "1.5"}, "--otlp-sample-ratio"),
+        (["--otlp-sample-ratio", "nan"], {}, "--otlp-sample-ratio"),
+        (["--otlp-batch-size", "0"], {}, "--otlp-batch-size"),
+        ([], {"OTEL_EXPORTER_OTLP_ENDPOINT": "collector:4318"}, "OTEL_EXPORTER_OTLP_ENDPOINT"),
+        ([], {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "x"}, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"),
+        ([], {"OTEL_SERVICE_NAME": " "}, "OTEL_SERVICE_NAME"),
     ],
 )
 def test_bad_values_exit_2_with_one_line_naming_the_setting(
@@ -90,3 +97,43 @@ def test_help_lists_every_flag_with_its_env_twin_and_default(
         assert option.flag in text
         assert option.env in text
     assert "(default: 127.0.0.1:3128)" in text
+
+
+_TRACES = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
+_BASE = "OTEL_EXPORTER_OTLP_ENDPOINT"
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "endpoint"),
+    [
+        ([], {}, None),
+        (["--otlp-endpoint", "http://127.0.0.1:4318"], {}, "http://127.0.0.1:4318/v1/traces"),
+        (["--otlp-endpoint", "http://c:4318/"], {}, "http://c:4318/v1/traces"),
+        (["--otlp-endpoint", "https://c/otlp/v1/traces"], {}, "https://c/otlp/v1/traces"),
+        (["--otlp-endpoint", "http://[::1]:4318"], {}, "http://[::1]:4318/v1/traces"),
+        (["--otlp-endpoint", "off"], {_TRACES: "http://t:1/x"}, None),
+        ([], {"PROXY_OTLP_ENDPOINT": "http://p:1"}, "http://p:1/v1/traces"),
+        (
+            [],
+            {"PROXY_OTLP_ENDPOINT": "http://p:1", _TRACES: "http://t:1/x"},
+            "http://p:1/v1/traces",
+        ),
+        ([], {_TRACES: "http://t:1/x", _BASE: "http://b:1"}, "http://t:1/x"),
+        ([], {_TRACES: "http://t:1"}, "http://t:1"),  # the traces variable is used as it is
+        ([], {_BASE: "http://b:1"}, "http://b:1/v1/traces"),
+        ([], {_BASE: "http://b:1/otel/"}, "http://b:1/otel/v1/traces"),
+        ([], {_BASE: ""}, None),
+    ],
+)
+def test_otlp_endpoint_sources_and_precedence(
+    argv: list[str], env: dict[str, str], endpoint: str | None
+) -> None:
+    """Flag, then PROXY_OTLP_ENDPOINT, then the standard traces variable, then the base one."""
+    assert config.load(argv, env).otlp_endpoint == endpoint
+
+
+def test_service_name_from_otel_service_name_unless_set() -> None:
+    """OTEL_SERVICE_NAME names the service unless the flag or its twin does."""
+    assert config.load([], {"OTEL_SERVICE_NAME": "svc"}).otlp_service_name == "svc"
+    env = {"OTEL_SERVICE_NAME": "svc", "PROXY_OTLP_SERVICE_NAME": "mine"}
+    assert config.load([], env).otlp_service_name == "mine"

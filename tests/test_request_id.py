@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import aiohttp
 import pytest
@@ -12,6 +13,7 @@ from proxy.rules.request_id import (
     choose_trace_context,
     new_request_id,
     parse_traceparent,
+    parse_traceparent_fields,
 )
 from tests.conftest import LogCapture, Origin, RunningProxy
 
@@ -118,3 +120,58 @@ async def test_request_id_header_name_is_configurable(
         echo = await resp.json()
         assert resp.headers["X-Correlation-ID"] == "corr-7"
     assert ["X-Correlation-ID", "corr-7"] in echo["headers"]
+
+
+_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+_PARENT = "00f067aa0ba902b7"
+
+
+def _always(trace_id: str) -> bool:
+    return True
+
+
+def _never(trace_id: str) -> bool:
+    return False
+
+
+@pytest.mark.parametrize(
+    ("incoming", "record_new", "kept", "recorded", "flags"),
+    [
+        # Pass-through: no recorder given, nothing changes.
+        (VALID_TP, None, True, False, "01"),
+        (None, None, False, False, "00"),
+        # Participant: a sampled caller is followed whatever the ratio says.
+        (VALID_TP, _never, True, True, "01"),
+        (f"00-{_TRACE}-{_PARENT}-00", _always, True, False, "00"),  # unsampled: passed through
+        (f"01-{_TRACE}-{_PARENT}-03-future", _always, True, True, "03"),  # other flag bits kept
+        (None, _always, False, True, "01"),
+        (None, _never, False, False, "00"),
+        ("garbage", _always, False, True, "01"),
+    ],
+)
+def test_participant_trace_context(
+    incoming: str | None,
+    record_new: Callable[[str], bool] | None,
+    kept: bool,
+    recorded: bool,
+    flags: str,
+) -> None:
+    """A recorded request goes out as 00-trace-<own span>-flags; an unrecorded one as today."""
+    context = choose_trace_context(incoming, record_new)
+    assert context.kept is kept
+    fields = parse_traceparent_fields(context.traceparent)
+    assert fields is not None
+    trace_id, parent_id, sent_flags = fields
+    assert sent_flags == flags
+    assert trace_id == context.trace_id
+    if kept:
+        assert trace_id == _TRACE
+    if recorded:
+        assert context.span_id == parent_id
+        assert context.traceparent.startswith("00-")  # §4.3: written in the version we know
+        assert context.parent_id == (_PARENT if kept else None)
+    else:
+        assert context.span_id is None
+        assert context.parent_id is None
+        if kept:
+            assert context.traceparent == incoming

@@ -67,9 +67,17 @@ def proxy_env() -> dict[str, str]:
 
 
 def test_kustomize_renders_the_expected_objects() -> None:
-    """The kustomization renders a Namespace, ServiceAccount, ConfigMap, Deployment, PodMonitor."""
+    """The kustomization renders a Namespace, ServiceAccount, ConfigMap, Deployment, the
+    collector Service and a PodMonitor."""
     kinds = sorted(obj["kind"] for obj in rendered())
-    assert kinds == ["ConfigMap", "Deployment", "Namespace", "PodMonitor", "ServiceAccount"]
+    assert kinds == [
+        "ConfigMap",
+        "Deployment",
+        "Namespace",
+        "PodMonitor",
+        "Service",
+        "ServiceAccount",
+    ]
     namespace = only("Namespace")["metadata"]["name"]
     for obj in rendered():
         if obj["kind"] != "Namespace":
@@ -149,6 +157,18 @@ def test_settings_come_from_the_configmap_and_parse() -> None:
     settings = config.load(argv=[], environ=env)
     assert isinstance(settings, Settings)
     assert str(settings.listen) == env["PROXY_LISTEN"]
+
+
+def test_spans_go_to_the_collector_service_on_the_otlp_http_port() -> None:
+    """PROXY_OTLP_ENDPOINT names the rendered collector Service and its OTLP/HTTP port."""
+    from proxy import config
+
+    endpoint = config.load(argv=[], environ=proxy_env()).otlp_endpoint
+    service = only("Service")
+    (port,) = service["spec"]["ports"]
+    name = service["metadata"]["name"]
+    assert endpoint == f"http://{name}:{port['port']}/v1/traces"
+    assert port["port"] == 4318
 
 
 def test_termination_grace_covers_the_proxy_shutdown() -> None:
