@@ -158,11 +158,9 @@ class SpanQueue:
         records = self._records
         return [records.popleft() for _ in range(min(limit, len(records)))]
 
-    def drop_all(self, reason: str) -> int:
-        count = len(self._records)
+    def drop_all(self, reason: str) -> None:
+        self.dropped[reason] += len(self._records)
         self._records.clear()
-        self.dropped[reason] += count
-        return count
 
     def __len__(self) -> int:
         return len(self._records)
@@ -220,15 +218,16 @@ class SpanRecorder:
         request = outcome.request
         target = outcome.target
         t = outcome.timings
+        method = method_label(request.method)
         attributes: dict[str, AttributeValue] = {
-            "http.request.method": method_label(request.method),
+            "http.request.method": method,
             "server.address": target.raw_host or "",
             "server.port": target.port or 80,
             "url.scheme": target.scheme,
             "url.full": str(target if self._log_query else target.with_query(None)),
             self._rid_key: (outcome.request_id,),
         }
-        if attributes["http.request.method"] != request.method:
+        if method != request.method:
             attributes["http.request.method_original"] = request.method
         error = outcome.error.error if outcome.error is not None else None
         if t.response_at is not None:  # the upstream answered: its status, not ours
@@ -240,7 +239,7 @@ class SpanRecorder:
         add_peer(attributes, outcome.peer)
         self.queue.add(
             SpanRecord(
-                attributes["http.request.method"],  # type: ignore[arg-type]
+                method,
                 trace.trace_id,
                 trace.span_id,
                 trace.parent_id,
