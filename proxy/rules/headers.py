@@ -100,6 +100,11 @@ def _with_options(base: frozenset[bytes], raw: RawHeaders) -> frozenset[bytes]:
     return base | options if options else base
 
 
+def is_websocket(upgrade: str | None) -> bool:
+    """An Upgrade value asking for WebSocket alone (RFC 6455 §4.1), compared without case."""
+    return upgrade is not None and upgrade.isascii() and upgrade.lower() == "websocket"
+
+
 def via_value(version: tuple[int, int], pseudonym: str) -> str:
     """Our Via entry: the protocol we received the message with, then our name (§7.6.3)."""
     return f"{version[0]}.{version[1]} {pseudonym}"
