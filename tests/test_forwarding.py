@@ -525,3 +525,47 @@ async def test_non_http_absolute_targets_get_400(proxy: RunningProxy, scheme: st
     assert b"Proxy-Status: tracing-proxy; error=http_request_error" in received
     if scheme == "https":
         assert b"CONNECT" in received
+
+
+async def chunked_ok(reader: Any, writer: Any, state: RawOrigin) -> None:
+    """Answer every request on the connection with a chunked 200 (length unknown up front)."""
+    for _ in range(10):
+        state.received.append(await read_head(reader))
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+        )
+        await writer.drain()
+
+
+async def test_http10_keep_alive_client_waits_for_a_body_of_unknown_length(
+    start_proxy: Any, raw_origin: Any
+) -> None:
+    """HTTP/1.0 keep-alive and a chunked upstream: the body ends with the connection at once."""
+    proxy = await start_proxy(client_idle_timeout=3600)
+    upstream = await raw_origin(chunked_ok)
+    request = f"GET {upstream.url('/t')} HTTP/1.0\r\nConnection: keep-alive\r\n\r\n".encode()
+    status, received = await raw_exchange(proxy, request)  # returns at the proxy's close
+    assert status == b"HTTP/1.0 200 OK"
+    head, body = received.split(b"\r\n\r\n", 1)
+    assert body == b"hello"
+    assert b"keep-alive" not in head.lower()
+    assert b"content-length" not in head.lower()
+
+
+async def test_http10_keep_alive_with_a_known_length_stays_open(
+    start_proxy: Any, raw_origin: Any, origin: Origin
+) -> None:
+    """HTTP/1.0 keep-alive with a Content-Length upstream answer keeps the connection."""
+    proxy = await start_proxy()
+    request = f"GET {origin.url('/big')} HTTP/1.0\r\nConnection: keep-alive\r\n\r\n".encode()
+    assert proxy.server.proxy_address is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.server.proxy_address.port)
+    try:
+        for _ in range(2):
+            writer.write(request)
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            assert head.startswith(b"HTTP/1.0 200 OK")
+            assert b"Connection: keep-alive" in head
+            assert len(await asyncio.wait_for(reader.readexactly(1234), 10)) == 1234
+    finally:
+        writer.close()

@@ -87,3 +87,38 @@ def test_via_value_names_the_received_protocol() -> None:
 def test_max_forwards(method: str, value: str | None, expected: int | None) -> None:
     """Max-Forwards applies to TRACE and OPTIONS only, and only when it is a number."""
     assert headers.max_forwards(method, value) == expected
+
+
+@pytest.mark.parametrize(
+    ("version", "method", "status", "length", "close"),
+    [
+        ((1, 0), "GET", 200, None, True),  # RFC 9112 §6.3: ends at close
+        ((1, 0), "POST", 404, None, True),
+        ((1, 0), "GET", 200, "5", False),  # the length is known
+        ((1, 0), "HEAD", 200, None, False),  # no body at all (RFC 9110 §6.4.1)
+        ((1, 0), "GET", 204, None, False),
+        ((1, 0), "GET", 304, None, False),
+        ((1, 1), "GET", 200, None, False),  # chunked framing is available
+    ],
+)
+def test_ends_at_close(
+    version: tuple[int, int], method: str, status: int, length: str | None, close: bool
+) -> None:
+    """Only an HTTP/1.0 client with a body of unknown length needs the connection closed."""
+    assert headers.ends_at_close(version, method, status, length) is close
+
+
+@pytest.mark.parametrize(
+    ("value", "websocket"),
+    [
+        ("websocket", True),
+        ("WebSocket", True),
+        (None, False),
+        ("h2c", False),
+        ("websocket, h2c", False),
+        ("caf\xe9", False),
+    ],
+)
+def test_is_websocket(value: str | None, websocket: bool) -> None:
+    """Only an Upgrade of the single token websocket, in any case, counts (RFC 6455 §4.1)."""
+    assert headers.is_websocket(value) is websocket

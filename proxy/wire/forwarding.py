@@ -161,6 +161,12 @@ class Forwarder:
         ready = content.is_eof() or content.total_bytes > 0
         response = (ReadyForwardedResponse if ready else ForwardedResponse)(up, fields)
         outcome.status = up.status
+        client_version = (request.version.major, request.version.minor)
+        if headers.ends_at_close(
+            client_version, request.method, up.status, fields.get("Content-Length")
+        ):
+            # aiohttp leaves such a connection open (it omits only Connection: keep-alive).
+            response.force_close()
         connection = up.connection
         if connection is not None and connection.protocol is not None and not up.content.is_eof():
             # The session's sock_read bounded the wait for headers; the body gets its own
