@@ -23,6 +23,7 @@ from proxy.rules.request_id import new_request_id
 from proxy.rules.target import TargetError, absolute_target, forward_target
 from proxy.wire.forwarding import SKIP_AUTO_HEADERS, Forwarder, strip_added_defaults
 from proxy.wire.guard import CheckedConnector, CheckedResolver, ClientGate, Denial
+from proxy.wire.interim import Continue, defer_expectation
 from proxy.wire.tunnelling import (
     SessionResolver,
     Tunneller,
@@ -108,7 +109,7 @@ LOCAL_ROUTES: Final = (
 
 def _add_local_routes(app: web.Application) -> None:
     for path, handler in LOCAL_ROUTES:
-        app.router.add_get(path, handler)
+        app.router.add_get(path, handler, expect_handler=defer_expectation)
 
 
 # -- the proxy listener ----------------------------------------------------------------------
@@ -148,6 +149,14 @@ async def _not_a_proxy_request(request: web.Request) -> web.StreamResponse:
 @web.middleware
 async def dispatch(request: web.Request, handler: Any) -> web.StreamResponse:
     """Route by request form: CONNECT is tunnelled, absolute-form forwarded, origin-form ours."""
+    expect = Continue(request)  # sent only when the upstream reads the body
+    response = await _dispatch(request, handler, expect)
+    if not response.prepared:
+        expect.withdraw(response)
+    return response
+
+
+async def _dispatch(request: web.Request, handler: Any, expect: Continue) -> web.StreamResponse:
     url = absolute_target(request)
     proxied = url is not None or request.method == "CONNECT"
     denial = request.app[GATE](request, proxied=proxied)
@@ -163,7 +172,7 @@ async def dispatch(request: web.Request, handler: Any) -> web.StreamResponse:
         return _reject(request, SHUTTING_DOWN, close=True)
     lifecycle.enter()  # tunnels count too: the drain waits for them
     try:
-        response = await (_tunnel(request) if url is None else _forward(request, url))
+        response = await (_tunnel(request) if url is None else _forward(request, url, expect))
     finally:
         lifecycle.leave()
     if lifecycle.draining and not response.prepared:
@@ -171,12 +180,12 @@ async def dispatch(request: web.Request, handler: Any) -> web.StreamResponse:
     return response
 
 
-async def _forward(request: web.Request, url: URL) -> web.StreamResponse:
+async def _forward(request: web.Request, url: URL, expect: Continue) -> web.StreamResponse:
     try:
         target = forward_target(url)
     except TargetError as exc:
         return _reject(request, BAD_TARGET.with_text(str(exc)))
-    return await request.app[FORWARDER](request, target.url, target.host)
+    return await request.app[FORWARDER](request, target.url, target.host, expect)
 
 
 async def _tunnel(request: web.Request) -> web.StreamResponse:
@@ -300,7 +309,7 @@ def build_proxy_app(
     _add_local_routes(app)
     # Absolute-form targets are dispatched by the middleware, but the router still looks
     # at their path first; a catch-all spares it building a 404 for each of them.
-    app.router.add_route("*", "/{tail:.*}", _not_a_proxy_request)
+    app.router.add_route("*", "/{tail:.*}", _not_a_proxy_request, expect_handler=defer_expectation)
     app.on_response_prepare.append(_on_response_prepare)
     app.cleanup_ctx.append(_upstream_session)
     app.on_shutdown.append(_close_tunnels)

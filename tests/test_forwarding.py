@@ -569,3 +569,51 @@ async def test_http10_keep_alive_with_a_known_length_stays_open(
             assert len(await asyncio.wait_for(reader.readexactly(1234), 10)) == 1234
     finally:
         writer.close()
+
+
+async def test_trailers_are_dropped_even_with_te_trailers(
+    proxy: RunningProxy, raw_origin: Any
+) -> None:
+    """A documented deviation: response trailers and their Trailer field never reach the client."""
+
+    async def script(reader: Any, writer: Any, state: RawOrigin) -> None:
+        state.received.append(await read_head(reader))
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Checksum\r\n\r\n"
+            b"5\r\nhello\r\n0\r\nX-Checksum: abc123\r\n\r\n"
+        )
+        await writer.drain()
+
+    upstream = await raw_origin(script)
+    request = (
+        f"GET {upstream.url('/t')} HTTP/1.1\r\nHost: x\r\nTE: trailers\r\n"
+        "Connection: TE, close\r\n\r\n"
+    ).encode()
+    status, received = await raw_exchange(proxy, request)
+    assert status == b"HTTP/1.1 200 OK"
+    head, body = received.split(b"\r\n\r\n", 1)
+    assert b"trailer" not in head.lower()
+    assert body == b"5\r\nhello\r\n0\r\n\r\n"  # the last chunk, then no trailer section
+    assert b"te: trailers" not in upstream.received[0].lower()  # TE is hop-by-hop
+
+
+async def test_request_trailers_are_dropped(proxy: RunningProxy, raw_origin: Any) -> None:
+    """A chunked upload's trailer section does not reach the origin; the body does."""
+
+    async def script(reader: Any, writer: Any, state: RawOrigin) -> None:
+        head = await read_head(reader)
+        rest = await reader.readuntil(b"0\r\n\r\n")
+        state.received.append(head + rest)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+
+    upstream = await raw_origin(script)
+    request = (
+        f"POST {upstream.url('/up')} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+        "Trailer: X-Checksum\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\nX-Checksum: abc\r\n\r\n"
+    ).encode()
+    status, _ = await raw_exchange(proxy, request)
+    assert status == b"HTTP/1.1 200 OK"
+    (seen,) = upstream.received
+    assert b"x-checksum" not in seen.lower()
+    assert seen.endswith(b"\r\n\r\n5\r\nhello\r\n0\r\n\r\n")

@@ -6,6 +6,7 @@ in exactly one ``Outcome`` that feeds the metrics and the access log.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from time import perf_counter
 from typing import Final
 
@@ -20,6 +21,7 @@ from proxy.observe.tracing import Timings
 from proxy.rules import errors, headers, policy
 from proxy.rules.errors import ProxyError
 from proxy.rules.request_id import choose_request_id, choose_trace_context
+from proxy.wire.interim import Continue
 
 # aiohttp's client would otherwise add these (RFC 9110 §7.6: a proxy forwards, it does
 # not invent request fields).
@@ -87,13 +89,15 @@ class Forwarder:
             version: headers.via_value(version, via_pseudonym) for version in ((1, 1), (1, 0))
         }
 
-    async def __call__(self, request: web.Request, target: URL, host: str) -> web.StreamResponse:
+    async def __call__(
+        self, request: web.Request, target: URL, host: str, expect: Continue
+    ) -> web.StreamResponse:
         start = perf_counter()
         request_id = choose_request_id(request.headers.get(self._rid_header))
         trace = choose_trace_context(request.headers.get("traceparent"))
         outcome = Outcome(request, target, host, request_id, trace, Timings(start))
         try:
-            response = await self._forward(request, target, outcome)
+            response = await self._forward(request, target, outcome, expect)
         finally:
             outcome.total = perf_counter() - start
             if self._observer is not None:
@@ -105,6 +109,7 @@ class Forwarder:
         request: web.Request,
         target: URL,
         outcome: Outcome,
+        expect: Continue,
     ) -> web.StreamResponse:
         if policy.via_loops(request.headers.getall("Via", ()), self._pseudonym):
             loop = policy.LoopDetected(f"Via already holds {self._pseudonym}")
@@ -123,10 +128,13 @@ class Forwarder:
         if max_forwards is not None:
             fields["Max-Forwards"] = str(max_forwards - 1)
 
-        body = request.content if request.body_exists else None
-        length = request.headers.get("Content-Length")
-        if body is not None and length is not None:
-            fields["Content-Length"] = length  # keeps the client's framing choice
+        body: aiohttp.StreamReader | AsyncIterator[bytes] | None = None
+        if request.body_exists:
+            # A client waiting for 100 Continue gets it when the upstream reads the body.
+            body = expect.body() if expect.pending else request.content
+            length = request.headers.get("Content-Length")
+            if length is not None:
+                fields["Content-Length"] = length  # keeps the client's framing choice
 
         pool_wait = outcome.timings.pool_wait = PoolWait(self._pool_wait_timeout)
         try:
@@ -144,12 +152,12 @@ class Forwarder:
             return self._fail_before_response(request, outcome, exc)
 
         try:
-            return await self._relay(request, up, outcome)
+            return await self._relay(request, up, outcome, expect)
         finally:
             up.release()
 
     async def _relay(
-        self, request: web.Request, up: aiohttp.ClientResponse, outcome: Outcome
+        self, request: web.Request, up: aiohttp.ClientResponse, outcome: Outcome, expect: Continue
     ) -> web.StreamResponse:
         raw = up.raw_headers
         fields = headers.filter_fields(raw, headers.response_drop_set(raw, self._rid_key))
@@ -167,6 +175,7 @@ class Forwarder:
         ):
             # aiohttp leaves such a connection open (it omits only Connection: keep-alive).
             response.force_close()
+        expect.withdraw(response)  # the upstream answered before it read the body
         connection = up.connection
         if connection is not None and connection.protocol is not None and not up.content.is_eof():
             # The session's sock_read bounded the wait for headers; the body gets its own

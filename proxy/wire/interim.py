@@ -1,0 +1,78 @@
+"""Interim (1xx) responses to the client: our own 100 Continue and the upstream's 1xx.
+
+aiohttp's router answers ``Expect: 100-continue`` before any middleware runs, that is
+before the proxy has looked at credentials, the client, the destination or a loop. Every
+route therefore gets ``defer_expectation`` as its expect handler, and ``Continue`` sends
+the 100 when the upstream starts reading the body: after those checks and after the
+upstream connection is made (RFC 9110 §10.1.1). Both kinds of interim response are written
+straight to the request's stream writer, ahead of the final response, as aiohttp's own
+expect handler does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable
+from typing import Final
+
+from aiohttp import web
+from aiohttp.http import HttpVersion11
+
+CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+def expects_continue(request: web.BaseRequest) -> bool:
+    """The request waits for 100 Continue (RFC 9110 §10.1.1 ignores it from HTTP/1.0)."""
+    expect = request.headers.get("Expect")
+    return (
+        expect is not None and request.version >= HttpVersion11 and expect.lower() == "100-continue"
+    )
+
+
+async def defer_expectation(request: web.Request) -> None:
+    """The routes' expect handler: 417 for an unknown expectation, nothing for 100-continue."""
+    if request.version >= HttpVersion11 and not expects_continue(request):
+        # Our own text: aiohttp's quotes the client's field value back.
+        raise web.HTTPExpectationFailed(text="only Expect: 100-continue is supported\n")
+
+
+class Continue:
+    """The 100 Continue one request may still be owed; sent at most once, never late."""
+
+    __slots__ = ("_request", "pending")
+
+    def __init__(self, request: web.BaseRequest) -> None:
+        self._request = request
+        self.pending = expects_continue(request)
+
+    async def send(self) -> None:
+        """The body is about to be read: invite it."""
+        if self.pending:
+            self.pending = False
+            await self._request.writer.write(CONTINUE)
+
+    def withdraw(self, response: web.StreamResponse) -> None:
+        """A final response goes out first: no 100 after it, and close if the body is unread.
+
+        Call before ``response`` is prepared. The client was told to wait, so its body may
+        never come; ``Connection: close`` lets aiohttp end the connection after reading
+        whatever the client sends anyway, instead of waiting for the next request.
+        """
+        if self.pending:
+            self.pending = False
+            if not self._request.content.is_eof():
+                response.force_close()
+
+    async def body(self) -> AsyncIterator[bytes]:
+        """The request body for the upstream session, sending the 100 on its first read."""
+        await self.send()
+        async for chunk in self._request.content.iter_any():
+            yield chunk
+
+    def __repr__(self) -> str:
+        return f"<Continue pending={self.pending}>"
+
+
+def interim_head(status: int, reason: str, raw: Iterable[tuple[bytes, bytes]]) -> bytes:
+    """An HTTP/1.1 1xx response head; field bytes are copied as they are."""
+    lines = b"".join(name + b": " + value + b"\r\n" for name, value in raw)
+    return f"HTTP/1.1 {status} {reason}\r\n".encode("utf-8", "surrogateescape") + lines + b"\r\n"
