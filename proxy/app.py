@@ -23,7 +23,7 @@ from proxy.rules.request_id import new_request_id
 from proxy.rules.target import TargetError, absolute_target, forward_target
 from proxy.wire.forwarding import SKIP_AUTO_HEADERS, Forwarder, strip_added_defaults
 from proxy.wire.guard import CheckedConnector, CheckedResolver, ClientGate, Denial
-from proxy.wire.interim import Continue, defer_expectation
+from proxy.wire.interim import Continue, InterimResponse, defer_expectation
 from proxy.wire.tunnelling import (
     SessionResolver,
     Tunneller,
@@ -240,6 +240,7 @@ def build_session(settings: Settings, check: policy.DestinationCheck) -> aiohttp
         ),
         auto_decompress=False,
         cookie_jar=aiohttp.DummyCookieJar(),
+        response_class=InterimResponse,  # 1xx reach the client (RFC 9110 §15.2)
         skip_auto_headers=SKIP_AUTO_HEADERS,
         trust_env=False,  # never route through our own HTTP_PROXY
         raise_for_status=False,

@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 
 from proxy.rules.policy import Credential
-from tests.conftest import Origin, RunningProxy
+from tests.conftest import Origin, RunningProxy, read_head
 from tests.test_bad_input import status_lines
+from tests.test_forwarding import raw_exchange
 
 StartProxy = Callable[..., Awaitable[RunningProxy]]
 
@@ -123,3 +124,69 @@ async def test_unknown_expectation_gets_417(proxy: RunningProxy, origin: Origin)
     finally:
         writer.close()
     assert status_lines(received) == [b"HTTP/1.1 417 Expectation Failed"]
+
+
+EARLY_HINTS = (
+    b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload; as=style\r\n"
+    b"Connection: X-Hop\r\nX-Hop: 1\r\n\r\n"
+)
+
+
+async def hints_then_ok(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, state: Any
+) -> None:
+    """A 103 Early Hints, a moment later the 200."""
+    state.received.append(await read_head(reader))
+    writer.write(EARLY_HINTS)
+    await writer.drain()
+    await asyncio.sleep(0.05)
+    writer.write(b"HTTP/1.1 102 Processing\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    await writer.drain()
+
+
+async def test_103_early_hints_are_forwarded(proxy: RunningProxy, raw_origin: Any) -> None:
+    """Every 1xx but 101 reaches an HTTP/1.1 client before the final answer (RFC 9110 §15.2)."""
+    upstream = await raw_origin(hints_then_ok)
+    _, received = await raw_exchange(
+        proxy, f"GET {upstream.url('/')} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+    )
+    assert status_lines(received) == [
+        b"HTTP/1.1 103 Early Hints",
+        b"HTTP/1.1 102 Processing",
+        b"HTTP/1.1 200 OK",
+    ]
+    hints = received.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+    assert hints[1:] == [b"Link: </style.css>; rel=preload; as=style", b"Via: 1.1 tracing-proxy"]
+    assert received.endswith(b"\r\n\r\nok")
+
+
+async def test_1xx_is_not_sent_to_an_http10_client(proxy: RunningProxy, raw_origin: Any) -> None:
+    """An HTTP/1.0 client gets only the final answer (RFC 9110 §15.2)."""
+    upstream = await raw_origin(hints_then_ok)
+    _, received = await raw_exchange(proxy, f"GET {upstream.url('/')} HTTP/1.0\r\n\r\n".encode())
+    assert status_lines(received) == [b"HTTP/1.0 200 OK"]
+
+
+async def test_connection_pooled_after_early_hints_is_reused(
+    proxy: RunningProxy, raw_origin: Any
+) -> None:
+    """After a 103 the upstream connection goes back to the pool and serves the next request."""
+
+    async def script(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, state: Any
+    ) -> None:
+        for _ in range(2):
+            state.received.append(await read_head(reader))
+            writer.write(EARLY_HINTS + b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    upstream = await raw_origin(script)
+    for _ in range(2):
+        _, received = await raw_exchange(
+            proxy,
+            f"GET {upstream.url('/')} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode(),
+        )
+        assert status_lines(received) == [b"HTTP/1.1 103 Early Hints", b"HTTP/1.1 200 OK"]
+    host = f"127.0.0.1:{upstream.port}"
+    assert upstream.connections == 1
+    assert proxy.sample("proxy_upstream_connections_total", host=host, kind="reused") == 1

@@ -21,7 +21,7 @@ from proxy.observe.tracing import Timings
 from proxy.rules import errors, headers, policy
 from proxy.rules.errors import ProxyError
 from proxy.rules.request_id import choose_request_id, choose_trace_context
-from proxy.wire.interim import Continue
+from proxy.wire.interim import INTERIM_SINK, Continue, InterimRelay
 
 # aiohttp's client would otherwise add these (RFC 9110 §7.6: a proxy forwards, it does
 # not invent request fields).
@@ -137,6 +137,7 @@ class Forwarder:
                 fields["Content-Length"] = length  # keeps the client's framing choice
 
         pool_wait = outcome.timings.pool_wait = PoolWait(self._pool_wait_timeout)
+        sink = INTERIM_SINK.set(InterimRelay(request, self._rid_key, self._via[(1, 1)]))
         try:
             async with pool_wait:
                 up = await self._session.request(
@@ -150,6 +151,8 @@ class Forwarder:
         except Exception as exc:
             outcome.bytes_in = request.content.total_bytes
             return self._fail_before_response(request, outcome, exc)
+        finally:
+            INTERIM_SINK.reset(sink)
 
         try:
             return await self._relay(request, up, outcome, expect)

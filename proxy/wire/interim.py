@@ -1,5 +1,10 @@
 """Interim (1xx) responses to the client: our own 100 Continue and the upstream's 1xx.
 
+aiohttp's client reads and discards 1xx responses inside ``ClientResponse.start``; it
+has no public hook for them. ``InterimResponse``, the session's response class, lets a
+per-request ``InterimSink`` (set in a context variable around the upstream request) see
+each one first, so 103 Early Hints and the like reach the client (RFC 9110 §15.2).
+
 aiohttp's router answers ``Expect: 100-continue`` before any middleware runs, that is
 before the proxy has looked at credentials, the client, the destination or a loop. Every
 route therefore gets ``defer_expectation`` as its expect handler, and ``Continue`` sends
@@ -11,11 +16,16 @@ expect handler does.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable
-from typing import Final
+import contextvars
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any, Final
 
+import aiohttp
 from aiohttp import web
-from aiohttp.http import HttpVersion11
+from aiohttp.connector import Connection
+from aiohttp.http import HttpVersion11, RawResponseMessage
+
+from proxy.rules import headers
 
 CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 
@@ -76,3 +86,62 @@ def interim_head(status: int, reason: str, raw: Iterable[tuple[bytes, bytes]]) -
     """An HTTP/1.1 1xx response head; field bytes are copied as they are."""
     lines = b"".join(name + b": " + value + b"\r\n" for name, value in raw)
     return f"HTTP/1.1 {status} {reason}\r\n".encode("utf-8", "surrogateescape") + lines + b"\r\n"
+
+
+InterimSink = Callable[[RawResponseMessage], Awaitable[None]]
+
+# The sink of the upstream request being sent by the current task; ``None``: discard.
+INTERIM_SINK: Final[contextvars.ContextVar[InterimSink | None]] = contextvars.ContextVar(
+    "interim_sink", default=None
+)
+
+
+class InterimResponse(aiohttp.ClientResponse):
+    """A client response that shows each 1xx it skips to the current ``INTERIM_SINK``.
+
+    ``start`` loops over ``connection.protocol.read()`` until a final response; reading
+    through a wrapper on that one protocol, for that one call, is the narrowest way in
+    (aiohttp is pinned below 3.15, and tests/test_interim.py holds it to this).
+    """
+
+    async def start(self, connection: Connection) -> aiohttp.ClientResponse:
+        sink = INTERIM_SINK.get()
+        protocol: Any = connection.protocol
+        if sink is None or protocol is None:
+            return await super().start(connection)
+        read = protocol.read
+
+        async def read_showing_interim() -> Any:
+            message, payload = await read()
+            if 100 <= message.code < 200 and message.code != 101:
+                await sink(message)
+            return message, payload
+
+        protocol.read = read_showing_interim
+        try:
+            return await super().start(connection)
+        finally:
+            del protocol.read  # the pooled protocol reads as before
+
+
+class InterimRelay:
+    """Writes an upstream 1xx to the client: hop-by-hop fields out, our Via in."""
+
+    def __init__(self, request: web.BaseRequest, request_id_header: bytes, via: str) -> None:
+        self._request = request
+        self._rid_key = request_id_header
+        self._via = via.encode("latin-1")
+
+    async def __call__(self, message: RawResponseMessage) -> None:
+        # RFC 9110 §15.2: never to an HTTP/1.0 client. A 100 answers an Expect the proxy
+        # did not forward; the client's own 100 comes from ``Continue``.
+        if message.code == 100 or self._request.version < HttpVersion11:
+            return
+        raw = message.raw_headers
+        drop = headers.response_drop_set(raw, self._rid_key)
+        kept = [(name, value) for name, value in raw if name.lower() not in drop]
+        kept.append((b"Via", self._via))
+        await self._request.writer.write(interim_head(message.code, message.reason, kept))
+
+    def __repr__(self) -> str:
+        return f"<InterimRelay {self._request.method} {self._request.path}>"
