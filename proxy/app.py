@@ -17,7 +17,7 @@ from proxy.observe import log
 from proxy.observe.metrics import Metrics
 from proxy.observe.outcome import Observer
 from proxy.observe.tracing import pool_wait_trace_config, trace_config
-from proxy.rules import errors, policy
+from proxy.rules import errors, headers, policy
 from proxy.rules.errors import ProxyError
 from proxy.rules.request_id import new_request_id
 from proxy.rules.target import TargetError, absolute_target, forward_target
@@ -25,6 +25,7 @@ from proxy.wire.forwarding import SKIP_AUTO_HEADERS, Forwarder, strip_added_defa
 from proxy.wire.guard import CheckedConnector, CheckedResolver, ClientGate, Denial
 from proxy.wire.interim import Continue, InterimResponse, defer_expectation
 from proxy.wire.tunnelling import (
+    Relays,
     SessionResolver,
     Tunneller,
     TunnelObserver,
@@ -181,11 +182,13 @@ async def _dispatch(request: web.Request, handler: Any, expect: Continue) -> web
 
 
 async def _forward(request: web.Request, url: URL, expect: Continue) -> web.StreamResponse:
+    version = (request.version.major, request.version.minor)
+    websocket = headers.websocket_handshake(request.method, version, request.raw_headers)
     try:
-        target = forward_target(url)
+        target = forward_target(url, websocket=websocket)
     except TargetError as exc:
         return _reject(request, BAD_TARGET.with_text(str(exc)))
-    return await request.app[FORWARDER](request, target.url, target.host, expect)
+    return await request.app[FORWARDER](request, target, expect)
 
 
 async def _tunnel(request: web.Request) -> web.StreamResponse:
@@ -259,17 +262,21 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
         Observer(metrics, app[LOGGER], log_query=settings.log_query) if settings.observe else None
     )
     app[SESSION] = session
+    # CONNECT tunnels and WebSockets share one set of relays: counted alike, closed alike.
+    relays = Relays(TunnelObserver(metrics, app[LOGGER]) if settings.observe else None)
     app[FORWARDER] = Forwarder(
         session,
         observer,
+        relays,
         request_id_header=settings.request_id_header,
         via_pseudonym=settings.via_pseudonym,
         read_idle_timeout=settings.read_idle_timeout,
         pool_wait_timeout=settings.pool_wait_timeout,
+        tunnel_idle_timeout=settings.tunnel_idle_timeout,
     )
     app[TUNNELLER] = Tunneller(
         SessionResolver(session),
-        TunnelObserver(metrics, app[LOGGER]) if settings.observe else None,
+        relays,
         request_id_header=settings.request_id_header,
         via_pseudonym=settings.via_pseudonym,
         connect_timeout=settings.connect_timeout,

@@ -122,3 +122,25 @@ def test_ends_at_close(
 def test_is_websocket(value: str | None, websocket: bool) -> None:
     """Only an Upgrade of the single token websocket, in any case, counts (RFC 6455 §4.1)."""
     assert headers.is_websocket(value) is websocket
+
+
+HANDSHAKE = [(b"Connection", b"keep-alive, Upgrade"), (b"Upgrade", b"websocket")]
+
+
+@pytest.mark.parametrize(
+    ("method", "version", "raw", "handshake"),
+    [
+        ("GET", (1, 1), HANDSHAKE, True),
+        ("GET", (1, 1), [(b"connection", b"upgrade"), (b"upgrade", b"WebSocket")], True),
+        ("POST", (1, 1), HANDSHAKE, False),  # RFC 6455 §4.1: the method must be GET
+        ("GET", (1, 0), HANDSHAKE, False),  # ... over HTTP/1.1 or later
+        ("GET", (1, 1), [(b"Upgrade", b"websocket")], False),  # Connection must list upgrade
+        ("GET", (1, 1), [(b"Connection", b"Upgrade"), (b"Upgrade", b"h2c")], False),
+        ("GET", (1, 1), [*HANDSHAKE, (b"Upgrade", b"h2c")], False),
+    ],
+)
+def test_websocket_handshake(
+    method: str, version: tuple[int, int], raw: list[tuple[bytes, bytes]], handshake: bool
+) -> None:
+    """Only a GET over HTTP/1.1 with Connection: upgrade and Upgrade: websocket switches."""
+    assert headers.websocket_handshake(method, version, raw) is handshake

@@ -120,6 +120,25 @@ def is_websocket(upgrade: str | None) -> bool:
     return upgrade is not None and upgrade.isascii() and upgrade.lower() == "websocket"
 
 
+def websocket_handshake(method: str, version: tuple[int, int], raw: RawHeaders) -> bool:
+    """An opening handshake (RFC 6455 §4.1): a GET over HTTP/1.1 whose Connection lists
+    ``upgrade`` and whose one Upgrade field is ``websocket``. Any other Upgrade (h2c, say)
+    is hop-by-hop and dropped (RFC 9110 §7.8)."""
+    if method != "GET" or version < (1, 1):
+        return False
+    upgrades = [value for name, value in raw if name.lower() == b"upgrade"]
+    return (
+        len(upgrades) == 1
+        and b"upgrade" in connection_options(raw)
+        and is_websocket(upgrades[0].decode("latin-1"))
+    )
+
+
+# What a WebSocket handshake and its 101 carry hop by hop, set by the proxy on each leg
+# (RFC 9110 §7.8; RFC 6455 §4.1 and §4.2.2).
+WEBSOCKET_UPGRADE: Final = (("Connection", "Upgrade"), ("Upgrade", "websocket"))
+
+
 def via_value(version: tuple[int, int], pseudonym: str) -> str:
     """Our Via entry: the protocol we received the message with, then our name (§7.6.3)."""
     return f"{version[0]}.{version[1]} {pseudonym}"

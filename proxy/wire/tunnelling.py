@@ -137,6 +137,7 @@ class TunnelRecord:
         "duration",
         "error",
         "exc",
+        "kind",
         "relay",
         "request_id",
         "status",
@@ -145,13 +146,21 @@ class TunnelRecord:
     )
 
     def __init__(
-        self, client: str | None, target: TunnelTarget, request_id: str, timings: Timings
+        self,
+        client: str | None,
+        target: TunnelTarget,
+        request_id: str,
+        timings: Timings,
+        *,
+        kind: str = "tunnel",
+        status: int = 200,
     ) -> None:
         self.client = client
         self.target = target
         self.request_id = request_id
         self.timings = timings
-        self.status = 200
+        self.kind = kind  # the log event: "tunnel" (CONNECT) or "websocket" (after a 101)
+        self.status = status
         self.error: ProxyError | None = None  # why the tunnel was never established
         self.exc: BaseException | None = None
         self.relay: Relay | None = None  # set once the 200 is out
@@ -169,7 +178,10 @@ class TunnelRecord:
         return self.relay.outcome
 
     def __repr__(self) -> str:
-        return f"<TunnelRecord {self.target.authority} status={self.status} {self.outcome}>"
+        return (
+            f"<TunnelRecord {self.kind} {self.target.authority} status={self.status} "
+            f"{self.outcome}>"
+        )
 
 
 class TunnelObserver:
@@ -204,7 +216,7 @@ class TunnelObserver:
             exc = relay.error
             error = _RELAY_ERRORS.get(outcome)
         self._logger.info(
-            "tunnel",
+            record.kind,
             request_id=record.request_id,
             client=record.client,
             host=record.target.label,
@@ -226,13 +238,81 @@ class TunnelObserver:
 _RELAY_ERRORS: Final = {"reset": "connection_reset", "error": errors.INTERNAL_ERROR.error}
 
 
+class Relays:
+    """The relays running on client connections: handed over from aiohttp, then tracked.
+
+    CONNECT tunnels and WebSockets after their 101 both end up here, so both are counted,
+    observed and closed at shutdown the same way.
+    """
+
+    def __init__(self, observer: TunnelObserver | None) -> None:
+        self._observer = observer
+        self._open: set[Relay] = set()
+
+    def record(self, record: TunnelRecord) -> None:
+        """A relay (or an attempt at one) has ended: its metrics and log line."""
+        if self._observer is not None:
+            self._observer(record)
+
+    async def run(
+        self,
+        request: web.Request,
+        transport: asyncio.Transport,
+        relay: Relay,
+        record: TunnelRecord,
+    ) -> None:
+        """Hand the client connection over to ``relay`` and wait until the relay ends.
+
+        The response that switched the connection (200, 101) is already out.
+        """
+        try:
+            self._hand_over(request, transport, relay, record)
+            # Shielded: a cancelled handler must not cancel ``done``; it closes the relay.
+            await asyncio.shield(relay.done)
+        except asyncio.CancelledError:
+            relay.close("shutdown")
+            raise
+        except Exception as exc:
+            relay.close("error", exc)
+            raise
+        finally:
+            self._open.discard(relay)
+
+    def close_all(self) -> None:
+        """Shutdown: end every open relay now (the drain has already waited for them)."""
+        for relay in list(self._open):
+            relay.close("shutdown")
+
+    def _hand_over(
+        self,
+        request: web.Request,
+        transport: asyncio.Transport,
+        relay: Relay,
+        record: TunnelRecord,
+    ) -> None:
+        """Hand the client connection from aiohttp to the relay (no await: no bytes slip by)."""
+        record.relay = relay
+        self._open.add(relay)
+        if self._observer is not None:
+            self._observer.opened()
+        protocol = ClientProtocol(relay, request.protocol)
+        transport.set_protocol(protocol)  # first, so flow control already reaches the relay
+        relay.start(transport)
+        # The bytes that came behind the request head (aiohttp keeps them) go upstream first.
+        # set_parser is typed for aiohttp's WebSocket reader; it only calls feed_data/feed_eof.
+        request.protocol.set_parser(cast(WebSocketReader, protocol))
+
+    def __repr__(self) -> str:
+        return f"<Relays open={len(self._open)}>"
+
+
 class Tunneller:
     """The handler for CONNECT with a checked target."""
 
     def __init__(
         self,
         resolver: SessionResolver,
-        observer: TunnelObserver | None,
+        relays: Relays,
         *,
         request_id_header: str,
         via_pseudonym: str,
@@ -240,12 +320,11 @@ class Tunneller:
         idle_timeout: float,
     ) -> None:
         self._resolver = resolver
-        self._observer = observer
+        self._relays = relays
         self._rid_header = request_id_header
         self._pseudonym = via_pseudonym
         self._connect_timeout = connect_timeout
         self._idle_timeout = idle_timeout
-        self._open: set[Relay] = set()
 
     async def __call__(self, request: web.Request, target: TunnelTarget) -> web.StreamResponse:
         request_id = choose_request_id(request.headers.get(self._rid_header))
@@ -254,13 +333,11 @@ class Tunneller:
             return await self._tunnel(request, record)
         finally:
             record.duration = perf_counter() - record.timings.start
-            if self._observer is not None:
-                self._observer(record)
+            self._relays.record(record)
 
     def close_all(self) -> None:
-        """Shutdown: end every open tunnel now (the drain has already waited for them)."""
-        for relay in list(self._open):
-            relay.close("shutdown")
+        """Shutdown: end every open tunnel and WebSocket now."""
+        self._relays.close_all()
 
     async def _tunnel(self, request: web.Request, record: TunnelRecord) -> web.StreamResponse:
         target = record.target
@@ -293,18 +370,7 @@ class Tunneller:
             relay.close("error")
             return self._fail(record, errors.CLIENT_DISCONNECTED, exc)
         response.force_close()  # only after prepare: before, the 200 would say Connection: close
-        try:
-            self._hand_over(request, transport, relay, record)
-            # Shielded: a cancelled handler must not cancel ``done``; it closes the relay.
-            await asyncio.shield(relay.done)
-        except asyncio.CancelledError:
-            relay.close("shutdown")
-            raise
-        except Exception as exc:
-            relay.close("error", exc)
-            raise
-        finally:
-            self._open.discard(relay)
+        await self._relays.run(request, transport, relay, record)
         return response
 
     async def _dial(self, addresses: list[ResolveResult], relay: Relay, timings: Timings) -> None:
@@ -330,25 +396,6 @@ class Tunneller:
         finally:
             timings.connect = perf_counter() - started  # failed dials are timed too
 
-    def _hand_over(
-        self,
-        request: web.Request,
-        transport: asyncio.Transport,
-        relay: Relay,
-        record: TunnelRecord,
-    ) -> None:
-        """Hand the client connection from aiohttp to the relay (no await: no bytes slip by)."""
-        record.relay = relay
-        self._open.add(relay)
-        if self._observer is not None:
-            self._observer.opened()
-        protocol = ClientProtocol(relay, request.protocol)
-        transport.set_protocol(protocol)  # first, so flow control already reaches the relay
-        relay.start(transport)
-        # The bytes that came with the CONNECT header (aiohttp keeps them) go upstream first.
-        # set_parser is typed for aiohttp's WebSocket reader; it only calls feed_data/feed_eof.
-        request.protocol.set_parser(cast(WebSocketReader, protocol))
-
     def _fail(self, record: TunnelRecord, err: ProxyError, exc: BaseException) -> web.Response:
         record.fail(err, exc)
         # Closed: after a refused CONNECT, what the client sends next is not HTTP.
@@ -359,4 +406,4 @@ class Tunneller:
         return response
 
     def __repr__(self) -> str:
-        return f"<Tunneller open={len(self._open)}>"
+        return f"<Tunneller {self._relays!r}>"
