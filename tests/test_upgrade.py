@@ -243,3 +243,21 @@ async def test_101_to_a_request_without_upgrade_is_502(
     assert status_lines(data) == [b"HTTP/1.1 502 Bad Gateway"]
     assert b"error=http_protocol_error" in data
     assert closed
+
+
+async def test_open_websocket_holds_one_of_its_hosts_pool_connections(
+    start_proxy: StartProxy, ws_origin: int, logs: LogCapture
+) -> None:
+    """While a WebSocket is open it counts against --pool-limit-per-host; after, it does not."""
+    proxy = await start_proxy(pool_limit_per_host=1, pool_wait_timeout=0.2)
+    url = f"http://127.0.0.1:{ws_origin}/"
+    async with aiohttp.ClientSession() as session:
+        async with session.ws_connect(url.replace("http", "ws"), proxy=proxy.url) as ws:
+            async with session.get(url, proxy=proxy.url) as resp:
+                assert resp.status == 503
+                assert "connection_limit_reached" in resp.headers["Proxy-Status"]
+            await ws.send_str("still open")
+            assert await asyncio.wait_for(ws.receive_str(), 10) == "still open"
+        await lines(logs, "websocket")
+        async with session.get(url, proxy=proxy.url) as resp:
+            assert resp.status == 426  # the websockets origin's answer to a plain GET
