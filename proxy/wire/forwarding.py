@@ -175,7 +175,11 @@ class Forwarder:
             INTERIM_SINK.reset(sink)
 
         if up.status == 101:
-            return await self._switch(request, up, outcome, target.websocket)
+            try:
+                return await self._switch(request, up, outcome, target.websocket)
+            except BaseException:
+                up.close()
+                raise
         try:
             return await self._relay(request, up, outcome, expect)
         finally:
@@ -239,10 +243,11 @@ class Forwarder:
     async def _switch(
         self, request: web.Request, up: aiohttp.ClientResponse, outcome: Outcome, asked: bool
     ) -> web.StreamResponse:
-        """The upstream's 101: take its connection from the pool and send the 101 on.
+        """The upstream's 101: take its connection over for a relay and send the 101 on.
 
         From here on neither side speaks HTTP, so the connection is never pooled again; it
-        still counts against the host's pool limits until the relay ends.
+        still counts against the host's pool limits until the relay ends and ``_carry``
+        closes it.
         """
         connection = up.connection
         transport = request.transport
@@ -273,9 +278,7 @@ class Forwarder:
         except ConnectionError as exc:
             relay.close("error")
             up.close()
-            outcome.fail(errors.CLIENT_DISCONNECTED, exc)
-            outcome.status = errors.CLIENT_DISCONNECTED.status
-            return response
+            return self._fail_before_response(request, outcome, exc)
         response.force_close()  # only after prepare: before, the 101 would say Connection: close
         return response
 
@@ -297,7 +300,7 @@ class Forwarder:
             status=101,
         )
         try:
-            if transport is None or response.relay.done.done():
+            if transport is None:  # the client left as the 101 went out
                 response.relay.close("error")
                 return
             await self._relays.run(request, transport, response.relay, record)
