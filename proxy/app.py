@@ -149,8 +149,12 @@ async def _not_a_proxy_request(request: web.Request) -> web.StreamResponse:
 
 @web.middleware
 async def dispatch(request: web.Request, handler: Any) -> web.StreamResponse:
-    """Route by request form: CONNECT is tunnelled, absolute-form forwarded, origin-form ours."""
-    expect = Continue(request)  # sent only when the upstream reads the body
+    """Route by request form: CONNECT is tunnelled, absolute-form forwarded, origin-form ours.
+
+    A 100 Continue the client waits for goes out only when the upstream reads the body; an
+    answer that comes first withdraws it (RFC 9110 §10.1.1).
+    """
+    expect = Continue(request)
     response = await _dispatch(request, handler, expect)
     if not response.prepared:
         expect.withdraw(response)

@@ -63,7 +63,7 @@ class Continue:
     def withdraw(self, response: web.StreamResponse) -> None:
         """A final response goes out first: no 100 after it, and close if the body is unread.
 
-        Call before ``response`` is prepared. The client was told to wait, so its body may
+        Call before ``response`` is prepared. The client is waiting for a 100, so its body may
         never come; ``Connection: close`` lets aiohttp end the connection after reading
         whatever the client sends anyway, instead of waiting for the next request.
         """
