@@ -18,13 +18,15 @@ from proxy.observe.metrics import Metrics
 from proxy.observe.outcome import Observer
 from proxy.observe.spans import SpanRecorder
 from proxy.observe.tracing import pool_wait_trace_config, trace_config
-from proxy.rules import errors, policy
+from proxy.rules import errors, headers, policy
 from proxy.rules.errors import ProxyError
 from proxy.rules.request_id import new_request_id
 from proxy.rules.target import TargetError, absolute_target, forward_target
 from proxy.wire.forwarding import SKIP_AUTO_HEADERS, Forwarder, strip_added_defaults
 from proxy.wire.guard import CheckedConnector, CheckedResolver, ClientGate, Denial
+from proxy.wire.interim import Continue, InterimResponse, defer_expectation
 from proxy.wire.tunnelling import (
+    Relays,
     SessionResolver,
     Tunneller,
     TunnelObserver,
@@ -110,7 +112,7 @@ LOCAL_ROUTES: Final = (
 
 def _add_local_routes(app: web.Application) -> None:
     for path, handler in LOCAL_ROUTES:
-        app.router.add_get(path, handler)
+        app.router.add_get(path, handler, expect_handler=defer_expectation)
 
 
 # -- the proxy listener ----------------------------------------------------------------------
@@ -149,7 +151,19 @@ async def _not_a_proxy_request(request: web.Request) -> web.StreamResponse:
 
 @web.middleware
 async def dispatch(request: web.Request, handler: Any) -> web.StreamResponse:
-    """Route by request form: CONNECT is tunnelled, absolute-form forwarded, origin-form ours."""
+    """Route by request form: CONNECT is tunnelled, absolute-form forwarded, origin-form ours.
+
+    A 100 Continue the client waits for goes out only when the upstream reads the body; an
+    answer that comes first withdraws it (RFC 9110 §10.1.1).
+    """
+    expect = Continue(request)
+    response = await _dispatch(request, handler, expect)
+    if not response.prepared:
+        expect.withdraw(response)
+    return response
+
+
+async def _dispatch(request: web.Request, handler: Any, expect: Continue) -> web.StreamResponse:
     url = absolute_target(request)
     proxied = url is not None or request.method == "CONNECT"
     denial = request.app[GATE](request, proxied=proxied)
@@ -165,7 +179,7 @@ async def dispatch(request: web.Request, handler: Any) -> web.StreamResponse:
         return _reject(request, SHUTTING_DOWN, close=True)
     lifecycle.enter()  # tunnels count too: the drain waits for them
     try:
-        response = await (_tunnel(request) if url is None else _forward(request, url))
+        response = await (_tunnel(request) if url is None else _forward(request, url, expect))
     finally:
         lifecycle.leave()
     if lifecycle.draining and not response.prepared:
@@ -173,12 +187,14 @@ async def dispatch(request: web.Request, handler: Any) -> web.StreamResponse:
     return response
 
 
-async def _forward(request: web.Request, url: URL) -> web.StreamResponse:
+async def _forward(request: web.Request, url: URL, expect: Continue) -> web.StreamResponse:
+    version = (request.version.major, request.version.minor)
+    websocket = headers.websocket_handshake(request.method, version, request.raw_headers)
     try:
-        target = forward_target(url)
+        target = forward_target(url, websocket=websocket)
     except TargetError as exc:
         return _reject(request, BAD_TARGET.with_text(str(exc)))
-    return await request.app[FORWARDER](request, target.url, target.host)
+    return await request.app[FORWARDER](request, target, expect)
 
 
 async def _tunnel(request: web.Request) -> web.StreamResponse:
@@ -233,6 +249,7 @@ def build_session(settings: Settings, check: policy.DestinationCheck) -> aiohttp
         ),
         auto_decompress=False,
         cookie_jar=aiohttp.DummyCookieJar(),
+        response_class=InterimResponse,  # 1xx reach the client (RFC 9110 §15.2)
         skip_auto_headers=SKIP_AUTO_HEADERS,
         trust_env=False,  # never route through our own HTTP_PROXY
         raise_for_status=False,
@@ -251,18 +268,22 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
         Observer(metrics, app[LOGGER], log_query=settings.log_query) if settings.observe else None
     )
     app[SESSION] = session
+    # CONNECT tunnels and WebSockets share one set of relays: counted alike, closed alike.
+    relays = Relays(TunnelObserver(metrics, app[LOGGER]) if settings.observe else None)
     app[FORWARDER] = Forwarder(
         session,
         observer,
+        relays,
         request_id_header=settings.request_id_header,
         via_pseudonym=settings.via_pseudonym,
         read_idle_timeout=settings.read_idle_timeout,
         pool_wait_timeout=settings.pool_wait_timeout,
         spans=app.get(SPANS),
+        tunnel_idle_timeout=settings.tunnel_idle_timeout,
     )
     app[TUNNELLER] = Tunneller(
         SessionResolver(session),
-        TunnelObserver(metrics, app[LOGGER]) if settings.observe else None,
+        relays,
         request_id_header=settings.request_id_header,
         via_pseudonym=settings.via_pseudonym,
         connect_timeout=settings.connect_timeout,
@@ -307,7 +328,7 @@ def build_proxy_app(
     _add_local_routes(app)
     # Absolute-form targets are dispatched by the middleware, but the router still looks
     # at their path first; a catch-all spares it building a 404 for each of them.
-    app.router.add_route("*", "/{tail:.*}", _not_a_proxy_request)
+    app.router.add_route("*", "/{tail:.*}", _not_a_proxy_request, expect_handler=defer_expectation)
     app.on_response_prepare.append(_on_response_prepare)
     app.cleanup_ctx.append(_upstream_session)
     app.on_shutdown.append(_close_tunnels)

@@ -525,3 +525,95 @@ async def test_non_http_absolute_targets_get_400(proxy: RunningProxy, scheme: st
     assert b"Proxy-Status: tracing-proxy; error=http_request_error" in received
     if scheme == "https":
         assert b"CONNECT" in received
+
+
+async def chunked_ok(reader: Any, writer: Any, state: RawOrigin) -> None:
+    """Answer every request on the connection with a chunked 200 (length unknown up front)."""
+    for _ in range(10):
+        state.received.append(await read_head(reader))
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+        )
+        await writer.drain()
+
+
+async def test_http10_keep_alive_client_waits_for_a_body_of_unknown_length(
+    start_proxy: Any, raw_origin: Any
+) -> None:
+    """HTTP/1.0 keep-alive and a chunked upstream: the body ends with the connection at once."""
+    proxy = await start_proxy(client_idle_timeout=3600)
+    upstream = await raw_origin(chunked_ok)
+    request = f"GET {upstream.url('/t')} HTTP/1.0\r\nConnection: keep-alive\r\n\r\n".encode()
+    status, received = await raw_exchange(proxy, request)  # returns at the proxy's close
+    assert status == b"HTTP/1.0 200 OK"
+    head, body = received.split(b"\r\n\r\n", 1)
+    assert body == b"hello"
+    assert b"keep-alive" not in head.lower()
+    assert b"content-length" not in head.lower()
+
+
+async def test_http10_keep_alive_with_a_known_length_stays_open(
+    start_proxy: Any, raw_origin: Any, origin: Origin
+) -> None:
+    """HTTP/1.0 keep-alive with a Content-Length upstream answer keeps the connection."""
+    proxy = await start_proxy()
+    request = f"GET {origin.url('/big')} HTTP/1.0\r\nConnection: keep-alive\r\n\r\n".encode()
+    assert proxy.server.proxy_address is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.server.proxy_address.port)
+    try:
+        for _ in range(2):
+            writer.write(request)
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            assert head.startswith(b"HTTP/1.0 200 OK")
+            assert b"Connection: keep-alive" in head
+            assert len(await asyncio.wait_for(reader.readexactly(1234), 10)) == 1234
+    finally:
+        writer.close()
+
+
+async def test_trailers_are_dropped_even_with_te_trailers(
+    proxy: RunningProxy, raw_origin: Any
+) -> None:
+    """A documented deviation: response trailers and their Trailer field never reach the client."""
+
+    async def script(reader: Any, writer: Any, state: RawOrigin) -> None:
+        state.received.append(await read_head(reader))
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Checksum\r\n\r\n"
+            b"5\r\nhello\r\n0\r\nX-Checksum: abc123\r\n\r\n"
+        )
+        await writer.drain()
+
+    upstream = await raw_origin(script)
+    request = (
+        f"GET {upstream.url('/t')} HTTP/1.1\r\nHost: x\r\nTE: trailers\r\n"
+        "Connection: TE, close\r\n\r\n"
+    ).encode()
+    status, received = await raw_exchange(proxy, request)
+    assert status == b"HTTP/1.1 200 OK"
+    head, body = received.split(b"\r\n\r\n", 1)
+    assert b"trailer" not in head.lower()
+    assert body == b"5\r\nhello\r\n0\r\n\r\n"  # the last chunk, then no trailer section
+    assert b"te: trailers" not in upstream.received[0].lower()  # TE is hop-by-hop
+
+
+async def test_request_trailers_are_dropped(proxy: RunningProxy, raw_origin: Any) -> None:
+    """A chunked upload's trailer section does not reach the origin; the body does."""
+
+    async def script(reader: Any, writer: Any, state: RawOrigin) -> None:
+        head = await read_head(reader)
+        rest = await reader.readuntil(b"0\r\n\r\n")
+        state.received.append(head + rest)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+
+    upstream = await raw_origin(script)
+    request = (
+        f"POST {upstream.url('/up')} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+        "Trailer: X-Checksum\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\nX-Checksum: abc\r\n\r\n"
+    ).encode()
+    status, _ = await raw_exchange(proxy, request)
+    assert status == b"HTTP/1.1 200 OK"
+    (seen,) = upstream.received
+    assert b"x-checksum" not in seen.lower()
+    assert seen.endswith(b"\r\n\r\n5\r\nhello\r\n0\r\n\r\n")

@@ -87,3 +87,60 @@ def test_via_value_names_the_received_protocol() -> None:
 def test_max_forwards(method: str, value: str | None, expected: int | None) -> None:
     """Max-Forwards applies to TRACE and OPTIONS only, and only when it is a number."""
     assert headers.max_forwards(method, value) == expected
+
+
+@pytest.mark.parametrize(
+    ("version", "method", "status", "length", "close"),
+    [
+        ((1, 0), "GET", 200, None, True),  # RFC 9112 §6.3: ends at close
+        ((1, 0), "POST", 404, None, True),
+        ((1, 0), "GET", 200, "5", False),  # the length is known
+        ((1, 0), "HEAD", 200, None, False),  # no body at all (RFC 9110 §6.4.1)
+        ((1, 0), "GET", 204, None, False),
+        ((1, 0), "GET", 304, None, False),
+        ((1, 1), "GET", 200, None, False),  # chunked framing is available
+    ],
+)
+def test_ends_at_close(
+    version: tuple[int, int], method: str, status: int, length: str | None, close: bool
+) -> None:
+    """Only an HTTP/1.0 client with a body of unknown length needs the connection closed."""
+    assert headers.ends_at_close(version, method, status, length) is close
+
+
+@pytest.mark.parametrize(
+    ("value", "websocket"),
+    [
+        ("websocket", True),
+        ("WebSocket", True),
+        (None, False),
+        ("h2c", False),
+        ("websocket, h2c", False),
+        ("caf\xe9", False),
+    ],
+)
+def test_is_websocket(value: str | None, websocket: bool) -> None:
+    """Only an Upgrade of the single token websocket, in any case, counts (RFC 6455 §4.1)."""
+    assert headers.is_websocket(value) is websocket
+
+
+HANDSHAKE = [(b"Connection", b"keep-alive, Upgrade"), (b"Upgrade", b"websocket")]
+
+
+@pytest.mark.parametrize(
+    ("method", "version", "raw", "handshake"),
+    [
+        ("GET", (1, 1), HANDSHAKE, True),
+        ("GET", (1, 1), [(b"connection", b"upgrade"), (b"upgrade", b"WebSocket")], True),
+        ("POST", (1, 1), HANDSHAKE, False),  # RFC 6455 §4.1: the method must be GET
+        ("GET", (1, 0), HANDSHAKE, False),  # ... over HTTP/1.1 or later
+        ("GET", (1, 1), [(b"Upgrade", b"websocket")], False),  # Connection must list upgrade
+        ("GET", (1, 1), [(b"Connection", b"Upgrade"), (b"Upgrade", b"h2c")], False),
+        ("GET", (1, 1), [*HANDSHAKE, (b"Upgrade", b"h2c")], False),
+    ],
+)
+def test_websocket_handshake(
+    method: str, version: tuple[int, int], raw: list[tuple[bytes, bytes]], handshake: bool
+) -> None:
+    """Only a GET over HTTP/1.1 with Connection: upgrade and Upgrade: websocket switches."""
+    assert headers.websocket_handshake(method, version, raw) is handshake

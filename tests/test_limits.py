@@ -14,7 +14,7 @@ import pytest
 
 from proxy.config import SettingError, parse_positive_count
 from tests.conftest import LogCapture, Origin, RawOrigin, RunningProxy
-from tests.test_bad_input import OK_RESPONSE, send_and_read, status_lines
+from tests.test_bad_input import OK_RESPONSE, record_and_answer, send_and_read, status_lines
 
 StartProxy = Callable[..., Awaitable[RunningProxy]]
 
@@ -247,3 +247,24 @@ async def test_full_pool_past_the_wait_limit_is_503_with_retry_after(
         await until(lambda: len(logs.events("access")) == 2)
         refused = [line for line in logs.events("access") if line["status"] == 503]
         assert [line["error"] for line in refused] == ["connection_limit_reached"]
+
+
+# -- Upgrade tokens the proxy does not take (RFC 9110 §7.8) ------------------------------------
+
+
+async def test_request_pipelined_behind_upgrade_h2c_is_not_lost(
+    proxy: RunningProxy, raw_origin: Callable[[Any], Awaitable[RawOrigin]]
+) -> None:
+    """Behind `Upgrade: h2c` the first answer says `Connection: close` and the connection ends."""
+    upstream = await raw_origin(record_and_answer)
+    first = (
+        f"GET {upstream.url('/a')} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+        "Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n"
+    )
+    second = f"GET {upstream.url('/b')} HTTP/1.1\r\nHost: x\r\n\r\n"
+    data, closed = await send_and_read(proxy, (first + second).encode())
+    assert status_lines(data) == [b"HTTP/1.1 200 OK"]
+    assert b"\r\nConnection: close\r\n" in data.split(b"\r\n\r\n", 1)[0] + b"\r\n"
+    assert closed
+    assert len(upstream.received) == 1
+    assert b"upgrade" not in upstream.received[0].lower()  # h2c is not passed on

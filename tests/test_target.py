@@ -77,3 +77,26 @@ async def test_absolute_target_tells_the_forms_apart(line: bytes, expected: str 
     """Only absolute-form targets are returned; origin-form, * and CONNECT are not."""
     target = await _parsed(line)
     assert (None if target is None else str(target)) == expected
+
+
+@pytest.mark.parametrize(
+    ("url", "forwarded"),
+    [
+        ("ws://h/chat?x=1", "http://h/chat?x=1"),
+        ("ws://h:8080/", "http://h:8080/"),
+        ("http://h/chat", "http://h/chat"),
+    ],
+)
+def test_websocket_handshake_targets(url: str, forwarded: str) -> None:
+    """A WebSocket handshake may name ws:// (RFC 6455 §3); it is forwarded as http://."""
+    target = forward_target(URL(url), websocket=True)
+    assert (str(target.url), target.websocket) == (forwarded, True)
+
+
+@pytest.mark.parametrize(
+    ("url", "websocket"), [("ws://h/", False), ("wss://h/", True), ("wss://h/", False)]
+)
+def test_ws_without_handshake_and_wss_are_refused(url: str, websocket: bool) -> None:
+    """ws:// needs Upgrade: websocket; wss:// is TLS and goes through CONNECT."""
+    with pytest.raises(TargetError):
+        forward_target(URL(url), websocket=websocket)

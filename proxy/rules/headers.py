@@ -100,6 +100,45 @@ def _with_options(base: frozenset[bytes], raw: RawHeaders) -> frozenset[bytes]:
     return base | options if options else base
 
 
+def ends_at_close(
+    version: tuple[int, int], method: str, status: int, content_length: str | None
+) -> bool:
+    """True when the only way to end this response's body is to close the connection.
+
+    An HTTP/1.0 client cannot be sent chunked framing, so a body of unknown length is
+    delimited by the close (RFC 9112 §6.3 item 8); keeping the connection would leave the
+    client waiting for an end that never comes. Bodiless responses (HEAD, 1xx, 204, 304;
+    RFC 9110 §6.4.1) and a known length need no close.
+    """
+    if version >= (1, 1) or content_length is not None:
+        return False
+    return not (method == "HEAD" or status < 200 or status in (204, 304))
+
+
+def is_websocket(upgrade: str | None) -> bool:
+    """An Upgrade value asking for WebSocket alone (RFC 6455 §4.1), compared without case."""
+    return upgrade is not None and upgrade.isascii() and upgrade.lower() == "websocket"
+
+
+def websocket_handshake(method: str, version: tuple[int, int], raw: RawHeaders) -> bool:
+    """An opening handshake (RFC 6455 §4.1): a GET over HTTP/1.1 whose Connection lists
+    ``upgrade`` and whose one Upgrade field is ``websocket``. Any other Upgrade (h2c, say)
+    is hop-by-hop and dropped (RFC 9110 §7.8)."""
+    if method != "GET" or version < (1, 1):
+        return False
+    upgrades = [value for name, value in raw if name.lower() == b"upgrade"]
+    return (
+        len(upgrades) == 1
+        and b"upgrade" in connection_options(raw)
+        and is_websocket(upgrades[0].decode("latin-1"))
+    )
+
+
+# What a WebSocket handshake and its 101 carry hop by hop, set by the proxy on each leg
+# (RFC 9110 §7.8; RFC 6455 §4.1 and §4.2.2).
+WEBSOCKET_UPGRADE: Final = (("Connection", "Upgrade"), ("Upgrade", "websocket"))
+
+
 def via_value(version: tuple[int, int], pseudonym: str) -> str:
     """Our Via entry: the protocol we received the message with, then our name (§7.6.3)."""
     return f"{version[0]}.{version[1]} {pseudonym}"

@@ -24,6 +24,7 @@ def absolute_target(request: web.BaseRequest) -> URL | None:
 class Target:
     url: URL  # what the upstream session is asked for: no userinfo, no fragment
     host: str  # metric label: lower-case host, ":port" only when not the default
+    websocket: bool = False  # a WebSocket opening handshake (RFC 6455 §4.1)
 
 
 class TargetError(ValueError):
@@ -36,19 +37,28 @@ def host_label(url: URL) -> str:
     return label.lower() if label else ""
 
 
-def forward_target(url: URL) -> Target:
-    """Validate an absolute-form target for plain forwarding."""
+def forward_target(url: URL, *, websocket: bool = False) -> Target:
+    """Validate an absolute-form target for plain forwarding.
+
+    ``websocket``: the request is a WebSocket handshake, which may also name its target
+    ``ws://`` (RFC 6455 §3; what aiohttp's ws_connect sends to a proxy); it is the same
+    request as ``http://``.
+    """
     scheme = url.scheme
-    if scheme != "http":
-        if scheme == "https":
+    if scheme == "ws" and websocket:
+        url = url.with_scheme("http")
+    elif scheme != "http":
+        if scheme in ("https", "wss"):
             raise TargetError(
-                "https:// targets are not forwarded in the clear; "
-                "use CONNECT (HTTPS_PROXY) for HTTPS"
+                f"{scheme}:// targets are not forwarded in the clear; "
+                "use CONNECT (HTTPS_PROXY) for TLS"
             )
+        if scheme == "ws":
+            raise TargetError("ws:// targets are forwarded only with Upgrade: websocket")
         raise TargetError(f"scheme {scheme!r} is not supported; only http:// is forwarded")
     if not url.host:
         raise TargetError("the target has no host")
     if url.raw_user is not None or url.raw_fragment:
         # Userinfo would turn into an Authorization header; a fragment is never sent.
         url = url.with_user(None).with_fragment(None)
-    return Target(url, host_label(url))
+    return Target(url, host_label(url), websocket)

@@ -6,13 +6,13 @@ in exactly one ``Outcome`` that feeds the metrics and the access log.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from time import perf_counter
 from typing import Final
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
-from yarl import URL
 
 from proxy.observe.outcome import Observer, Outcome
 from proxy.observe.pool_wait import PoolWait
@@ -21,6 +21,10 @@ from proxy.observe.tracing import Timings
 from proxy.rules import errors, headers, policy
 from proxy.rules.errors import ProxyError
 from proxy.rules.request_id import choose_request_id, choose_trace_context
+from proxy.rules.target import Target
+from proxy.wire.interim import INTERIM_SINK, Continue, InterimRelay
+from proxy.wire.relay import Relay, UpstreamProtocol
+from proxy.wire.tunnelling import Relays, TunnelRecord, TunnelTarget
 
 # aiohttp's client would otherwise add these (RFC 9110 §7.6: a proxy forwards, it does
 # not invent request fields).
@@ -64,22 +68,35 @@ def strip_added_defaults(response: web.StreamResponse) -> None:
             response.headers.popall("Server", None)
 
 
+class SwitchedResponse(ForwardedResponse):
+    """The upstream's 101 to a WebSocket handshake; the relay carries the connection after it."""
+
+    def __init__(self, up: aiohttp.ClientResponse, fields: CIMultiDict[str], relay: Relay) -> None:
+        super().__init__(up, fields)
+        self.upstream = up
+        self.relay = relay
+
+
 class Forwarder:
-    """The handler for absolute-form ``http://`` requests."""
+    """The handler for absolute-form ``http://`` requests, WebSocket handshakes included."""
 
     def __init__(
         self,
         session: aiohttp.ClientSession,
         observer: Observer | None,
+        relays: Relays,
         *,
         request_id_header: str,
         via_pseudonym: str,
         read_idle_timeout: float,
         pool_wait_timeout: float,
+        tunnel_idle_timeout: float,
         spans: SpanRecorder | None = None,
     ) -> None:
         self._session = session
         self._observer = observer
+        self._relays = relays
+        self._tunnel_idle_timeout = tunnel_idle_timeout
         self._spans = spans  # None when span export is off: no span work at all
         self._record_new = spans.sampler if spans is not None else None
         self._rid_header = request_id_header
@@ -91,26 +108,32 @@ class Forwarder:
             version: headers.via_value(version, via_pseudonym) for version in ((1, 1), (1, 0))
         }
 
-    async def __call__(self, request: web.Request, target: URL, host: str) -> web.StreamResponse:
+    async def __call__(
+        self, request: web.Request, target: Target, expect: Continue
+    ) -> web.StreamResponse:
         start = perf_counter()
         request_id = choose_request_id(request.headers.get(self._rid_header))
         trace = choose_trace_context(request.headers.get("traceparent"), self._record_new)
-        outcome = Outcome(request, target, host, request_id, trace, Timings(start))
+        outcome = Outcome(request, target.url, target.host, request_id, trace, Timings(start))
         try:
-            response = await self._forward(request, target, outcome)
+            response = await self._forward(request, target, outcome, expect)
         finally:
+            # A WebSocket's handshake ends at its 101: that is the request logged here.
             outcome.total = perf_counter() - start
             if self._observer is not None:
                 self._observer(outcome)
             if trace.span_id is not None and self._spans is not None:
                 self._spans.forwarded(outcome)
+        if isinstance(response, SwitchedResponse):
+            await self._carry(request, response, target, outcome)
         return response
 
     async def _forward(
         self,
         request: web.Request,
-        target: URL,
+        target: Target,
         outcome: Outcome,
+        expect: Continue,
     ) -> web.StreamResponse:
         if policy.via_loops(request.headers.getall("Via", ()), self._pseudonym):
             loop = policy.LoopDetected(f"Via already holds {self._pseudonym}")
@@ -122,6 +145,8 @@ class Forwarder:
         version = (request.version.major, request.version.minor)
         fields.add("Via", self._via.get(version) or headers.via_value(version, self._pseudonym))
         self._stamp(fields, outcome)
+        if target.websocket:
+            fields.extend(headers.WEBSOCKET_UPGRADE)
 
         max_forwards = headers.max_forwards(request.method, request.headers.get("Max-Forwards"))
         if max_forwards == 0:
@@ -129,17 +154,21 @@ class Forwarder:
         if max_forwards is not None:
             fields["Max-Forwards"] = str(max_forwards - 1)
 
-        body = request.content if request.body_exists else None
-        length = request.headers.get("Content-Length")
-        if body is not None and length is not None:
-            fields["Content-Length"] = length  # keeps the client's framing choice
+        body: aiohttp.StreamReader | AsyncIterator[bytes] | None = None
+        if request.body_exists:
+            # A client waiting for 100 Continue gets it when the upstream reads the body.
+            body = expect.body() if expect.pending else request.content
+            length = request.headers.get("Content-Length")
+            if length is not None:
+                fields["Content-Length"] = length  # keeps the client's framing choice
 
         pool_wait = outcome.timings.pool_wait = PoolWait(self._pool_wait_timeout)
+        sink = INTERIM_SINK.set(InterimRelay(request, self._rid_key, self._via[(1, 1)]))
         try:
             async with pool_wait:
                 up = await self._session.request(
                     request.method,
-                    target,
+                    target.url,
                     headers=fields,
                     data=body,
                     allow_redirects=False,
@@ -148,25 +177,44 @@ class Forwarder:
         except Exception as exc:
             outcome.bytes_in = request.content.total_bytes
             return self._fail_before_response(request, outcome, exc)
+        finally:
+            INTERIM_SINK.reset(sink)
 
+        if up.status == 101:
+            try:
+                return await self._switch(request, up, outcome, target.websocket)
+            except BaseException:
+                up.close()
+                raise
         try:
-            return await self._relay(request, up, outcome)
+            return await self._relay(request, up, outcome, expect)
         finally:
             up.release()
 
-    async def _relay(
-        self, request: web.Request, up: aiohttp.ClientResponse, outcome: Outcome
-    ) -> web.StreamResponse:
+    def _response_fields(self, up: aiohttp.ClientResponse, outcome: Outcome) -> CIMultiDict[str]:
         raw = up.raw_headers
         fields = headers.filter_fields(raw, headers.response_drop_set(raw, self._rid_key))
         version = up.version
         key = (version.major, version.minor) if version is not None else (1, 1)
         fields.add("Via", self._via.get(key) or headers.via_value(key, self._pseudonym))
         self._stamp(fields, outcome)
+        return fields
+
+    async def _relay(
+        self, request: web.Request, up: aiohttp.ClientResponse, outcome: Outcome, expect: Continue
+    ) -> web.StreamResponse:
+        fields = self._response_fields(up, outcome)
         content = up.content
         ready = content.is_eof() or content.total_bytes > 0
         response = (ReadyForwardedResponse if ready else ForwardedResponse)(up, fields)
         outcome.status = up.status
+        client_version = (request.version.major, request.version.minor)
+        if headers.ends_at_close(
+            client_version, request.method, up.status, fields.get("Content-Length")
+        ):
+            # aiohttp leaves such a connection open (it omits only Connection: keep-alive).
+            response.force_close()
+        expect.withdraw(response)  # the upstream answered before it read the body
         connection = up.connection
         if self._spans is not None:
             outcome.peer = upstream_peer(up)
@@ -199,6 +247,75 @@ class Forwarder:
         outcome.bytes_in = request.content.total_bytes
         await response.write_eof()
         return response
+
+    async def _switch(
+        self, request: web.Request, up: aiohttp.ClientResponse, outcome: Outcome, asked: bool
+    ) -> web.StreamResponse:
+        """The upstream's 101: take its connection over for a relay and send the 101 on.
+
+        From here on neither side speaks HTTP, so the connection is never pooled again; it
+        still counts against the host's pool limits until the relay ends and ``_carry``
+        closes it.
+        """
+        connection = up.connection
+        transport = request.transport
+        if not asked or connection is None or connection.protocol is None:
+            up.close()  # a 101 to a request that asked for no upgrade is not HTTP we relay
+            unasked = aiohttp.ClientResponseError(
+                up.request_info, (), status=101, message="switched protocols unasked"
+            )
+            return self._fail_before_response(request, outcome, unasked)
+        relay = Relay(self._tunnel_idle_timeout)
+        upstream = connection.protocol
+        upstream_transport = connection.transport
+        assert upstream_transport is not None  # a connected protocol has its transport
+        sink = UpstreamProtocol(relay, upstream)
+        upstream_transport.set_protocol(sink)
+        relay.attach_upstream(upstream_transport)
+        upstream.read_timeout = None  # the relay's idle limit applies from now on
+        # The bytes that came right behind the 101 (aiohttp held them) are the first relayed.
+        upstream.set_parser(sink, None)
+        fields = self._response_fields(up, outcome)
+        fields.extend(headers.WEBSOCKET_UPGRADE)
+        response = SwitchedResponse(up, fields, relay)
+        outcome.status = 101
+        try:
+            if transport is None:
+                raise ConnectionResetError("the client has gone")
+            await response.prepare(request)
+        except ConnectionError as exc:
+            relay.close("error")
+            up.close()
+            return self._fail_before_response(request, outcome, exc)
+        response.force_close()  # only after prepare: before, the 101 would say Connection: close
+        return response
+
+    async def _carry(
+        self, request: web.Request, response: SwitchedResponse, target: Target, outcome: Outcome
+    ) -> None:
+        """Relay the switched connection until it ends, timed and counted like a tunnel."""
+        transport = request.transport
+        url = target.url
+        host, port = url.host, url.port
+        assert host is not None  # forward_target refuses a target without a host
+        assert port is not None  # http has a default port
+        record = TunnelRecord(
+            request.remote,
+            TunnelTarget(host, port, target.host),
+            outcome.request_id,
+            Timings(outcome.timings.start),
+            kind="websocket",
+            status=101,
+        )
+        try:
+            if transport is None:  # the client left as the 101 went out
+                response.relay.close("error")
+                return
+            await self._relays.run(request, transport, response.relay, record)
+        finally:
+            record.duration = perf_counter() - record.timings.start
+            response.upstream.close()
+            self._relays.record(record)
 
     def _fail_before_response(
         self, request: web.Request, outcome: Outcome, exc: Exception

@@ -21,7 +21,7 @@ from aiohttp.web_protocol import RequestHandler, _ErrInfo
 from proxy.config import Settings
 from proxy.observe import log
 from proxy.observe.metrics import ClientStats
-from proxy.rules import errors
+from proxy.rules import errors, headers
 from proxy.rules.errors import ProxyError
 from proxy.rules.request_id import new_request_id
 
@@ -186,10 +186,15 @@ class GuardedRequestHandler(RequestHandler):
     def _check_parsed(self, count: int) -> None:
         """Refuse the first new request llhttp let through that we do not take."""
         for index in range(len(self._messages) - count, len(self._messages)):
-            refusal = self._refusal(self._messages[index][0])
+            message, payload = self._messages[index]
+            refusal = self._refusal(message)
             if refusal is not None:
                 self._refuse(refusal, index)
                 return
+            if isinstance(message, RawRequestMessage) and _tail_lost(message):
+                # Its answer says Connection: close and ends the connection; a client
+                # that pipelined behind it retries on a new one (RFC 9112 §9.3.2).
+                self._messages[index] = (message._replace(should_close=True), payload)
 
     def _refusal(self, message: RawRequestMessage | _ErrInfo) -> BadHttpMessage | None:
         if not isinstance(message, RawRequestMessage):
@@ -229,6 +234,20 @@ class GuardedRequestHandler(RequestHandler):
             return  # gone, closing (shutdown, refusal), or a request is being served
         self._guard.stats.header_timeouts += 1
         self._refuse(HeadTimeout("request head not received in time"))
+
+
+def _tail_lost(message: RawRequestMessage) -> bool:
+    """An Upgrade the parser does not switch on: what the client sent behind it is gone.
+
+    llhttp pauses after any request with ``Connection: upgrade`` and an Upgrade field;
+    aiohttp's C parser keeps the bytes behind it only for a WebSocket upgrade (and
+    CONNECT), and drops the rest of that read for any other token, such as h2c.
+    """
+    return (
+        message.upgrade
+        and message.method != "CONNECT"
+        and not headers.is_websocket(message.headers.get("Upgrade"))
+    )
 
 
 def _head_size(message: RawRequestMessage) -> int:

@@ -163,10 +163,17 @@ class Relay:
 
 
 class UpstreamProtocol(asyncio.Protocol):
-    """The upstream connection: every event goes to the relay."""
+    """The upstream connection: every event goes to the relay.
 
-    def __init__(self, relay: Relay) -> None:
+    For a connection taken over from aiohttp's client (a WebSocket after its 101),
+    ``previous`` is that client's protocol: it still hears of the lost connection, so the
+    connector's bookkeeping ends as usual, and ``feed_data`` makes this a payload sink for
+    its ``set_parser``, which hands over the bytes that came right behind the 101.
+    """
+
+    def __init__(self, relay: Relay, previous: asyncio.BaseProtocol | None = None) -> None:
         self._relay = relay
+        self._previous = previous
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._relay.attach_upstream(cast(asyncio.Transport, transport))
@@ -186,6 +193,12 @@ class UpstreamProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._relay.lost("upstream", exc)
+        if self._previous is not None:
+            self._previous.connection_lost(exc)
+
+    def feed_data(self, data: bytes) -> tuple[bool, bytes]:
+        self._relay.feed("upstream", data)
+        return False, b""  # (no protocol error, no unparsed tail)
 
 
 class ClientProtocol(asyncio.Protocol):

@@ -138,6 +138,7 @@ class TunnelRecord:
         "duration",
         "error",
         "exc",
+        "kind",
         "peer",
         "relay",
         "request_id",
@@ -154,12 +155,16 @@ class TunnelRecord:
         request_id: str,
         timings: Timings,
         trace: TraceContext | None = None,
+        *,
+        kind: str = "tunnel",
+        status: int = 200,
     ) -> None:
         self.client = client
         self.target = target
         self.request_id = request_id
         self.timings = timings
-        self.status = 200
+        self.kind = kind  # the log event: "tunnel" (CONNECT) or "websocket" (after a 101)
+        self.status = status
         self.error: ProxyError | None = None  # why the tunnel was never established
         self.exc: BaseException | None = None
         self.relay: Relay | None = None  # set once the 200 is out
@@ -179,7 +184,10 @@ class TunnelRecord:
         return self.relay.outcome
 
     def __repr__(self) -> str:
-        return f"<TunnelRecord {self.target.authority} status={self.status} {self.outcome}>"
+        return (
+            f"<TunnelRecord {self.kind} {self.target.authority} status={self.status} "
+            f"{self.outcome}>"
+        )
 
 
 class TunnelObserver:
@@ -216,7 +224,7 @@ class TunnelObserver:
             error = relay_error.error if relay_error is not None else None
         trace = record.trace
         self._logger.info(
-            "tunnel",
+            record.kind,
             request_id=record.request_id,
             trace_id=trace.trace_id if trace is not None else None,
             span_id=trace.span_id if trace is not None else None,
@@ -243,13 +251,81 @@ _RELAY_ERRORS: Final = {
 }
 
 
+class Relays:
+    """The relays running on client connections: handed over from aiohttp, then tracked.
+
+    CONNECT tunnels and WebSockets after their 101 both end up here, so both are counted,
+    observed and closed at shutdown the same way.
+    """
+
+    def __init__(self, observer: TunnelObserver | None) -> None:
+        self._observer = observer
+        self._open: set[Relay] = set()
+
+    def record(self, record: TunnelRecord) -> None:
+        """A relay (or an attempt at one) has ended: its metrics and log line."""
+        if self._observer is not None:
+            self._observer(record)
+
+    async def run(
+        self,
+        request: web.Request,
+        transport: asyncio.Transport,
+        relay: Relay,
+        record: TunnelRecord,
+    ) -> None:
+        """Hand the client connection over to ``relay`` and wait until the relay ends.
+
+        The response that switched the connection (200, 101) is already out.
+        """
+        try:
+            self._hand_over(request, transport, relay, record)
+            # Shielded: a cancelled handler must not cancel ``done``; it closes the relay.
+            await asyncio.shield(relay.done)
+        except asyncio.CancelledError:
+            relay.close("shutdown")
+            raise
+        except Exception as exc:
+            relay.close("error", exc)
+            raise
+        finally:
+            self._open.discard(relay)
+
+    def close_all(self) -> None:
+        """Shutdown: end every open relay now (the drain has already waited for them)."""
+        for relay in list(self._open):
+            relay.close("shutdown")
+
+    def _hand_over(
+        self,
+        request: web.Request,
+        transport: asyncio.Transport,
+        relay: Relay,
+        record: TunnelRecord,
+    ) -> None:
+        """Hand the client connection from aiohttp to the relay (no await: no bytes slip by)."""
+        record.relay = relay
+        self._open.add(relay)
+        if self._observer is not None:
+            self._observer.opened()
+        protocol = ClientProtocol(relay, request.protocol)
+        transport.set_protocol(protocol)  # first, so flow control already reaches the relay
+        relay.start(transport)
+        # The bytes that came behind the request head (aiohttp keeps them) go upstream first.
+        # set_parser is typed for aiohttp's WebSocket reader; it only calls feed_data/feed_eof.
+        request.protocol.set_parser(cast(WebSocketReader, protocol))
+
+    def __repr__(self) -> str:
+        return f"<Relays open={len(self._open)}>"
+
+
 class Tunneller:
     """The handler for CONNECT with a checked target."""
 
     def __init__(
         self,
         resolver: SessionResolver,
-        observer: TunnelObserver | None,
+        relays: Relays,
         *,
         request_id_header: str,
         via_pseudonym: str,
@@ -258,13 +334,12 @@ class Tunneller:
         spans: SpanRecorder | None = None,
     ) -> None:
         self._resolver = resolver
-        self._observer = observer
+        self._relays = relays
         self._spans = spans
         self._rid_header = request_id_header
         self._pseudonym = via_pseudonym
         self._connect_timeout = connect_timeout
         self._idle_timeout = idle_timeout
-        self._open: set[Relay] = set()
 
     async def __call__(self, request: web.Request, target: TunnelTarget) -> web.StreamResponse:
         start = perf_counter()
@@ -280,8 +355,7 @@ class Tunneller:
             return await self._tunnel(request, record)
         finally:
             record.duration = perf_counter() - start
-            if self._observer is not None:
-                self._observer(record)
+            self._relays.record(record)
             if spans is not None and trace is not None and trace.span_id is not None:
                 error = record.error or _RELAY_ERRORS.get(record.outcome)
                 spans.tunnel(
@@ -298,9 +372,8 @@ class Tunneller:
                 )
 
     def close_all(self) -> None:
-        """Shutdown: end every open tunnel now (the drain has already waited for them)."""
-        for relay in list(self._open):
-            relay.close("shutdown")
+        """Shutdown: end every open tunnel and WebSocket now."""
+        self._relays.close_all()
 
     async def _tunnel(self, request: web.Request, record: TunnelRecord) -> web.StreamResponse:
         target = record.target
@@ -333,18 +406,7 @@ class Tunneller:
             relay.close("error")
             return self._fail(record, errors.CLIENT_DISCONNECTED, exc)
         response.force_close()  # only after prepare: before, the 200 would say Connection: close
-        try:
-            self._hand_over(request, transport, relay, record)
-            # Shielded: a cancelled handler must not cancel ``done``; it closes the relay.
-            await asyncio.shield(relay.done)
-        except asyncio.CancelledError:
-            relay.close("shutdown")
-            raise
-        except Exception as exc:
-            relay.close("error", exc)
-            raise
-        finally:
-            self._open.discard(relay)
+        await self._relays.run(request, transport, relay, record)
         return response
 
     async def _dial(
@@ -372,25 +434,6 @@ class Tunneller:
         finally:
             timings.connected(started)  # failed dials are timed too
 
-    def _hand_over(
-        self,
-        request: web.Request,
-        transport: asyncio.Transport,
-        relay: Relay,
-        record: TunnelRecord,
-    ) -> None:
-        """Hand the client connection from aiohttp to the relay (no await: no bytes slip by)."""
-        record.relay = relay
-        self._open.add(relay)
-        if self._observer is not None:
-            self._observer.opened()
-        protocol = ClientProtocol(relay, request.protocol)
-        transport.set_protocol(protocol)  # first, so flow control already reaches the relay
-        relay.start(transport)
-        # The bytes that came with the CONNECT header (aiohttp keeps them) go upstream first.
-        # set_parser is typed for aiohttp's WebSocket reader; it only calls feed_data/feed_eof.
-        request.protocol.set_parser(cast(WebSocketReader, protocol))
-
     def _fail(self, record: TunnelRecord, err: ProxyError, exc: BaseException) -> web.Response:
         record.fail(err, exc)
         # Closed: after a refused CONNECT, what the client sends next is not HTTP.
@@ -401,4 +444,4 @@ class Tunneller:
         return response
 
     def __repr__(self) -> str:
-        return f"<Tunneller open={len(self._open)}>"
+        return f"<Tunneller {self._relays!r}>"
