@@ -314,6 +314,34 @@ async def test_allowed_address_in_a_legacy_spelling_gets_400(
     assert b"127.0.0.1" in answer.fields["proxy-status"].encode()
 
 
+async def test_trailing_dot_ip_literal_gets_400_or_403_never_502(
+    start_proxy: StartProxy, trap: Trap, origin: Origin, logs: LogCapture
+) -> None:
+    """`127.0.0.1.` is refused as a spelling (400) and a denied `127.0.0.2.` as denied (403)."""
+    proxy = await start_proxy(deny_destinations=deny("127.0.0.2/32"))
+    connection = await Connection.open(proxy)
+    try:
+        allowed = await connection.ask(
+            http_request("GET", f"http://127.0.0.1.:{origin.port}/echo", close=False)
+        )
+        denied = await connection.ask(http_request("GET", f"http://127.0.0.2.:{trap.port}/x"))
+    finally:
+        connection.close()
+    assert allowed.status == 400
+    assert allowed.fields["proxy-status"].startswith("tracing-proxy; error=http_request_error")
+    assert b"trailing dot" in allowed.body
+    assert denied.status == 403
+    assert denied.fields["proxy-status"].startswith(
+        "tracing-proxy; error=destination_ip_prohibited"
+    )
+    assert trap.connections == 0
+    lines = await events(logs, "access", 2)
+    assert [(line["status"], line["error"]) for line in lines] == [
+        (400, "http_request_error"),
+        (403, "destination_ip_prohibited"),
+    ]
+
+
 async def test_allow_rule_beats_the_deny_rule(start_proxy: StartProxy, trap: Trap) -> None:
     """An address in both lists is dialled: --allow-destinations wins."""
     proxy = await start_proxy(

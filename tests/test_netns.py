@@ -82,11 +82,18 @@ DENIED_BY_DEFAULT = (
     get("http://0251.0376.0251.0376/"),
     get("http://0xa9fea9fe/"),
     get("http://[::ffff:169.254.169.254]/"),
+    # IPv4 inside IPv6 (compatible, NAT64 both prefixes, 6to4): unwrapped, never dialled.
+    get("http://[::169.254.169.254]/"),
+    get("http://[64:ff9b::a9fe:a9fe]/"),
+    get("http://[64:ff9b:1::a9fe:a9fe]/"),
+    get("http://[2002:a9fe:a9fe::1]/"),
+    get("http://169.254.169.254./"),
     get("http://[fd00:ec2::254]/"),
     get("http://[fe80::1]:8080/"),
     get("http://0.0.0.0:8080/"),
     "CONNECT 169.254.169.254:443 HTTP/1.1\r\nHost: 169.254.169.254:443\r\n\r\n",
     "CONNECT [fd00:ec2::254]:443 HTTP/1.1\r\nHost: [fd00:ec2::254]:443\r\n\r\n",
+    "CONNECT [64:ff9b::a9fe:a9fe]:443 HTTP/1.1\r\nHost: [64:ff9b::a9fe:a9fe]:443\r\n\r\n",
 )
 DENIED = "tracing-proxy; error=destination_ip_prohibited"
 

@@ -10,7 +10,7 @@ import pytest
 
 from proxy import config
 from proxy.config import Settings
-from proxy.rules import policy
+from proxy.rules import errors, policy
 from proxy.rules.policy import (
     Credential,
     DestinationCheck,
@@ -105,6 +105,101 @@ def test_default_denials(host: str, permitted: bool) -> None:
     """Link-local, cloud metadata and unspecified addresses are denied in any spelling."""
     address = policy.parse_ip(host)
     assert DEFAULTS.permits(host if address is None else None, address) is permitted
+
+
+# Each spelling reaches 169.254.169.254 (RFC 4291 §2.5.5, RFC 6052, RFC 8215, RFC 3056, RFC 4380).
+IPV4_INSIDE_IPV6 = [
+    "::ffff:169.254.169.254",  # IPv4-mapped
+    "::169.254.169.254",  # IPv4-compatible
+    "::a9fe:a9fe",
+    "64:ff9b::a9fe:a9fe",  # NAT64, well-known prefix
+    "64:ff9b::169.254.169.254",
+    "64:ff9b:1::a9fe:a9fe",  # NAT64, local-use prefix as a /96
+    "64:ff9b:1:abcd::a9fe:a9fe",
+    "64:ff9b:1:a9fe:a9:fe00::",  # ... as a /48 (the u octet skipped)
+    "64:ff9b:1:1a9:fe:a9fe::",  # ... as a /56
+    "64:ff9b:1:1:a9:fea9:fe00:0",  # ... as a /64
+    "2002:a9fe:a9fe::1",  # 6to4
+    "2002:a9fe:a9fe:1234:5678::9",
+    "2001:0:4136:e378:8000:63bf:5601:5601",  # Teredo client (obfuscated: 0xffffffff xor)
+]
+
+
+@pytest.mark.parametrize("host", IPV4_INSIDE_IPV6)
+def test_ipv4_embedded_in_ipv6_is_unwrapped_before_the_check(host: str) -> None:
+    """Every IPv6 form that embeds a denied IPv4 address is denied like that address."""
+    address = ipaddress.IPv6Address(host)
+    assert ipaddress.IPv4Address("169.254.169.254") in policy.embedded_ipv4(address)
+    assert DEFAULTS.permits(None, address) is False
+    with pytest.raises(DestinationDenied):
+        DestinationCheck(DEFAULTS, OwnAddresses()).host(f"[{host}]", 80)
+
+
+@pytest.mark.parametrize(
+    ("host", "embedded"),
+    [
+        ("::1", ()),  # IPv6's own loopback and unspecified, not IPv4-compatible
+        ("::", ()),
+        ("2001:db8::1", ()),
+        ("64:ff9b::a01:203", ("10.1.2.3",)),
+        # A /48 reading, and the /56 and /64 ones its zero suffix also fits (not the zero /96).
+        ("64:ff9b:1:a01:2:300::", ("10.1.2.3", "1.2.3.0", "2.3.0.0")),
+        ("64:ff9b:1:1:100:0:a01:203", ("10.1.2.3",)),  # u octet set: only a /96 fits
+        ("2002:a01:203::", ("10.1.2.3",)),
+        ("::ffff:10.1.2.3", ("10.1.2.3",)),
+    ],
+)
+def test_embedded_ipv4_readings(host: str, embedded: tuple[str, ...]) -> None:
+    """Only the forms that carry an IPv4 address yield one, at each RFC 6052 position."""
+    readings = policy.embedded_ipv4(ipaddress.IPv6Address(host))
+    assert tuple(str(a) for a in readings) == embedded
+
+
+@pytest.mark.parametrize(
+    ("deny", "allow", "address", "permitted"),
+    [
+        (["10.0.0.0/8"], [], "64:ff9b::a01:203", False),  # a deny rule on the IPv4 address
+        (["10.0.0.0/8"], ["10.1.2.3"], "64:ff9b::a01:203", True),  # an allow rule on it
+        (["64:ff9b::/96"], [], "64:ff9b::808:808", False),  # a rule on the IPv6 form
+        ([], [], "2002:808:808::1", True),
+    ],
+)
+def test_rules_see_both_the_ipv6_address_and_the_ipv4_inside(
+    deny: list[str], allow: list[str], address: str, permitted: bool
+) -> None:
+    """Deny and allow rules match the IPv6 address or an IPv4 address embedded in it."""
+    rules = Destinations(Rules.parse(deny), Rules.parse(allow))
+    assert rules.permits(None, ipaddress.IPv6Address(address)) is permitted
+
+
+TRAILING_DOT = (400, "http_request_error", "trailing dot")
+DENIED_403 = (403, "destination_ip_prohibited", "")
+
+
+@pytest.mark.parametrize(
+    ("host", "answer"),
+    [
+        ("169.254.169.254.", DENIED_403),  # denied first, whatever the spelling
+        ("0251.0376.0251.0376.", DENIED_403),
+        ("127.0.0.1.", TRAILING_DOT),
+        ("0x7f.1.", TRAILING_DOT),
+        ("localhost.", None),  # a name: the resolver's business
+        ("example.com.", None),
+    ],
+)
+def test_trailing_dot_ip_literal_is_refused_by_the_rules(
+    host: str, answer: tuple[int, str, str] | None
+) -> None:
+    """An IP literal with a trailing dot is judged as its address, then refused as a spelling."""
+    check = DestinationCheck(DEFAULTS, OwnAddresses())
+    if answer is None:
+        check.host(host, 80)
+        return
+    with pytest.raises(Exception) as caught:  # noqa: PT011 (the table says which)
+        check.host(host, 80)
+    err = errors.classify(caught.value, errors.BEFORE_RESPONSE)
+    assert (err.status, err.error) == answer[:2]
+    assert answer[2] in err.text
 
 
 @pytest.mark.parametrize(

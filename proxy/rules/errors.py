@@ -16,7 +16,12 @@ import aiohttp
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
-from proxy.rules.policy import DestinationDenied, LoopDetected, UnusualSpelling
+from proxy.rules.policy import (
+    AddressWithTrailingDot,
+    DestinationDenied,
+    LoopDetected,
+    UnusualSpelling,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +101,9 @@ LOOP_DETECTED: Final = ProxyError(
 UNUSUAL_ADDRESS: Final = ProxyError(
     400, "http_request_error", "write an IPv4 address as four decimal numbers (a.b.c.d)"
 )
+TRAILING_DOT_ADDRESS: Final = ProxyError(
+    400, "http_request_error", "an IP address takes no trailing dot (write a.b.c.d)"
+)
 
 
 def _refused(exc: BaseException) -> bool:
@@ -129,6 +137,7 @@ BEFORE_RESPONSE: Final[tuple[Rule, ...]] = (
     (PoolWaitExceeded, _always, CONNECTION_LIMIT_REACHED),
     (DestinationDenied, _always, DESTINATION_DENIED),
     (LoopDetected, _always, LOOP_DETECTED),
+    (AddressWithTrailingDot, _always, TRAILING_DOT_ADDRESS),  # a subclass: before its base
     (UnusualSpelling, _always, UNUSUAL_ADDRESS),
     (aiohttp.ClientConnectorDNSError, _dns_timed_out, DNS_TIMEOUT),
     (aiohttp.ClientConnectorDNSError, _always, DNS_ERROR),

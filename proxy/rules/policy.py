@@ -74,6 +74,60 @@ def _number(part: str) -> int:
     return int(part, 8 if part.startswith("0") else 10)
 
 
+# -- IPv4 inside IPv6 ----------------------------------------------------------------------------
+
+_V6 = ipaddress.IPv6Network
+_COMPATIBLE: Final = _V6("::/96")  # RFC 4291 §2.5.5.1 (deprecated, still routed by some stacks)
+_NAT64_WELL_KNOWN: Final = _V6("64:ff9b::/96")  # RFC 6052 §2.1
+_NAT64_LOCAL: Final = _V6("64:ff9b:1::/48")  # RFC 8215: operators pick a longer prefix inside
+# RFC 6052 §2.2 prefix lengths that fit inside the /48: the IPv4 address sits after the prefix,
+# skipping bits 64-71 (the "u" octet, zero), and the bits after it (the suffix) are zero.
+_NAT64_LOCAL_LENGTHS: Final = (48, 56, 64, 96)
+_LOW_32: Final = (1 << 32) - 1
+
+
+def embedded_ipv4(address: IPAddress) -> tuple[ipaddress.IPv4Address, ...]:
+    """Every IPv4 address an IPv6 address reaches through: each is checked like the address.
+
+    IPv4-mapped ``::ffff:a.b.c.d``, IPv4-compatible ``::a.b.c.d``, NAT64 (RFC 6052, RFC 8215),
+    6to4 ``2002:AABB:CCDD::/48`` (RFC 3056 §2) and a Teredo client (RFC 4380 §4). Inside
+    ``64:ff9b:1::/48`` the prefix length is the operator's, so every well-formed reading counts.
+    """
+    if not isinstance(address, ipaddress.IPv6Address):
+        return ()
+    value = int(address)
+    found: list[int] = []
+    # The last 32 bits: mapped, compatible (:: and ::1 are IPv6's own), well-known NAT64.
+    last_32 = address.ipv4_mapped is not None or address in _NAT64_WELL_KNOWN
+    if last_32 or (address in _COMPATIBLE and value > 1):
+        found.append(value & _LOW_32)
+    elif address in _NAT64_LOCAL:
+        found.extend(_nat64_readings(value))
+    elif address.sixtofour is not None:
+        found.append(int(address.sixtofour))
+    elif address.teredo is not None:
+        found.append(int(address.teredo[1]))
+    return tuple(ipaddress.IPv4Address(v) for v in found)
+
+
+def _nat64_readings(value: int) -> list[int]:
+    """The IPv4 address at each well-formed RFC 6052 position; the zero reading is no address
+    (it is how every shorter prefix looks when read as a /96)."""
+    readings = []
+    u_clear = (value >> 56) & 0xFF == 0
+    without_u = ((value >> 64) << 56) | (value & ((1 << 56) - 1))  # 120 bits
+    for length in _NAT64_LOCAL_LENGTHS:
+        if length == 96:
+            reading = value & _LOW_32  # the prefix spans the u octet
+        elif u_clear and without_u & ((1 << (88 - length)) - 1) == 0:
+            reading = (without_u >> (88 - length)) & _LOW_32
+        else:
+            continue
+        if reading:
+            readings.append(reading)
+    return readings
+
+
 # -- rules: networks and host-name patterns ----------------------------------------------------
 
 
@@ -128,7 +182,12 @@ class Destinations:
     allow: Rules
 
     def permits(self, name: str | None, address: IPAddress | None) -> bool:
-        return self.allow.matches(name, address) or not self.deny.matches(name, address)
+        """Allowed if an allow rule matches the name, the address or an IPv4 address inside
+        it; else denied if a deny rule matches any of them."""
+        addresses = (address, *embedded_ipv4(address)) if address is not None else (None,)
+        if any(self.allow.matches(name, each) for each in addresses):
+            return True
+        return not any(self.deny.matches(name, each) for each in addresses)
 
 
 # -- loops -------------------------------------------------------------------------------------
@@ -188,6 +247,14 @@ class UnusualSpelling(ValueError):
     """An allowed IPv4 address in a legacy form (``0x7f.1``): refused rather than guessed at."""
 
 
+class AddressWithTrailingDot(UnusualSpelling):
+    """An IPv4 address with a trailing dot (``127.0.0.1.``): neither an address nor a name.
+
+    A resolver may read it as the address or look it up as a name; aiohttp refuses it.
+    The address is checked first, so a denied one is refused as denied.
+    """
+
+
 @dataclass(frozen=True, slots=True)
 class DestinationCheck:
     """Raises for a destination the proxy must not dial; loops are checked before rules."""
@@ -198,7 +265,13 @@ class DestinationCheck:
     def host(self, host: str, port: int) -> None:
         """Before any lookup: an address literal in full, a host name by its patterns."""
         address = parse_ip(host)
+        dotted = address is None and host.endswith(".") and ":" not in host
+        if dotted:
+            address = parse_ip(host[:-1])
+            dotted = address is not None
         self.address(None if address is not None else host, address, port)
+        if dotted:
+            raise AddressWithTrailingDot(f"{host} means {address}; write it without the dot")
         if address is not None and ":" not in host and host != str(address):
             raise UnusualSpelling(f"{host} means {address}; write it that way")
 
