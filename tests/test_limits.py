@@ -249,6 +249,34 @@ async def test_full_pool_past_the_wait_limit_is_503_with_retry_after(
         assert [line["error"] for line in refused] == ["connection_limit_reached"]
 
 
+async def test_request_timed_out_waiting_for_the_pool_is_in_the_queue_histogram(
+    start_proxy: StartProxy, origin: Origin, logs: LogCapture
+) -> None:
+    """The 503 after --pool-wait-timeout shows its whole wait in queue_ms and the histogram."""
+    proxy = await start_proxy(pool_limit_per_host=1, pool_wait_timeout=0.2)
+    async with aiohttp.ClientSession() as session:
+
+        async def get(path: str) -> int:
+            async with session.get(origin.url(path), proxy=proxy.url) as resp:
+                await resp.read()
+                return resp.status
+
+        busy = asyncio.ensure_future(get("/slow-headers?ms=1500"))
+        await until(lambda: proxy.server.lifecycle.in_flight == 1)
+        assert await get("/echo") == 503
+        assert await busy == 200
+    await until(lambda: len(logs.events("access")) == 2)
+    (refused,) = [line for line in logs.events("access") if line["status"] == 503]
+    # The wait ends when the limit expires: never before it.
+    assert refused["queue_ms"] is not None
+    assert refused["queue_ms"] >= 199
+    host = origin.authority
+    assert proxy.sample("proxy_upstream_queue_seconds_count", host=host) == 2
+    queue_sum = proxy.sample("proxy_upstream_queue_seconds_sum", host=host)
+    assert queue_sum is not None
+    assert queue_sum >= refused["queue_ms"] / 1000
+
+
 # -- Upgrade tokens the proxy does not take (RFC 9110 §7.8) ------------------------------------
 
 

@@ -82,8 +82,11 @@ class Observer:
     def __call__(self, outcome: Outcome) -> None:
         t = outcome.timings
         stats = self._metrics.host(outcome.host)
-        if t.reused is not None:
+        t.end_queue_wait()
+        waited = t.waited  # every request that reached the pool, a timed-out wait included
+        if waited:
             stats.queue.observe(t.queue)
+        if t.reused is not None:
             if t.reused:
                 stats.connections_reused += 1
             else:
@@ -114,7 +117,7 @@ class Observer:
             status=outcome.status,
             bytes_in=outcome.bytes_in,
             bytes_out=outcome.bytes_out,
-            queue_ms=milliseconds(t.queue if t.reused is not None else None),
+            queue_ms=milliseconds(t.queue if waited else None),
             dns_ms=milliseconds(t.dns),
             connect_ms=milliseconds(t.connect),
             ttfb_ms=milliseconds(ttfb),

@@ -38,6 +38,7 @@ class Timings:
         "dns_cache",
         "pool_wait",
         "queue",
+        "queued",
         "response_at",
         "reused",
         "sent_at",
@@ -47,6 +48,7 @@ class Timings:
     def __init__(self, start: float) -> None:
         self.start = start
         self.queue = 0.0
+        self.queued = False  # waited in the pool's queue at least once
         self.dns: float | None = None
         self.dns_cache: str | None = None  # "hit" | "miss" | None (IP literal, reused conn)
         self.connect: float | None = None
@@ -54,10 +56,22 @@ class Timings:
         self.sent_at: float | None = None
         self.response_at: float | None = None
         self.pool_wait: PoolWait | None = None  # set by the forwarder around each request
-        self._queue_start = 0.0
+        self._queue_start: float | None = None  # set while waiting in the queue
         self._dns_start = 0.0
         self._connect_start = 0.0
         self._connect_end = 0.0
+
+    @property
+    def waited(self) -> bool:
+        """Whether the request reached the pool: its queue time (maybe 0) is a measurement."""
+        return self.reused is not None or self.queued
+
+    def end_queue_wait(self) -> None:
+        """Close a wait still open: aiohttp sends no queued_end when the wait is cancelled
+        (``--pool-wait-timeout``, a client gone), and that wait is the one that matters."""
+        if self._queue_start is not None:
+            self.queue += perf_counter() - self._queue_start
+            self._queue_start = None
 
     @property
     def ttfb(self) -> float | None:
@@ -113,13 +127,14 @@ def _timings(ctx: SimpleNamespace) -> Timings | None:
 async def _queued_start(_s: Any, ctx: SimpleNamespace, _p: Any) -> None:
     if (t := _timings(ctx)) is not None:
         t._queue_start = perf_counter()
+        t.queued = True
         if t.pool_wait is not None:
             t.pool_wait.queued()
 
 
 async def _queued_end(_s: Any, ctx: SimpleNamespace, _p: Any) -> None:
     if (t := _timings(ctx)) is not None:
-        t.queue += perf_counter() - t._queue_start
+        t.end_queue_wait()
         if t.pool_wait is not None:
             t.pool_wait.dequeued()
 
