@@ -223,11 +223,16 @@ CUT_FRAMINGS = pytest.mark.parametrize(
 )
 
 
-def cut_body(framing: bytes, *, rst: bool) -> Any:
-    """An origin script that sends 16 KiB of a longer body, then closes (or resets)."""
+def cut_body(framing: bytes, *, rst: bool, upload: int = 0) -> Any:
+    """An origin script that sends 16 KiB of a longer body, then closes (or resets).
+
+    It first reads the request head and an ``upload``-byte body, recorded in ``received``.
+    """
 
     async def cut(reader: Any, writer: Any, state: RawOrigin) -> None:
         await read_head(reader)
+        if upload:
+            state.received.append(await reader.readexactly(upload))
         writer.write(b"HTTP/1.1 200 OK\r\n" + framing + b"x" * 0x4000)
         await writer.drain()
         if rst:
@@ -466,3 +471,63 @@ async def test_a_connect_timeout_is_timed_in_the_connect_phase(
     (line,) = logs.events("access")
     assert line["connect_ms"] >= 300
     assert proxy.sample("proxy_upstream_connect_seconds_count", host=host) == 1
+
+
+async def post_raw(proxy: RunningProxy, url: str, size: int, read: int | None = None) -> bytes:
+    """POST ``size`` bytes; read until the proxy closes, or abort after ``read`` bytes."""
+    assert proxy.server.proxy_address is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.server.proxy_address.port)
+    writer.write(
+        f"POST {url} HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n\r\n".encode() + b"u" * size
+    )
+    if read is not None:
+        received = await reader.readexactly(read)
+        writer.transport.abort()
+        return received
+    received = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    return received
+
+
+async def expect_bytes_in(proxy: RunningProxy, logs: LogCapture, host: str, size: int) -> None:
+    """The access line and proxy_upstream_bytes_total{direction="sent"} both count ``size``."""
+    await wait_for_log(logs)
+    (line,) = logs.events("access")
+    assert line["bytes_in"] == size
+    assert proxy.sample("proxy_upstream_bytes_total", host=host, direction="sent") == size
+
+
+async def test_upload_bytes_are_counted_when_the_upstream_resets_mid_response(
+    proxy: RunningProxy, raw_origin: StartRaw, logs: LogCapture
+) -> None:
+    """A 5,000-byte POST whose response is cut by a reset still counts its 5,000 bytes in."""
+    framing = b"Content-Length: 100000\r\n\r\n"
+    upstream = await raw_origin(cut_body(framing, rst=True, upload=5000))
+    answer = await post_raw(proxy, upstream.url(), 5000)
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert upstream.received == [b"u" * 5000]
+    host = f"127.0.0.1:{upstream.port}"
+    await expect_bytes_in(proxy, logs, host, 5000)
+    (line,) = logs.events("access")
+    assert line["error"] == "http_response_incomplete"
+
+
+async def test_upload_bytes_are_counted_when_the_client_leaves_mid_download(
+    proxy: RunningProxy, raw_origin: StartRaw, logs: LogCapture
+) -> None:
+    """A 7,000-byte POST whose client leaves during the download still counts 7,000 bytes in."""
+
+    async def endless(reader: Any, writer: Any, state: RawOrigin) -> None:
+        await read_head(reader)
+        await reader.readexactly(7000)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100000000\r\n\r\n")
+        for _ in range(2000):  # bounded: 128 MB at most, and the proxy stops reading first
+            writer.write(b"d" * 65536)
+            await writer.drain()
+
+    upstream = await raw_origin(endless)
+    await post_raw(proxy, upstream.url(), 7000, read=100_000)
+    host = f"127.0.0.1:{upstream.port}"
+    await expect_bytes_in(proxy, logs, host, 7000)
+    (line,) = logs.events("access")
+    assert (line["status"], line["error"]) == (499, "client_disconnected")

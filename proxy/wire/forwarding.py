@@ -6,7 +6,7 @@ in exactly one ``Outcome`` that feeds the metrics and the access log.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator
 from time import perf_counter
 from typing import Final
 
@@ -35,6 +35,28 @@ _TRACE_ECHO_HIDDEN: Final = frozenset(
     {b"authorization", b"proxy-authorization", b"cookie", b"set-cookie"}
 )
 _ALLOWED_METHODS: Final = "GET, HEAD, POST, PUT, DELETE, OPTIONS, TRACE, PATCH"
+
+
+class CountedBody:
+    """The client's body as the upstream request's payload, counted in ``bytes_in`` as sent.
+
+    A chunk counts once aiohttp asks for the next one, that is once it has been written;
+    so the count holds on every path, a failure after the response headers included.
+    """
+
+    __slots__ = ("_chunks", "_outcome")
+
+    def __init__(self, chunks: AsyncIterable[bytes], outcome: Outcome) -> None:
+        self._chunks = chunks
+        self._outcome = outcome
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self._chunks:
+            yield chunk
+            self._outcome.bytes_in += len(chunk)
+
+    def __repr__(self) -> str:
+        return f"<CountedBody sent={self._outcome.bytes_in}>"
 
 
 class ForwardedResponse(web.StreamResponse):
@@ -154,10 +176,11 @@ class Forwarder:
         if max_forwards is not None:
             fields["Max-Forwards"] = str(max_forwards - 1)
 
-        body: aiohttp.StreamReader | AsyncIterator[bytes] | None = None
+        body: CountedBody | None = None
         if request.body_exists:
             # A client waiting for 100 Continue gets it when the upstream reads the body.
-            body = expect.body() if expect.pending else request.content
+            chunks = expect.body() if expect.pending else request.content.iter_any()
+            body = CountedBody(chunks, outcome)
             length = request.headers.get("Content-Length")
             if length is not None:
                 fields["Content-Length"] = length  # keeps the client's framing choice
@@ -175,7 +198,6 @@ class Forwarder:
                     trace_request_ctx=outcome.timings,
                 )
         except Exception as exc:
-            outcome.bytes_in = request.content.total_bytes
             return self._fail_before_response(request, outcome, exc)
         finally:
             INTERIM_SINK.reset(sink)
@@ -244,7 +266,6 @@ class Forwarder:
                 up.close()
                 return response
             outcome.bytes_out += len(chunk)
-        outcome.bytes_in = request.content.total_bytes
         await response.write_eof()
         return response
 
