@@ -182,8 +182,6 @@ async def _dispatch(request: web.Request, handler: Any, expect: Continue) -> web
         response = await (_tunnel(request) if url is None else _forward(request, url, expect))
     finally:
         lifecycle.leave()
-    if lifecycle.draining and not response.prepared:
-        response.force_close()
     return response
 
 
@@ -212,6 +210,21 @@ _LOCAL_PATHS: Final = frozenset(path for path, _ in LOCAL_ROUTES)
 
 async def _on_response_prepare(request: web.Request, response: web.StreamResponse) -> None:
     strip_added_defaults(response)
+    if request.app[LIFECYCLE].draining:
+        _last_on_its_connection(request, response)
+
+
+def _last_on_its_connection(request: web.Request, response: web.StreamResponse) -> None:
+    """RFC 9112 §9.6: a server going away says ``Connection: close`` and then closes, so the
+    client's next request opens a connection elsewhere instead of meeting a closed one.
+
+    Here, before the head is written, it covers every response: forwarded ones are
+    prepared inside the handler, long before the middleware sees them.
+    """
+    if request.method == "CONNECT" and 200 <= response.status < 300:
+        return  # an open tunnel ends with its connection anyway
+    response.force_close()
+    response.headers["Connection"] = "close"  # set after aiohttp chose keep-alive or none
 
 
 def build_resolver(settings: Settings) -> aiohttp.AsyncResolver:

@@ -9,8 +9,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
+import pytest
 
 from tests.conftest import Origin, RawOrigin, RunningProxy, pattern, proxy_process
+from tests.test_access import Connection
+from tests.test_limits import until
 from tests.test_tunnelling import echo, open_tunnel
 
 
@@ -150,3 +153,32 @@ async def test_sigterm_lets_an_upload_a_download_and_a_tunnel_finish(
     )
     assert downloaded == pattern(parts * 65536)
     assert echoed == b"".join(pattern(1000, seed=i) for i in range(parts))
+
+
+@pytest.mark.parametrize("version", ["1.1", "1.0"])
+@pytest.mark.parametrize("path", ["/echo", "/stream?size=300000&cl=1", "/healthz"])
+async def test_keep_alive_connection_gets_connection_close_while_draining(
+    proxy: RunningProxy, origin: Origin, version: str, path: str
+) -> None:
+    """Once draining, each response says Connection: close and its connection closes after it."""
+    target = path if path == "/healthz" else origin.url(path)
+    keep = "Connection: keep-alive\r\n" if version == "1.0" else ""
+    request = f"GET {target} HTTP/{version}\r\nHost: {origin.authority}\r\n{keep}\r\n".encode()
+    connection = await Connection.open(proxy)
+    draining = None
+    try:
+        before = await connection.ask(request)
+        assert before.status == 200
+        assert before.fields.get("connection", "keep-alive").lower() == "keep-alive"
+        draining = asyncio.create_task(proxy.server.drain(grace=60, drain_timeout=10))
+        await until(lambda: proxy.server.lifecycle.draining)
+        during = await connection.ask(request)
+        assert during.status == 200  # still served in the grace period ...
+        assert during.fields["connection"] == "close"  # ... but this is the last on it
+        assert len(during.body) == len(before.body)
+        assert await connection.closed()
+    finally:
+        connection.close()
+        if draining is not None:
+            draining.cancel()
+            await asyncio.gather(draining, return_exceptions=True)
