@@ -11,7 +11,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import Origin, RawOrigin, RunningProxy, pattern, proxy_process
+from tests.conftest import LogCapture, Origin, RawOrigin, RunningProxy, pattern, proxy_process
 from tests.test_access import Connection
 from tests.test_limits import until
 from tests.test_tunnelling import echo, open_tunnel
@@ -182,3 +182,27 @@ async def test_keep_alive_connection_gets_connection_close_while_draining(
         if draining is not None:
             draining.cancel()
             await asyncio.gather(draining, return_exceptions=True)
+
+
+async def test_download_cut_off_at_shutdown_is_logged_and_counted_as_an_error(
+    proxy: RunningProxy, origin: Origin, logs: LogCapture
+) -> None:
+    """A download still running when shutdown cancels its handler is an error, not a clean 200."""
+    assert proxy.server.proxy_address is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.server.proxy_address.port)
+    url = origin.url("/stream?size=20000000&cl=1&delay_ms=50")  # about 15 s: never finishes here
+    writer.write(f"GET {url} HTTP/1.1\r\nHost: {origin.authority}\r\n\r\n".encode())
+    first = await reader.readexactly(100_000)
+    assert first.startswith(b"HTTP/1.1 200 OK\r\n")
+    rest = asyncio.ensure_future(reader.read())  # keeps reading until the proxy cuts it off
+    try:
+        await proxy.server.close()  # the drain skipped, as after a second SIGTERM
+        assert len(first) + len(await asyncio.wait_for(rest, 10)) < 20_000_000
+    finally:
+        rest.cancel()
+        writer.close()
+    (line,) = logs.events("access")
+    assert (line["status"], line["error"]) == (200, "http_response_incomplete")
+    host = origin.authority
+    error = "http_response_incomplete"
+    assert proxy.sample("proxy_upstream_errors_total", host=host, error=error) == 1

@@ -52,6 +52,10 @@ PROTOCOL_ERROR: Final = ProxyError(502, "http_protocol_error", "upstream sent an
 RESPONSE_INCOMPLETE: Final = ProxyError(
     502, "http_response_incomplete", "upstream closed the connection mid-body"
 )
+# The handler was cancelled by shutdown: to the client, the response is cut short (or absent).
+CUT_AT_SHUTDOWN: Final = ProxyError(
+    502, "http_response_incomplete", "the proxy shut down before the response was complete"
+)
 READ_TIMEOUT: Final = ProxyError(
     504, "connection_read_timeout", "upstream went quiet in the middle of the body"
 )

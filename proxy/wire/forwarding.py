@@ -6,6 +6,7 @@ in exactly one ``Outcome`` that feeds the metrics and the access log.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterable, AsyncIterator
 from time import perf_counter
 from typing import Final
@@ -139,6 +140,11 @@ class Forwarder:
         outcome = Outcome(request, target.url, target.host, request_id, trace, Timings(start))
         try:
             response = await self._forward(request, target, outcome, expect)
+        except asyncio.CancelledError as exc:
+            # Shutdown cancels handlers still running after its backstop (the drain was
+            # skipped or timed out): whatever the client got is cut short.
+            outcome.fail(errors.CUT_AT_SHUTDOWN, exc)
+            raise
         finally:
             # A WebSocket's handshake ends at its 101: that is the request logged here.
             outcome.total = perf_counter() - start
