@@ -22,6 +22,7 @@ from proxy.rules import errors, headers, policy
 from proxy.rules.errors import ProxyError
 from proxy.rules.request_id import new_request_id
 from proxy.rules.target import TargetError, absolute_target, forward_target
+from proxy.wire import obs_text
 from proxy.wire.forwarding import SKIP_AUTO_HEADERS, Forwarder, strip_added_defaults
 from proxy.wire.guard import CheckedConnector, CheckedResolver, ClientGate, Denial
 from proxy.wire.interim import Continue, InterimResponse, defer_expectation
@@ -323,6 +324,7 @@ def build_proxy_app(
     spans: SpanRecorder | None = None,
 ) -> web.Application:
     """The proxy listener's app; ``own_addresses`` is filled in once the listeners are bound."""
+    obs_text.install()  # field values and reason phrases leave byte for byte
     app = web.Application(middlewares=[dispatch], handler_args={"auto_decompress": False})
     app[SETTINGS] = settings
     app[REGISTRY] = registry

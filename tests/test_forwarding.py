@@ -307,6 +307,42 @@ async def test_hop_by_hop_request_fields_are_removed(proxy: RunningProxy, origin
     assert "x-kept" in names
 
 
+# RFC 9110 §5.5: obs-text (0x80-0xFF) in a field value is opaque data; as latin-1 (a
+# filename in Content-Disposition, a cookie) and as UTF-8, next to a byte that is neither.
+OBS_TEXT_FIELDS = (
+    b"X-Name: caf\xe9\r\n"
+    b'Content-Disposition: attachment; filename="r\xe9sum\xe9.pdf"\r\n'
+    b"X-Utf8: caf\xc3\xa9\r\n"
+    b"X-Lone: \xff\x80 end\r\n"
+)
+
+
+async def test_obs_text_in_fields_and_reason_phrase_is_forwarded_byte_for_byte(
+    proxy: RunningProxy, raw_origin: Any
+) -> None:
+    """Bytes that are not UTF-8 in field values and the reason phrase pass intact, both ways."""
+
+    async def script(reader: Any, writer: Any, state: RawOrigin) -> None:
+        state.received.append(await read_head(reader))
+        writer.write(
+            b"HTTP/1.1 200 Caf\xe9 OK\r\n" + OBS_TEXT_FIELDS + b"Content-Length: 2\r\n\r\nok"
+        )
+        await writer.drain()
+
+    upstream = await raw_origin(script)
+    request = (
+        f"GET {upstream.url()} HTTP/1.1\r\nHost: x\r\n".encode()
+        + OBS_TEXT_FIELDS
+        + b"Connection: close\r\n\r\n"
+    )
+    status, received = await raw_exchange(proxy, request)
+    assert status == b"HTTP/1.1 200 Caf\xe9 OK"
+    for line in OBS_TEXT_FIELDS.split(b"\r\n")[:-1]:
+        assert line + b"\r\n" in upstream.received[0], line
+        assert line + b"\r\n" in received.split(b"\r\n\r\n", 1)[0], line
+    assert received.endswith(b"\r\n\r\nok")
+
+
 async def test_hop_by_hop_response_fields_are_removed(proxy: RunningProxy, raw_origin: Any) -> None:
     """Fields named by the upstream's Connection, and Keep-Alive, do not reach the client."""
 

@@ -69,6 +69,8 @@ def filter_fields(raw: RawHeaders, drop: frozenset[bytes]) -> CIMultiDict[str]:
         text = spelling.get(lowered)
         if text is None:
             text = spelling[lowered] = name.decode("latin-1")
+        # Bytes that are not UTF-8 (obs-text, RFC 9110 §5.5) become lone surrogates, which
+        # proxy.wire.obs_text writes back as the same bytes.
         out.add(text, value.decode("utf-8", "surrogateescape"))
     return out
 
