@@ -82,7 +82,6 @@ class Observer:
     def __call__(self, outcome: Outcome) -> None:
         t = outcome.timings
         stats = self._metrics.host(outcome.host)
-        t.end_queue_wait()
         waited = t.waited  # every request that reached the pool, a timed-out wait included
         if waited:
             stats.queue.observe(t.queue)

@@ -66,11 +66,9 @@ class Timings:
         """Whether the request reached the pool: its queue time (maybe 0) is a measurement."""
         return self.reused is not None or self.queued
 
-    def end_queue_wait(self) -> None:
-        """Close a wait still open: aiohttp sends no queued_end when the wait is cancelled
-        (``--pool-wait-timeout``, a client gone), and that wait is the one that matters."""
+    def end_queue_wait(self, now: float) -> None:
         if self._queue_start is not None:
-            self.queue += perf_counter() - self._queue_start
+            self.queue += now - self._queue_start
             self._queue_start = None
 
     @property
@@ -80,11 +78,13 @@ class Timings:
         return self.response_at - self.sent_at
 
     def settle(self, now: float) -> None:
-        """A lookup or dial that began but never ended failed at ``now``: time it all the same.
+        """A wait, lookup or dial that began but never ended failed at ``now``: time it too.
 
         aiohttp signals only the end of a lookup or a dial that succeeded, so without this a
-        slow resolver that then fails would show in the total alone.
+        slow resolver that then fails would show in the total alone; nor does it end a queue
+        wait that was cancelled (``--pool-wait-timeout``), the wait that matters most.
         """
+        self.end_queue_wait(now)
         if self._dns_start and self.dns is None:
             self.dns = now - self._dns_start
         elif self._connect_start and self.connect is None:
@@ -134,7 +134,7 @@ async def _queued_start(_s: Any, ctx: SimpleNamespace, _p: Any) -> None:
 
 async def _queued_end(_s: Any, ctx: SimpleNamespace, _p: Any) -> None:
     if (t := _timings(ctx)) is not None:
-        t.end_queue_wait()
+        t.end_queue_wait(perf_counter())
         if t.pool_wait is not None:
             t.pool_wait.dequeued()
 

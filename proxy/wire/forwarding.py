@@ -143,6 +143,7 @@ class Forwarder:
         except asyncio.CancelledError as exc:
             # Shutdown cancels handlers still running after its backstop (the drain was
             # skipped or timed out): whatever the client got is cut short.
+            outcome.timings.settle(perf_counter())
             outcome.fail(errors.CUT_AT_SHUTDOWN, exc)
             raise
         finally:
