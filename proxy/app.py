@@ -85,6 +85,7 @@ NOT_A_PROXY_REQUEST: Final = ProxyError(
 )
 BAD_TARGET: Final = ProxyError(400, "http_request_error", "")
 SHUTTING_DOWN: Final = ProxyError(503, "proxy_internal_response", "the proxy is shutting down")
+ORIGIN_FORM: Final = "origin_form"  # the proxy_denied_total reason of NOT_A_PROXY_REQUEST
 
 # -- local endpoints: the same handlers on the admin listener and the proxy listener ----------
 
@@ -120,10 +121,20 @@ def _add_local_routes(app: web.Application) -> None:
 
 
 def _reject(
-    request: web.Request, err: ProxyError, *, close: bool = False, details: str | None = None
+    request: web.Request,
+    err: ProxyError,
+    refused: str,
+    *,
+    close: bool = False,
+    details: str | None = None,
 ) -> web.Response:
-    """Answer a request the proxy will not forward, and log why."""
+    """Answer a request the proxy will not forward, count it by ``refused``, and log why.
+
+    Every answer the proxy gives itself on a parsed request comes through here (those to
+    heads that did not parse, through ``proxy.wire.limits``): one count, one log line.
+    """
     settings = request.app[SETTINGS]
+    request.app[METRICS].denied(refused)
     request_id = new_request_id()
     response = errors.error_response(err, settings.via_pseudonym, details, close=close)
     response.headers[settings.request_id_header] = request_id
@@ -134,6 +145,7 @@ def _reject(
         method=request.method,
         status=err.status,
         error=err.error,
+        refused=refused,
         reason=err.text,
     )
     return response
@@ -141,13 +153,14 @@ def _reject(
 
 def _deny(request: web.Request, denial: Denial) -> web.Response:
     # After a refused CONNECT, what the client sends next is not HTTP: close.
-    response = _reject(request, denial.error, close=denial.close or request.method == "CONNECT")
+    close = denial.close or request.method == "CONNECT"
+    response = _reject(request, denial.error, denial.reason, close=close)
     response.headers.update(denial.headers)
     return response
 
 
 async def _not_a_proxy_request(request: web.Request) -> web.StreamResponse:
-    return _reject(request, NOT_A_PROXY_REQUEST)
+    return _reject(request, NOT_A_PROXY_REQUEST, ORIGIN_FORM)
 
 
 @web.middleware
@@ -174,10 +187,10 @@ async def _dispatch(request: web.Request, handler: Any, expect: Continue) -> web
         if request.method in ("GET", "HEAD") and request.path in _LOCAL_PATHS:
             response: web.StreamResponse = await handler(request)
             return response
-        return _reject(request, NOT_A_PROXY_REQUEST)
+        return _reject(request, NOT_A_PROXY_REQUEST, ORIGIN_FORM)
     lifecycle = request.app[LIFECYCLE]
     if lifecycle.refusing:
-        return _reject(request, SHUTTING_DOWN, close=True)
+        return _reject(request, SHUTTING_DOWN, "shutting_down", close=True)
     lifecycle.enter()  # tunnels count too: the drain waits for them
     try:
         response = await (_tunnel(request) if url is None else _forward(request, url, expect))
@@ -192,7 +205,7 @@ async def _forward(request: web.Request, url: URL, expect: Continue) -> web.Stre
     try:
         target = forward_target(url, websocket=websocket)
     except TargetError as exc:
-        return _reject(request, BAD_TARGET.with_text(str(exc)))
+        return _reject(request, BAD_TARGET.with_text(str(exc)), exc.reason)
     return await request.app[FORWARDER](request, target, expect)
 
 
@@ -202,7 +215,7 @@ async def _tunnel(request: web.Request) -> web.StreamResponse:
         target = tunnel_target(request.raw_path, request.app[SETTINGS].connect_ports)
     except TunnelTargetError as exc:
         # Closed: what a client sends after a refused CONNECT is not HTTP.
-        return _reject(request, exc.error, close=True, details=exc.details)
+        return _reject(request, exc.error, exc.reason, close=True, details=exc.details)
     return await request.app[TUNNELLER](request, target)
 
 
@@ -338,7 +351,6 @@ def build_proxy_app(
     app[GATE] = ClientGate(
         policy.Rules.parse(settings.allow_clients),
         credentials + settings.proxy_auth_file,
-        metrics,
     )
     _add_local_routes(app)
     # Absolute-form targets are dispatched by the middleware, but the router still looks

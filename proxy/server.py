@@ -89,6 +89,7 @@ class ProxyServer:
             guard = ListenerGuard(
                 limits,
                 self.metrics.clients,
+                self.metrics.denied,
                 pseudonym=settings.via_pseudonym,
                 request_id_header=settings.request_id_header,
             )

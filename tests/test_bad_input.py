@@ -45,6 +45,7 @@ class Row:
     status: bytes
     closed: bool = True
     probe: bool = True  # follow with a well-formed request in the same write
+    reason: str = "malformed_request"  # its count in proxy_denied_total
 
     def render(self, origin: RawOrigin) -> bytes:
         return self.raw.replace(b"{t}", origin.url("/p").encode()).replace(b"{c}", FIELD.encode())
@@ -104,23 +105,28 @@ ROWS: dict[str, Row] = {
         b"GET {t} HTTP/2.0\r\nHost: x\r\n{c}\r\n",
         b"HTTP/1.0 505 HTTP Version Not Supported",
         probe=False,
+        reason="version_not_supported",
     ),
     # RFC 6585 §5, RFC 9110 §15.5.15: sizes (defaults: 64 KiB head, 8 KiB target).
     "head_over_the_size_limit": Row(
         head(*(f"X-Fill-{i}: {'f' * 2000}" for i in range(40)), method="GET"),
         b"HTTP/1.0 431 Request Header Fields Too Large",
+        reason="headers_too_large",
     ),
     "one_field_over_the_size_limit": Row(
         head(f"X-Big: {'b' * 70000}", method="GET"),
         b"HTTP/1.0 431 Request Header Fields Too Large",
+        reason="headers_too_large",
     ),
     "too_many_fields": Row(
         head(*(f"X-N{i}: 1" for i in range(200)), method="GET"),
         b"HTTP/1.0 431 Request Header Fields Too Large",
+        reason="headers_too_large",
     ),
     "target_over_the_length_limit": Row(
         b"GET {t}?" + b"q" * 9000 + b" HTTP/1.1\r\nHost: x\r\n{c}\r\n",
         b"HTTP/1.0 414 Request-URI Too Long",
+        reason="target_too_long",
     ),
     # RFC 9112 §3.2: Host.
     "no_host_in_http_1_1": Row(b"GET {t} HTTP/1.1\r\n{c}\r\n", BAD_REQUEST),
@@ -128,15 +134,22 @@ ROWS: dict[str, Row] = {
     # RFC 9112 §3.2.1: origin-form to the proxy is only for its own endpoints; never route
     # by Host. Refused without closing: the request itself was well-formed.
     "origin_form_other_path": Row(
-        b"GET /p HTTP/1.1\r\nHost: 127.0.0.1\r\n{c}\r\n", b"HTTP/1.1 400 Bad Request", False
+        b"GET /p HTTP/1.1\r\nHost: 127.0.0.1\r\n{c}\r\n",
+        b"HTTP/1.1 400 Bad Request",
+        False,
+        reason="origin_form",
     ),
     "https_absolute_target": Row(
         b"GET https://127.0.0.1/p HTTP/1.1\r\nHost: x\r\n{c}\r\n",
         b"HTTP/1.1 400 Bad Request",
         False,
+        reason="unsupported_scheme",
     ),
     "ftp_absolute_target": Row(
-        b"GET ftp://127.0.0.1/p HTTP/1.1\r\nHost: x\r\n{c}\r\n", b"HTTP/1.1 400 Bad Request", False
+        b"GET ftp://127.0.0.1/p HTTP/1.1\r\nHost: x\r\n{c}\r\n",
+        b"HTTP/1.1 400 Bad Request",
+        False,
+        reason="unsupported_scheme",
     ),
     # A good request and a bad one in the same segment: llhttp fails the whole segment,
     # so neither is forwarded; no byte of either reaches an origin.
@@ -195,7 +208,8 @@ def status_lines(data: bytes) -> list[bytes]:
 
 @pytest.mark.parametrize("name", list(ROWS))
 async def test_bad_input_row(proxy: RunningProxy, raw_origin: StartRaw, name: str) -> None:
-    """Each row gets its exact status line and connection state, and reaches no origin."""
+    """Each row gets its exact status line and connection state, is counted by its reason in
+    proxy_denied_total, and reaches no origin."""
     row = ROWS[name]
     origin = await raw_origin(record_and_answer)
     # A well-formed probe follows in the same write: answered only if the connection lives.
@@ -207,6 +221,18 @@ async def test_bad_input_row(proxy: RunningProxy, raw_origin: StartRaw, name: st
     assert b"Proxy-Status: tracing-proxy; error=http_request_error" in data
     assert CANARY.encode() not in data  # never an echo of what the client sent
     assert origin.connections == 0
+    assert proxy.sample("proxy_denied_total", reason=row.reason) == 1
+    assert sum(count(proxy, "proxy_denied_total").values()) == 1  # under that reason alone
+
+
+def count(proxy: RunningProxy, family: str) -> dict[str, float]:
+    """Every sample of a labelled counter family, by its one label's value."""
+    return {
+        next(iter(sample.labels.values())): sample.value
+        for metric in proxy.registry.collect()
+        for sample in metric.samples
+        if sample.name == family
+    }
 
 
 async def test_bad_request_after_a_good_one_is_refused_alone(

@@ -274,7 +274,7 @@ async def test_request_timed_out_waiting_for_the_pool_is_in_the_queue_histogram(
     assert proxy.sample("proxy_upstream_queue_seconds_count", host=host) == 2
     queue_sum = proxy.sample("proxy_upstream_queue_seconds_sum", host=host)
     assert queue_sum is not None
-    assert queue_sum >= refused["queue_ms"] / 1000
+    assert queue_sum >= 0.199  # the refused wait is in the sum (the other one waited 0)
 
 
 # -- Upgrade tokens the proxy does not take (RFC 9110 §7.8) ------------------------------------

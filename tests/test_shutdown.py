@@ -52,6 +52,7 @@ async def test_upload_in_flight_completes_during_drain(
         assert r.status == 503
         assert r.headers["Proxy-Status"].startswith("tracing-proxy; error=")
         assert r.headers["Connection"] == "close"
+    assert proxy.sample("proxy_denied_total", reason="shutting_down") == 1
 
     echo = await uploading
     assert echo["body_sha256"] == hashlib.sha256(b"".join(parts)).hexdigest()

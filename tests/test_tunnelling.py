@@ -403,17 +403,19 @@ async def test_disallowed_port_gets_403_and_nothing_is_dialled(
     assert origin.connections == 0
     (line,) = logs.events("rejected")
     assert (line["status"], line["error"]) == (403, "http_request_denied")
+    assert proxy.sample("proxy_denied_total", reason="connect_port") == 1
 
 
 @pytest.mark.parametrize(
     "authority", ["example.test", "example.test:", "user@example.test:443", "127.1:443", "*"]
 )
 async def test_connect_without_host_and_port_gets_400(proxy: RunningProxy, authority: str) -> None:
-    """A CONNECT target that is not host:port is answered 400 http_request_error."""
+    """A CONNECT target that is not host:port is answered 400 http_request_error, and counted."""
     tunnel = await open_tunnel(proxy.url, authority)
     assert tunnel.status == 400
     assert tunnel.field("Proxy-Status") == "tracing-proxy; error=http_request_error"
     tunnel.writer.close()
+    assert proxy.sample("proxy_denied_total", reason="connect_target") == 1
 
 
 async def test_refused_target_gets_502_with_proxy_status(

@@ -175,6 +175,21 @@ class ClientStats:
         self.header_timeouts = 0
 
 
+class Refusals:
+    """Answers the proxy gave itself instead of proxying, by reason (``proxy_denied_total``)."""
+
+    __slots__ = ("counts",)
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+
+    def __call__(self, reason: str) -> None:
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+
+    def __repr__(self) -> str:
+        return f"<Refusals {self.counts!r}>"
+
+
 class Metrics:
     """The proxy's metrics; ``register`` puts them on a registry.
 
@@ -195,7 +210,7 @@ class Metrics:
         self.host_overflow = 0  # acquisitions sent to OVERFLOW_HOST
         self.tunnels_open = 0
         self.clients = ClientStats()
-        self.denied: dict[str, int] = {}  # refused clients, by reason (proxy.wire.guard)
+        self.denied = Refusals()  # proxy.app and proxy.wire.limits count here
         self._clock = clock
         self._capped = 0  # labels in ``hosts`` that count against max_hosts
         self._next_sweep = 0.0
@@ -328,10 +343,11 @@ class _Collector(Collector):
         )
         denied = CounterMetricFamily(
             "proxy_denied",
-            "Requests refused before proxying: client not allowed, or proxy credentials.",
+            "Requests the proxy answered itself instead of proxying, by reason: the client, "
+            "its credentials, the request's form or target, or a shutdown.",
             labels=["reason"],
         )
-        for reason, count in sorted(self._metrics.denied.items()):
+        for reason, count in sorted(self._metrics.denied.counts.items()):
             denied.add_metric([reason], count)
         yield denied
         build = GaugeMetricFamily(

@@ -28,7 +28,12 @@ class Target:
 
 
 class TargetError(ValueError):
-    """An absolute-form target the proxy does not forward; the message is for the client."""
+    """An absolute-form target the proxy does not forward; the message is for the client,
+    ``reason`` labels the refusal in ``proxy_denied_total``."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def host_label(url: URL) -> str:
@@ -51,13 +56,18 @@ def forward_target(url: URL, *, websocket: bool = False) -> Target:
         if scheme in ("https", "wss"):
             raise TargetError(
                 f"{scheme}:// targets are not forwarded in the clear; "
-                "use CONNECT (HTTPS_PROXY) for TLS"
+                "use CONNECT (HTTPS_PROXY) for TLS",
+                "unsupported_scheme",
             )
         if scheme == "ws":
-            raise TargetError("ws:// targets are forwarded only with Upgrade: websocket")
-        raise TargetError(f"scheme {scheme!r} is not supported; only http:// is forwarded")
+            raise TargetError(
+                "ws:// targets are forwarded only with Upgrade: websocket", "unsupported_scheme"
+            )
+        raise TargetError(
+            f"scheme {scheme!r} is not supported; only http:// is forwarded", "unsupported_scheme"
+        )
     if not url.host:
-        raise TargetError("the target has no host")
+        raise TargetError("the target has no host", "no_host")
     if url.raw_user is not None or url.raw_fragment:
         # Userinfo would turn into an Authorization header; a fragment is never sent.
         url = url.with_user(None).with_fragment(None)

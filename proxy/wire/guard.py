@@ -12,7 +12,6 @@ from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.tracing import Trace
 
-from proxy.observe.metrics import Metrics
 from proxy.rules import errors, policy
 from proxy.rules.errors import ProxyError
 
@@ -87,24 +86,15 @@ _VERDICTS_KEPT = 4096
 class ClientGate:
     """Who may use the listener: client networks for everything, credentials for proxying."""
 
-    def __init__(
-        self, allowed: policy.Rules, accepted: Sequence[policy.Credential], metrics: Metrics
-    ) -> None:
+    def __init__(self, allowed: policy.Rules, accepted: Sequence[policy.Credential]) -> None:
         self._allowed = allowed
         self._tokens = tuple(credential.token for credential in accepted)
-        self._metrics = metrics
         # Peer address -> verdict. Parsing every spelling costs ~10 us a request, and a
         # sidecar sees a handful of peers; the bound keeps a scan of addresses harmless.
         self._verdicts: dict[str | None, bool] = {}
 
     def __call__(self, request: web.BaseRequest, *, proxied: bool) -> Denial | None:
-        denial = self._judge(request, proxied)
-        if denial is not None:
-            denied = self._metrics.denied
-            denied[denial.reason] = denied.get(denial.reason, 0) + 1
-        return denial
-
-    def _judge(self, request: web.BaseRequest, proxied: bool) -> Denial | None:
+        """The refusal for this request, None when it may go on (counted where answered)."""
         remote = request.remote
         permitted = self._verdicts.get(remote)
         if permitted is None:

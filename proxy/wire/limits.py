@@ -20,7 +20,7 @@ from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
 from proxy.config import Settings
 from proxy.observe import log
-from proxy.observe.metrics import ClientStats
+from proxy.observe.metrics import ClientStats, Refusals
 from proxy.rules import errors, headers
 from proxy.rules.errors import ProxyError
 from proxy.rules.request_id import new_request_id
@@ -62,14 +62,31 @@ class ClientLimits:
         return {"max_line_size": self.target_bytes, "max_field_size": self.header_bytes}
 
 
+# The proxy_denied_total reason of each answer to a head that is refused here.
+REASONS: Final = {
+    errors.REQUEST_TIMEOUT: "header_timeout",
+    errors.VERSION_NOT_SUPPORTED: "version_not_supported",
+    errors.HEADERS_TOO_LARGE: "headers_too_large",
+    errors.TARGET_TOO_LONG: "target_too_long",
+    errors.MALFORMED_REQUEST: "malformed_request",
+}
+
+
 class ListenerGuard:
     """Admits connections up to the cap and answers the request heads the proxy refuses."""
 
     def __init__(
-        self, limits: ClientLimits, stats: ClientStats, *, pseudonym: str, request_id_header: str
+        self,
+        limits: ClientLimits,
+        stats: ClientStats,
+        refusals: Refusals,
+        *,
+        pseudonym: str,
+        request_id_header: str,
     ) -> None:
         self.limits = limits
         self.stats = stats
+        self.refusals = refusals
         self._pseudonym = pseudonym
         self._rid_header = request_id_header
         self._logger = log.get_logger()
@@ -107,6 +124,8 @@ class ListenerGuard:
         self, request: web.BaseRequest, err: ProxyError, exc: BaseException
     ) -> web.StreamResponse:
         """Our short text, never the parser's message: that quotes the client's bytes."""
+        refused = REASONS[err]
+        self.refusals(refused)
         request_id = new_request_id()
         response = errors.error_response(err, self._pseudonym, close=True)
         response.headers[self._rid_header] = request_id
@@ -116,6 +135,7 @@ class ListenerGuard:
             client=request.remote,
             status=err.status,
             error=err.error,
+            refused=refused,
             reason=err.text,
             cause=type(exc).__name__,
         )

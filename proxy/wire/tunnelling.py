@@ -39,11 +39,13 @@ PORT_DENIED: Final = ProxyError(403, "http_request_denied", "CONNECT to this por
 
 
 class TunnelTargetError(ValueError):
-    """A CONNECT target the proxy will not dial; ``error`` is the answer, ``details`` why."""
+    """A CONNECT target the proxy will not dial; ``error`` is the answer, ``details`` why,
+    ``reason`` the refusal's label in ``proxy_denied_total``."""
 
-    def __init__(self, error: ProxyError, details: str | None = None) -> None:
+    def __init__(self, error: ProxyError, reason: str, details: str | None = None) -> None:
         super().__init__(error.text)
         self.error = error
+        self.reason = reason
         self.details = details
 
 
@@ -73,15 +75,15 @@ def tunnel_target(authority: str, allowed_ports: Collection[int]) -> TunnelTarge
     """
     match = _AUTHORITY.fullmatch(authority)
     if match is None or not _valid_host(match["ipv6"], match["name"]):
-        raise TunnelTargetError(BAD_AUTHORITY)
+        raise TunnelTargetError(BAD_AUTHORITY, "connect_target")
     port = int(match["port"])
     if not 0 < port < 65536:
-        raise TunnelTargetError(BAD_AUTHORITY)
+        raise TunnelTargetError(BAD_AUTHORITY, "connect_target")
     if port not in allowed_ports:
         # Name the setting: the operator's fix is there, and the client shows only this.
         allowed = ",".join(map(str, allowed_ports)) or "none"
         reason = f"CONNECT to port {port} is not allowed (--connect-ports: {allowed})"
-        raise TunnelTargetError(PORT_DENIED.with_text(reason), details=reason)
+        raise TunnelTargetError(PORT_DENIED.with_text(reason), "connect_port", details=reason)
     host = match["ipv6"] or match["name"].lower()
     # 443 is to CONNECT what it is to https: the default, left out of the label.
     return TunnelTarget(host, port, host_label(URL.build(scheme="https", host=host, port=port)))

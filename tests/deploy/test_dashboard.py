@@ -66,7 +66,7 @@ def test_every_panel_has_a_description_and_queries() -> None:
 
 
 def test_promised_panels_are_there() -> None:
-    """Phases p50/p99, status codes, errors, reuse/DNS ratios and the tunnel panels exist."""
+    """Phases p50/p99, status codes, errors, reuse/DNS ratios, tunnels and refusals exist."""
     queries = dashboard_queries()
     text = "\n".join(expr for _, expr in queries)
     for metric in (
@@ -86,6 +86,7 @@ def test_promised_panels_are_there() -> None:
         "proxy_tunnels_open",
         "sum by (outcome) (rate(proxy_tunnels_total{",
         "proxy_tunnel_bytes_total{",
+        "sum by (reason) (rate(proxy_denied_total[",
     ):
         assert needle in text, needle
     stacked = [

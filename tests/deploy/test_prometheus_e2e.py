@@ -65,9 +65,10 @@ PHASES = {
     "ttfb": "proxy_upstream_ttfb_seconds",
     "total": "proxy_upstream_request_seconds",
 }
-# Metrics that this version of the proxy may not export yet: their queries must evaluate,
-# but may come back empty.
-MAYBE_ABSENT = ("proxy_tunnel", "proxy_host_label_overflow")
+# Metrics that this version of the proxy may not export yet, or that the scenario gives no
+# samples (it sends no request the proxy refuses): their queries must evaluate, but may come
+# back empty.
+MAYBE_ABSENT = ("proxy_tunnel", "proxy_host_label_overflow", "proxy_denied")
 
 
 class LoopThread:
