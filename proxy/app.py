@@ -196,6 +196,9 @@ async def _dispatch(request: web.Request, handler: Any, expect: Continue) -> web
         response = await (_tunnel(request) if url is None else _forward(request, url, expect))
     finally:
         lifecycle.leave()
+    if lifecycle.draining:
+        # A head sent before the drain said keep-alive: still close after this response.
+        response.force_close()
     return response
 
 

@@ -64,6 +64,7 @@ class ProxyServer:
         self.admin_address: Address | None = None
         self._logger = log.get_logger()
         self._flusher: asyncio.Future[None] | None = None
+        self._guard: ListenerGuard | None = None
         self.own_addresses = OwnAddresses()  # what the listeners bound: never a destination
         # Span export: nothing of it exists unless an endpoint is configured.
         self.spans: SpanRecorder | None = None
@@ -86,7 +87,7 @@ class ProxyServer:
                 self.spans,
             )
             limits = ClientLimits.from_settings(settings)
-            guard = ListenerGuard(
+            guard = self._guard = ListenerGuard(
                 limits,
                 self.metrics.clients,
                 self.metrics.denied,
@@ -164,7 +165,10 @@ class ProxyServer:
         """Readiness off, keep serving ``grace`` s, then wait for in-flight work; True if idle."""
         lifecycle = self.lifecycle
         lifecycle.draining = True
-        self._logger.info("draining", grace_s=grace, in_flight=lifecycle.in_flight)
+        closed = self._guard.close_idle() if self._guard is not None else 0
+        self._logger.info(
+            "draining", grace_s=grace, in_flight=lifecycle.in_flight, idle_closed=closed
+        )
         if grace > 0:
             await asyncio.sleep(grace)
         lifecycle.refusing = True

@@ -11,7 +11,15 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import LogCapture, Origin, RawOrigin, RunningProxy, pattern, proxy_process
+from tests.conftest import (
+    LogCapture,
+    Origin,
+    RawOrigin,
+    RunningProxy,
+    pattern,
+    proxy_process,
+    read_head,
+)
 from tests.test_access import Connection
 from tests.test_limits import until
 from tests.test_tunnelling import echo, open_tunnel
@@ -156,33 +164,75 @@ async def test_sigterm_lets_an_upload_a_download_and_a_tunnel_finish(
     assert echoed == b"".join(pattern(1000, seed=i) for i in range(parts))
 
 
+@pytest.fixture
+async def draining(proxy: RunningProxy) -> AsyncIterator[Callable[[], Awaitable[None]]]:
+    """Starts the drain (a grace long enough for the test) on demand; cancels it afterwards."""
+    tasks: list[asyncio.Task[bool]] = []
+
+    async def start() -> None:
+        tasks.append(asyncio.create_task(proxy.server.drain(grace=60, drain_timeout=10)))
+        await until(lambda: proxy.server.lifecycle.draining)
+
+    yield start
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
 @pytest.mark.parametrize("version", ["1.1", "1.0"])
 @pytest.mark.parametrize("path", ["/echo", "/stream?size=300000&cl=1", "/healthz"])
 async def test_keep_alive_connection_gets_connection_close_while_draining(
-    proxy: RunningProxy, origin: Origin, version: str, path: str
+    proxy: RunningProxy,
+    origin: Origin,
+    draining: Callable[[], Awaitable[None]],
+    version: str,
+    path: str,
 ) -> None:
     """Once draining, each response says Connection: close and its connection closes after it."""
     target = path if path == "/healthz" else origin.url(path)
     keep = "Connection: keep-alive\r\n" if version == "1.0" else ""
     request = f"GET {target} HTTP/{version}\r\nHost: {origin.authority}\r\n{keep}\r\n".encode()
+    await draining()
     connection = await Connection.open(proxy)
-    draining = None
     try:
-        before = await connection.ask(request)
-        assert before.status == 200
-        assert before.fields.get("connection", "keep-alive").lower() == "keep-alive"
-        draining = asyncio.create_task(proxy.server.drain(grace=60, drain_timeout=10))
-        await until(lambda: proxy.server.lifecycle.draining)
-        during = await connection.ask(request)
-        assert during.status == 200  # still served in the grace period ...
-        assert during.fields["connection"] == "close"  # ... but this is the last on it
-        assert len(during.body) == len(before.body)
+        answer = await connection.ask(request)
+        assert answer.status == 200  # still served in the grace period ...
+        assert answer.fields["connection"] == "close"  # ... but the last on its connection
         assert await connection.closed()
     finally:
         connection.close()
-        if draining is not None:
-            draining.cancel()
-            await asyncio.gather(draining, return_exceptions=True)
+
+
+async def test_response_under_way_when_the_drain_begins_closes_its_connection_after_it(
+    proxy: RunningProxy, origin: Origin, draining: Callable[[], Awaitable[None]]
+) -> None:
+    """A response whose head left before the drain is completed, then its connection closes."""
+    size = 5 * 65536
+    url = origin.url(f"/stream?size={size}&cl=1&delay_ms=50")
+    connection = await Connection.open(proxy)
+    try:
+        connection.writer.write(f"GET {url} HTTP/1.1\r\nHost: {origin.authority}\r\n\r\n".encode())
+        head = await asyncio.wait_for(read_head(connection.reader), 10)
+        assert b"Connection:" not in head  # sent before the drain: keep-alive was still true
+        await draining()
+        assert await asyncio.wait_for(connection.reader.readexactly(size), 10) == pattern(size)
+        assert await connection.closed()
+    finally:
+        connection.close()
+
+
+async def test_idle_keep_alive_connection_is_closed_when_the_drain_begins(
+    proxy: RunningProxy, origin: Origin, draining: Callable[[], Awaitable[None]]
+) -> None:
+    """A keep-alive connection idle when the drain starts is closed then, not met with a 503."""
+    connection = await Connection.open(proxy)
+    try:
+        request = f"GET {origin.url('/echo')} HTTP/1.1\r\nHost: {origin.authority}\r\n\r\n"
+        assert (await connection.ask(request.encode())).status == 200
+        await draining()
+        assert await connection.closed()
+    finally:
+        connection.close()
 
 
 async def test_download_cut_off_at_shutdown_is_logged_and_counted_as_an_error(

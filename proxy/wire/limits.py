@@ -90,17 +90,34 @@ class ListenerGuard:
         self._pseudonym = pseudonym
         self._rid_header = request_id_header
         self._logger = log.get_logger()
+        self._connections: set[GuardedRequestHandler] = set()
 
-    def admit(self) -> bool:
+    def admit(self, connection: GuardedRequestHandler) -> bool:
         cap = self.limits.max_connections
         if cap and self.stats.open >= cap:
             self.stats.rejected += 1
             return False
         self.stats.open += 1
+        self._connections.add(connection)
         return True
 
-    def release(self) -> None:
+    def release(self, connection: GuardedRequestHandler) -> None:
         self.stats.open -= 1
+        self._connections.discard(connection)
+
+    def close_idle(self) -> int:
+        """Close every keep-alive connection waiting between requests; return how many.
+
+        For the drain (RFC 9112 §9.6): a busy connection closes after the response it is
+        sending, which says ``Connection: close``; an idle one would otherwise carry its
+        client's next request into the refusals after the grace period.
+        """
+        idle = [connection for connection in self._connections if connection.between_requests()]
+        for connection in idle:
+            # Not close(): that only ends the wait for a next request, leaving the socket
+            # open until aiohttp's own shutdown. Nothing is in flight on these.
+            connection.force_close()
+        return len(idle)
 
     def classify(self, exc: BaseException | None) -> ProxyError | None:
         """The answer to a head that failed to parse or was refused; None for other failures."""
@@ -159,7 +176,7 @@ class GuardedRequestHandler(RequestHandler):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        if not self._guard.admit():
+        if not self._guard.admit(self):
             self.force_close()
             return
         self._admitted = True
@@ -169,7 +186,7 @@ class GuardedRequestHandler(RequestHandler):
         self._disarm()
         if self._admitted:
             self._admitted = False
-            self._guard.release()
+            self._guard.release(self)
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -197,6 +214,10 @@ class GuardedRequestHandler(RequestHandler):
         if err is None or exc is None:  # a handler failure, not a bad head: aiohttp's 500
             return super().handle_error(request, status, exc, message)
         return self._guard.answer(request, err, exc)
+
+    def between_requests(self) -> bool:
+        """Served a request already and no byte of the next one has come: idle keep-alive."""
+        return self._request_count > 0 and self._head_bytes == 0 and self._awaiting_head()
 
     def _awaiting_head(self) -> bool:
         # start() waits on _waiter only between requests; a body arrives while it does not.
