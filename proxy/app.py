@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Final
 
 import aiohttp
@@ -86,6 +86,10 @@ NOT_A_PROXY_REQUEST: Final = ProxyError(
 BAD_TARGET: Final = ProxyError(400, "http_request_error", "")
 SHUTTING_DOWN: Final = ProxyError(503, "proxy_internal_response", "the proxy is shutting down")
 ORIGIN_FORM: Final = "origin_form"  # the proxy_denied_total reason of NOT_A_PROXY_REQUEST
+# RFC 9110 §10.1.1: a server may answer 417 to an expectation it does not support.
+EXPECTATION_FAILED: Final = ProxyError(
+    417, "http_request_error", "only Expect: 100-continue is supported"
+)
 
 # -- local endpoints: the same handlers on the admin listener and the proxy listener ----------
 
@@ -112,9 +116,12 @@ LOCAL_ROUTES: Final = (
 )
 
 
-def _add_local_routes(app: web.Application) -> None:
+ExpectHandler = Callable[[web.Request], Awaitable[web.StreamResponse | None]]
+
+
+def _add_local_routes(app: web.Application, expect: ExpectHandler = defer_expectation) -> None:
     for path, handler in LOCAL_ROUTES:
-        app.router.add_get(path, handler, expect_handler=defer_expectation)
+        app.router.add_get(path, handler, expect_handler=expect)
 
 
 # -- the proxy listener ----------------------------------------------------------------------
@@ -161,6 +168,16 @@ def _deny(request: web.Request, denial: Denial) -> web.Response:
 
 async def _not_a_proxy_request(request: web.Request) -> web.StreamResponse:
     return _reject(request, NOT_A_PROXY_REQUEST, ORIGIN_FORM)
+
+
+async def _expect(request: web.Request) -> web.StreamResponse | None:
+    """The proxy listener's expect handler: 100-continue is deferred (``proxy.wire.interim``),
+    any other expectation refused with 417 and counted like the proxy's other answers."""
+    try:
+        await defer_expectation(request)
+    except web.HTTPExpectationFailed:
+        return _reject(request, EXPECTATION_FAILED, "unsupported_expectation")
+    return None
 
 
 @web.middleware
@@ -355,10 +372,10 @@ def build_proxy_app(
         policy.Rules.parse(settings.allow_clients),
         credentials + settings.proxy_auth_file,
     )
-    _add_local_routes(app)
+    _add_local_routes(app, _expect)
     # Absolute-form targets are dispatched by the middleware, but the router still looks
     # at their path first; a catch-all spares it building a 404 for each of them.
-    app.router.add_route("*", "/{tail:.*}", _not_a_proxy_request, expect_handler=defer_expectation)
+    app.router.add_route("*", "/{tail:.*}", _not_a_proxy_request, expect_handler=_expect)
     app.on_response_prepare.append(_on_response_prepare)
     app.cleanup_ctx.append(_upstream_session)
     app.on_shutdown.append(_close_tunnels)

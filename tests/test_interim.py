@@ -124,6 +124,8 @@ async def test_unknown_expectation_gets_417(proxy: RunningProxy, origin: Origin)
     finally:
         writer.close()
     assert status_lines(received) == [b"HTTP/1.1 417 Expectation Failed"]
+    assert b"Proxy-Status: tracing-proxy; error=http_request_error" in received
+    assert proxy.sample("proxy_denied_total", reason="unsupported_expectation") == 1
 
 
 EARLY_HINTS = (

@@ -33,6 +33,7 @@ class Timings:
         "_connect_start",
         "_dns_start",
         "_queue_start",
+        "_queue_waiting",
         "connect",
         "dns",
         "dns_cache",
@@ -56,7 +57,8 @@ class Timings:
         self.sent_at: float | None = None
         self.response_at: float | None = None
         self.pool_wait: PoolWait | None = None  # set by the forwarder around each request
-        self._queue_start: float | None = None  # set while waiting in the queue
+        self._queue_start = 0.0  # when the last wait began
+        self._queue_waiting = False
         self._dns_start = 0.0
         self._connect_start = 0.0
         self._connect_end = 0.0
@@ -67,9 +69,9 @@ class Timings:
         return self.reused is not None or self.queued
 
     def end_queue_wait(self, now: float) -> None:
-        if self._queue_start is not None:
+        if self._queue_waiting:
+            self._queue_waiting = False
             self.queue += now - self._queue_start
-            self._queue_start = None
 
     @property
     def ttfb(self) -> float | None:
@@ -127,7 +129,7 @@ def _timings(ctx: SimpleNamespace) -> Timings | None:
 async def _queued_start(_s: Any, ctx: SimpleNamespace, _p: Any) -> None:
     if (t := _timings(ctx)) is not None:
         t._queue_start = perf_counter()
-        t.queued = True
+        t.queued = t._queue_waiting = True
         if t.pool_wait is not None:
             t.pool_wait.queued()
 
