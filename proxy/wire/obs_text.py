@@ -34,10 +34,9 @@ class HeadWriter:
         self.inner = inner
 
     def __call__(self, status_line: str, headers: CIMultiDict[str]) -> bytes:
-        # The common case, all ASCII, stays on aiohttp's C path; checking costs ~1 us a head.
-        if status_line.isascii() and all(
-            name.isascii() and value.isascii() for name, value in headers.items()
-        ):
+        # The common case, all ASCII, stays on aiohttp's C path; checking costs ~0.4 us a
+        # head. Names need no look: they are tokens, decoded as latin-1, never surrogates.
+        if status_line.isascii() and all(map(str.isascii, headers.values())):
             return self.inner(status_line, headers)
         lines = [status_line, *(f"{name}: {value}" for name, value in headers.items())]
         for line in lines:
