@@ -255,8 +255,8 @@ def _last_on_its_connection(request: web.Request, response: web.StreamResponse) 
     Here, before the head is written, it covers every response: forwarded ones are
     prepared inside the handler, long before the middleware sees them.
     """
-    if request.method == "CONNECT" and 200 <= response.status < 300:
-        return  # an open tunnel ends with its connection anyway
+    if response.status == 101 or (request.method == "CONNECT" and 200 <= response.status < 300):
+        return  # a WebSocket or a tunnel: its relay ends the connection when it is done
     response.force_close()
     response.headers["Connection"] = "close"  # set after aiohttp chose keep-alive or none
 

@@ -221,6 +221,25 @@ async def test_websocket_open_after_the_drain_is_closed_at_shutdown(
     assert (line["outcome"], line["closed_by"]) == ("shutdown", "shutdown")
 
 
+async def test_websocket_handshake_during_the_grace_period_still_switches(
+    proxy: RunningProxy, ws_origin: int
+) -> None:
+    """While draining, a 101 keeps its Connection: upgrade (no Connection: close) and works."""
+    draining = asyncio.create_task(proxy.server.drain(grace=60, drain_timeout=10))
+    try:
+        await asyncio.sleep(0)  # the drain has begun
+        assert proxy.server.lifecycle.draining
+        async with (
+            aiohttp.ClientSession() as session,
+            session.ws_connect(f"ws://127.0.0.1:{ws_origin}/", proxy=proxy.url) as ws,
+        ):
+            await ws.send_str("while draining")
+            assert (await asyncio.wait_for(ws.receive(), 10)).data == "while draining"
+    finally:
+        draining.cancel()
+        await asyncio.gather(draining, return_exceptions=True)
+
+
 async def test_101_to_a_request_without_upgrade_is_502(
     proxy: RunningProxy, raw_origin: StartRaw, logs: LogCapture
 ) -> None:
