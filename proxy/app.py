@@ -20,9 +20,11 @@ from proxy.observe.spans import SpanRecorder
 from proxy.observe.tracing import pool_wait_trace_config, trace_config
 from proxy.rules import errors, headers, policy
 from proxy.rules.errors import ProxyError
+from proxy.rules.hostpatterns import HostPatterns
 from proxy.rules.request_id import new_request_id
 from proxy.rules.target import TargetError, absolute_target, forward_target
 from proxy.wire import obs_text
+from proxy.tls.contexts import upstream_context
 from proxy.wire.forwarding import SKIP_AUTO_HEADERS, Forwarder, strip_added_defaults
 from proxy.wire.guard import CheckedConnector, CheckedResolver, ClientGate, Denial
 from proxy.wire.interim import Continue, InterimResponse, defer_expectation
@@ -76,11 +78,13 @@ TUNNELLER: Final = web.AppKey("tunneller", Tunneller)
 GATE: Final = web.AppKey("gate", ClientGate)
 OWN_ADDRESSES: Final = web.AppKey("own_addresses", policy.OwnAddresses)
 SPANS: Final = web.AppKey("spans", SpanRecorder)  # present only when spans are exported
+UPGRADE: Final = web.AppKey("upgrade_to_https", HostPatterns)
 
 NOT_A_PROXY_REQUEST: Final = ProxyError(
     400,
     "http_request_error",
-    "this is a forward proxy: send absolute-form requests (GET http://host/path) or "
+    "this is a forward proxy: send absolute-form requests (GET http://host/path or "
+    "GET https://host/path) or "
     "CONNECT; its own endpoints are /metrics, /healthz and /readyz",
 )
 BAD_TARGET: Final = ProxyError(400, "http_request_error", "")
@@ -223,7 +227,7 @@ async def _forward(request: web.Request, url: URL, expect: Continue) -> web.Stre
     version = (request.version.major, request.version.minor)
     websocket = headers.websocket_handshake(request.method, version, request.raw_headers)
     try:
-        target = forward_target(url, websocket=websocket)
+        target = forward_target(url, request.app[UPGRADE], websocket=websocket)
     except TargetError as exc:
         return _reject(request, BAD_TARGET.with_text(str(exc)), exc.reason)
     return await request.app[FORWARDER](request, target, expect)
@@ -274,10 +278,12 @@ def build_session(settings: Settings, check: policy.DestinationCheck) -> aiohttp
     """The one long-lived upstream session: pooled, traced, transparent, and checked.
 
     Every destination passes ``check``: the host before any lookup, then every address
-    the resolver returns, so what is dialled is what was checked.
+    the resolver returns, so what is dialled is what was checked. https upstreams are
+    verified against the system store plus ``--upstream-ca-file``.
     """
     connector = CheckedConnector(
         check,
+        ssl=upstream_context(settings.upstream_ca_file or None),
         limit=settings.pool_limit,
         limit_per_host=settings.pool_limit_per_host,
         keepalive_timeout=settings.upstream_keepalive_timeout,
@@ -367,6 +373,7 @@ def build_proxy_app(
     app[OWN_ADDRESSES] = own_addresses
     if spans is not None:
         app[SPANS] = spans
+    app[UPGRADE] = HostPatterns(settings.upgrade_to_https)
     credentials = (settings.proxy_auth,) if settings.proxy_auth is not None else ()
     app[GATE] = ClientGate(
         policy.Rules.parse(settings.allow_clients),

@@ -13,6 +13,7 @@ import ipaddress
 import math
 import os
 import re
+import ssl
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from typing import Any, NoReturn
 
 from proxy.rules.hostpatterns import PatternError, check_pattern
 from proxy.rules.policy import BUILTIN_DENIED, LOOPBACK, Credential, parse_rule
+from proxy.tls.contexts import check_ca_file
 
 DEFAULT_BUCKETS = (
     0.0005,
@@ -95,6 +97,8 @@ class Settings:
     otlp_queue_size: int = 2048
     otlp_export_interval: float = 5.0
     otlp_export_timeout: float = 10.0
+    upgrade_to_https: tuple[str, ...] = ()
+    upstream_ca_file: str = ""
 
 
 class SettingError(ValueError):
@@ -262,6 +266,17 @@ def parse_credential_file(path: str) -> tuple[Credential, ...]:
     if not credentials:
         raise SettingError(f"{path} holds no user:password line")
     return tuple(credentials)
+
+
+def parse_ca_file(path: str) -> str:
+    """A PEM file of CA certificates, trusted on top of the system store; empty: none."""
+    if not path.strip():
+        return ""
+    try:
+        check_ca_file(path)
+    except (OSError, ssl.SSLError) as exc:
+        raise SettingError(f"cannot load CA certificates from {path!r}: {exc}") from None
+    return path
 
 
 def parse_buckets(text: str) -> tuple[float, ...]:
@@ -543,6 +558,19 @@ OPTIONS: tuple[Option, ...] = (
         parse_destinations,
         "destinations dialled even when a deny rule matches (CIDRs, host patterns)",
         "RULE,...",
+    ),
+    Option(
+        "upgrade_to_https",
+        parse_host_patterns,
+        "hosts whose http:// requests go upstream as https:// (443 unless a port is given)",
+        "HOST,...",
+    ),
+    Option(
+        "upstream_ca_file",
+        parse_ca_file,
+        "PEM file of CA certificates trusted for upstreams, on top of the system store",
+        "PATH",
+        empty="(system store only)",
     ),
     Option(
         "otlp_endpoint",

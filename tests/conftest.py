@@ -326,3 +326,18 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     terminalreporter.write_line(
         "As root, `bash .ci/run` installs the Debian packages the tests need, then runs them all."
     )
+
+
+@pytest.fixture(scope="session")
+def tls_ca() -> Any:
+    """A trustme CA the proxy is told to trust (``--upstream-ca-file``)."""
+    import trustme
+
+    return trustme.CA()
+
+
+@pytest.fixture
+def tls_ca_file(tls_ca: Any, tmp_path: Any) -> str:
+    path = tmp_path / "upstream-ca.pem"
+    tls_ca.cert_pem.write_to_path(str(path))
+    return str(path)

@@ -139,8 +139,8 @@ ROWS: dict[str, Row] = {
         False,
         reason="origin_form",
     ),
-    "https_absolute_target": Row(
-        b"GET https://127.0.0.1/p HTTP/1.1\r\nHost: x\r\n{c}\r\n",
+    "ws_absolute_target": Row(
+        b"GET ws://127.0.0.1/p HTTP/1.1\r\nHost: x\r\n{c}\r\n",
         b"HTTP/1.1 400 Bad Request",
         False,
         reason="unsupported_scheme",

@@ -9,6 +9,7 @@ import pytest
 from aiohttp import web
 from yarl import URL
 
+from proxy.rules.hostpatterns import HostPatterns
 from proxy.rules.target import TargetError, absolute_target, forward_target, host_label
 
 
@@ -20,6 +21,9 @@ from proxy.rules.target import TargetError, absolute_target, forward_target, hos
         ("http://127.0.0.1:8081/", "127.0.0.1:8081"),
         ("http://[::1]:8081/", "[::1]:8081"),
         ("http://[::1]/", "[::1]"),
+        ("https://API.example.com:443/x", "api.example.com"),
+        ("https://api.example.com:8443/x", "api.example.com:8443"),
+        ("https://[::1]:443/", "[::1]"),
     ],
 )
 def test_host_label_keeps_only_non_default_ports(url: str, label: str) -> None:
@@ -34,11 +38,42 @@ def test_userinfo_and_fragment_are_stripped() -> None:
     assert target.host == "h:81"
 
 
-@pytest.mark.parametrize("url", ["https://h/", "ftp://h/", "file:///etc/passwd"])
-def test_only_http_is_forwarded(url: str) -> None:
+@pytest.mark.parametrize("url", ["ftp://h/", "file:///etc/passwd", "ws://h/"])
+def test_only_http_and_https_are_forwarded(url: str) -> None:
     """Other schemes are refused with a message for the client."""
     with pytest.raises(TargetError):
         forward_target(URL(url))
+
+
+UPGRADE = HostPatterns(["api.example.com", "*.internal.test", "[::1]", "10.0.0.1"])
+
+
+@pytest.mark.parametrize(
+    ("url", "upstream", "label"),
+    [
+        ("https://api.example.com/x", "https://api.example.com/x", "api.example.com"),
+        # --upgrade-to-https: no port -> 443 (RFC 9110 §4.2.2), an explicit port is kept
+        ("http://api.example.com/x?q", "https://api.example.com/x?q", "api.example.com"),
+        ("http://API.example.com:8080/x", "https://api.example.com:8080/x", "api.example.com:8080"),
+        ("http://a.internal.test/", "https://a.internal.test/", "a.internal.test"),
+        ("http://[::1]/", "https://[::1]/", "[::1]"),
+        ("http://10.0.0.1:8443/", "https://10.0.0.1:8443/", "10.0.0.1:8443"),
+        # not matching: stays http
+        ("http://internal.test/", "http://internal.test/", "internal.test"),
+        ("http://other.example.com/", "http://other.example.com/", "other.example.com"),
+    ],
+)
+def test_upgrade_to_https_rules(url: str, upstream: str, label: str) -> None:
+    """Which requests go upstream as https, to which port, under which host label."""
+    target = forward_target(URL(url), UPGRADE)
+    assert str(target.url) == upstream
+    assert target.url.port == URL(upstream).port
+    assert target.host == label
+
+
+def test_upgraded_target_without_port_dials_443() -> None:
+    """An upgraded request with no port goes to 443, not to http's 80."""
+    assert forward_target(URL("http://api.example.com/"), UPGRADE).url.port == 443
 
 
 async def _parsed(line: bytes) -> URL | None:

@@ -86,6 +86,7 @@ class HostStats:
         "last_used",
         "queue",
         "requests",
+        "tls",
         "total",
         "ttfb",
         "tunnel_bytes_received",
@@ -100,6 +101,7 @@ class HostStats:
         self.queue = Histogram(bounds)
         self.dns = Histogram(bounds)
         self.connect = Histogram(bounds)
+        self.tls = Histogram(bounds)
         self.ttfb = Histogram(bounds)
         self.total = Histogram(bounds)
         self.requests: dict[tuple[str, str], int] = {}
@@ -115,8 +117,14 @@ class HostStats:
         self.tunnel_bytes_sent = 0  # client -> upstream
         self.tunnel_bytes_received = 0  # upstream -> client
 
-    def observe_dial(self, dns: float | None, dns_cache: str | None, connect: float | None) -> None:
-        """The lookup (when one ran) and the new connection of a request or a tunnel."""
+    def observe_dial(
+        self,
+        dns: float | None,
+        dns_cache: str | None,
+        connect: float | None,
+        tls: float | None = None,
+    ) -> None:
+        """The lookup (when one ran), the new connection and its TLS handshake (https)."""
         if dns is not None:
             self.dns.observe(dns)
         if dns_cache == "hit":
@@ -125,6 +133,8 @@ class HostStats:
             self.dns_miss += 1
         if connect is not None:
             self.connect.observe(connect)
+        if tls is not None:
+            self.tls.observe(tls)
 
 
 _HISTOGRAMS: Final = (
@@ -133,7 +143,12 @@ _HISTOGRAMS: Final = (
     (
         "proxy_upstream_connect_seconds",
         "connect",
-        "Time to open each new upstream connection (TCP, plus TLS), DNS excluded.",
+        "TCP connect of each new upstream connection, DNS and TLS excluded.",
+    ),
+    (
+        "proxy_upstream_tls_seconds",
+        "tls",
+        "TLS handshake of each new upstream https connection.",
     ),
     (
         "proxy_upstream_ttfb_seconds",

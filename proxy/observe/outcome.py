@@ -90,7 +90,7 @@ class Observer:
                 stats.connections_reused += 1
             else:
                 stats.connections_new += 1
-        stats.observe_dial(t.dns, t.dns_cache, t.connect)
+        stats.observe_dial(t.dns, t.dns_cache, t.connect, t.tls)
         ttfb = t.ttfb
         if ttfb is not None:
             stats.ttfb.observe(ttfb)
@@ -111,6 +111,7 @@ class Observer:
             span_id=outcome.trace.span_id,  # None unless the proxy records a span
             client=request.remote,
             method=request.method,
+            scheme=outcome.target.scheme,
             host=outcome.host,
             path=outcome.target.raw_path_qs if self._log_query else outcome.target.raw_path,
             status=outcome.status,
@@ -119,6 +120,7 @@ class Observer:
             queue_ms=milliseconds(t.queue if waited else None),
             dns_ms=milliseconds(t.dns),
             connect_ms=milliseconds(t.connect),
+            tls_ms=milliseconds(t.tls),
             ttfb_ms=milliseconds(ttfb),
             total_ms=milliseconds(outcome.total),
             reused=t.reused,

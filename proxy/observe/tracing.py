@@ -4,17 +4,24 @@ The phases are disjoint (see README "Timings"):
 
 - queue: the sum of every wait for a pooled connection; 0 when a slot was free.
 - dns: the lookup, only when one ran (a cache miss), failed lookups included.
-- connect: a new connection's TCP (+ TLS) time, DNS excluded, failed dials included.
+- connect: a new connection's TCP connect, DNS and TLS excluded, failed dials included.
+- tls: a new https connection's TLS handshake (``proxy.tls.connector`` times it), failed
+  handshakes included.
 - ttfb: request headers sent upstream -> response headers received.
 - total: request reached the proxy -> last response byte written (the handler's clock;
   no signal marks the end of a streamed body).
 
 Signals are delivered with the ``Timings`` object as ``trace_request_ctx``; the callbacks
-only record clock readings, so they stay cheap on the request path.
+only record clock readings, so they stay cheap on the request path. aiohttp has no signal
+for the handshake, so the connector finds the request's ``Timings`` through a context
+variable instead (``timing``): it runs in the task that sent the request.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from time import perf_counter
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
@@ -34,6 +41,7 @@ class Timings:
         "_dns_start",
         "_queue_start",
         "_queue_waiting",
+        "_tls_start",
         "connect",
         "dns",
         "dns_cache",
@@ -44,6 +52,7 @@ class Timings:
         "reused",
         "sent_at",
         "start",
+        "tls",
     )
 
     def __init__(self, start: float) -> None:
@@ -53,6 +62,7 @@ class Timings:
         self.dns: float | None = None
         self.dns_cache: str | None = None  # "hit" | "miss" | None (IP literal, reused conn)
         self.connect: float | None = None
+        self.tls: float | None = None
         self.reused: bool | None = None
         self.sent_at: float | None = None
         self.response_at: float | None = None
@@ -62,6 +72,7 @@ class Timings:
         self._dns_start = 0.0
         self._connect_start = 0.0
         self._connect_end = 0.0
+        self._tls_start = 0.0
 
     @property
     def waited(self) -> bool:
@@ -91,18 +102,27 @@ class Timings:
             self.dns = now - self._dns_start
         elif self._connect_start and self.connect is None:
             self._connect_end = now
-            self.connect = now - self._connect_start - (self.dns or 0.0)
+            self.connect = now - self._connect_start - (self.dns or 0.0) - (self.tls or 0.0)
 
     def connected(self, started: float) -> None:
         """A connection opened outside the connector (a tunnel's dial), begun at ``started``."""
         self._connect_end = perf_counter()
         self.connect = self._connect_end - started
 
+    def handshook(self, started: float) -> None:
+        """A TLS handshake begun at ``started`` ended now (``proxy.tls.connector``).
+
+        Summed: when one address fails its handshake, the connector tries the next one.
+        """
+        self._tls_start = started
+        self.tls = (self.tls or 0.0) + (perf_counter() - started)
+
     def phases(self) -> list[tuple[str, float, float]]:
         """(phase, start, duration) of each phase that ran, in perf_counter seconds.
 
         For span events. queue starts at the last wait's start (the sum of waits is its
-        duration); connect ends where aiohttp's create signal ended, DNS excluded.
+        duration); connect ends where the handshake began, or where aiohttp's create
+        signal ended for plain http, DNS excluded; tls ends at the create signal.
         """
         out: list[tuple[str, float, float]] = []
         if self.queue > 0.0:
@@ -110,15 +130,35 @@ class Timings:
         if self.dns is not None:
             out.append(("dns", self._dns_start, self.dns))
         if self.connect is not None:
-            out.append(("connect", self._connect_end - self.connect, self.connect))
+            connect_end = self._tls_start if self.tls is not None else self._connect_end
+            out.append(("connect", connect_end - self.connect, self.connect))
+        if self.tls is not None:
+            out.append(("tls", self._tls_start, self.tls))
         ttfb = self.ttfb
         if ttfb is not None and self.sent_at is not None:
             out.append(("ttfb", self.sent_at, ttfb))
         return out
 
     def __repr__(self) -> str:
-        fields = ("queue", "dns", "connect", "ttfb", "reused", "dns_cache")
+        fields = ("queue", "dns", "connect", "tls", "ttfb", "reused", "dns_cache")
         return "<Timings " + " ".join(f"{f}={getattr(self, f)!r}" for f in fields) + ">"
+
+
+_CURRENT: ContextVar[Timings | None] = ContextVar("timings", default=None)
+
+
+@contextmanager
+def timing(timings: Timings) -> Iterator[None]:
+    """Make ``timings`` the current request's, for code that gets no trace context."""
+    token = _CURRENT.set(timings)
+    try:
+        yield
+    finally:
+        _CURRENT.reset(token)
+
+
+def current_timings() -> Timings | None:
+    return _CURRENT.get()
 
 
 def _timings(ctx: SimpleNamespace) -> Timings | None:
@@ -150,7 +190,7 @@ async def _create_start(_s: Any, ctx: SimpleNamespace, _p: Any) -> None:
 async def _create_end(_s: Any, ctx: SimpleNamespace, _p: Any) -> None:
     if (t := _timings(ctx)) is not None:
         t._connect_end = perf_counter()
-        t.connect = t._connect_end - t._connect_start - (t.dns or 0.0)
+        t.connect = t._connect_end - t._connect_start - (t.dns or 0.0) - (t.tls or 0.0)
 
 
 async def _reuseconn(_s: Any, ctx: SimpleNamespace, _p: Any) -> None:

@@ -42,6 +42,14 @@ CONNECTION_TIMEOUT: Final = ProxyError(
 DESTINATION_UNAVAILABLE: Final = ProxyError(
     502, "destination_unavailable", "could not connect to the upstream"
 )
+# RFC 9209 §2.3.14 (certificate) and §2.3.13 (protocol). The upstream's certificate is
+# always verified (system trust store plus --upstream-ca-file); there is no way around it.
+TLS_CERTIFICATE_ERROR: Final = ProxyError(
+    502, "tls_certificate_error", "the upstream's TLS certificate could not be verified"
+)
+TLS_PROTOCOL_ERROR: Final = ProxyError(
+    502, "tls_protocol_error", "the TLS handshake with the upstream failed"
+)
 RESPONSE_TIMEOUT: Final = ProxyError(
     504, "http_response_timeout", "upstream sent no response headers in time"
 )
@@ -147,6 +155,10 @@ BEFORE_RESPONSE: Final[tuple[Rule, ...]] = (
     (aiohttp.ClientConnectorDNSError, _always, DNS_ERROR),
     (aiohttp.ConnectionTimeoutError, _always, CONNECTION_TIMEOUT),
     (aiohttp.SocketTimeoutError, _always, RESPONSE_TIMEOUT),
+    # Both TLS classes derive from ClientSSLError and ClientConnectorError: the
+    # certificate one first, and both before the generic connector rows.
+    (aiohttp.ClientConnectorCertificateError, _always, TLS_CERTIFICATE_ERROR),
+    (aiohttp.ClientSSLError, _always, TLS_PROTOCOL_ERROR),
     (aiohttp.ClientConnectorError, _refused, CONNECTION_REFUSED),
     (aiohttp.ClientConnectorError, _always, DESTINATION_UNAVAILABLE),
     (aiohttp.ServerDisconnectedError, _always, CONNECTION_TERMINATED),

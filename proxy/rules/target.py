@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from aiohttp import web
 from yarl import URL
 
+from proxy.rules.hostpatterns import HostPatterns
+
 
 def absolute_target(request: web.BaseRequest) -> URL | None:
     """The absolute-form target (RFC 9112 §3.2.2) of a request, None for origin-form.
@@ -42,33 +44,50 @@ def host_label(url: URL) -> str:
     return label.lower() if label else ""
 
 
-def forward_target(url: URL, *, websocket: bool = False) -> Target:
-    """Validate an absolute-form target for plain forwarding.
+_NO_UPGRADE = HostPatterns()
+
+# RFC 6455 §3: ws and wss name the same resources as http and https.
+_WEBSOCKET_SCHEMES = {"ws": "http", "wss": "https"}
+
+
+def forward_target(
+    url: URL, upgrade: HostPatterns = _NO_UPGRADE, *, websocket: bool = False
+) -> Target:
+    """Validate an absolute-form target, and choose the scheme it goes upstream with.
+
+    ``https://`` goes upstream over TLS (origination: the client spoke to us in the
+    clear, we speak verified TLS onwards). ``http://`` to a host matching ``upgrade``
+    does too: without a port it goes to 443 (the https default, RFC 9110 §4.2.2), an
+    explicit port is kept.
 
     ``websocket``: the request is a WebSocket handshake, which may also name its target
-    ``ws://`` (RFC 6455 §3; what aiohttp's ws_connect sends to a proxy); it is the same
-    request as ``http://``.
+    ``ws://`` or ``wss://`` (RFC 6455 §3; what aiohttp's ws_connect sends to a proxy); it
+    is the same request as ``http://`` or ``https://``.
     """
     scheme = url.scheme
-    if scheme == "ws" and websocket:
-        url = url.with_scheme("http")
-    elif scheme != "http":
-        if scheme in ("https", "wss"):
+    if websocket and scheme in _WEBSOCKET_SCHEMES:
+        url = url.with_scheme(_WEBSOCKET_SCHEMES[scheme])
+        scheme = url.scheme
+    if scheme not in ("http", "https"):
+        if scheme in _WEBSOCKET_SCHEMES:
             raise TargetError(
-                f"{scheme}:// targets are not forwarded in the clear; "
-                "use CONNECT (HTTPS_PROXY) for TLS",
+                f"{scheme}:// targets are forwarded only with Upgrade: websocket",
                 "unsupported_scheme",
             )
-        if scheme == "ws":
-            raise TargetError(
-                "ws:// targets are forwarded only with Upgrade: websocket", "unsupported_scheme"
-            )
         raise TargetError(
-            f"scheme {scheme!r} is not supported; only http:// is forwarded", "unsupported_scheme"
+            f"scheme {scheme!r} is not supported; only http:// and https:// are forwarded",
+            "unsupported_scheme",
         )
     if not url.host:
         raise TargetError("the target has no host", "no_host")
     if url.raw_user is not None or url.raw_fragment:
         # Userinfo would turn into an Authorization header; a fragment is never sent.
         url = url.with_user(None).with_fragment(None)
+    if scheme == "http" and upgrade.matches(host_label(url)):
+        url = _with_https(url)
     return Target(url, host_label(url), websocket)
+
+
+def _with_https(url: URL) -> URL:
+    port = url.explicit_port
+    return url.with_scheme("https") if port is None else url.with_scheme("https").with_port(port)

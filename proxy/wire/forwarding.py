@@ -1,4 +1,8 @@
-"""Forward one absolute-form ``http://`` request through the traced upstream session.
+"""Forward one request through the traced upstream session, over TCP or verified TLS.
+
+The target is an absolute URL: ``http://`` goes upstream in the clear, ``https://`` over
+TLS from the same pool (origination). Whatever the request came in as (absolute-form in
+the clear, or a request inside a CONNECT), this is the one path it takes.
 
 Bodies stream in both directions (bounded by aiohttp's read buffers); every request ends
 in exactly one ``Outcome`` that feeds the metrics and the access log.
@@ -18,7 +22,7 @@ from multidict import CIMultiDict
 from proxy.observe.outcome import Observer, Outcome
 from proxy.observe.pool_wait import PoolWait
 from proxy.observe.spans import SpanRecorder
-from proxy.observe.tracing import Timings
+from proxy.observe.tracing import Timings, timing
 from proxy.rules import errors, headers, policy
 from proxy.rules.errors import ProxyError
 from proxy.rules.request_id import choose_request_id, choose_trace_context
@@ -101,7 +105,7 @@ class SwitchedResponse(ForwardedResponse):
 
 
 class Forwarder:
-    """The handler for absolute-form ``http://`` requests, WebSocket handshakes included."""
+    """Forwards requests to ``http://`` and ``https://`` targets, WebSocket handshakes included."""
 
     def __init__(
         self,
@@ -134,6 +138,12 @@ class Forwarder:
     async def __call__(
         self, request: web.Request, target: Target, expect: Continue
     ) -> web.StreamResponse:
+        """Forward ``request`` to ``target`` (as ``proxy.rules.target.forward_target`` made it).
+
+        The same path for every request that reaches the proxy, however it came in
+        (absolute-form in the clear, or inside a CONNECT). The response is the upstream's,
+        relayed, or the proxy's own error answer; one ``Outcome`` either way.
+        """
         start = perf_counter()
         request_id = choose_request_id(request.headers.get(self._rid_header))
         trace = choose_trace_context(request.headers.get("traceparent"), self._record_new)
@@ -195,15 +205,16 @@ class Forwarder:
         pool_wait = outcome.timings.pool_wait = PoolWait(self._pool_wait_timeout)
         sink = INTERIM_SINK.set(InterimRelay(request, self._rid_key, self._via[(1, 1)]))
         try:
-            async with pool_wait:
-                up = await self._session.request(
-                    request.method,
-                    target.url,
-                    headers=fields,
-                    data=body,
-                    allow_redirects=False,
-                    trace_request_ctx=outcome.timings,
-                )
+            with timing(outcome.timings):  # the connector's TLS clock finds it there
+                async with pool_wait:
+                    up = await self._session.request(
+                        request.method,
+                        target.url,
+                        headers=fields,
+                        data=body,
+                        allow_redirects=False,
+                        trace_request_ctx=outcome.timings,
+                    )
         except Exception as exc:
             return self._fail_before_response(request, outcome, exc)
         finally:

@@ -7,13 +7,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-import aiohttp
 from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.tracing import Trace
 
 from proxy.rules import errors, policy
 from proxy.rules.errors import ProxyError
+from proxy.tls.connector import TimedTLSConnector
 
 
 class CheckedResolver(AbstractResolver):
@@ -43,7 +43,7 @@ class CheckedResolver(AbstractResolver):
         await self._inner.close()
 
 
-class CheckedConnector(aiohttp.TCPConnector):
+class CheckedConnector(TimedTLSConnector):
     """Checks the host before any lookup: address literals never reach the resolver.
 
     ``_resolve_host`` is the step every new connection takes, forwarded or tunnelled
