@@ -29,6 +29,7 @@ PER_HOST_METRICS = frozenset(
         "proxy_upstream_queue_seconds",
         "proxy_upstream_dns_seconds",
         "proxy_upstream_connect_seconds",
+        "proxy_upstream_tls_seconds",
         "proxy_upstream_ttfb_seconds",
         "proxy_upstream_request_seconds",
         "proxy_upstream_requests_total",

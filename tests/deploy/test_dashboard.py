@@ -73,6 +73,7 @@ def test_promised_panels_are_there() -> None:
         "proxy_upstream_queue_seconds_bucket",
         "proxy_upstream_dns_seconds_bucket",
         "proxy_upstream_connect_seconds_bucket",
+        "proxy_upstream_tls_seconds_bucket",
         "proxy_upstream_ttfb_seconds_bucket",
         "proxy_upstream_request_seconds_bucket",
     ):
@@ -87,6 +88,8 @@ def test_promised_panels_are_there() -> None:
         "sum by (outcome) (rate(proxy_tunnels_total{",
         "proxy_tunnel_bytes_total{",
         "sum by (reason) (rate(proxy_denied_total[",
+        "sum(rate(proxy_upstream_tls_seconds_count{",
+        'error=~"tls_.*"',
     ):
         assert needle in text, needle
     stacked = [
