@@ -17,6 +17,7 @@ import trustme
 
 from proxy import config
 from tests.conftest import LogCapture, Origin, RawOrigin, RunningProxy, pattern
+from tests.test_forwarding import curl
 from tests.test_limits import until
 from tests.tls import TLSOrigin, delayed_handshake, server_context, tls_origin
 
@@ -98,6 +99,22 @@ async def test_absolute_form_https_is_forwarded_over_tls(
     assert line["host"] == host
     assert line["path"] == "/echo"
     assert line["status"] == 200
+
+
+async def test_curl_examples_from_the_https_page(
+    start_proxy: StartProxy, tls_ca_file: str, secure_origin: TLSOrigin, logs: LogCapture
+) -> None:
+    """docs/https.md's curl lines: --request-target https://..., and an upgraded http:// URL."""
+    proxy = await start_proxy(upstream_ca_file=tls_ca_file, upgrade_to_https=("localhost",))
+    code, out, err = await curl(
+        "--request-target", secure_origin.url("/echo?via=target"), proxy.url
+    )
+    assert code == 0, err
+    assert json.loads(out)["target"] == "/echo?via=target"
+    code, out, err = await curl("-x", proxy.url, f"http://localhost:{secure_origin.port}/echo")
+    assert code == 0, err
+    assert json.loads(out)["target"] == "/echo"
+    assert [line["scheme"] for line in logs.events("access")] == ["https", "https"]
 
 
 async def test_request_id_and_traceparent_reach_the_tls_origin(
@@ -247,11 +264,12 @@ async def test_plain_http_connect_has_no_tls_phase(
 
 
 async def assert_tls_failure(
-    proxy: RunningProxy, url: str, host: str, error: str, logs: LogCapture
+    proxy: RunningProxy, url: str, host: str, error: str, logs: LogCapture, reason: str
 ) -> None:
     answer = await fetch(proxy, url)
     assert answer.status == 502
     assert answer.headers["Proxy-Status"].startswith(f"tracing-proxy; error={error}")
+    assert reason in answer.headers["Proxy-Status"]  # the verifier's or the handshake's reason
     assert sample(proxy, "proxy_upstream_errors_total", host, error=error) == 1
     assert sample(proxy, "proxy_upstream_requests_total", host, method="GET", code="502") == 1
     (line,) = logs.events("access")
@@ -271,7 +289,12 @@ async def test_untrusted_origin_certificate_is_502_tls_certificate_error(
     """An origin whose CA the proxy does not trust gets 502 tls_certificate_error."""
     async with tls_origin(server_context(trustme.CA(), "127.0.0.1")) as stranger:
         await assert_tls_failure(
-            https_proxy, stranger.url("/echo"), stranger.authority, "tls_certificate_error", logs
+            https_proxy,
+            stranger.url("/echo"),
+            stranger.authority,
+            "tls_certificate_error",
+            logs,
+            "unable to get local issuer certificate (code 20)",
         )
         assert stranger.peers == set()  # no request was ever sent to it
 
@@ -281,19 +304,27 @@ async def test_origin_ca_is_untrusted_without_upstream_ca_file(
 ) -> None:
     """Without --upstream-ca-file only the system store counts: a private CA fails."""
     await assert_tls_failure(
-        proxy, secure_origin.url("/echo"), secure_origin.authority, "tls_certificate_error", logs
+        proxy,
+        secure_origin.url("/echo"),
+        secure_origin.authority,
+        "tls_certificate_error",
+        logs,
+        "unable to get local issuer certificate",
     )
 
 
-@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+@pytest.mark.parametrize(
+    ("host", "reason"),
+    [("127.0.0.1", "IP address mismatch"), ("localhost", "Hostname mismatch")],
+)
 async def test_hostname_mismatch_is_502_tls_certificate_error(
-    https_proxy: RunningProxy, tls_ca: trustme.CA, logs: LogCapture, host: str
+    https_proxy: RunningProxy, tls_ca: trustme.CA, logs: LogCapture, host: str, reason: str
 ) -> None:
     """A trusted certificate issued for another name fails for an IP literal and for a name."""
     async with tls_origin(server_context(tls_ca, "other.test")) as origin:
         url = f"https://{host}:{origin.port}/echo"
         await assert_tls_failure(
-            https_proxy, url, f"{host}:{origin.port}", "tls_certificate_error", logs
+            https_proxy, url, f"{host}:{origin.port}", "tls_certificate_error", logs, reason
         )
 
 
@@ -302,7 +333,9 @@ async def test_plain_http_on_the_tls_port_is_502_tls_protocol_error(
 ) -> None:
     """An https:// target that answers plain HTTP fails the handshake: tls_protocol_error."""
     url = f"https://{origin.authority}/echo"
-    await assert_tls_failure(https_proxy, url, origin.authority, "tls_protocol_error", logs)
+    await assert_tls_failure(
+        https_proxy, url, origin.authority, "tls_protocol_error", logs, "WRONG_VERSION_NUMBER"
+    )
 
 
 async def test_origin_closing_during_the_handshake_is_502_tls_protocol_error(
@@ -317,7 +350,9 @@ async def test_origin_closing_during_the_handshake_is_502_tls_protocol_error(
 
     closer = await raw_origin(hang_up)
     host = f"127.0.0.1:{closer.port}"
-    await assert_tls_failure(https_proxy, f"https://{host}/", host, "tls_protocol_error", logs)
+    await assert_tls_failure(
+        https_proxy, f"https://{host}/", host, "tls_protocol_error", logs, "TLS handshake failed"
+    )
 
 
 # -- the same rules as for http ----------------------------------------------------------------

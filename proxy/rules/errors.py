@@ -7,6 +7,7 @@ The error type doubles as the ``error`` label of ``proxy_upstream_errors_total``
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
@@ -203,7 +204,19 @@ def classify(exc: BaseException, rules: tuple[Rule, ...]) -> ProxyError:
 
 def describe(exc: BaseException) -> str:
     """A short one-line account of an exception for ``details`` and the log."""
+    if isinstance(exc, aiohttp.ClientSSLError):
+        return _tls_reason(exc.os_error)
     return f"{type(exc).__name__}: {exc}"[:200]
+
+
+def _tls_reason(cause: OSError) -> str:
+    # aiohttp's own text puts the verifier's reason last, where the 200-character cut
+    # would drop it; this is the part an operator needs.
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return f"certificate rejected: {cause.verify_message} (code {cause.verify_code})"[:200]
+    if isinstance(cause, ssl.SSLError) and cause.reason:
+        return f"TLS handshake failed: {cause.reason}"
+    return f"TLS handshake failed: {type(cause).__name__}: {cause}"[:200]
 
 
 def _quote(text: str) -> str:
