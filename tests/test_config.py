@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from proxy import config
@@ -53,6 +55,8 @@ def test_every_setting_has_a_flag_and_an_env_twin() -> None:
         ([], {"OTEL_EXPORTER_OTLP_ENDPOINT": "collector:4318"}, "OTEL_EXPORTER_OTLP_ENDPOINT"),
         ([], {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "x"}, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"),
         ([], {"OTEL_SERVICE_NAME": " "}, "OTEL_SERVICE_NAME"),
+        (["--upgrade-to-https", "a b"], {}, "--upgrade-to-https (PROXY_UPGRADE_TO_HTTPS)"),
+        ([], {"PROXY_UPSTREAM_CA_FILE": "/nonexistent/ca.pem"}, "--upstream-ca-file"),
     ],
 )
 def test_bad_values_exit_2_with_one_line_naming_the_setting(
@@ -137,3 +141,13 @@ def test_service_name_from_otel_service_name_unless_set() -> None:
     assert config.load([], {"OTEL_SERVICE_NAME": "svc"}).otlp_service_name == "svc"
     env = {"OTEL_SERVICE_NAME": "svc", "PROXY_OTLP_SERVICE_NAME": "mine"}
     assert config.load([], env).otlp_service_name == "mine"
+
+
+def test_upstream_ca_file_without_a_certificate_exits_2(tmp_path: Path) -> None:
+    """A --upstream-ca-file that cannot be loaded is a bad setting, named in one line."""
+    bad = tmp_path / "not-a-ca.pem"
+    bad.write_text("hello\n")
+    for path in (str(bad), str(tmp_path / "missing.pem")):
+        with pytest.raises(SystemExit) as exit_info:
+            config.load(["--upstream-ca-file", path], {})
+        assert exit_info.value.code == 2

@@ -8,7 +8,6 @@ import http.client
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -16,7 +15,14 @@ import pytest
 import trustme
 
 from proxy import config
-from tests.conftest import LogCapture, Origin, RawOrigin, RunningProxy, pattern
+from tests.conftest import (
+    LogCapture,
+    Origin,
+    RawOrigin,
+    RunningProxy,
+    pattern,
+    proxy_process,
+)
 from tests.test_forwarding import curl
 from tests.test_limits import until
 from tests.tls import TLSOrigin, delayed_handshake, server_context, tls_origin
@@ -393,11 +399,15 @@ async def test_full_pool_holds_for_https(
     assert "error=connection_limit_reached" in answer.headers["Proxy-Status"]
 
 
-def test_ca_file_that_holds_no_certificate_exits_2(tmp_path: Path) -> None:
-    """A --upstream-ca-file that cannot be loaded is a bad setting, named in one line."""
-    bad = tmp_path / "not-a-ca.pem"
-    bad.write_text("hello\n")
-    for path in (str(bad), str(tmp_path / "missing.pem")):
-        with pytest.raises(SystemExit) as exit_info:
-            config.load(["--upstream-ca-file", path], {})
-        assert exit_info.value.code == 2
+async def test_cli_on_uvloop_originates_tls(
+    tls_ca_file: str, secure_origin: TLSOrigin, client: aiohttp.ClientSession
+) -> None:
+    """python -m proxy, on its default uvloop, upgrades a host given by flag and verifies it."""
+    async with proxy_process(
+        "--upstream-ca-file", tls_ca_file, "--upgrade-to-https", "localhost"
+    ) as (_, url):
+        target = f"http://localhost:{secure_origin.port}/echo"
+        async with client.get(target, proxy=url) as resp:
+            assert resp.status == 200
+            assert (await resp.json())["target"] == "/echo"
+    assert len(secure_origin.peers) == 1
