@@ -361,6 +361,20 @@ async def test_origin_closing_during_the_handshake_is_502_tls_protocol_error(
     )
 
 
+async def test_origin_silent_in_the_handshake_is_504_timed_in_tls(
+    start_proxy: StartProxy, tls_ca_file: str, secure_origin: TLSOrigin, logs: LogCapture
+) -> None:
+    """A handshake that outlasts --connect-timeout is a connection_timeout, spent in tls."""
+    proxy = await start_proxy(upstream_ca_file=tls_ca_file, connect_timeout=0.3)
+    async with delayed_handshake(secure_origin, 5.0) as port:
+        answer = await fetch(proxy, f"https://127.0.0.1:{port}/echo")
+    assert answer.status == 504
+    assert "error=connection_timeout" in answer.headers["Proxy-Status"]
+    (line,) = logs.events("access")
+    assert line["error"] == "connection_timeout"
+    assert line["tls_ms"] > line["connect_ms"]  # TCP was quick; the wait was the handshake
+
+
 # -- the same rules as for http ----------------------------------------------------------------
 
 
