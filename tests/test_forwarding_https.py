@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 import trustme
+import websockets.asyncio.server
 
 from proxy import config
 from tests.conftest import (
@@ -199,6 +200,30 @@ async def test_five_mib_bodies_cross_byte_exact_both_ways(
     host = secure_origin.authority
     assert sample(https_proxy, "proxy_upstream_bytes_total", host, direction="sent") == 5 * MiB
     assert sample(https_proxy, "proxy_upstream_bytes_total", host, direction="received") >= 5 * MiB
+
+
+async def test_websocket_to_an_upgraded_host_runs_over_tls(
+    start_proxy: StartProxy, tls_ca: trustme.CA, tls_ca_file: str, logs: LogCapture
+) -> None:
+    """aiohttp's ws_connect to ws://localhost via --upgrade-to-https echoes through a wss origin."""
+
+    async def echo(connection: websockets.asyncio.server.ServerConnection) -> None:
+        async for message in connection:
+            await connection.send(message)
+
+    context = server_context(tls_ca, "localhost")
+    async with websockets.asyncio.server.serve(echo, "127.0.0.1", 0, ssl=context) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        proxy = await start_proxy(upstream_ca_file=tls_ca_file, upgrade_to_https=("localhost",))
+        async with (
+            aiohttp.ClientSession() as session,
+            session.ws_connect(f"ws://localhost:{port}/chat", proxy=proxy.url) as ws,
+        ):
+            await ws.send_bytes(b"\x00\xff" * 1000)
+            assert await asyncio.wait_for(ws.receive_bytes(), 10) == b"\x00\xff" * 1000
+    (handshake,) = logs.events("access")
+    assert (handshake["status"], handshake["scheme"]) == (101, "https")
+    assert handshake["tls_ms"] is not None
 
 
 # -- the TLS phase -----------------------------------------------------------------------------
