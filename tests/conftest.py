@@ -24,6 +24,9 @@ from proxy.config import Address, Settings
 from proxy.observe import log
 from proxy.server import ProxyServer
 
+# TLS origins (tests/tls.py): the secure_origin fixture.
+pytest_plugins = ["tests.tls"]
+
 GZIP_BODY = gzip.compress(b"compressed hello " * 100)
 
 

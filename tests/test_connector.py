@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import ssl
-from collections.abc import AsyncIterator
 from pathlib import Path
 from time import perf_counter
 
@@ -19,12 +18,6 @@ from proxy.tls.connector import TimedTLSConnector
 from proxy.tls.contexts import upstream_context
 from tests.conftest import Origin
 from tests.tls import TLSOrigin, delayed_handshake, server_context, tls_origin
-
-
-@pytest.fixture
-async def secure_origin(tls_ca: trustme.CA) -> AsyncIterator[TLSOrigin]:
-    async with tls_origin(server_context(tls_ca, "localhost", "127.0.0.1")) as origin:
-        yield origin
 
 
 def client_context(ca: trustme.CA, tmp: str) -> ssl.SSLContext:

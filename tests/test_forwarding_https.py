@@ -6,7 +6,7 @@ import asyncio
 import hashlib
 import http.client
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,12 +72,6 @@ async def fetch(
         _exchange, str(proxy.server.proxy_address), [(method, url, fields or {}, body)]
     )
     return answer
-
-
-@pytest.fixture
-async def secure_origin(tls_ca: trustme.CA) -> AsyncIterator[TLSOrigin]:
-    async with tls_origin(server_context(tls_ca, "localhost", "127.0.0.1")) as origin:
-        yield origin
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ from proxy.wire.otlp import SpanExporter
 from tests.conftest import LogCapture, Origin, RunningProxy, read_head
 from tests.otlp import StartReceiver, attributes, otlp_receiver  # noqa: F401
 from tests.test_tunnelling import StartRaw, echo
+from tests.tls import TLSOrigin
 
 StartProxy = Callable[..., Awaitable[RunningProxy]]
 
@@ -172,6 +173,33 @@ async def test_phases_are_events_inside_the_span_in_order(
     [line] = logs.events("access")
     durations = {event.name: attributes(event)["proxy.phase.duration"] for event in span.events}
     assert round(durations["ttfb"] * 1000, 3) == line["ttfb_ms"]
+    assert round(durations["connect"] * 1000, 3) == line["connect_ms"]
+
+
+async def test_https_upstream_has_a_tls_event_between_connect_and_ttfb(
+    start_proxy: StartProxy,
+    otlp_receiver: StartReceiver,  # noqa: F811
+    secure_origin: TLSOrigin,
+    tls_ca_file: str,
+    client: aiohttp.ClientSession,
+    logs: LogCapture,
+) -> None:
+    """TLS origination: connect (TCP), then tls, then ttfb, each as logged, in order."""
+    receiver = await otlp_receiver()
+    proxy = await _spans_proxy(
+        start_proxy,
+        receiver.endpoint,
+        upstream_ca_file=tls_ca_file,
+        upgrade_to_https=("localhost",),
+    )
+    await _get(client, proxy, f"http://localhost:{secure_origin.port}/echo")
+    [span] = await receiver.wait_for_spans(1)
+    assert [event.name for event in span.events] == ["dns", "connect", "tls", "ttfb"]
+    times = [event.time_unix_nano for event in span.events]
+    assert times == sorted(times)
+    [line] = logs.events("access")
+    durations = {event.name: attributes(event)["proxy.phase.duration"] for event in span.events}
+    assert round(durations["tls"] * 1000, 3) == line["tls_ms"]
     assert round(durations["connect"] * 1000, 3) == line["connect_ms"]
 
 

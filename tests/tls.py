@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
 import trustme
 from aiohttp import web
 
@@ -103,3 +104,10 @@ async def delayed_handshake(target: TLSOrigin, delay: float) -> AsyncIterator[in
             task.cancel()
         server.close()
         await server.wait_closed()
+
+
+@pytest.fixture
+async def secure_origin(tls_ca: trustme.CA) -> AsyncIterator[TLSOrigin]:
+    """The origin app over TLS on 127.0.0.1, certified for localhost and 127.0.0.1."""
+    async with tls_origin(server_context(tls_ca, "localhost", "127.0.0.1")) as origin:
+        yield origin

@@ -122,7 +122,8 @@ class Timings:
 
         For span events. queue starts at the last wait's start (the sum of waits is its
         duration); connect ends where the handshake began, or where aiohttp's create
-        signal ended for plain http, DNS excluded; tls ends at the create signal.
+        signal ended for plain http, and starts no earlier than the lookup's end; tls
+        starts where the connector began the handshake.
         """
         out: list[tuple[str, float, float]] = []
         if self.queue > 0.0:
@@ -131,7 +132,10 @@ class Timings:
             out.append(("dns", self._dns_start, self.dns))
         if self.connect is not None:
             connect_end = self._tls_start if self.tls is not None else self._connect_end
-            out.append(("connect", connect_end - self.connect, self.connect))
+            # connect also holds the connector's own steps around the lookup, so counted
+            # back from its end it could start before the lookup did: never before DNS ends.
+            dns_end = self._dns_start + self.dns if self.dns is not None else 0.0
+            out.append(("connect", max(connect_end - self.connect, dns_end), self.connect))
         if self.tls is not None:
             out.append(("tls", self._tls_start, self.tls))
         ttfb = self.ttfb
