@@ -23,8 +23,8 @@ from proxy.rules.errors import ProxyError
 from proxy.rules.hostpatterns import HostPatterns
 from proxy.rules.request_id import new_request_id
 from proxy.rules.target import TargetError, absolute_target, forward_target
-from proxy.wire import obs_text
 from proxy.tls.contexts import upstream_context
+from proxy.wire import obs_text
 from proxy.wire.forwarding import SKIP_AUTO_HEADERS, Forwarder, strip_added_defaults
 from proxy.wire.guard import CheckedConnector, CheckedResolver, ClientGate, Denial
 from proxy.wire.interim import Continue, InterimResponse, defer_expectation
