@@ -33,7 +33,14 @@ lint: $(STAMP_TEST)
 typecheck: $(STAMP_TEST)
 	$(BIN)/mypy
 
-pytest: $(STAMP_TEST)
+# Node clients for tests/test_node_clients.py, from tests/node/package-lock.json, kept there.
+NODE_STAMP := tests/node/node_modules/.installed
+$(NODE_STAMP): tests/node/package.json tests/node/package-lock.json
+	@if command -v npm >/dev/null; then \
+		npm ci --prefix tests/node --no-audit --no-fund --silent && touch $@; \
+	else echo "npm not found: the Node client tests skip (and fail under CI=true)"; fi
+
+pytest: $(STAMP_TEST) $(NODE_STAMP)
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 bench: $(STAMP_TEST)
@@ -42,4 +49,4 @@ bench: $(STAMP_TEST)
 	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache tests/node/node_modules

@@ -13,6 +13,7 @@ from proxy import __version__, config
 from proxy.config import Settings
 from proxy.observe import log
 from proxy.server import ListenError, ProxyServer
+from proxy.tls.certs import CAError, CertificateAuthority, write_ca
 
 
 def c_parser_in_use() -> bool:
@@ -63,8 +64,36 @@ async def serve(settings: Settings) -> int:
     return 0
 
 
+def make_ca(args: list[str]) -> int:
+    """``tracing-proxy ca DIR``: a new interception CA in DIR; never overwrites one."""
+    if len(args) != 1 or args[0].startswith("-"):
+        print("usage: tracing-proxy ca DIR", file=sys.stderr)
+        return 2
+    try:
+        cert_path, key_path = write_ca(args[0])
+    except OSError as exc:
+        print(f"tracing-proxy: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {cert_path} (give it to clients) and {key_path} (mode 0600, keep it secret)")
+    return 0
+
+
+def check_ca(settings: Settings) -> None:
+    """With --intercept, the CA must load before we listen: exit 2 naming the setting if not."""
+    if not settings.intercept:
+        return
+    try:
+        CertificateAuthority.load(settings.ca_cert, settings.ca_key)
+    except CAError as exc:
+        sys.stderr.write(config.error_line(exc.setting, str(exc)))
+        sys.exit(2)
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["ca"]:
+        sys.exit(make_ca(sys.argv[2:]))
     settings = config.load_from_process()
+    check_ca(settings)
     log.configure(settings.log_format, settings.log_level)
     if not c_parser_in_use():
         print("tracing-proxy: error: aiohttp's C HTTP parser is not available", file=sys.stderr)

@@ -19,20 +19,27 @@ from proxy.observe.outcome import Observer
 from proxy.observe.spans import SpanRecorder
 from proxy.observe.tracing import pool_wait_trace_config, trace_config
 from proxy.rules import errors, headers, policy
+from proxy.rules.connect import ConnectMode
 from proxy.rules.errors import ProxyError
 from proxy.rules.hostpatterns import HostPatterns
 from proxy.rules.request_id import new_request_id
-from proxy.rules.target import TargetError, absolute_target, forward_target
-from proxy.tls.contexts import upstream_context
+from proxy.rules.target import TargetError, absolute_target, forward_target, inner_target
+from proxy.tls.certs import CertificateAuthority
+from proxy.tls.contexts import ServerContexts, upstream_context
+from proxy.tls.intercept import Inspector, InterceptPolicy
 from proxy.wire import obs_text
 from proxy.wire.forwarding import SKIP_AUTO_HEADERS, Forwarder, strip_added_defaults
 from proxy.wire.guard import CheckedConnector, CheckedResolver, ClientGate, Denial
+from proxy.wire.inner import InnerStream
 from proxy.wire.interim import Continue, InterimResponse, defer_expectation
+from proxy.wire.limits import inner_stream
 from proxy.wire.tunnelling import (
     Relays,
     SessionResolver,
+    StreamInspector,
     Tunneller,
     TunnelObserver,
+    TunnelRecord,
     TunnelTargetError,
     tunnel_target,
 )
@@ -79,6 +86,11 @@ GATE: Final = web.AppKey("gate", ClientGate)
 OWN_ADDRESSES: Final = web.AppKey("own_addresses", policy.OwnAddresses)
 SPANS: Final = web.AppKey("spans", SpanRecorder)  # present only when spans are exported
 UPGRADE: Final = web.AppKey("upgrade_to_https", HostPatterns)
+INTERCEPT: Final = web.AppKey("intercept", InterceptPolicy)
+INSPECTOR: Final = web.AppKey("inspector", Inspector)
+
+# A request line's bytes beside its target: method, spaces, version, CRLF.
+_REQUEST_LINE_FRAME: Final = 32
 
 NOT_A_PROXY_REQUEST: Final = ProxyError(
     400,
@@ -199,9 +211,12 @@ async def dispatch(request: web.Request, handler: Any) -> web.StreamResponse:
 
 
 async def _dispatch(request: web.Request, handler: Any, expect: Continue) -> web.StreamResponse:
-    url = absolute_target(request)
+    # On a stream inside a CONNECT (proxy.tls.intercept) every request is forwarded to the
+    # CONNECT's target; its proxy credentials were checked on the CONNECT.
+    stream = inner_stream(request)
+    url = absolute_target(request) if stream is None else request._message.url
     proxied = url is not None or request.method == "CONNECT"
-    denial = request.app[GATE](request, proxied=proxied)
+    denial = request.app[GATE](request, proxied=proxied and stream is None)
     if denial is not None:
         return _deny(request, denial)
     if not proxied:
@@ -214,7 +229,10 @@ async def _dispatch(request: web.Request, handler: Any, expect: Continue) -> web
         return _reject(request, SHUTTING_DOWN, "shutting_down", close=True)
     lifecycle.enter()  # tunnels count too: the drain waits for them
     try:
-        response = await (_tunnel(request) if url is None else _forward(request, url, expect))
+        if url is None:
+            response = await _tunnel(request)
+        else:
+            response = await _forward(request, url, expect, stream)
     finally:
         lifecycle.leave()
     if lifecycle.draining:
@@ -223,24 +241,50 @@ async def _dispatch(request: web.Request, handler: Any, expect: Continue) -> web
     return response
 
 
-async def _forward(request: web.Request, url: URL, expect: Continue) -> web.StreamResponse:
+async def _forward(
+    request: web.Request, url: URL, expect: Continue, stream: InnerStream | None
+) -> web.StreamResponse:
     version = (request.version.major, request.version.minor)
     websocket = headers.websocket_handshake(request.method, version, request.raw_headers)
     try:
-        target = forward_target(url, request.app[UPGRADE], websocket=websocket)
+        if stream is None:
+            target = forward_target(url, request.app[UPGRADE], websocket=websocket)
+        else:
+            target = inner_target(stream.origin, url, websocket=websocket)
     except TargetError as exc:
         return _reject(request, BAD_TARGET.with_text(str(exc)), exc.reason)
     return await request.app[FORWARDER](request, target, expect)
 
 
 async def _tunnel(request: web.Request) -> web.StreamResponse:
+    settings = request.app[SETTINGS]
     try:
         # For CONNECT the raw target is the authority-form host:port (RFC 9112 §3.2.3).
-        target = tunnel_target(request.raw_path, request.app[SETTINGS].connect_ports)
+        target = tunnel_target(
+            request.raw_path, settings.connect_ports, settings.connect_http_ports
+        )
     except TunnelTargetError as exc:
         # Closed: what a client sends after a refused CONNECT is not HTTP.
         return _reject(request, exc.error, exc.reason, close=True, details=exc.details)
-    return await request.app[TUNNELLER](request, target)
+    return await request.app[TUNNELLER](request, target, request.app[INTERCEPT].mode(target))
+
+
+def _counted_by_requests(inspector: Inspector) -> StreamInspector:
+    """While a stream inside a CONNECT is served, its requests count as in flight, not it.
+
+    An idle intercepted keep-alive connection must not hold the drain up; its in-flight
+    request does, through dispatch.
+    """
+
+    async def inspect(request: web.Request, record: TunnelRecord, mode: ConnectMode) -> None:
+        lifecycle = request.app[LIFECYCLE]
+        lifecycle.leave()
+        try:
+            await inspector(request, record, mode)
+        finally:
+            lifecycle.enter()
+
+    return inspect
 
 
 _LOCAL_PATHS: Final = frozenset(path for path, _ in LOCAL_ROUTES)
@@ -342,6 +386,7 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
         connect_timeout=settings.connect_timeout,
         idle_timeout=settings.tunnel_idle_timeout,
         spans=app.get(SPANS),
+        inspector=_counted_by_requests(app[INSPECTOR]),
     )
     try:
         yield
@@ -361,8 +406,12 @@ def build_proxy_app(
     lifecycle: Lifecycle,
     own_addresses: policy.OwnAddresses,
     spans: SpanRecorder | None = None,
+    ca: CertificateAuthority | None = None,
 ) -> web.Application:
-    """The proxy listener's app; ``own_addresses`` is filled in once the listeners are bound."""
+    """The proxy listener's app; ``own_addresses`` is filled in once the listeners are bound.
+
+    ``ca`` signs the certificates of intercepted hosts; without it nothing is intercepted.
+    """
     obs_text.install()  # field values and reason phrases leave byte for byte
     app = web.Application(middlewares=[dispatch], handler_args={"auto_decompress": False})
     app[SETTINGS] = settings
@@ -374,6 +423,21 @@ def build_proxy_app(
     if spans is not None:
         app[SPANS] = spans
     app[UPGRADE] = HostPatterns(settings.upgrade_to_https)
+    app[INTERCEPT] = InterceptPolicy(
+        HostPatterns(settings.intercept),
+        enabled=ca is not None,
+        connect_ports=settings.connect_ports,
+        http_ports=settings.connect_http_ports,
+        splice_seconds=settings.intercept_splice_seconds,
+    )
+    app[INSPECTOR] = Inspector(
+        ServerContexts(ca) if ca is not None else None,
+        app[INTERCEPT],
+        metrics,
+        app[LOGGER],
+        head_limit=settings.max_request_target_length + _REQUEST_LINE_FRAME,
+        head_timeout=settings.request_header_timeout,
+    )
     credentials = (settings.proxy_auth,) if settings.proxy_auth is not None else ()
     app[GATE] = ClientGate(
         policy.Rules.parse(settings.allow_clients),

@@ -99,6 +99,11 @@ class Settings:
     otlp_export_timeout: float = 10.0
     upgrade_to_https: tuple[str, ...] = ()
     upstream_ca_file: str = ""
+    connect_http_ports: tuple[int, ...] = (80,)
+    intercept: tuple[str, ...] = ()
+    ca_cert: str = ""
+    ca_key: str = ""
+    intercept_splice_seconds: float = 300.0
 
 
 class SettingError(ValueError):
@@ -277,6 +282,11 @@ def parse_ca_file(path: str) -> str:
     except (OSError, ssl.SSLError) as exc:
         raise SettingError(f"cannot load CA certificates from {path!r}: {exc}") from None
     return path
+
+
+def parse_path(text: str) -> str:
+    """A file path; read later (``proxy.tls.certs`` checks the CA), empty means none."""
+    return text.strip()
 
 
 def parse_buckets(text: str) -> tuple[float, ...]:
@@ -573,6 +583,26 @@ OPTIONS: tuple[Option, ...] = (
         empty="(system store only)",
     ),
     Option(
+        "connect_http_ports",
+        parse_ports,
+        "ports CONNECT may reach only to carry plain HTTP, served as forwarded requests",
+        "PORT,...",
+    ),
+    Option(
+        "intercept",
+        parse_host_patterns,
+        "CONNECT hosts whose TLS is terminated with a minted certificate (names, *.domain)",
+        "HOST,...",
+    ),
+    Option("ca_cert", parse_path, "CA certificate that signs minted certificates", "PATH"),
+    Option("ca_key", parse_path, "that CA's private key (mode 0600)", "PATH"),
+    Option(
+        "intercept_splice_seconds",
+        parse_seconds,
+        "after a client rejects a minted certificate, seconds its host is only tunnelled",
+        "SECONDS",
+    ),
+    Option(
         "otlp_endpoint",
         parse_otlp_endpoint,
         "export spans over OTLP/HTTP protobuf to this URL (no path: /v1/traces is added); "
@@ -664,7 +694,7 @@ def load(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
         try:
             values[option.field] = option.parse(raw)
         except SettingError as exc:
-            parser.exit(2, f"{parser.prog}: error: {option.flag} ({option.env}): {exc}\n")
+            parser.exit(2, error_line(option.field, str(exc)))
     for field, env, parse in STANDARD_ENV:
         raw = environ.get(env)
         if field in values or raw is None or (field == "otlp_endpoint" and not raw.strip()):
@@ -673,7 +703,18 @@ def load(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
             values[field] = parse(raw)
         except SettingError as exc:
             parser.exit(2, f"{parser.prog}: error: {env}: {exc}\n")
-    return Settings(**values)
+    settings = Settings(**values)
+    if settings.intercept:
+        for field in ("ca_cert", "ca_key"):
+            if not getattr(settings, field):
+                parser.exit(2, error_line(field, "--intercept needs a CA (tracing-proxy ca DIR)"))
+    return settings
+
+
+def error_line(field: str, message: str) -> str:
+    """The one line a bad setting exits with: the flag, its environment twin, what is wrong."""
+    row = option(field)
+    return f"tracing-proxy: error: {row.flag} ({row.env}): {message}\n"
 
 
 def load_from_process() -> Settings:

@@ -23,6 +23,7 @@ from proxy.observe.metrics import HostLabelLimits, Metrics
 from proxy.observe.spans import SpanQueue, SpanRecorder, TraceIdRatio
 from proxy.rules.hostpatterns import HostPatterns
 from proxy.rules.policy import OwnAddresses
+from proxy.tls.certs import CertificateAuthority
 from proxy.wire.limits import ClientLimits, GuardedRunner, ListenerGuard
 from proxy.wire.otlp import SpanExporter
 
@@ -78,6 +79,12 @@ class ProxyServer:
         try:
             if settings.otlp_endpoint is not None:
                 await self._start_spans(settings.otlp_endpoint)
+            # main() has checked the CA already; a caller that has not gets CAError here.
+            ca = (
+                CertificateAuthority.load(settings.ca_cert, settings.ca_key)
+                if settings.intercept
+                else None
+            )
             proxy_app = build_proxy_app(
                 settings,
                 self.registry,
@@ -85,6 +92,7 @@ class ProxyServer:
                 self.lifecycle,
                 self.own_addresses,
                 self.spans,
+                ca,
             )
             limits = ClientLimits.from_settings(settings)
             guard = self._guard = ListenerGuard(

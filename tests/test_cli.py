@@ -7,10 +7,12 @@ import json
 import os
 import signal
 import socket
+import stat
 import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -201,3 +203,74 @@ async def test_help_shows_each_default_once() -> None:
     assert process.returncode == 0
     assert " ".join(text.split()).count("(default: ") == len(OPTIONS)
     assert not [option.flag for option in OPTIONS if "(default" in option.help]
+
+
+# -- tracing-proxy ca DIR, and the CA settings -------------------------------------------------
+
+
+async def _run(*args: str) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "proxy",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=flags_only_environment(),
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_ca_command_writes_a_ca_and_refuses_to_overwrite(tmp_path: Path) -> None:
+    """`tracing-proxy ca DIR` writes ca.pem and a 0600 ca-key.pem; a second run changes nothing."""
+    folder = tmp_path / "ca"
+    code, out, _ = await _run("ca", str(folder))
+    assert code == 0
+    key = folder / "ca-key.pem"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert (folder / "ca.pem").read_bytes().startswith(b"-----BEGIN CERTIFICATE-----")
+    assert "PRIVATE" not in out
+    before = key.read_bytes()
+    code, _, err = await _run("ca", str(folder))
+    assert code == 1
+    assert "already exists" in err
+    assert key.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("fault", "flag"),
+    [
+        ("no_ca", "--ca-cert (PROXY_CA_CERT)"),
+        ("key_world_readable", "--ca-key (PROXY_CA_KEY)"),
+        ("key_unreadable", "--ca-key (PROXY_CA_KEY)"),
+        ("cert_garbage", "--ca-cert (PROXY_CA_CERT)"),
+        ("key_garbage", "--ca-key (PROXY_CA_KEY)"),
+    ],
+)
+async def test_intercept_with_a_bad_ca_exits_2_naming_the_setting(
+    tmp_path: Path, fault: str, flag: str
+) -> None:
+    """Each CA fault stops the CLI with exit 2 and one line; no key material in it."""
+    folder = tmp_path / "ca"
+    assert (await _run("ca", str(folder)))[0] == 0
+    cert, key = folder / "ca.pem", folder / "ca-key.pem"
+    secret = key.read_bytes()
+    args = ["--intercept", "api.example", "--ca-cert", str(cert), "--ca-key", str(key)]
+    if fault == "no_ca":
+        args = args[:2]
+    elif fault == "key_world_readable":
+        key.chmod(0o644)
+    elif fault == "key_unreadable":
+        key.unlink()
+    elif fault == "cert_garbage":
+        cert.write_text("garbage\n")
+    elif fault == "key_garbage":
+        key.write_bytes(secret.replace(b"\n", b"\n!", 2))
+    code, _, err = await _run(*args)
+    assert code == 2
+    assert err.strip().count("\n") == 0
+    assert flag in err
+    for line in secret.splitlines()[1:-1]:
+        assert line.decode()[:16] not in err

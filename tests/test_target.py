@@ -10,7 +10,13 @@ from aiohttp import web
 from yarl import URL
 
 from proxy.rules.hostpatterns import HostPatterns
-from proxy.rules.target import TargetError, absolute_target, forward_target, host_label
+from proxy.rules.target import (
+    TargetError,
+    absolute_target,
+    forward_target,
+    host_label,
+    inner_target,
+)
 
 
 @pytest.mark.parametrize(
@@ -135,3 +141,41 @@ def test_ws_and_wss_without_a_handshake_are_refused(url: str) -> None:
     """ws:// and wss:// name WebSocket resources: only a WebSocket handshake may use them."""
     with pytest.raises(TargetError):
         forward_target(URL(url))
+
+
+@pytest.mark.parametrize(
+    ("origin", "target", "expected", "label"),
+    [
+        ("https://api.example:443", "/x?q=1", "https://api.example/x?q=1", "api.example"),
+        ("https://api.example:8443", "/", "https://api.example:8443/", "api.example:8443"),
+        ("http://h:80", "/a%20b", "http://h/a%20b", "h"),
+        ("http://h:80", "//other.example/x", "http://h//other.example/x", "h"),
+        ("http://127.0.0.1:8080", "http://127.0.0.1:8080/p", "http://127.0.0.1:8080/p", None),
+        ("http://[::1]:8080", "/p", "http://[::1]:8080/p", "[::1]:8080"),
+        ("https://h:443", "https://H/p", "https://h/p", "h"),
+    ],
+)
+def test_inner_target_goes_to_the_connect_target(
+    origin: str, target: str, expected: str, label: str | None
+) -> None:
+    """Origin-form is appended to the CONNECT's target; absolute-form must name that target."""
+    # As aiohttp's parser builds them: origin-form is a path, never an authority.
+    url = (
+        URL(target)
+        if "://" in target
+        else URL.build(
+            path=target.partition("?")[0], query_string=target.partition("?")[2], encoded=True
+        )
+    )
+    result = inner_target(URL(origin), url)
+    assert str(result.url) == expected
+    assert result.url.host == URL(origin).host
+    if label is not None:
+        assert result.host == label
+
+
+@pytest.mark.parametrize("target", ["http://other.example/x", "http://h:81/x", "*"])
+def test_inner_target_refuses_another_target(target: str) -> None:
+    """A request inside a CONNECT to h:80 may not name another host, another port, or '*'."""
+    with pytest.raises(TargetError):
+        inner_target(URL("http://h:80"), URL(target))

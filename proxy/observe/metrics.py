@@ -83,6 +83,7 @@ class HostStats:
         "dns_hit",
         "dns_miss",
         "errors",
+        "intercept_failures",
         "last_used",
         "queue",
         "requests",
@@ -113,6 +114,7 @@ class HostStats:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.tunnels: dict[str, int] = {}  # by outcome
+        self.intercept_failures: dict[str, int] = {}  # client TLS handshakes failed, by reason
         self.tunnel_seconds = Histogram(TUNNEL_BUCKETS)
         self.tunnel_bytes_sent = 0  # client -> upstream
         self.tunnel_bytes_received = 0  # upstream -> client
@@ -374,7 +376,7 @@ class _Collector(Collector):
     def _tunnel_families(self, items: list[tuple[str, HostStats]]) -> Iterator[Metric]:
         outcomes = CounterMetricFamily(
             "proxy_tunnels",
-            "Finished CONNECT tunnels by outcome (failed: never established).",
+            "Finished CONNECTs by outcome (failed: never established; intercepted, http: served).",
             labels=["host", "outcome"],
         )
         seconds = HistogramMetricFamily(
@@ -387,7 +389,14 @@ class _Collector(Collector):
             "Bytes relayed through tunnels: sent is client to upstream, received the reverse.",
             labels=["host", "direction"],
         )
+        failures = CounterMetricFamily(
+            "proxy_intercept_failures",
+            "Intercepted CONNECTs whose client TLS handshake failed (unknown_ca: CA not trusted).",
+            labels=["host", "reason"],
+        )
         for host, stats in items:
+            for reason, count in sorted(stats.intercept_failures.items()):
+                failures.add_metric([host, reason], count)
             if not stats.tunnels:
                 continue  # a host only ever reached by forwarded requests
             for outcome, count in sorted(stats.tunnels.items()):
@@ -395,4 +404,4 @@ class _Collector(Collector):
             seconds.add_metric([host], stats.tunnel_seconds.cumulative(), stats.tunnel_seconds.sum)
             tunnel_bytes.add_metric([host, "sent"], stats.tunnel_bytes_sent)
             tunnel_bytes.add_metric([host, "received"], stats.tunnel_bytes_received)
-        yield from (outcomes, seconds, tunnel_bytes)
+        yield from (outcomes, seconds, tunnel_bytes, failures)

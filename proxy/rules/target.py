@@ -91,3 +91,24 @@ def forward_target(
 def _with_https(url: URL) -> URL:
     port = url.explicit_port
     return url.with_scheme("https") if port is None else url.with_scheme("https").with_port(port)
+
+
+def connect_origin(scheme: str, host: str, port: int) -> URL:
+    """``scheme://host:port`` of a CONNECT target (``host`` as dialled, IPv6 unbracketed)."""
+    return URL.build(scheme=scheme, host=host, port=port)
+
+
+def inner_target(origin: URL, url: URL, *, websocket: bool = False) -> Target:
+    """Where a request on the stream inside a CONNECT goes: always the CONNECT's target.
+
+    Origin-form (RFC 9112 §3.2.1) is resolved against ``origin``; the path is appended, never
+    joined, so ``//other/x`` stays a path. Absolute-form (§3.2.2) must name the same host and
+    port: a tunnel reaches the one target its CONNECT named (RFC 9110 §9.3.6).
+    """
+    if url.absolute:
+        if (url.host or "").lower() != origin.host or url.port != origin.port:
+            raise TargetError("inside a CONNECT, requests go to the CONNECT's target only")
+    elif not url.raw_path.startswith("/"):
+        raise TargetError("inside a CONNECT, the target must be a path")
+    full = URL(str(origin) + url.raw_path_qs, encoded=True)
+    return Target(full, host_label(full), websocket)

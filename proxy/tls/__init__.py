@@ -1,1 +1,1 @@
-"""TLS: the upstream client contexts and the connector that times handshakes apart from TCP."""
+"""TLS: upstream contexts and the timed connector; minting (``certs``, pure) and interception."""

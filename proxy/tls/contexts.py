@@ -1,16 +1,34 @@
-"""The SSLContexts the proxy dials upstreams with, built once before serving.
+"""The SSLContexts of both ends, built once: upstream (verifying) and per intercepted host.
 
-Building one reads the whole system trust store (tens of milliseconds), so it never
-happens per request; and every request passes the same object, because aiohttp keys its
-pool on the request's ``ssl`` value (a new context per request would mean a new pool).
+Building an upstream context reads the whole system trust store (tens of milliseconds), so it
+never happens per request; and every request passes the same object, because aiohttp keys
+its pool on the request's ``ssl`` value (a new context per request would mean a new pool).
+
+A server context for an intercepted host costs ~4 ms (``load_cert_chain`` reads only
+files) and its leaf ~0.3 ms to mint, so both happen once per host, not per connection; one
+leaf key serves every host.
 """
 
 from __future__ import annotations
 
+import datetime
+import os
 import ssl
+import tempfile
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Final
 
-# aiohttp's server speaks HTTP/1.x only, and so does its client: offer nothing else.
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from proxy.tls.certs import CertificateAuthority, mint_leaf
+
+# aiohttp's server and client speak HTTP/1.x only: offer nothing else (offering h2 to a
+# client made curl send HTTP/2 and fail).
 ALPN: tuple[str, ...] = ("http/1.1",)
+# A leaf is reminted once less than this much of its validity is left.
+_RENEW_BEFORE: Final = datetime.timedelta(days=1)
 
 
 def upstream_context(ca_file: str | None = None) -> ssl.SSLContext:
@@ -33,3 +51,59 @@ def check_ca_file(path: str) -> None:
     probe.load_verify_locations(cafile=path)
     if not probe.get_ca_certs():
         raise ssl.SSLError(f"no CA certificate in {path}")
+
+
+class ServerContexts:
+    """``host -> SSLContext`` presenting a leaf for ``host``, bounded to ``max_hosts`` entries."""
+
+    def __init__(
+        self,
+        ca: CertificateAuthority,
+        max_hosts: int = 1024,
+        clock: Callable[[], datetime.datetime] | None = None,
+    ) -> None:
+        self._ca = ca
+        self._max = max_hosts
+        self._clock = clock or (lambda: datetime.datetime.now(datetime.UTC))
+        self._key = ec.generate_private_key(ec.SECP256R1())
+        self._key_pem = self._key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        self._cache: OrderedDict[str, tuple[ssl.SSLContext, datetime.datetime]] = OrderedDict()
+        self.minted = 0
+
+    def __call__(self, host: str) -> ssl.SSLContext:
+        now = self._clock()
+        entry = self._cache.get(host)
+        if entry is not None and entry[1] - _RENEW_BEFORE > now:
+            self._cache.move_to_end(host)
+            return entry[0]
+        leaf = mint_leaf(self._ca, host, self._key, now)
+        context = self._build(leaf.public_bytes(serialization.Encoding.PEM))
+        self.minted += 1
+        self._cache[host] = (context, leaf.not_valid_after_utc)
+        self._cache.move_to_end(host)
+        while len(self._cache) > self._max:
+            self._cache.popitem(last=False)
+        return context
+
+    def _build(self, leaf_pem: bytes) -> ssl.SSLContext:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.set_alpn_protocols(list(ALPN))
+        # load_cert_chain takes only paths: a private directory, removed at once.
+        with tempfile.TemporaryDirectory(prefix="tracing-proxy-") as folder:
+            chain = os.path.join(folder, "chain.pem")
+            fd = os.open(chain, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as file:
+                file.write(leaf_pem + self._ca.cert_pem() + self._key_pem)
+            context.load_cert_chain(chain)
+        return context
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    def __repr__(self) -> str:
+        return f"<ServerContexts hosts={len(self._cache)}/{self._max} minted={self.minted}>"

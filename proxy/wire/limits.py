@@ -24,6 +24,7 @@ from proxy.observe.metrics import ClientStats, Refusals
 from proxy.rules import errors, headers
 from proxy.rules.errors import ProxyError
 from proxy.rules.request_id import new_request_id
+from proxy.wire.inner import InnerStream
 
 # llhttp reports too many fields as a plain BadHttpMessage; this is its text (aiohttp 3.14).
 _TOO_MANY_FIELDS: Final = "Too many headers received"
@@ -105,6 +106,13 @@ class ListenerGuard:
         self.stats.open -= 1
         self._connections.discard(connection)
 
+    def attach(self, stream: GuardedRequestHandler) -> None:
+        """A stream inside an admitted CONNECT: closed when idle at the drain, not counted."""
+        self._connections.add(stream)
+
+    def detach(self, stream: GuardedRequestHandler) -> None:
+        self._connections.discard(stream)
+
     def close_idle(self) -> int:
         """Close every keep-alive connection waiting between requests; return how many.
 
@@ -167,19 +175,36 @@ class GuardedRequestHandler(RequestHandler):
     between is ``--client-idle-timeout``'s business.
     """
 
-    def __init__(self, manager: web.Server, guard: ListenerGuard, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        manager: GuardedServer,
+        guard: ListenerGuard,
+        stream: InnerStream | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(manager, **kwargs)
+        self._server = manager
         self._guard = guard
+        # Set on a handler serving a stream inside a CONNECT; its requests go to stream.origin.
+        self.stream = stream
         self._admitted = False
         self._head_timer: asyncio.TimerHandle | None = None
         self._head_bytes = 0
 
+    def open_inner(self, stream: InnerStream) -> GuardedRequestHandler:
+        """A handler for the stream inside this connection's CONNECT (same app and limits)."""
+        return self._server.handler(stream)
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        if not self._guard.admit(self):
+        if self.stream is not None:
+            # A stream inside a CONNECT rides on a connection that was admitted already.
+            self._guard.attach(self)
+        elif not self._guard.admit(self):
             self.force_close()
             return
-        self._admitted = True
+        else:
+            self._admitted = True
         self._arm()
 
     def connection_lost(self, exc: BaseException | None) -> None:
@@ -187,6 +212,8 @@ class GuardedRequestHandler(RequestHandler):
         if self._admitted:
             self._admitted = False
             self._guard.release(self)
+        elif self.stream is not None:
+            self._guard.detach(self)
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -291,6 +318,12 @@ def _tail_lost(message: RawRequestMessage) -> bool:
     )
 
 
+def inner_stream(request: web.BaseRequest) -> InnerStream | None:
+    """The stream inside a CONNECT that ``request`` arrived on, if it came on one."""
+    protocol = request.protocol
+    return protocol.stream if isinstance(protocol, GuardedRequestHandler) else None
+
+
 def _head_size(message: RawRequestMessage) -> int:
     """The head's size on the wire, near enough: the request line, then each field line."""
     line = len(f"{message.method} {message.path} HTTP/1.1\r\n")
@@ -310,7 +343,12 @@ class GuardedServer(web.Server):
         self._handler_kwargs = kwargs
 
     def __call__(self) -> RequestHandler:
-        return GuardedRequestHandler(self, self._guard, loop=self._loop, **self._handler_kwargs)
+        return self.handler()
+
+    def handler(self, stream: InnerStream | None = None) -> GuardedRequestHandler:
+        return GuardedRequestHandler(
+            self, self._guard, stream, loop=self._loop, **self._handler_kwargs
+        )
 
 
 class GuardedRunner(web.AppRunner):

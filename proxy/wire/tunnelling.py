@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import re
-from collections.abc import Collection
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from time import perf_counter
 from typing import Any, Final, cast
@@ -27,6 +27,7 @@ from proxy.observe.outcome import milliseconds
 from proxy.observe.spans import SpanRecorder
 from proxy.observe.tracing import Timings
 from proxy.rules import errors, policy
+from proxy.rules.connect import ConnectMode
 from proxy.rules.errors import ProxyError
 from proxy.rules.request_id import TraceContext, choose_request_id, choose_trace_context
 from proxy.rules.target import host_label
@@ -67,11 +68,14 @@ _AUTHORITY: Final = re.compile(
 _DOTTED_NUMBER: Final = re.compile(r"[0-9.]+")
 
 
-def tunnel_target(authority: str, allowed_ports: Collection[int]) -> TunnelTarget:
+def tunnel_target(
+    authority: str, allowed_ports: Collection[int], http_ports: Collection[int] = ()
+) -> TunnelTarget:
     """The checked target of ``CONNECT authority``.
 
     Raises ``TunnelTargetError``: 400 for anything but host:port, 403 for a port that is
-    not in ``allowed_ports`` (RFC 9110 §9.3.6 warns against tunnels to arbitrary ports).
+    in neither ``allowed_ports`` nor ``http_ports`` (plain HTTP only; RFC 9110 §9.3.6 warns
+    against tunnels to arbitrary ports).
     """
     match = _AUTHORITY.fullmatch(authority)
     if match is None or not _valid_host(match["ipv6"], match["name"]):
@@ -79,7 +83,7 @@ def tunnel_target(authority: str, allowed_ports: Collection[int]) -> TunnelTarge
     port = int(match["port"])
     if not 0 < port < 65536:
         raise TunnelTargetError(BAD_AUTHORITY, "connect_target")
-    if port not in allowed_ports:
+    if port not in allowed_ports and port not in http_ports:
         # Name the setting: the operator's fix is there, and the client shows only this.
         allowed = ",".join(map(str, allowed_ports)) or "none"
         reason = f"CONNECT to port {port} is not allowed (--connect-ports: {allowed})"
@@ -144,6 +148,7 @@ class TunnelRecord:
         "peer",
         "relay",
         "request_id",
+        "served",
         "status",
         "target",
         "timings",
@@ -170,6 +175,7 @@ class TunnelRecord:
         self.error: ProxyError | None = None  # why the tunnel was never established
         self.exc: BaseException | None = None
         self.relay: Relay | None = None  # set once the 200 is out
+        self.served: str | None = None  # the outcome of a stream the proxy read itself
         self.duration = 0.0
         self.trace = trace  # only when spans are exported
         self.peer: tuple[str, int] | None = None  # the address dialled, for the span
@@ -181,6 +187,8 @@ class TunnelRecord:
 
     @property
     def outcome(self) -> str:
+        if self.served is not None:
+            return self.served
         if self.relay is None or self.relay.outcome is None:
             return "failed"
         return self.relay.outcome
@@ -321,8 +329,17 @@ class Relays:
         return f"<Relays open={len(self._open)}>"
 
 
+# Reads the stream of a CONNECT the proxy answered itself (``proxy.tls.intercept``).
+StreamInspector = Callable[[web.Request, TunnelRecord, ConnectMode], Awaitable[None]]
+
+
 class Tunneller:
-    """The handler for CONNECT with a checked target."""
+    """The handler for CONNECT with a checked target.
+
+    In ``ConnectMode.TUNNEL`` it dials, answers 200 and relays bytes. In the other modes it
+    checks the destination the same way (the name's every address), answers 200 without
+    dialling, and gives the stream to the ``inspector``.
+    """
 
     def __init__(
         self,
@@ -334,16 +351,20 @@ class Tunneller:
         connect_timeout: float,
         idle_timeout: float,
         spans: SpanRecorder | None = None,
+        inspector: StreamInspector | None = None,
     ) -> None:
         self._resolver = resolver
         self._relays = relays
         self._spans = spans
+        self._inspector = inspector
         self._rid_header = request_id_header
         self._pseudonym = via_pseudonym
         self._connect_timeout = connect_timeout
         self._idle_timeout = idle_timeout
 
-    async def __call__(self, request: web.Request, target: TunnelTarget) -> web.StreamResponse:
+    async def __call__(
+        self, request: web.Request, target: TunnelTarget, mode: ConnectMode = ConnectMode.TUNNEL
+    ) -> web.StreamResponse:
         start = perf_counter()
         request_id = choose_request_id(request.headers.get(self._rid_header))
         spans = self._spans
@@ -354,7 +375,7 @@ class Tunneller:
         )
         record = TunnelRecord(request.remote, target, request_id, Timings(start), trace)
         try:
-            return await self._tunnel(request, record)
+            return await self._tunnel(request, record, mode)
         finally:
             record.duration = perf_counter() - start
             self._relays.record(record)
@@ -377,7 +398,9 @@ class Tunneller:
         """Shutdown: end every open tunnel and WebSocket now."""
         self._relays.close_all()
 
-    async def _tunnel(self, request: web.Request, record: TunnelRecord) -> web.StreamResponse:
+    async def _tunnel(
+        self, request: web.Request, record: TunnelRecord, mode: ConnectMode
+    ) -> web.StreamResponse:
         target = record.target
         if policy.via_loops(request.headers.getall("Via", ()), self._pseudonym):
             loop = policy.LoopDetected(f"Via already holds {self._pseudonym}")
@@ -387,6 +410,8 @@ class Tunneller:
         except Exception as exc:
             record.timings.settle(perf_counter())  # a failed lookup is timed too
             return self._fail(record, errors.classify(exc, errors.LOOKUP), exc)
+        if mode is not ConnectMode.TUNNEL and self._inspector is not None:
+            return await self._answer_and_inspect(request, record, mode)
         relay = Relay(self._idle_timeout)
         try:
             record.peer = await self._dial(addresses, relay, record.timings)
@@ -394,9 +419,10 @@ class Tunneller:
             return self._fail(record, errors.classify(exc, errors.DIAL), exc)
         return await self._answer_and_relay(request, relay, record)
 
-    async def _answer_and_relay(
-        self, request: web.Request, relay: Relay, record: TunnelRecord
-    ) -> web.StreamResponse:
+    async def _answer(
+        self, request: web.Request, record: TunnelRecord
+    ) -> tuple[web.StreamResponse, asyncio.Transport] | web.Response:
+        """Send the 200; the failure response instead if the client has gone."""
         response = web.StreamResponse(status=200, reason="Connection Established")
         response.headers[self._rid_header] = record.request_id
         transport = request.transport
@@ -405,9 +431,28 @@ class Tunneller:
                 raise ConnectionResetError("the client has gone")
             await response.prepare(request)
         except ConnectionError as exc:
-            relay.close("error")
             return self._fail(record, errors.CLIENT_DISCONNECTED, exc)
         response.force_close()  # only after prepare: before, the 200 would say Connection: close
+        return response, transport
+
+    async def _answer_and_inspect(
+        self, request: web.Request, record: TunnelRecord, mode: ConnectMode
+    ) -> web.StreamResponse:
+        assert self._inspector is not None
+        answered = await self._answer(request, record)
+        if isinstance(answered, web.Response):
+            return answered
+        await self._inspector(request, record, mode)
+        return answered[0]
+
+    async def _answer_and_relay(
+        self, request: web.Request, relay: Relay, record: TunnelRecord
+    ) -> web.StreamResponse:
+        answered = await self._answer(request, record)
+        if isinstance(answered, web.Response):
+            relay.close("error")
+            return answered
+        response, transport = answered
         await self._relays.run(request, transport, relay, record)
         return response
 

@@ -1,0 +1,75 @@
+"""What the proxy does with a CONNECT, and what the first bytes of a tunnel are (no I/O here).
+
+A CONNECT (RFC 9110 §9.3.6) is opaque by default. Two cases are opened up:
+- a host in ``--intercept``: the proxy answers 200 itself and reads the stream: a TLS
+  ClientHello is terminated with a minted certificate, an HTTP/1.x request line is served
+  as plain forwarded requests;
+- a port in ``--connect-http-ports`` (default 80) but not in ``--connect-ports``: the stream
+  may carry plain HTTP only, which is no riskier than forwarding ``http://`` to that port;
+  anything else on it is closed.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Collection
+from enum import Enum
+from typing import Final
+
+
+class ConnectMode(Enum):
+    TUNNEL = "tunnel"  # dial, answer 200, relay bytes untouched
+    INSPECT = "inspect"  # answer 200, then TLS -> intercept, HTTP -> serve, else close
+    HTTP_ONLY = "http_only"  # answer 200, then HTTP -> serve, else close
+    REFUSE = "refuse"  # 403: the port is not allowed
+
+
+def connect_mode(
+    *,
+    intercepted: bool,
+    port: int,
+    connect_ports: Collection[int],
+    http_ports: Collection[int],
+) -> ConnectMode:
+    """The table: interception needs a port CONNECT may reach at all."""
+    if port in connect_ports:
+        return ConnectMode.INSPECT if intercepted else ConnectMode.TUNNEL
+    if port in http_ports:
+        return ConnectMode.HTTP_ONLY
+    return ConnectMode.REFUSE
+
+
+class Opening(Enum):
+    TLS = "tls"
+    HTTP = "http"
+    OTHER = "other"
+
+
+# RFC 8446 §5.1: a record of type handshake (22), then a 3.x legacy record version.
+_TLS_HANDSHAKE: Final = 0x16
+# RFC 9112 §3: method SP request-target SP HTTP-version; methods are tokens (RFC 9110 §9.1).
+_REQUEST_LINE: Final = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ [\x21-\x7e]+ HTTP/1\.[01]\r?\n")
+# What a request line may look like before its end has arrived (a loose superset).
+_LINE_SO_FAR: Final = re.compile(
+    rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+(?: [\x21-\x7e]*(?: [HTP/.01]{0,8}\r?)?)?"
+)
+
+
+def classify_opening(data: bytes, limit: int) -> Opening | None:
+    """What a stream's first bytes start; None while more bytes are needed to tell.
+
+    ``limit`` bounds the request line (``--max-request-target-length`` plus its frame):
+    past it, or on a byte that cannot belong to a request line, the answer is OTHER.
+    """
+    if not data:
+        return None
+    if data[0] == _TLS_HANDSHAKE:
+        if len(data) < 2:
+            return None
+        return Opening.TLS if data[1] == 3 else Opening.OTHER
+    line_end = data.find(b"\n")
+    if line_end >= 0:
+        return Opening.HTTP if _REQUEST_LINE.fullmatch(data[: line_end + 1]) else Opening.OTHER
+    if len(data) > limit or not _LINE_SO_FAR.fullmatch(data):
+        return Opening.OTHER
+    return None

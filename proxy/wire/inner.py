@@ -1,0 +1,146 @@
+"""HTTP served on the stream inside a CONNECT: read its first bytes, then hand it to aiohttp.
+
+After the proxy has answered a CONNECT itself, the client connection no longer belongs to
+the CONNECT's ``RequestHandler``. ``Opener`` reads the first bytes (to tell a TLS ClientHello
+from an HTTP/1.x request line) and stops reading; ``HandOver`` then carries every event to a
+second ``RequestHandler`` serving that stream, plain or over TLS, and the lost connection back
+to the first one. The CONNECT handler must keep awaiting ``HandOver.closed``: once it returns,
+aiohttp closes the connection under the stream (tls-facts, Q1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import cast
+
+from aiohttp.http import WebSocketReader
+from aiohttp.web_protocol import RequestHandler
+from yarl import URL
+
+from proxy.rules.connect import Opening, classify_opening
+
+
+@dataclass(frozen=True, slots=True)
+class InnerStream:
+    """A stream inside a CONNECT: every request on it goes to ``origin``."""
+
+    origin: URL  # scheme://host:port of the CONNECT target ("https" once TLS is terminated)
+    connect_id: str  # the CONNECT's request id, for the log
+
+    def __repr__(self) -> str:
+        return f"<InnerStream {self.origin}>"
+
+
+class Opener(asyncio.Protocol):
+    """Collects a stream's first bytes until ``classify_opening`` can tell what they start.
+
+    It is also the payload sink for ``RequestHandler.set_parser``, which flushes the bytes
+    that arrived behind the CONNECT head (a client that did not wait for the 200).
+    """
+
+    def __init__(self, transport: asyncio.Transport, limit: int) -> None:
+        self._transport = transport
+        self._limit = limit
+        self._server_protocol: asyncio.BaseProtocol | None = None
+        self.data = bytearray()
+        self.opening: asyncio.Future[Opening] = asyncio.get_running_loop().create_future()
+
+    def take_over(self, server_protocol: RequestHandler) -> None:
+        """Become the connection's protocol; the bytes aiohttp kept come first."""
+        self._server_protocol = server_protocol
+        self._transport.set_protocol(self)
+        # set_parser is typed for aiohttp's WebSocket reader; it only calls feed_data/feed_eof.
+        server_protocol.set_parser(cast(WebSocketReader, self))
+
+    def data_received(self, data: bytes) -> None:
+        if self.opening.done():
+            return  # cannot happen: reading stops at the verdict
+        self.data += data
+        verdict = classify_opening(bytes(self.data), self._limit)
+        if verdict is not None:
+            self._transport.pause_reading()  # the rest is for whoever serves the stream
+            self.opening.set_result(verdict)
+
+    def eof_received(self) -> bool:
+        self._settle()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._settle()
+        if self._server_protocol is not None:  # its bookkeeping (connection count) ends too
+            self._server_protocol.connection_lost(exc)
+
+    def _settle(self) -> None:
+        if not self.opening.done():
+            self.opening.set_result(Opening.OTHER)
+
+    def feed_data(self, data: bytes) -> tuple[bool, bytes]:
+        self.data_received(data)
+        return False, b""  # (not at EOF, no unparsed tail)
+
+    def feed_eof(self) -> None:
+        """The server protocol's connection_lost: already seen through connection_lost."""
+
+    def __repr__(self) -> str:
+        return f"<Opener bytes={len(self.data)} done={self.opening.done()}>"
+
+
+class HandOver(asyncio.Protocol):
+    """The stream's protocol: events go to the inner handler once attached, buffered until then.
+
+    Buffering matters for TLS: the handshake's last flight can carry the first request,
+    which reaches this protocol before ``loop.start_tls`` has returned (tls-facts, Q1).
+    """
+
+    def __init__(self, server_protocol: asyncio.BaseProtocol) -> None:
+        self._server_protocol = server_protocol  # the CONNECT's handler, told of the close
+        self._inner: asyncio.Protocol | None = None
+        self._pending: list[bytes] = []
+        self._eof = False
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def attach(self, inner: asyncio.Protocol, transport: asyncio.Transport, early: bytes) -> None:
+        """Start ``inner`` on ``transport`` and give it ``early`` plus what was buffered."""
+        inner.connection_made(transport)
+        self._inner = inner
+        for chunk in (early, *self._pending):
+            if chunk:
+                inner.data_received(chunk)
+        self._pending.clear()
+        if self._eof:
+            inner.eof_received()
+
+    def data_received(self, data: bytes) -> None:
+        if self._inner is None:
+            self._pending.append(data)
+        else:
+            self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        if self._inner is None:
+            self._eof = True
+            return True
+        return self._inner.eof_received()
+
+    def pause_writing(self) -> None:
+        if self._inner is not None:
+            self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._inner is not None:
+            self._inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Also called by the proxy itself after a failed handshake; runs once."""
+        if self.closed.done():
+            return
+        try:
+            if self._inner is not None:
+                self._inner.connection_lost(exc)
+            self._server_protocol.connection_lost(exc)
+        finally:
+            self.closed.set_result(None)
+
+    def __repr__(self) -> str:
+        return f"<HandOver inner={self._inner!r} closed={self.closed.done()}>"

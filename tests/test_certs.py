@@ -1,0 +1,240 @@
+"""The CA and the leaves it mints: strict verifiers accept them, without any socket."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import ipaddress
+import os
+import ssl
+import stat
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from proxy.tls.certs import (
+    CAError,
+    CertificateAuthority,
+    mint_leaf,
+    subject_alt_name,
+    write_ca,
+)
+from proxy.tls.contexts import ServerContexts
+
+
+def strict_client(ca: CertificateAuthority) -> ssl.SSLContext:
+    """What Python 3.13 builds by default: the system's checks plus VERIFY_X509_STRICT."""
+    context = ssl.create_default_context(cadata=ca.cert_pem().decode())
+    context.verify_flags |= ssl.VERIFY_X509_STRICT
+    return context
+
+
+def handshake(client: ssl.SSLContext, server: ssl.SSLContext, name: str | None) -> ssl.SSLObject:
+    """A full TLS handshake over memory BIOs; returns the client's end."""
+    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
+    hostname = name
+    if name is not None and name.startswith("["):
+        hostname = name.strip("[]")
+    c = client.wrap_bio(c_in, c_out, server_hostname=hostname)
+    s = server.wrap_bio(s_in, s_out, server_side=True)
+    for _ in range(10):
+        for end in (c, s):
+            with contextlib.suppress(ssl.SSLWantReadError):
+                end.do_handshake()
+        s_in.write(c_out.read())
+        c_in.write(s_out.read())
+        try:
+            c.do_handshake()
+            s.do_handshake()
+        except ssl.SSLWantReadError:
+            continue
+        return c
+    raise AssertionError("handshake did not finish")
+
+
+@pytest.fixture(scope="module")
+def ca() -> CertificateAuthority:
+    return CertificateAuthority.create()
+
+
+def test_ca_has_what_strict_verifiers_demand(ca: CertificateAuthority) -> None:
+    """CA:TRUE critical, keyUsage keyCertSign critical, a subject key identifier, P-256."""
+    ext = ca.cert.extensions
+    constraints = ext.get_extension_for_class(x509.BasicConstraints)
+    assert constraints.critical
+    assert constraints.value.ca
+    usage = ext.get_extension_for_class(x509.KeyUsage)
+    assert usage.critical
+    assert usage.value.key_cert_sign
+    ext.get_extension_for_class(x509.SubjectKeyIdentifier)
+    assert isinstance(ca.key.curve, ec.SECP256R1)
+
+
+@pytest.mark.parametrize(
+    ("host", "expected"),
+    [
+        ("api.example.com", x509.DNSName("api.example.com")),
+        ("API.Example.com.", x509.DNSName("api.example.com")),
+        ("127.0.0.1", x509.IPAddress(ipaddress.ip_address("127.0.0.1"))),
+        ("::1", x509.IPAddress(ipaddress.ip_address("::1"))),
+        ("[::1]", x509.IPAddress(ipaddress.ip_address("::1"))),
+    ],
+)
+def test_subject_alt_name_is_dns_or_ip(host: str, expected: x509.GeneralName) -> None:
+    """IP literals get an iPAddress entry (clients match IPs only there), names a dNSName."""
+    assert subject_alt_name(host) == expected
+
+
+@pytest.mark.parametrize("host", ["localhost", "api.example.com", "127.0.0.1", "[::1]"])
+def test_minted_leaf_passes_a_strict_verifier(ca: CertificateAuthority, host: str) -> None:
+    """A handshake against the minted leaf verifies with VERIFY_X509_STRICT and the right name."""
+    end = handshake(strict_client(ca), ServerContexts(ca)(host), host)
+    assert end.selected_alpn_protocol() is None  # the client offered none
+    peer = end.getpeercert()
+    assert peer is not None
+    assert peer["subjectAltName"]
+
+
+def test_leaf_has_key_identifiers_and_server_auth(ca: CertificateAuthority) -> None:
+    """AKI names the CA's SKI; basicConstraints critical CA:FALSE; EKU serverAuth only."""
+    leaf = mint_leaf(ca, "h.example", ec.generate_private_key(ec.SECP256R1()))
+    ext = leaf.extensions
+    aki = ext.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    assert aki.key_identifier == ca.subject_key_identifier.digest
+    constraints = ext.get_extension_for_class(x509.BasicConstraints)
+    assert constraints.critical
+    assert not constraints.value.ca
+    eku = ext.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(eku) == [x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]
+    assert leaf.issuer == ca.cert.subject
+
+
+def test_leaf_for_another_name_is_rejected(ca: CertificateAuthority) -> None:
+    """The verifier still checks names: a leaf for a.example does not pass for b.example."""
+    with pytest.raises(ssl.SSLCertVerificationError, match="mismatch"):
+        handshake(strict_client(ca), ServerContexts(ca)("a.example"), "b.example")
+
+
+def test_another_ca_is_not_trusted(ca: CertificateAuthority) -> None:
+    """A client that trusts a different CA rejects the minted leaf."""
+    with pytest.raises(ssl.SSLCertVerificationError):
+        handshake(strict_client(CertificateAuthority.create()), ServerContexts(ca)("h"), "h")
+
+
+def test_server_offers_http11_only(ca: CertificateAuthority) -> None:
+    """ALPN: a client offering h2 and http/1.1 gets http/1.1 (aiohttp serves no HTTP/2)."""
+    client = strict_client(ca)
+    client.set_alpn_protocols(["h2", "http/1.1"])
+    assert handshake(client, ServerContexts(ca)("h"), "h").selected_alpn_protocol() == "http/1.1"
+
+
+def test_contexts_are_cached_and_bounded(ca: CertificateAuthority) -> None:
+    """One context per host, reused; past the bound the least recently used is dropped."""
+    contexts = ServerContexts(ca, max_hosts=2)
+    a = contexts("a")
+    assert contexts("a") is a
+    contexts("b")
+    contexts("a")  # a is now the most recent
+    contexts("c")  # evicts b
+    assert len(contexts) == 2
+    assert contexts.minted == 3
+    assert contexts("a") is a
+    contexts("b")
+    assert contexts.minted == 4
+
+
+def test_leaf_is_reminted_near_its_expiry(ca: CertificateAuthority) -> None:
+    """A cached leaf with less than a day left is replaced by a fresh one."""
+    now = [datetime.datetime.now(datetime.UTC)]
+    contexts = ServerContexts(ca, clock=lambda: now[0])
+    first = contexts("h")
+    now[0] += datetime.timedelta(days=29, hours=1)
+    assert contexts("h") is not first
+
+
+def test_write_ca_files_and_modes(tmp_path: Path, ca: CertificateAuthority) -> None:
+    """ca.pem and ca-key.pem are written, the key 0600, and load back as the same CA."""
+    cert_path, key_path = write_ca(str(tmp_path / "ca"), ca)
+    assert stat.S_IMODE(os.stat(key_path).st_mode) == 0o600
+    loaded = CertificateAuthority.load(str(cert_path), str(key_path))
+    assert loaded.cert == ca.cert
+    assert loaded.key.private_numbers() == ca.key.private_numbers()
+
+
+def test_write_ca_refuses_to_overwrite(tmp_path: Path) -> None:
+    """A second run on the same directory raises and leaves the files as they were."""
+    _cert_path, key_path = write_ca(str(tmp_path))
+    before = key_path.read_bytes()
+    with pytest.raises(FileExistsError):
+        write_ca(str(tmp_path))
+    assert key_path.read_bytes() == before
+
+
+def _ca_files(tmp_path: Path) -> tuple[Path, Path]:
+    return write_ca(str(tmp_path / "ca"))
+
+
+@pytest.mark.parametrize(
+    ("fault", "setting", "message"),
+    [
+        ("key_group_readable", "ca_key", "readable by others"),
+        ("key_world_readable", "ca_key", "readable by others"),
+        ("key_missing", "ca_key", "cannot read"),
+        ("cert_missing", "ca_cert", "cannot read"),
+        ("cert_garbage", "ca_cert", "no PEM certificate"),
+        ("key_garbage", "ca_key", "no unencrypted PEM private key"),
+        ("key_of_another_ca", "ca_key", "does not belong"),
+        ("cert_is_a_leaf", "ca_cert", "not a CA"),
+    ],
+)
+def test_bad_ca_names_the_setting_and_hides_the_key(
+    tmp_path: Path, fault: str, setting: str, message: str
+) -> None:
+    """Each fault raises CAError for the right setting; no key bytes in the message."""
+    cert_path, key_path = _ca_files(tmp_path)
+    secret = key_path.read_bytes()
+    if fault == "key_group_readable":
+        if os.geteuid() != 0:
+            pytest.skip("needs root to give the key another group")
+        key_path.chmod(0o640)
+        os.chown(key_path, -1, os.getegid() + 1)
+    elif fault == "key_world_readable":
+        key_path.chmod(0o604)
+    elif fault == "key_missing":
+        key_path.unlink()
+    elif fault == "cert_missing":
+        cert_path.unlink()
+    elif fault == "cert_garbage":
+        cert_path.write_bytes(b"not a certificate")
+    elif fault == "key_garbage":
+        key_path.write_bytes(secret[:60] + b"garbage" + secret[60:])
+    elif fault == "key_of_another_ca":
+        key_path.write_bytes(CertificateAuthority.create().key_pem())
+    elif fault == "cert_is_a_leaf":
+        ca = CertificateAuthority.load(str(cert_path), str(key_path))
+        leaf = mint_leaf(ca, "h", ca.key)
+        cert_path.write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    with pytest.raises(CAError) as info:
+        CertificateAuthority.load(str(cert_path), str(key_path))
+    assert info.value.setting == setting
+    assert message in str(info.value)
+    body = b"".join(secret.splitlines()[1:-1]).decode()
+    assert body[:20] not in str(info.value)
+    assert "PRIVATE KEY" not in str(info.value)
+
+
+def test_key_readable_by_our_own_group_is_accepted(tmp_path: Path) -> None:
+    """0440 with the proxy's own group (a Kubernetes Secret with fsGroup) loads."""
+    cert_path, key_path = _ca_files(tmp_path)
+    key_path.chmod(0o440)
+    os.chown(key_path, -1, os.getegid())
+    CertificateAuthority.load(str(cert_path), str(key_path))
+
+
+def test_repr_never_shows_the_key(ca: CertificateAuthority) -> None:
+    """The CA's repr names its subject only."""
+    assert "PRIVATE" not in repr(ca)
+    assert "interception CA" in repr(ca)

@@ -1,0 +1,703 @@
+"""TLS interception and plain HTTP inside CONNECT, with real clients and real TLS on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import signal
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import httpx
+import pytest
+import requests
+import trustme
+
+from benchmarks.procfs import rss_mb
+from proxy.rules.connect import ConnectMode, Opening, classify_opening, connect_mode
+from proxy.rules.hostpatterns import HostPatterns
+from proxy.tls.certs import CertificateAuthority, write_ca
+from proxy.tls.intercept import InterceptPolicy, failure_reason
+from proxy.wire.tunnelling import tunnel_target
+from tests.conftest import LogCapture, Origin, RunningProxy, pattern, read_head
+from tests.test_cli import start_cli
+from tests.test_forwarding import curl
+from tests.test_limits import until
+from tests.test_tunnelling import open_tunnel
+from tests.tls import TLSOrigin, server_context, tls_origin
+
+StartProxy = Callable[..., Awaitable[RunningProxy]]
+MIB = 1 << 20
+
+
+@dataclass
+class CAFiles:
+    ca: CertificateAuthority
+    cert: str
+    key: str
+
+    def client_context(self) -> ssl.SSLContext:
+        """A client that trusts only our CA (the environment's bundles are ignored)."""
+        return ssl.create_default_context(cafile=self.cert)
+
+
+@pytest.fixture
+def ca_files(tmp_path: Path) -> CAFiles:
+    ca = CertificateAuthority.create()
+    cert, key = write_ca(str(tmp_path / "ca"), ca)
+    return CAFiles(ca, str(cert), str(key))
+
+
+@pytest.fixture
+async def secure_origin(tls_ca: trustme.CA) -> AsyncIterator[TLSOrigin]:
+    async with tls_origin(server_context(tls_ca, "localhost", "127.0.0.1")) as origin:
+        yield origin
+
+
+@pytest.fixture
+async def intercepting(
+    start_proxy: StartProxy, ca_files: CAFiles, tls_ca_file: str, secure_origin: TLSOrigin
+) -> RunningProxy:
+    """A proxy intercepting localhost and 127.0.0.1 on the TLS origin's port."""
+    return await start_proxy(
+        intercept=("localhost", "127.0.0.1"),
+        ca_cert=ca_files.cert,
+        ca_key=ca_files.key,
+        upstream_ca_file=tls_ca_file,
+        connect_ports=(secure_origin.port,),
+    )
+
+
+def access_lines(logs: LogCapture) -> list[dict[str, Any]]:
+    return logs.events("access")
+
+
+# -- real clients through interception --------------------------------------------------------
+
+
+async def test_curl_through_interception_is_a_forwarded_request(
+    intercepting: RunningProxy, ca_files: CAFiles, secure_origin: TLSOrigin, logs: LogCapture
+) -> None:
+    """curl --cacert gets the origin's answer; the proxy logs and times it as a request."""
+    url = f"https://localhost:{secure_origin.port}/echo/x?q=1"
+    code, out, err = await curl("--cacert", ca_files.cert, "-x", intercepting.url, url, url)
+    assert code == 0, err
+    assert out.count(b'"target": "/echo/x?q=1"') == 2
+    await until(lambda: len(access_lines(logs)) == 2)
+    line = access_lines(logs)[0]
+    assert (line["host"], line["path"], line["status"], line["scheme"]) == (
+        f"localhost:{secure_origin.port}",
+        "/echo/x",
+        200,
+        "https",
+    )
+    host = f"localhost:{secure_origin.port}"
+    assert intercepting.sample("proxy_upstream_ttfb_seconds_count", host=host) == 2
+    assert intercepting.sample("proxy_upstream_tls_seconds_count", host=host) == 1
+    assert len(secure_origin.peers) == 1  # two requests, one pooled upstream connection
+
+    assert intercepting.sample("proxy_tunnels_total", host=host, outcome="intercepted") == 1
+
+
+def _requests_session(proxy: RunningProxy) -> requests.Session:
+    session = requests.Session()
+    session.trust_env = False  # this machine exports REQUESTS_CA_BUNDLE (tls-facts, Q2)
+    session.proxies = {"https": proxy.url, "http": proxy.url}
+    return session
+
+
+async def test_requests_keeps_one_intercepted_connection_for_big_bodies(
+    intercepting: RunningProxy, ca_files: CAFiles, secure_origin: TLSOrigin, logs: LogCapture
+) -> None:
+    """requests (verify=our CA): 5 MiB down and up byte-exact, four requests, one CONNECT."""
+    base = f"https://localhost:{secure_origin.port}"
+    body = pattern(5 * MIB, seed=3)
+
+    def run() -> list[Any]:
+        with _requests_session(intercepting) as session:
+            small = session.get(f"{base}/echo", verify=ca_files.cert, timeout=30)
+            down = session.get(f"{base}/stream?size={5 * MIB}&cl=1", verify=ca_files.cert)
+            up = session.post(f"{base}/echo", data=body, verify=ca_files.cert, timeout=30)
+            again = session.get(f"{base}/echo", verify=ca_files.cert, timeout=30)
+            return [small.status_code, down.content, up.json(), again.status_code]
+
+    small, down, up, again = await asyncio.to_thread(run)
+    assert (small, again) == (200, 200)
+    assert hashlib.sha256(down).digest() == hashlib.sha256(pattern(5 * MIB)).digest()
+    assert (up["body_len"], up["body_sha256"]) == (len(body), hashlib.sha256(body).hexdigest())
+    host = f"localhost:{secure_origin.port}"
+    await until(lambda: len(access_lines(logs)) == 4)
+    assert [line["bytes_in"] for line in access_lines(logs)][2] == len(body)
+    await until(
+        lambda: intercepting.sample("proxy_tunnels_total", host=host, outcome="intercepted") == 1
+    )
+
+
+async def test_httpx_through_interception(
+    intercepting: RunningProxy, ca_files: CAFiles, secure_origin: TLSOrigin
+) -> None:
+    """httpx (verify=SSLContext) speaks HTTP/1.1 through it: 5 MiB both ways, keep-alive."""
+    base = f"https://localhost:{secure_origin.port}"
+    body = pattern(5 * MIB, seed=4)
+
+    def run() -> tuple[str, bytes, dict[str, Any]]:
+        with httpx.Client(
+            proxy=intercepting.url, verify=ca_files.client_context(), trust_env=False
+        ) as client:
+            first = client.get(f"{base}/echo")
+            down = client.get(f"{base}/stream?size={5 * MIB}")
+            up = client.post(f"{base}/echo", content=body)
+            return first.http_version, down.content, up.json()
+
+    version, down, up = await asyncio.to_thread(run)
+    assert version == "HTTP/1.1"
+    assert down == pattern(5 * MIB)
+    assert up["body_sha256"] == hashlib.sha256(body).hexdigest()
+    host = f"localhost:{secure_origin.port}"
+    await until(
+        lambda: intercepting.sample("proxy_tunnels_total", host=host, outcome="intercepted") == 1
+    )
+
+
+async def test_aiohttp_chunked_upload_through_interception(
+    intercepting: RunningProxy, ca_files: CAFiles, secure_origin: TLSOrigin
+) -> None:
+    """An aiohttp client's chunked upload arrives chunked and byte-exact at the TLS origin."""
+    body = pattern(MIB + 17, seed=5)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for offset in range(0, len(body), 100_000):
+            yield body[offset : offset + 100_000]
+
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"https://localhost:{secure_origin.port}/echo",
+            data=chunks(),
+            proxy=intercepting.url,
+            ssl=ca_files.client_context(),
+        ) as response,
+    ):
+        echoed = await response.json()
+    assert echoed["body_sha256"] == hashlib.sha256(body).hexdigest()
+    fields = {name.lower(): value for name, value in echoed["headers"]}
+    assert fields["transfer-encoding"] == "chunked"
+    assert "traceparent" in fields  # the proxy's per-request view reached the origin
+    assert "x-request-id" in fields
+
+
+async def test_ip_literal_without_sni_gets_an_ip_leaf(
+    intercepting: RunningProxy, ca_files: CAFiles, secure_origin: TLSOrigin
+) -> None:
+    """curl to https://127.0.0.1:PORT sends no SNI; the leaf names the IP and verifies."""
+    url = f"https://127.0.0.1:{secure_origin.port}/echo"
+    code, out, err = await curl("--cacert", ca_files.cert, "-x", intercepting.url, url, "-v")
+    assert code == 0, err
+    assert b"IP address" in err or b"127.0.0.1" in err
+    assert json.loads(out)["target"] == "/echo"
+
+
+# -- refusals and failures ---------------------------------------------------------------------
+
+
+async def test_client_that_does_not_trust_the_ca_is_counted_then_spliced(
+    intercepting: RunningProxy, tls_ca_file: str, secure_origin: TLSOrigin, logs: LogCapture
+) -> None:
+    """A client trusting only the origin's CA fails once (unknown_ca), then gets a tunnel."""
+    url = f"https://localhost:{secure_origin.port}/echo"
+    host = f"localhost:{secure_origin.port}"
+    code, _, err = await curl("--cacert", tls_ca_file, "-x", intercepting.url, url)
+    assert code == 60, err  # curl: peer certificate cannot be authenticated
+    await until(
+        lambda: (
+            intercepting.sample("proxy_intercept_failures_total", host=host, reason="unknown_ca")
+            == 1
+        )
+    )
+    (line,) = [t for t in logs.events("tunnel") if t["outcome"] == "tls_failed"]
+    assert "UNKNOWN_CA" in line["details"]
+    # The retry is spliced: the origin's own certificate reaches the client untouched.
+    code, out, err = await curl("--cacert", tls_ca_file, "-x", intercepting.url, url)
+    assert code == 0, err
+    assert json.loads(out)["target"] == "/echo"
+    await until(
+        lambda: intercepting.sample("proxy_tunnels_total", host=host, outcome="closed") == 1
+    )
+    assert not access_lines(logs)  # nothing was decrypted
+
+
+async def test_host_outside_intercept_stays_a_plain_tunnel(
+    start_proxy: StartProxy,
+    ca_files: CAFiles,
+    tls_ca_file: str,
+    secure_origin: TLSOrigin,
+    logs: LogCapture,
+) -> None:
+    """Only the listed hosts are intercepted: the others see the origin's certificate."""
+    proxy = await start_proxy(
+        intercept=("other.example",),
+        ca_cert=ca_files.cert,
+        ca_key=ca_files.key,
+        connect_ports=(secure_origin.port,),
+    )
+    url = f"https://localhost:{secure_origin.port}/echo"
+    code, out, err = await curl("--cacert", tls_ca_file, "-x", proxy.url, url)
+    assert code == 0, err
+    assert json.loads(out)["target"] == "/echo"
+    assert not access_lines(logs)
+    (line,) = await _tunnel_lines(logs)
+    assert line["outcome"] == "closed"
+
+
+async def _tunnel_lines(logs: LogCapture, count: int = 1) -> list[dict[str, Any]]:
+    await until(lambda: len(logs.events("tunnel")) >= count)
+    return logs.events("tunnel")
+
+
+class MemoryTLS:
+    """A TLS client driven by hand over an asyncio stream (to control what goes in each write)."""
+
+    def __init__(self, context: ssl.SSLContext, name: str | None) -> None:
+        self.incoming = ssl.MemoryBIO()
+        self.outgoing = ssl.MemoryBIO()
+        self.obj = context.wrap_bio(self.incoming, self.outgoing, server_hostname=name)
+
+    def client_hello(self) -> bytes:
+        with pytest.raises(ssl.SSLWantReadError):
+            self.obj.do_handshake()
+        return self.outgoing.read()
+
+    async def finish(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                self.obj.do_handshake()
+            except ssl.SSLWantReadError:
+                writer.write(self.outgoing.read())
+                data = await asyncio.wait_for(reader.read(65536), 10)
+                if not data:
+                    raise ConnectionError("closed during the handshake") from None
+                self.incoming.write(data)
+                continue
+            writer.write(self.outgoing.read())
+            return
+
+    async def request(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, raw: bytes
+    ) -> bytes:
+        """Send ``raw``; return one response with a Content-Length body."""
+        self.obj.write(raw)
+        writer.write(self.outgoing.read())
+        answer = b""
+        while not _complete(answer):
+            data = await asyncio.wait_for(reader.read(65536), 10)
+            if not data:
+                break
+            self.incoming.write(data)
+            with contextlib.suppress(ssl.SSLWantReadError):
+                while chunk := self.obj.read(65536):
+                    answer += chunk
+        return answer
+
+
+def _complete(answer: bytes) -> bool:
+    head, found, body = answer.partition(b"\r\n\r\n")
+    if not found:
+        return False
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return len(body) >= int(value)
+    raise AssertionError("the test expects a Content-Length")
+
+
+async def test_client_hello_in_the_connect_segment_does_not_hang(
+    intercepting: RunningProxy, ca_files: CAFiles, secure_origin: TLSOrigin
+) -> None:
+    """CONNECT and the ClientHello in one write: the proxy still completes the handshake."""
+    authority = f"localhost:{secure_origin.port}"
+    tls = MemoryTLS(ca_files.client_context(), "localhost")
+    tunnel = await open_tunnel(intercepting.url, authority, early=tls.client_hello())
+    assert tunnel.status == 200
+    await tls.finish(tunnel.reader, tunnel.writer)
+    answer = await tls.request(
+        tunnel.reader,
+        tunnel.writer,
+        f"GET /echo HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n".encode(),
+    )
+    tunnel.writer.close()
+    assert answer.startswith(b"HTTP/1.1 200")
+    assert b'"target": "/echo"' in answer
+
+
+async def test_no_sni_for_an_ip_literal_still_gets_the_ip_leaf(
+    intercepting: RunningProxy, ca_files: CAFiles, secure_origin: TLSOrigin
+) -> None:
+    """Python sends no SNI for an IP; the certificate it verifies carries IP:127.0.0.1."""
+    authority = f"127.0.0.1:{secure_origin.port}"
+    tls = MemoryTLS(ca_files.client_context(), "127.0.0.1")
+    tunnel = await open_tunnel(intercepting.url, authority)
+    tunnel.writer.write(tls.client_hello())
+    await tls.finish(tunnel.reader, tunnel.writer)
+    peer = tls.obj.getpeercert()
+    tunnel.writer.close()
+    assert peer is not None
+    assert peer["subjectAltName"] == (("IP Address", "127.0.0.1"),)
+
+
+# -- plain HTTP inside CONNECT (2b) ------------------------------------------------------------
+
+
+async def _exchange_in_tunnel(
+    proxy: RunningProxy, authority: str, *requests_: bytes, early: bytes = b""
+) -> bytes:
+    tunnel = await open_tunnel(proxy.url, authority, early=early)
+    assert tunnel.status == 200, tunnel.head
+    for raw in requests_:
+        tunnel.writer.write(raw)
+    answer = await asyncio.wait_for(tunnel.reader.read(), 10)
+    tunnel.writer.close()
+    return answer
+
+
+def _get(authority: str, path: str, close: bool = False) -> bytes:
+    extra = "Connection: close\r\n" if close else ""
+    return f"GET {path} HTTP/1.1\r\nHost: {authority}\r\n{extra}\r\n".encode()
+
+
+async def test_plain_http_inside_connect_is_served_per_request(
+    start_proxy: StartProxy, origin: Origin, logs: LogCapture
+) -> None:
+    """Two keep-alive requests in a CONNECT to an HTTP port: two access lines, full view."""
+    proxy = await start_proxy(connect_http_ports=(origin.port,))
+    answer = await _exchange_in_tunnel(
+        proxy,
+        origin.authority,
+        _get(origin.authority, "/echo/a"),
+        _get(origin.authority, "/echo/b", close=True),
+    )
+    assert answer.count(b"HTTP/1.1 200") == 2
+    assert b'"target": "/echo/a"' in answer
+    assert b'"target": "/echo/b"' in answer
+    assert b"traceparent" in answer
+    await until(lambda: len(access_lines(logs)) == 2)
+    assert [(line["path"], line["scheme"]) for line in access_lines(logs)] == [
+        ("/echo/a", "http"),
+        ("/echo/b", "http"),
+    ]
+    host = origin.authority
+    assert proxy.sample("proxy_upstream_requests_total", host=host, method="GET", code="200") == 2
+    (line,) = await _tunnel_lines(logs)
+    assert line["outcome"] == "http"
+
+
+async def test_plain_http_pipelined_behind_the_connect(
+    start_proxy: StartProxy, origin: Origin
+) -> None:
+    """A request sent in the CONNECT's own segment is served too."""
+    proxy = await start_proxy(connect_http_ports=(origin.port,))
+    answer = await _exchange_in_tunnel(
+        proxy, origin.authority, early=_get(origin.authority, "/echo/early", close=True)
+    )
+    assert b'"target": "/echo/early"' in answer
+
+
+async def test_non_http_bytes_on_an_http_only_port_are_closed(
+    start_proxy: StartProxy, raw_origin: Any, logs: LogCapture
+) -> None:
+    """Outside --connect-ports, a stream that is not HTTP is closed and nothing is dialled."""
+
+    async def never(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, state: Any) -> None:
+        await reader.read()
+
+    target = await raw_origin(never)
+    proxy = await start_proxy(connect_http_ports=(target.port,))
+    for opening in (b"\x16\x03\x01\x00\x05hello", b"SSH-2.0-OpenSSH_9.2\r\n"):
+        tunnel = await open_tunnel(proxy.url, f"127.0.0.1:{target.port}", early=opening)
+        assert tunnel.status == 200
+        assert await asyncio.wait_for(tunnel.reader.read(), 10) == b""
+        tunnel.writer.close()
+    assert target.connections == 0
+    lines = await _tunnel_lines(logs, 2)
+    assert [line["outcome"] for line in lines] == ["refused", "refused"]
+
+
+async def test_request_for_another_host_inside_connect_is_400(
+    start_proxy: StartProxy, origin: Origin, logs: LogCapture
+) -> None:
+    """Absolute-form naming another target inside a CONNECT is refused, not forwarded."""
+    proxy = await start_proxy(connect_http_ports=(origin.port,))
+    raw = b"GET http://other.example/x HTTP/1.1\r\nHost: other.example\r\nConnection: close\r\n\r\n"
+    answer = await _exchange_in_tunnel(proxy, origin.authority, raw)
+    assert answer.startswith(b"HTTP/1.1 400")
+    assert not access_lines(logs)
+
+
+async def test_denied_destination_is_refused_before_the_200(
+    start_proxy: StartProxy, origin: Origin
+) -> None:
+    """The destination rules run before the proxy answers a CONNECT it will read itself."""
+    proxy = await start_proxy(connect_http_ports=(origin.port,), deny_destinations=("127.0.0.2",))
+    tunnel = await open_tunnel(proxy.url, f"127.0.0.2:{origin.port}")
+    assert tunnel.status == 403
+    assert "destination_ip_prohibited" in (tunnel.field("Proxy-Status") or "")
+    tunnel.writer.close()
+
+
+# -- pure rules ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("intercepted", "port", "mode"),
+    [
+        (False, 443, ConnectMode.TUNNEL),
+        (True, 443, ConnectMode.INSPECT),
+        (False, 80, ConnectMode.HTTP_ONLY),
+        (True, 80, ConnectMode.HTTP_ONLY),  # no TLS on an HTTP-only port
+        (False, 22, ConnectMode.REFUSE),
+        (True, 22, ConnectMode.REFUSE),
+    ],
+)
+def test_connect_mode_table(intercepted: bool, port: int, mode: ConnectMode) -> None:
+    """Defaults: 443 tunnels (or is intercepted), 80 carries plain HTTP, others are refused."""
+    assert (
+        connect_mode(intercepted=intercepted, port=port, connect_ports=(443,), http_ports=(80,))
+        is mode
+    )
+
+
+@pytest.mark.parametrize(
+    ("data", "opening"),
+    [
+        (b"", None),
+        (b"\x16", None),
+        (b"\x16\x03\x01\x02\x00\x01", Opening.TLS),
+        (b"\x16\x02", Opening.OTHER),
+        (b"GET / HTTP/1.1", None),
+        (b"GET / HTTP/1.1\r\n", Opening.HTTP),
+        (b"POST http://h/x HTTP/1.0\n", Opening.HTTP),
+        (b"GET / HTTP/2.0\r\n", Opening.OTHER),
+        (b"PRI * HTTP/2.0\r\n", Opening.OTHER),
+        (b"GET  / HTTP/1.1\r\n", Opening.OTHER),
+        (b"SSH-2.0-OpenSSH\r\n", Opening.OTHER),
+        (b"\x00\x00\x00", Opening.OTHER),
+        (b"GET /" + b"a" * 200, Opening.OTHER),  # past the limit without a line end
+    ],
+)
+def test_classify_opening(data: bytes, opening: Opening | None) -> None:
+    """A ClientHello record, an HTTP/1.x request line, something else, or not yet known."""
+    assert classify_opening(data, limit=100) is opening
+
+
+@pytest.mark.parametrize(
+    ("exc", "reason"),
+    [
+        (ssl.SSLError(1, "[SSL: TLSV1_ALERT_UNKNOWN_CA] tlsv1 alert unknown ca"), "unknown_ca"),
+        (ssl.SSLError(1, "[SSL: SSLV3_ALERT_BAD_CERTIFICATE] bad certificate"), "bad_certificate"),
+        (ssl.SSLError(1, "[SSL: NO_SHARED_CIPHER] no shared cipher"), "tls_protocol_error"),
+        (TimeoutError(), "timeout"),
+        (ConnectionResetError(), "closed"),
+    ],
+)
+def test_failure_reason(exc: BaseException, reason: str) -> None:
+    """Alerts that mean 'your certificate' are told apart from other handshake failures."""
+    assert failure_reason(exc) == reason
+
+
+def test_splice_after_rejection_expires() -> None:
+    """After a rejection the host is tunnelled for the splice period, then intercepted again."""
+    now = [0.0]
+    policy = InterceptPolicy(
+        HostPatterns(["*.example"]),
+        enabled=True,
+        connect_ports=(443,),
+        http_ports=(80,),
+        splice_seconds=300,
+        clock=lambda: now[0],
+    )
+    target = tunnel_target("api.example:443", (443,))
+    assert policy.mode(target) is ConnectMode.INSPECT
+    policy.rejected(target)
+    assert policy.mode(target) is ConnectMode.TUNNEL
+    assert policy.mode(tunnel_target("other.example:443", (443,))) is ConnectMode.INSPECT
+    now[0] = 301
+    assert policy.mode(target) is ConnectMode.INSPECT
+
+
+# -- the CLI on uvloop: the ClientHello replay, and the drain -----------------------------------
+
+
+@dataclass
+class Child:
+    proxy: str
+    metrics: str
+    process: asyncio.subprocess.Process
+    lines: list[dict[str, Any]]  # its log so far, read as it comes (a full pipe would stall it)
+
+
+@contextlib.asynccontextmanager
+async def intercepting_cli(
+    ca_files: CAFiles, tls_ca_file: str, origin: TLSOrigin, *extra: str
+) -> AsyncIterator[Child]:
+    """``python -m proxy`` (uvloop, the default loop) intercepting localhost."""
+    running = await start_cli(
+        "--intercept",
+        "localhost",
+        "--ca-cert",
+        ca_files.cert,
+        "--ca-key",
+        ca_files.key,
+        "--upstream-ca-file",
+        tls_ca_file,
+        "--connect-ports",
+        str(origin.port),
+        *extra,
+    )
+    child = Child(running.proxy, running.metrics, running.process, [])
+
+    async def read_log() -> None:
+        assert running.process.stdout is not None
+        async for line in running.process.stdout:
+            child.lines.append(json.loads(line))
+
+    reading = asyncio.ensure_future(read_log())
+    try:
+        yield child
+    finally:
+        if running.process.returncode is None:
+            running.process.kill()
+        await running.process.wait()
+        await reading
+
+
+async def test_client_hello_with_the_connect_on_uvloop(
+    ca_files: CAFiles, tls_ca_file: str, secure_origin: TLSOrigin
+) -> None:
+    """The replay of an early ClientHello works on uvloop's TLS layer too."""
+    async with intercepting_cli(ca_files, tls_ca_file, secure_origin) as running:
+        authority = f"localhost:{secure_origin.port}"
+        tls = MemoryTLS(ca_files.client_context(), "localhost")
+        tunnel = await open_tunnel(running.proxy, authority, early=tls.client_hello())
+        assert tunnel.status == 200
+        await tls.finish(tunnel.reader, tunnel.writer)
+        answer = await tls.request(
+            tunnel.reader, tunnel.writer, _get(authority, "/echo/uvloop", close=True)
+        )
+        tunnel.writer.close()
+    assert b'"target": "/echo/uvloop"' in answer
+
+
+async def test_sigterm_lets_an_intercepted_request_finish(
+    ca_files: CAFiles, tls_ca_file: str, secure_origin: TLSOrigin
+) -> None:
+    """SIGTERM: a slow request on an intercepted connection completes; an idle one is closed."""
+    url = f"https://localhost:{secure_origin.port}"
+    context = ca_files.client_context()
+    async with (
+        intercepting_cli(
+            ca_files, tls_ca_file, secure_origin, "--shutdown-grace", "0", "--drain-timeout", "10"
+        ) as running,
+        aiohttp.ClientSession() as idle,
+        aiohttp.ClientSession() as busy,
+    ):
+        async with idle.get(f"{url}/echo", proxy=running.proxy, ssl=context) as response:
+            assert response.status == 200  # its intercepted connection now sits in the pool
+        slow = asyncio.ensure_future(
+            busy.get(f"{url}/slow-headers?ms=1500", proxy=running.proxy, ssl=context)
+        )
+        in_flight = "proxy_requests_in_flight 1.0"
+        for _ in range(500):
+            async with idle.get(running.metrics) as metrics:
+                if in_flight in await metrics.text():
+                    break
+            await asyncio.sleep(0.01)
+        running.process.send_signal(signal.SIGTERM)
+        response = await slow
+        assert response.status == 200
+        assert await response.text() == "slow"
+        response.release()
+        assert await asyncio.wait_for(running.process.wait(), 20) == 0
+    events = [line["event"] for line in running.lines]
+    assert events.count("access") == 2
+    assert events[-1] == "stopped"
+
+
+IDLE_CONNECTIONS = 500
+
+
+async def _open_intercepted(
+    proxy_url: str, authority: str, context: ssl.SSLContext
+) -> asyncio.StreamWriter:
+    """CONNECT, TLS with the minted leaf, one request answered; left open and idle."""
+    tunnel = await open_tunnel(proxy_url, authority)
+    assert tunnel.status == 200
+    await tunnel.writer.start_tls(context, server_hostname="localhost")
+    tunnel.writer.write(_get(authority, "/status/204"))
+    head = await asyncio.wait_for(read_head(tunnel.reader), 30)
+    assert head.startswith(b"HTTP/1.1 204")
+    return tunnel.writer
+
+
+async def _metric(session: aiohttp.ClientSession, url: str, name: str) -> float:
+    async with session.get(url) as response:
+        for line in (await response.text()).splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    raise AssertionError(f"{name} not exported")
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+async def test_idle_intercepted_connections_count_once_against_the_limit(
+    ca_files: CAFiles, tls_ca_file: str, secure_origin: TLSOrigin, loop: str
+) -> None:
+    """500 idle intercepted connections fill --max-client-connections 500 exactly; one more
+    is turned away. The proxy's RSS with them open is reported (-s shows it)."""
+    authority = f"localhost:{secure_origin.port}"
+    context = ca_files.client_context()
+    writers: list[asyncio.StreamWriter] = []
+    async with (
+        intercepting_cli(
+            ca_files,
+            tls_ca_file,
+            secure_origin,
+            "--event-loop",
+            loop,
+            "--max-client-connections",
+            str(IDLE_CONNECTIONS),
+        ) as running,
+        aiohttp.ClientSession() as session,
+    ):
+        pid = running.process.pid
+        writers.append(await _open_intercepted(running.proxy, authority, context))
+        baseline = rss_mb(pid)
+        try:
+            for _ in range(0, IDLE_CONNECTIONS - 1, 50):
+                batch = min(50, IDLE_CONNECTIONS - len(writers))
+                writers += await asyncio.gather(
+                    *(_open_intercepted(running.proxy, authority, context) for _ in range(batch))
+                )
+            opened = await _metric(session, running.metrics, "proxy_client_connections_open")
+            loaded = rss_mb(pid)
+            host, _, port = running.proxy.removeprefix("http://").rpartition(":")
+            reader, extra = await asyncio.open_connection(host, int(port))
+            turned_away = await asyncio.wait_for(reader.read(), 10)
+            extra.close()
+            rejected = await _metric(
+                session, running.metrics, "proxy_client_connections_rejected_total"
+            )
+        finally:
+            for writer in writers:
+                writer.close()
+    print(
+        f"\n{loop}: {len(writers)} idle intercepted connections, proxy RSS "
+        f"{baseline:.1f} -> {loaded:.1f} MiB, "
+        f"{(loaded - baseline) * 1024 / (len(writers) - 1):.0f} KiB per connection"
+    )
+    assert opened == IDLE_CONNECTIONS
+    assert turned_away == b""
+    assert rejected == 1

@@ -1,0 +1,88 @@
+"""Node clients that tunnel even http:// through CONNECT (undici ProxyAgent v6, https-proxy-agent):
+plain HTTP inside CONNECT and interception give each request its own access line."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import LogCapture, Origin, RunningProxy
+from tests.test_intercept import CAFiles, ca_files, intercepting, secure_origin  # noqa: F401
+from tests.test_limits import until
+from tests.tls import TLSOrigin
+
+StartProxy = Callable[..., Awaitable[RunningProxy]]
+NODE_DIR = Path(__file__).parent / "node"
+CLIENTS = ["undici", "https-proxy-agent"]
+
+
+def node_or_skip() -> str:
+    """Path of node with the clients installed (make test runs npm ci); fails under CI=true."""
+    node = shutil.which("node")
+    missing = node is None or not (NODE_DIR / "node_modules" / "undici").is_dir()
+    if missing:
+        message = "node and tests/node/node_modules are needed (make test runs npm ci)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    assert node is not None
+    return node
+
+
+async def run_client(kind: str, proxy: str, ca: str | None, *urls: str) -> list[dict[str, Any]]:
+    process = await asyncio.create_subprocess_exec(
+        node_or_skip(),
+        str(NODE_DIR / "client.mjs"),
+        kind,
+        proxy,
+        ca or "-",
+        *urls,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={"PATH": os.environ["PATH"]},  # no NODE_EXTRA_CA_CERTS or proxy variables
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0, err.decode()
+    results: list[dict[str, Any]] = json.loads(out)
+    return results
+
+
+@pytest.mark.parametrize("kind", CLIENTS)
+async def test_node_http_call_through_connect_is_a_forwarded_request(
+    kind: str, start_proxy: StartProxy, origin: Origin, logs: LogCapture
+) -> None:
+    """An http:// call these clients tunnel through CONNECT shows up per request, scheme http."""
+    proxy = await start_proxy(connect_http_ports=(origin.port,))
+    results = await run_client(kind, proxy.url, None, origin.url("/echo/a"), origin.url("/echo/b"))
+    assert [r["status"] for r in results] == [200, 200]
+    assert [json.loads(r["body"])["target"] for r in results] == ["/echo/a", "/echo/b"]
+    await until(lambda: len(logs.events("access")) == 2)
+    assert [(a["path"], a["scheme"]) for a in logs.events("access")] == [
+        ("/echo/a", "http"),
+        ("/echo/b", "http"),
+    ]
+    assert {t["outcome"] for t in logs.events("tunnel")} <= {"http"}
+
+
+@pytest.mark.parametrize("kind", CLIENTS)
+async def test_node_https_call_through_interception(
+    kind: str,
+    intercepting: RunningProxy,  # noqa: F811
+    ca_files: CAFiles,  # noqa: F811
+    secure_origin: TLSOrigin,  # noqa: F811
+    logs: LogCapture,
+) -> None:
+    """Trusting our CA (what NODE_EXTRA_CA_CERTS does), Node's https call is intercepted."""
+    url = f"https://localhost:{secure_origin.port}/echo/node"
+    results = await run_client(kind, intercepting.url, ca_files.cert, url)
+    assert results[0]["status"] == 200
+    assert json.loads(results[0]["body"])["target"] == "/echo/node"
+    await until(lambda: len(logs.events("access")) == 1)
+    assert logs.events("access")[0]["scheme"] == "https"
