@@ -701,3 +701,56 @@ async def test_idle_intercepted_connections_count_once_against_the_limit(
     assert opened == IDLE_CONNECTIONS
     assert turned_away == b""
     assert rejected == 1
+
+
+# -- the listener's limits hold inside a CONNECT ------------------------------------------------
+
+
+async def test_head_too_large_inside_connect_gets_431(
+    start_proxy: StartProxy, origin: Origin
+) -> None:
+    """--max-request-header-size applies to the requests inside a CONNECT too."""
+    proxy = await start_proxy(connect_http_ports=(origin.port,), max_request_header_size=2048)
+    raw = _get(origin.authority, "/echo").replace(
+        b"\r\n\r\n", b"\r\nX-Big: " + b"a" * 4096 + b"\r\n\r\n"
+    )
+    answer = await _exchange_in_tunnel(proxy, origin.authority, raw)
+    assert answer.startswith(b"HTTP/1.1 431") or answer.startswith(b"HTTP/1.0 431")
+
+
+async def test_slow_head_inside_an_intercepted_connection_gets_408(
+    start_proxy: StartProxy,
+    ca_files: CAFiles,
+    tls_ca_file: str,
+    secure_origin: TLSOrigin,
+) -> None:
+    """--request-header-timeout runs on an intercepted stream: half a head, then 408 and close."""
+    proxy = await start_proxy(
+        intercept=("localhost",),
+        ca_cert=ca_files.cert,
+        ca_key=ca_files.key,
+        upstream_ca_file=tls_ca_file,
+        connect_ports=(secure_origin.port,),
+        request_header_timeout=0.5,
+    )
+    authority = f"localhost:{secure_origin.port}"
+    tunnel = await open_tunnel(proxy.url, authority)
+    await tunnel.writer.start_tls(ca_files.client_context(), server_hostname="localhost")
+    tunnel.writer.write(b"GET /echo HTTP/1.1\r\nHost: ")
+    answer = await asyncio.wait_for(tunnel.reader.read(), 10)
+    tunnel.writer.close()
+    assert answer.startswith(b"HTTP/1.0 408") or answer.startswith(b"HTTP/1.1 408")
+    assert not secure_origin.peers  # nothing reached the origin
+
+
+async def test_silent_stream_inside_connect_is_closed_at_the_head_deadline(
+    start_proxy: StartProxy, origin: Origin, logs: LogCapture
+) -> None:
+    """A CONNECT the proxy answered itself and then hears nothing on is closed, undialled."""
+    proxy = await start_proxy(connect_http_ports=(origin.port,), request_header_timeout=0.3)
+    tunnel = await open_tunnel(proxy.url, origin.authority)
+    assert tunnel.status == 200
+    assert await asyncio.wait_for(tunnel.reader.read(), 10) == b""
+    tunnel.writer.close()
+    (line,) = await _tunnel_lines(logs)
+    assert line["outcome"] == "timeout"
