@@ -29,7 +29,7 @@ from tests.conftest import LogCapture, Origin, RunningProxy, pattern, read_head
 from tests.test_cli import start_cli
 from tests.test_forwarding import curl
 from tests.test_limits import until
-from tests.test_tunnelling import open_tunnel
+from tests.test_tunnelling import Tunnel, open_tunnel
 from tests.tls import TLSOrigin, server_context, tls_origin
 
 StartProxy = Callable[..., Awaitable[RunningProxy]]
@@ -630,9 +630,7 @@ async def test_sigterm_lets_an_intercepted_request_finish(
 IDLE_CONNECTIONS = 500
 
 
-async def _open_intercepted(
-    proxy_url: str, authority: str, context: ssl.SSLContext
-) -> asyncio.StreamWriter:
+async def _open_intercepted(proxy_url: str, authority: str, context: ssl.SSLContext) -> Tunnel:
     """CONNECT, TLS with the minted leaf, one request answered; left open and idle."""
     tunnel = await open_tunnel(proxy_url, authority)
     assert tunnel.status == 200
@@ -640,7 +638,7 @@ async def _open_intercepted(
     tunnel.writer.write(_get(authority, "/status/204"))
     head = await asyncio.wait_for(read_head(tunnel.reader), 30)
     assert head.startswith(b"HTTP/1.1 204")
-    return tunnel.writer
+    return tunnel
 
 
 async def _metric(session: aiohttp.ClientSession, url: str, name: str) -> float:
@@ -659,7 +657,7 @@ async def test_idle_intercepted_connections_count_once_against_the_limit(
     is turned away. The proxy's RSS with them open is reported (-s shows it)."""
     authority = f"localhost:{secure_origin.port}"
     context = ca_files.client_context()
-    writers: list[asyncio.StreamWriter] = []
+    tunnels: list[Tunnel] = []
     async with (
         intercepting_cli(
             ca_files,
@@ -673,12 +671,12 @@ async def test_idle_intercepted_connections_count_once_against_the_limit(
         aiohttp.ClientSession() as session,
     ):
         pid = running.process.pid
-        writers.append(await _open_intercepted(running.proxy, authority, context))
+        tunnels.append(await _open_intercepted(running.proxy, authority, context))
         baseline = rss_mb(pid)
         try:
             for _ in range(0, IDLE_CONNECTIONS - 1, 50):
-                batch = min(50, IDLE_CONNECTIONS - len(writers))
-                writers += await asyncio.gather(
+                batch = min(50, IDLE_CONNECTIONS - len(tunnels))
+                tunnels += await asyncio.gather(
                     *(_open_intercepted(running.proxy, authority, context) for _ in range(batch))
                 )
             opened = await _metric(session, running.metrics, "proxy_client_connections_open")
@@ -691,12 +689,12 @@ async def test_idle_intercepted_connections_count_once_against_the_limit(
                 session, running.metrics, "proxy_client_connections_rejected_total"
             )
         finally:
-            for writer in writers:
-                writer.close()
+            for tunnel in tunnels:
+                tunnel.writer.close()
     print(
-        f"\n{loop}: {len(writers)} idle intercepted connections, proxy RSS "
+        f"\n{loop}: {len(tunnels)} idle intercepted connections, proxy RSS "
         f"{baseline:.1f} -> {loaded:.1f} MiB, "
-        f"{(loaded - baseline) * 1024 / (len(writers) - 1):.0f} KiB per connection"
+        f"{(loaded - baseline) * 1024 / (len(tunnels) - 1):.0f} KiB per connection"
     )
     assert opened == IDLE_CONNECTIONS
     assert turned_away == b""
@@ -754,3 +752,18 @@ async def test_silent_stream_inside_connect_is_closed_at_the_head_deadline(
     tunnel.writer.close()
     (line,) = await _tunnel_lines(logs)
     assert line["outcome"] == "timeout"
+
+
+async def test_drain_closes_an_idle_intercepted_connection_at_once(
+    intercepting: RunningProxy, ca_files: CAFiles, secure_origin: TLSOrigin
+) -> None:
+    """When the drain starts, an idle intercepted keep-alive connection is closed, grace or not."""
+    authority = f"localhost:{secure_origin.port}"
+    tunnel = await _open_intercepted(intercepting.url, authority, ca_files.client_context())
+    draining = asyncio.ensure_future(intercepting.server.drain(grace=5, drain_timeout=5))
+    try:
+        assert await asyncio.wait_for(tunnel.reader.read(), 10) == b""
+        assert not draining.done()  # closed within the grace, not at its end
+    finally:
+        draining.cancel()
+        tunnel.writer.close()

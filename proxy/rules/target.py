@@ -107,8 +107,10 @@ def inner_target(origin: URL, url: URL, *, websocket: bool = False) -> Target:
     """
     if url.absolute:
         if (url.host or "").lower() != origin.host or url.port != origin.port:
-            raise TargetError("inside a CONNECT, requests go to the CONNECT's target only")
+            raise TargetError(
+                "inside a CONNECT, requests go to the CONNECT's target only", "inner_target"
+            )
     elif not url.raw_path.startswith("/"):
-        raise TargetError("inside a CONNECT, the target must be a path")
+        raise TargetError("inside a CONNECT, the target must be a path", "inner_target")
     full = URL(str(origin) + url.raw_path_qs, encoded=True)
     return Target(full, host_label(full), websocket)
