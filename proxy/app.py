@@ -434,7 +434,6 @@ def build_proxy_app(
         ServerContexts(ca) if ca is not None else None,
         app[INTERCEPT],
         metrics,
-        app[LOGGER],
         head_limit=settings.max_request_target_length + _REQUEST_LINE_FRAME,
         head_timeout=settings.request_header_timeout,
     )

@@ -120,7 +120,6 @@ class Inspector:
         contexts: ServerContexts | None,
         policy: InterceptPolicy,
         metrics: Metrics,
-        logger: Any,
         *,
         head_limit: int,
         head_timeout: float,
@@ -128,7 +127,6 @@ class Inspector:
         self._contexts = contexts
         self._policy = policy
         self._metrics = metrics
-        self._logger = logger
         self._head_limit = head_limit
         self._head_timeout = head_timeout
 
