@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry, ProcessCollector
 from proxy.app import Lifecycle, build_admin_app, build_proxy_app
 from proxy.config import Address, Settings
 from proxy.observe import log
+from proxy.observe.exposition import Exposition, RegistryView
 from proxy.observe.metrics import HostLabelLimits, Metrics
 from proxy.observe.spans import SpanQueue, SpanRecorder, TraceIdRatio
 from proxy.rules.hostpatterns import HostPatterns
@@ -59,6 +60,8 @@ class ProxyServer:
                 settings.max_hosts, HostPatterns(settings.track_hosts), settings.host_label_ttl
             ),
         )
+        self._process = ProcessCollector(registry=None)
+        self.exposition = Exposition(self.metrics, self._in_flight, (self._process,))
         self._runners: list[web.AppRunner] = []
         self.proxy_address: Address | None = None
         self.admin_address: Address | None = None
@@ -73,14 +76,16 @@ class ProxyServer:
 
     async def start(self) -> None:
         settings = self.settings
-        self.metrics.register(self.registry, in_flight=lambda: self.lifecycle.in_flight)
-        ProcessCollector(registry=self.registry)
+        # The registry sees the same numbers (get_sample_value, other exporters); /metrics
+        # is written by the exposition.
+        self.registry.register(RegistryView(self.metrics, self._in_flight))
+        self.registry.register(self._process)
         try:
             if settings.otlp_endpoint is not None:
                 await self._start_spans(settings.otlp_endpoint)
             proxy_app = build_proxy_app(
                 settings,
-                self.registry,
+                self.exposition,
                 self.metrics,
                 self.lifecycle,
                 self.own_addresses,
@@ -104,7 +109,7 @@ class ProxyServer:
                 **limits.handler_kwargs(),
             )
             if settings.admin_listen is not None:
-                admin_app = build_admin_app(self.registry, self.lifecycle)
+                admin_app = build_admin_app(self.exposition, self.lifecycle)
                 self.admin_address = await self._listen(
                     admin_app, "admin_listen", settings.admin_listen
                 )
@@ -131,6 +136,9 @@ class ProxyServer:
             timeout=settings.otlp_export_timeout,
         )
         await self.span_exporter.start()
+
+    def _in_flight(self) -> int:
+        return self.lifecycle.in_flight
 
     async def _listen(
         self,

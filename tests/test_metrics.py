@@ -9,13 +9,14 @@ import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
+from proxy.observe.exposition import RegistryView
 from proxy.observe.metrics import Histogram, Metrics, method_label
 from tests.conftest import Origin, RunningProxy, promtool_or_skip
 
 
 def registry_with(metrics: Metrics, in_flight: int = 0) -> CollectorRegistry:
     registry = CollectorRegistry()
-    metrics.register(registry, in_flight=lambda: in_flight)
+    registry.register(RegistryView(metrics, in_flight=lambda: in_flight))
     return registry
 
 
