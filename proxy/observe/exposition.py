@@ -38,8 +38,8 @@ from proxy import __version__
 from proxy.observe.metrics import PHASES, Histogram, HostStats, Metrics, le_text
 
 # prometheus-client's own float formatting and OpenMetrics parser (untyped there).
-_go_float: Final = cast(Callable[[float], str], floatToGoString)
-_parse_openmetrics: Final = cast(Callable[[str], Iterable[Metric]], text_string_to_metric_families)
+go_float: Final = cast(Callable[[float], str], floatToGoString)
+parse_openmetrics: Final = cast(Callable[[str], Iterable[Metric]], text_string_to_metric_families)
 
 # Rows of a labelled counter: the label values after ``host``, and the count.
 Rows = Iterable[tuple[tuple[str, ...], float]]
@@ -58,7 +58,7 @@ def number(value: float) -> str:
         return f"{value}.0"
     if type(value) is float and 0.0 <= value < 1e6:
         return repr(value)
-    return _go_float(value)
+    return go_float(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +118,7 @@ class _HostFamily:
     header: _Header
 
     def lines(self, host: str, stats: HostStats, om: bool) -> str:
+        """``host`` is the label value, already escaped."""
         raise NotImplementedError
 
 
@@ -129,7 +130,7 @@ class _HostHistogram(_HostFamily):
 
     def lines(self, host: str, stats: HostStats, om: bool) -> str:
         hist = self._get(stats)
-        return "" if hist is None else histogram_lines(self.name, host, hist, om)
+        return "" if hist is None else histogram_lines(self.name, f'host="{host}"', hist, om)
 
     def __repr__(self) -> str:
         return f"<_HostHistogram {self.name}>"
@@ -339,11 +340,11 @@ class Exposition:
         self._metrics = metrics
         self._in_flight = in_flight
         self._extra = _Collectors(extra)
-        self._slice = slice_seconds
+        self.slice_seconds = slice_seconds  # how long a slice of rendering may hold the loop
         self._cache: dict[bool, dict[str, _Block]] = {False: {}, True: {}}
 
     def __repr__(self) -> str:
-        return f"<Exposition hosts={len(self._metrics.hosts)} slice={self._slice}s>"
+        return f"<Exposition hosts={len(self._metrics.hosts)} slice={self.slice_seconds}s>"
 
     # -- rendering --------------------------------------------------------------------------
 
@@ -356,16 +357,16 @@ class Exposition:
         items = sorted(self._metrics.hosts.items())
         old = self._cache[om]
         new: dict[str, _Block] = {}
-        deadline = perf_counter() + self._slice
+        deadline = perf_counter() + self.slice_seconds
         for host, stats in items:
             block = old.get(host)
             if block is None or block[0] is not stats or block[1] != stats.version:
-                labels = f'host="{label_value(host)}"'
-                lines = [f.lines(labels, stats, om) for f in HOST_FAMILIES]
+                escaped = label_value(host)
+                lines = [f.lines(escaped, stats, om) for f in HOST_FAMILIES]
                 block = (stats, stats.version, lines)
                 if perf_counter() >= deadline:
                     yield None
-                    deadline = perf_counter() + self._slice
+                    deadline = perf_counter() + self.slice_seconds
             new[host] = block
         self._cache[om] = new
         yield [block[2] for block in new.values()]
@@ -397,14 +398,16 @@ class Exposition:
         started = perf_counter()
         encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
         om = content_type.startswith("application/openmetrics-text")
+        response = web.StreamResponse(headers={"Content-Type": content_type})
+        if accepts_gzip(request.headers.get("Accept-Encoding", "")):
+            # As Prometheus asks; aiohttp compresses large pieces in its executor.
+            response.enable_compression(web.ContentCoding.gzip)
+        await response.prepare(request)
         blocks: list[list[str]] | None = None
         for blocks in self._blocks(om):
             if blocks is None:
                 await asyncio.sleep(0)  # let proxied traffic run between slices
         assert blocks is not None
-        response = web.StreamResponse(headers={"Content-Type": content_type})
-        response.enable_compression()  # gzip when the scraper accepts it (Prometheus does)
-        await response.prepare(request)
         buffered: list[str] = []
         size = 0
         for piece in self._pieces(om, blocks, self._extra_text(encoder, om)):
@@ -419,6 +422,22 @@ class Exposition:
         return response
 
 
+def accepts_gzip(accept_encoding: str) -> bool:
+    """RFC 9110 §12.5.3: gzip is listed and not refused with a weight of 0."""
+    for item in accept_encoding.split(","):
+        coding, _, params = item.partition(";")
+        if coding.strip().lower() != "gzip":
+            continue
+        name, _, weight = params.partition("=")
+        if name.strip().lower() != "q":
+            return True
+        try:
+            return float(weight) > 0
+        except ValueError:
+            return False
+    return False
+
+
 class RegistryView(Collector):
     """Our families on a ``CollectorRegistry`` (``get_sample_value``, other exporters).
 
@@ -430,7 +449,7 @@ class RegistryView(Collector):
 
     def collect(self) -> Iterator[Metric]:
         text = self._exposition.render(om=True).decode()
-        return iter(_parse_openmetrics(text))
+        return iter(parse_openmetrics(text))
 
     def describe(self) -> Iterator[Metric]:
         # Non-empty describe() lets the registry check for name clashes without collecting.
