@@ -9,8 +9,8 @@ of the event loop per scrape. Here instead:
 - a host's block is rendered in one synchronous step, so each histogram's buckets,
   ``_count`` and ``_sum`` come from one moment; between hosts the loop is given back every
   ``slice_seconds`` so proxied traffic keeps flowing during a scrape;
-- the body is written in pieces, each awaited (aiohttp compresses pieces off the loop when
-  the scraper accepts gzip).
+- the body is written in pieces, each awaited, so a slow reader holds back only its own
+  scrape; with ``Accept-Encoding: gzip`` (Prometheus sends it) each piece is compressed.
 
 Sample lines are the same in both formats (counters are ``_total`` in both, no
 ``_created``); OpenMetrics adds exemplars on histogram buckets, names counter families
@@ -20,11 +20,12 @@ without ``_total`` in ``# TYPE``, escapes ``"`` in help and ends with ``# EOF``.
 from __future__ import annotations
 
 import asyncio
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cache
 from time import perf_counter
-from typing import Final, cast
+from typing import Any, Final, cast
 
 from aiohttp import web
 from prometheus_client.exposition import choose_encoder, generate_latest
@@ -320,7 +321,7 @@ _Block = tuple[HostStats, int, list[str]]
 
 # Pieces of the body handed to the socket at a time: small enough that a slow scraper
 # holds back the rest, large enough that few writes are needed.
-_PIECE: Final = 256 * 1024
+_PIECE: Final = 128 * 1024
 
 
 class Exposition:
@@ -398,10 +399,12 @@ class Exposition:
         started = perf_counter()
         encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
         om = content_type.startswith("application/openmetrics-text")
-        response = web.StreamResponse(headers={"Content-Type": content_type})
-        if accepts_gzip(request.headers.get("Accept-Encoding", "")):
-            # As Prometheus asks; aiohttp compresses large pieces in its executor.
-            response.enable_compression(web.ContentCoding.gzip)
+        response = web.StreamResponse(
+            headers={"Content-Type": content_type, "Vary": "Accept-Encoding"}
+        )
+        gzip = _gzip() if accepts_gzip(request.headers.get("Accept-Encoding", "")) else None
+        if gzip is not None:
+            response.headers["Content-Encoding"] = "gzip"
         await response.prepare(request)
         blocks: list[list[str]] | None = None
         for blocks in self._blocks(om):
@@ -414,12 +417,25 @@ class Exposition:
             buffered.append(piece)
             size += len(piece)
             if size >= _PIECE:
-                await response.write("".join(buffered).encode())
+                data = "".join(buffered).encode()
+                await response.write(data if gzip is None else gzip.compress(data))
                 buffered, size = [], 0
-        await response.write("".join(buffered).encode())
+        data = "".join(buffered).encode()
+        await response.write(data if gzip is None else gzip.compress(data))
+        if gzip is not None:
+            await response.write(gzip.flush())
         await response.write_eof()
         self._metrics.scrapes.observe(perf_counter() - started)
         return response
+
+
+def _gzip() -> Any:
+    """gzip at level 1: at the cap, level 6 took 2.5-4x the CPU for 7-10% fewer bytes.
+
+    Each piece is compressed on the loop (about 1-3 ms): handing pieces to a worker thread
+    measured slower, as the loop, busy with traffic, held the GIL the thread waited for.
+    """
+    return zlib.compressobj(1, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
 
 
 def accepts_gzip(accept_encoding: str) -> bool:
