@@ -28,8 +28,9 @@ from proxy.observe.metrics import (
     exemplar_ids,
 )
 from proxy.rules.request_id import new_request_id, valid_request_id
-from tests.conftest import Origin, RunningProxy, promtool_or_skip
+from tests.conftest import LogCapture, Origin, RawOrigin, RunningProxy, promtool_or_skip, read_head
 from tests.deploy.deploy_support import dashboard_queries
+from tests.test_tunnelling import echo, tunnel_lines
 
 OM_ACCEPT = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
 
@@ -403,3 +404,111 @@ async def test_a_proxied_request_completes_while_a_capped_scrape_is_in_progress(
             break
         await asyncio.sleep(0.01)
     assert sum(scrapes.counts) == 1
+
+
+# -- exemplars follow the host labels -------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def om_text(metrics: Metrics) -> str:
+    return Exposition(metrics, lambda: 0).render(om=True).decode()
+
+
+def exemplar_hosts(text: str, trace_id: str) -> set[str]:
+    """The host labels of the bucket lines whose exemplar holds ``trace_id``."""
+    return {
+        s.labels["host"]
+        for f in parse_om(text)
+        for s in f.samples
+        if s.exemplar is not None and s.exemplar.labels.get("trace_id") == trace_id
+    }
+
+
+def test_an_expired_host_label_takes_its_exemplars_with_it() -> None:
+    """Once a host label expires its exemplars are gone; back again, it shows only new ones."""
+    clock = Clock()
+    metrics = Metrics((1.0,), HostLabelLimits(max_hosts=10, ttl=60.0), clock)
+    exposition = Exposition(metrics, lambda: 0)
+    metrics.host("a.test").ttfb.observe(0.5, exemplar_ids("a" * 32, "old"))
+    assert exemplar_hosts(exposition.render(om=True).decode(), "a" * 32) == {"a.test"}
+    clock.now += 61
+    assert exemplar_hosts(exposition.render(om=True).decode(), "a" * 32) == set()
+    metrics.host("a.test").ttfb.observe(0.5, exemplar_ids("b" * 32, "new"))
+    text = exposition.render(om=True).decode()
+    assert exemplar_hosts(text, "a" * 32) == set()
+    assert exemplar_hosts(text, "b" * 32) == {"a.test"}
+
+
+def test_a_host_past_the_cap_leaves_its_exemplars_on_other() -> None:
+    """A host counted under "other" has no series of its own; its exemplars are other's."""
+    metrics = Metrics((1.0,), HostLabelLimits(max_hosts=1), Clock())
+    metrics.host("a.test").ttfb.observe(0.5, exemplar_ids("a" * 32, "first"))
+    metrics.host("b.test").ttfb.observe(0.5, exemplar_ids("b" * 32, "second"))
+    text = om_text(metrics)
+    assert exemplar_hosts(text, "a" * 32) == {"a.test"}
+    assert exemplar_hosts(text, "b" * 32) == {"other"}
+    assert 'host="b.test"' not in text
+
+
+async def test_every_phase_of_a_forwarded_request_gets_its_exemplar(
+    proxy: RunningProxy, origin: Origin, client: aiohttp.ClientSession
+) -> None:
+    """A new connection's queue, dns, connect, ttfb and request buckets all carry its ids."""
+    trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+    headers = {"traceparent": f"00-{trace}-00f067aa0ba902b7-01"}
+    url = origin.url("/echo").replace("127.0.0.1", "localhost")  # a lookup too
+    async with client.get(url, proxy=proxy.url, headers=headers) as resp:
+        assert resp.status == 200
+        request_id = resp.headers["X-Request-ID"]
+    text = await scrape(client, proxy.admin_url, OM_ACCEPT)
+    families = {
+        f.name
+        for f in parse_om(text)
+        for s in f.samples
+        if s.exemplar is not None
+        and s.exemplar.labels == {"trace_id": trace, "request_id": request_id}
+        and s.labels["host"] == f"localhost:{origin.port}"
+    }
+    assert families == {name for name, _, _ in PHASES}
+
+
+async def test_a_tunnel_gets_an_exemplar_with_its_traceparent(
+    start_proxy: Callable[..., Awaitable[RunningProxy]],
+    raw_origin: Callable[..., Awaitable[RawOrigin]],
+    logs: LogCapture,
+    client: aiohttp.ClientSession,
+) -> None:
+    """A CONNECT carrying a traceparent leaves its trace and request ids on the tunnel buckets."""
+    origin = await raw_origin(echo)
+    proxy = await start_proxy(connect_ports=(origin.port,))
+    trace = "0af7651916cd43dd8448eb211c80319c"
+    host, _, port = proxy.url.removeprefix("http://").rpartition(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    authority = f"127.0.0.1:{origin.port}"
+    writer.write(
+        f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n"
+        f"traceparent: 00-{trace}-b7ad6b7169203331-01\r\n\r\n".encode()
+    )
+    head = await read_head(reader)
+    assert head.startswith(b"HTTP/1.1 200")
+    writer.write(b"ping")
+    assert await reader.readexactly(4) == b"ping"
+    writer.close()
+    await writer.wait_closed()
+    (line,) = await tunnel_lines(logs)
+    text = await scrape(client, proxy.admin_url, OM_ACCEPT)
+    found = {
+        (f.name, s.exemplar.labels["request_id"])
+        for f in parse_om(text)
+        for s in f.samples
+        if s.exemplar is not None and s.exemplar.labels.get("trace_id") == trace
+    }
+    assert ("proxy_tunnel_seconds", line["request_id"]) in found
+    assert ("proxy_upstream_connect_seconds", line["request_id"]) in found
