@@ -342,7 +342,9 @@ class Exposition:
         self._in_flight = in_flight
         self._extra = _Collectors(extra)
         self.slice_seconds = slice_seconds  # how long a slice of rendering may hold the loop
-        self._cache: dict[bool, dict[str, _Block]] = {False: {}, True: {}}
+        # Blocks of the format scraped last only: Prometheus asks for one format, and two
+        # caches would hold the text twice (up to 20 KB per host label).
+        self._cache: dict[bool, dict[str, _Block]] = {}
 
     def __repr__(self) -> str:
         return f"<Exposition hosts={len(self._metrics.hosts)} slice={self.slice_seconds}s>"
@@ -356,7 +358,7 @@ class Exposition:
         """
         self._metrics.expire_idle()
         items = sorted(self._metrics.hosts.items())
-        old = self._cache[om]
+        old = self._cache.get(om, {})
         new: dict[str, _Block] = {}
         deadline = perf_counter() + self.slice_seconds
         for host, stats in items:
@@ -369,7 +371,7 @@ class Exposition:
                     yield None
                     deadline = perf_counter() + self.slice_seconds
             new[host] = block
-        self._cache[om] = new
+        self._cache = {om: new}
         yield [block[2] for block in new.values()]
 
     def _pieces(self, om: bool, blocks: list[list[str]], extra: str) -> Iterator[str]:
