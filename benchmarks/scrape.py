@@ -8,8 +8,9 @@ exemplar on every bucket:
 - render time of the classic text and of OpenMetrics, when every host moved since the
   last scrape (the worst case) and when none did (cached blocks); bytes, gzip bytes;
 - the same for prometheus-client's generic encoders over the same numbers (before);
-- over real sockets (a proxy process, an origin, an aiohttp client): the scrape's wall
-  time, and a proxied request's latency while a scrape runs against the idle p50;
+- over real sockets (a proxy process, an origin on N ports, curl scraping, an aiohttp
+  client in this process): the scrape's wall time, and a proxied request's latency while
+  a scrape runs against the idle p50;
 - the CPU a 15 s scrape interval adds per proxied request at 50 clients: the scrape's
   CPU time divided by the requests 50 clients send in 15 s (measured CPU per request).
 
@@ -337,8 +338,17 @@ class _Live:
         await asyncio.gather(*(one(url) for url in urls))
 
     async def scrape(self, accept: str) -> float:
-        headers = {"Accept": accept, "Accept-Encoding": "gzip"}  # as Prometheus asks
-        return await _get(self.session, self.metrics, headers=headers)
+        """One scrape by curl, as Prometheus asks (gzip); another process, so that reading
+        and decompressing the body does not delay this loop's own requests."""
+        curl = await asyncio.create_subprocess_exec(
+            *("curl", "-sS", "-o", "/dev/null", "-w", "%{time_total}"),
+            *("-H", f"Accept: {accept}", "-H", "Accept-Encoding: gzip", self.metrics),
+            stdout=asyncio.subprocess.PIPE,
+        )
+        out, _ = await curl.communicate()
+        if curl.returncode != 0:
+            raise RuntimeError(f"curl {self.metrics} exited {curl.returncode}")
+        return float(out)
 
     async def during_scrape(self, accept: str, url: str) -> tuple[float, list[float]]:
         """A scrape's wall time, and the latency of requests sent one after another during it."""
