@@ -60,8 +60,11 @@ class ProxyServer:
                 settings.max_hosts, HostPatterns(settings.track_hosts), settings.host_label_ttl
             ),
         )
-        self._process = ProcessCollector(registry=None)
-        self.exposition = Exposition(self.metrics, self._in_flight, (self._process,))
+        # Collectors other than ours (process, span export): prometheus-client encodes
+        # them into /metrics after our families. The registry holds both.
+        self.others = CollectorRegistry()
+        ProcessCollector(registry=self.others)
+        self.exposition = Exposition(self.metrics, self._in_flight, self.others)
         self._runners: list[web.AppRunner] = []
         self.proxy_address: Address | None = None
         self.admin_address: Address | None = None
@@ -79,7 +82,7 @@ class ProxyServer:
         # The registry sees the same numbers (get_sample_value, other exporters); /metrics
         # is written by the exposition.
         self.registry.register(RegistryView(self.metrics, self._in_flight))
-        self.registry.register(self._process)
+        self.registry.register(self.others)
         try:
             if settings.otlp_endpoint is not None:
                 await self._start_spans(settings.otlp_endpoint)
@@ -121,7 +124,7 @@ class ProxyServer:
     async def _start_spans(self, endpoint: str) -> None:
         settings = self.settings
         queue = SpanQueue(settings.otlp_queue_size, settings.otlp_batch_size)
-        queue.register(self.registry)
+        queue.register(self.others)
         self.spans = SpanRecorder(
             queue,
             TraceIdRatio(settings.otlp_sample_ratio),

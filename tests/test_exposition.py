@@ -512,3 +512,21 @@ async def test_a_tunnel_gets_an_exemplar_with_its_traceparent(
     }
     assert ("proxy_tunnel_seconds", line["request_id"]) in found
     assert ("proxy_upstream_connect_seconds", line["request_id"]) in found
+
+
+async def test_every_family_on_the_registry_is_in_the_scrape(
+    start_proxy: Callable[..., Awaitable[RunningProxy]],
+    origin: Origin,
+    client: aiohttp.ClientSession,
+) -> None:
+    """What the registry holds (ours, process, span export) is what /metrics serves."""
+    proxy = await start_proxy(otlp_endpoint=f"http://127.0.0.1:{origin.port}/v1/traces")
+    async with client.get(origin.url("/echo"), proxy=proxy.url) as resp:
+        assert resp.status == 200
+    registry = {m.name for m in proxy.registry.collect()}
+    for accept, om in (("*/*", False), (OM_ACCEPT, True)):
+        text = await scrape(client, proxy.admin_url, accept)
+        families = {f.name for f in (parse_om if om else parse_classic)(text)}
+        assert registry <= families, accept
+    assert any(name.startswith("process_") for name in registry)
+    assert any("span" in name for name in registry)

@@ -28,6 +28,7 @@ from time import perf_counter
 from typing import Any, Final, cast
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.openmetrics import exposition as openmetrics
@@ -305,17 +306,6 @@ GLOBAL_FAMILIES: Final = (
 )
 
 
-class _Collectors:
-    """Other collectors (process metrics) as one registry for prometheus-client's encoders."""
-
-    def __init__(self, collectors: Sequence[Collector]) -> None:
-        self._collectors = collectors
-
-    def collect(self) -> Iterator[Metric]:
-        for collector in self._collectors:
-            yield from collector.collect()
-
-
 # A block per host label: the stats it was rendered from, their version, a string per family.
 _Block = tuple[HostStats, int, list[str]]
 
@@ -327,20 +317,20 @@ _PIECE: Final = 64 * 1024
 class Exposition:
     """Renders the metrics in the classic text format or OpenMetrics, and serves ``/metrics``.
 
-    ``extra`` collectors (process metrics) go through prometheus-client's own encoder.
+    ``others`` (process metrics, span export) go through prometheus-client's own encoder.
     """
 
     def __init__(
         self,
         metrics: Metrics,
         in_flight: Callable[[], int],
-        extra: Sequence[Collector] = (),
+        others: CollectorRegistry | None = None,
         *,
         slice_seconds: float = 0.001,
     ) -> None:
         self._metrics = metrics
         self._in_flight = in_flight
-        self._extra = _Collectors(extra)
+        self._others = others if others is not None else CollectorRegistry()
         self.slice_seconds = slice_seconds  # how long a slice of rendering may hold the loop
         # Blocks of the format scraped last only: Prometheus asks for one format, and two
         # caches would hold the text twice (up to 20 KB per host label).
@@ -383,8 +373,8 @@ class Exposition:
             yield g.header(om) + g.lines(metrics, in_flight, om)
         yield extra
 
-    def _extra_text(self, encoder: Callable[[_Collectors], bytes], om: bool) -> str:
-        text = encoder(self._extra).decode()
+    def _extra_text(self, encoder: Callable[[CollectorRegistry], bytes], om: bool) -> str:
+        text = encoder(self._others).decode()
         # The OpenMetrics encoder ends its output; ours goes on after it.
         return text.removesuffix("# EOF\n") + "# EOF\n" if om else text
 
