@@ -12,7 +12,9 @@ exemplar on every bucket:
   client in this process): the scrape's wall time, and a proxied request's latency while
   a scrape runs against the idle p50;
 - the CPU a 15 s scrape interval adds per proxied request at 50 clients: the scrape's
-  CPU time divided by the requests 50 clients send in 15 s (measured CPU per request).
+  CPU time divided by the requests 50 clients send in 15 s (measured CPU per request);
+- the proxy's CPU per request at 50 clients with ``--exemplars`` true and false;
+- the cost of one histogram observation with and without an exemplar.
 
 ``figures()`` returns the same numbers as a dict (``make bench`` wires it in).
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gzip
 import json
 import random
@@ -420,28 +423,55 @@ async def _live(live: _Live, urls: list[str], rounds: int) -> dict[str, Any]:
     return out
 
 
+@contextlib.contextmanager
+def _proxy(*args: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """A proxy process (access log to a file, as a sidecar's stdout goes to a pipe)."""
+    command = proxy_command("--admin-listen", "127.0.0.1:0", *args)
+    with tempfile.TemporaryFile("w") as sink, ready_process(command) as (proc, listening):
+        drain = subprocess.Popen(["cat"], stdin=proc.stdout, stdout=sink)
+        try:
+            yield proc.pid, json.loads(listening)
+        finally:
+            proc.terminate()
+            drain.wait(timeout=30)
+
+
+async def _session_run(pid: int, ready: dict[str, Any], work: Callable[[_Live], Any]) -> Any:
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        return await work(_Live(session, pid, ready["proxy"], ready["metrics"]))
+
+
 def live_figures(hosts: int, rounds: int = 5) -> dict[str, Any]:
     """Scrape wall time and a proxied request's latency during a scrape, against a live proxy."""
     with ready_process([sys.executable, "-m", "benchmarks.ports_origin", str(hosts)]) as (_, line):
         urls = [f"http://127.0.0.1:{port}/" for port in json.loads(line)]
-        command = proxy_command("--admin-listen", "127.0.0.1:0", "--max-hosts", str(hosts))
-        # The access log goes to a file, as a sidecar's stdout goes to the node's log pipe.
-        with tempfile.TemporaryFile("w") as sink, ready_process(command) as (proc, listening):
-            ready = json.loads(listening)
-            drain = subprocess.Popen(["cat"], stdin=proc.stdout, stdout=sink)
-            try:
+        with _proxy("--max-hosts", str(hosts)) as (pid, ready):
+            out = asyncio.run(_session_run(pid, ready, lambda live: _live(live, urls, rounds)))
+    return {"hosts": hosts, **out}
 
-                async def run() -> dict[str, Any]:
-                    connector = aiohttp.TCPConnector(limit=0)
-                    async with aiohttp.ClientSession(connector=connector) as session:
-                        live = _Live(session, proc.pid, ready["proxy"], ready["metrics"])
-                        return await _live(live, urls, rounds)
 
-                out = {"hosts": hosts, **asyncio.run(run())}
-            finally:
-                proc.terminate()
-                drain.wait(timeout=30)
-    return out
+def exemplar_cpu(rounds: int = 3, seconds: float = 5.0) -> dict[str, Any]:
+    """Proxy CPU per request at 50 clients with --exemplars true and false, alternating."""
+    found: dict[str, list[float]] = {"true": [], "false": []}
+    with ready_process([sys.executable, "-m", "benchmarks.ports_origin", "1"]) as (_, line):
+        (url,) = (f"http://127.0.0.1:{port}/" for port in json.loads(line))
+        for _ in range(rounds):
+            for setting, samples in found.items():
+                with _proxy("--exemplars", setting) as (pid, ready):
+
+                    async def work(live: _Live) -> float:
+                        await live.cpu_per_request(url, 50, 1.0)  # warm-up
+                        per_request, _ = await live.cpu_per_request(url, 50, seconds)
+                        return per_request
+
+                    samples.append(asyncio.run(_session_run(pid, ready, work)))
+    on, off = statistics.median(found["true"]), statistics.median(found["false"])
+    return {
+        "cpu_per_request_us_exemplars_on": round(on * 1e6, 1),
+        "cpu_per_request_us_exemplars_off": round(off * 1e6, 1),
+        "on_over_off": round(on / off, 3),
+    }
 
 
 def figures(hosts: tuple[int, ...] = (10, 100, 1000), repeat: int = 5) -> dict[str, Any]:
@@ -449,6 +479,7 @@ def figures(hosts: tuple[int, ...] = (10, 100, 1000), repeat: int = 5) -> dict[s
         "observe": observe_cost(),
         "render": [render_figures(n, repeat) for n in hosts],
         "live": [live_figures(n) for n in hosts],
+        "exemplars_cpu": exemplar_cpu(),
     }
 
 
