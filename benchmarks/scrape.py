@@ -406,6 +406,7 @@ async def _live(live: _Live, urls: list[str], rounds: int) -> dict[str, Any]:
         out[f"{fmt}_scrape_wall_cached_ms"] = round(statistics.median(cached) * 1000, 1)
         out[f"{fmt}_scrape_cpu_ms"] = round(statistics.median(cpus) * 1000, 1)
         out[f"{fmt}_requests_during_scrapes"] = len(during)
+        out[f"{fmt}_requests_per_scrape"] = len(during) / rounds
         during.sort()
         for name, q in (("p50", 0.5), ("p99", 0.99), ("max", 1.0)):
             value = _quantile(during, q)
@@ -416,10 +417,13 @@ async def _live(live: _Live, urls: list[str], rounds: int) -> dict[str, Any]:
     out["clients"] = clients
     out["requests_per_s"] = round(rate, 1)
     out["cpu_per_request_us"] = round(per_request * 1e6, 1)
-    # The CPU one scrape per 15 s adds, shared over that interval's requests (the scrape's
-    # own CPU includes the proxied requests served during it: an overestimate).
-    scrape_cpu = max(out[f"{fmt}_scrape_cpu_ms"] for fmt, _ in FORMATS) / 1000
-    out["scrape_15s_cpu_added_percent"] = round(100 * scrape_cpu / (15 * rate * per_request), 2)
+    # The CPU one scrape per 15 s adds, shared over that interval's requests. The CPU read
+    # during a scrape also paid for the requests served meanwhile; they are taken off.
+    for fmt, _ in FORMATS:
+        served = out.pop(f"{fmt}_requests_per_scrape") * per_request
+        net = max(out[f"{fmt}_scrape_cpu_ms"] / 1000 - served, 0.0)
+        out[f"{fmt}_scrape_cpu_net_ms"] = round(net * 1000, 1)
+        out[f"{fmt}_scrape_15s_cpu_added_percent"] = round(100 * net / (15 * rate * per_request), 2)
     return out
 
 
