@@ -14,7 +14,8 @@ exemplar on every bucket:
 - the CPU a 15 s scrape interval adds per proxied request at 50 clients: the scrape's
   CPU time divided by the requests 50 clients send in 15 s (measured CPU per request);
 - the proxy's CPU per request at 50 clients with ``--exemplars`` true and false;
-- the cost of one histogram observation with and without an exemplar.
+- the cost of one histogram observation with and without an exemplar;
+- in this process, the longest wait between event-loop turns while a scrape is served.
 
 ``figures()`` returns the same numbers as a dict (``make bench`` wires it in).
 """
@@ -37,6 +38,7 @@ from functools import partial
 from typing import Any, Final, cast
 
 import aiohttp
+from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -341,16 +343,20 @@ class _Live:
         await asyncio.gather(*(one(url) for url in urls))
 
     async def scrape(self, accept: str) -> float:
+        return await self.curl(self.metrics, accept)
+
+    @staticmethod
+    async def curl(url: str, accept: str) -> float:
         """One scrape by curl, as Prometheus asks (gzip); another process, so that reading
         and decompressing the body does not delay this loop's own requests."""
         curl = await asyncio.create_subprocess_exec(
             *("curl", "-sS", "-o", "/dev/null", "-w", "%{time_total}"),
-            *("-H", f"Accept: {accept}", "-H", "Accept-Encoding: gzip", self.metrics),
+            *("-H", f"Accept: {accept}", "-H", "Accept-Encoding: gzip", url),
             stdout=asyncio.subprocess.PIPE,
         )
         out, _ = await curl.communicate()
         if curl.returncode != 0:
-            raise RuntimeError(f"curl {self.metrics} exited {curl.returncode}")
+            raise RuntimeError(f"curl {url} exited {curl.returncode}")
         return float(out)
 
     async def during_scrape(self, accept: str, url: str) -> tuple[float, list[float]]:
@@ -427,6 +433,47 @@ async def _live(live: _Live, urls: list[str], rounds: int) -> dict[str, Any]:
     return out
 
 
+async def _loop_stalls(hosts: int, rounds: int) -> dict[str, Any]:
+    metrics = Metrics(DEFAULT_BUCKETS, HostLabelLimits(max_hosts=max(hosts, 1)))
+    fill(metrics, hosts)
+    app = web.Application()
+    app.router.add_get("/metrics", Exposition(metrics, lambda: 0))
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}/metrics"
+    out: dict[str, Any] = {"hosts": hosts}
+    try:
+        for fmt, accept in FORMATS:
+            gaps: list[float] = []  # wall time between turns
+            cpu: list[float] = []  # this thread's CPU time between turns (no preemption)
+            for _ in range(rounds):
+                for stats in metrics.hosts.values():
+                    stats.version += 1
+                scrape = asyncio.ensure_future(_Live.curl(url, accept))
+                last, last_cpu = time.perf_counter(), time.thread_time()
+                while not scrape.done():
+                    await asyncio.sleep(0)
+                    now, now_cpu = time.perf_counter(), time.thread_time()
+                    gaps.append(now - last)
+                    cpu.append(now_cpu - last_cpu)
+                    last, last_cpu = now, now_cpu
+                await scrape
+            for name, values in (("loop_gap", sorted(gaps)), ("loop_gap_cpu", sorted(cpu))):
+                out[f"{fmt}_{name}_p99_ms"] = round(_quantile(values, 0.99) * 1000, 2)
+                out[f"{fmt}_{name}_max_ms"] = round(values[-1] * 1000, 2)
+    finally:
+        await runner.cleanup()
+    return out
+
+
+def loop_stall_figures(hosts: int, rounds: int = 5) -> dict[str, Any]:
+    """The longest the event loop waited between turns while serving a scrape (in this process,
+    curl scraping). The CPU time of a gap is what the slicing bounds; its wall time also
+    counts the machine preempting the process."""
+    return asyncio.run(_loop_stalls(hosts, rounds))
+
+
 @contextlib.contextmanager
 def _proxy(*args: str) -> Iterator[tuple[int, dict[str, Any]]]:
     """A proxy process (access log to a file, as a sidecar's stdout goes to a pipe)."""
@@ -482,6 +529,7 @@ def figures(hosts: tuple[int, ...] = (10, 100, 1000), repeat: int = 5) -> dict[s
     return {
         "observe": observe_cost(),
         "render": [render_figures(n, repeat) for n in hosts],
+        "loop": [loop_stall_figures(n) for n in hosts],
         "live": [live_figures(n) for n in hosts],
         "exemplars_cpu": exemplar_cpu(),
     }
