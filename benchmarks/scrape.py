@@ -148,10 +148,11 @@ class ReferenceCollector:
         )
         denied = c(
             "proxy_denied",
-            "Requests refused before proxying: client not allowed, or proxy credentials.",
+            "Requests the proxy answered itself instead of proxying, by reason: the client, "
+            "its credentials, the request's form or target, or a shutdown.",
             labels=["reason"],
         )
-        for reason, count in sorted(m.denied.items()):
+        for reason, count in sorted(m.denied.counts.items()):
             denied.add_metric([reason], count)
         yield denied
         build = g("proxy_build_info", "Always 1; the version is a label.", labels=["version"])
