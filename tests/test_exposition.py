@@ -31,6 +31,7 @@ from proxy.rules.request_id import new_request_id, valid_request_id
 from tests.conftest import LogCapture, Origin, RawOrigin, RunningProxy, promtool_or_skip, read_head
 from tests.deploy.deploy_support import dashboard_queries
 from tests.test_tunnelling import echo, tunnel_lines
+from tests.tls import TLSOrigin
 
 OM_ACCEPT = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
 
@@ -459,26 +460,46 @@ def test_a_host_past_the_cap_leaves_its_exemplars_on_other() -> None:
     assert 'host="b.test"' not in text
 
 
-async def test_every_phase_of_a_forwarded_request_gets_its_exemplar(
-    proxy: RunningProxy, origin: Origin, client: aiohttp.ClientSession
-) -> None:
-    """A new connection's queue, dns, connect, ttfb and request buckets all carry its ids."""
+async def phases_with_exemplar(
+    client: aiohttp.ClientSession, proxy: RunningProxy, url: str, host: str
+) -> set[str]:
+    """The families whose buckets for ``host`` carry the ids of one request to ``url``."""
     trace = "4bf92f3577b34da6a3ce929d0e0e4736"
     headers = {"traceparent": f"00-{trace}-00f067aa0ba902b7-01"}
-    url = origin.url("/echo").replace("127.0.0.1", "localhost")  # a lookup too
     async with client.get(url, proxy=proxy.url, headers=headers) as resp:
         assert resp.status == 200
         request_id = resp.headers["X-Request-ID"]
     text = await scrape(client, proxy.admin_url, OM_ACCEPT)
-    families = {
+    return {
         f.name
         for f in parse_om(text)
         for s in f.samples
         if s.exemplar is not None
         and s.exemplar.labels == {"trace_id": trace, "request_id": request_id}
-        and s.labels["host"] == f"localhost:{origin.port}"
+        and s.labels["host"] == host
     }
-    assert families == {name for name, _, _ in PHASES}
+
+
+async def test_every_phase_of_a_forwarded_request_gets_its_exemplar(
+    proxy: RunningProxy, origin: Origin, client: aiohttp.ClientSession
+) -> None:
+    """A new http connection's queue, dns, connect, ttfb and request buckets carry its ids."""
+    url = origin.url("/echo").replace("127.0.0.1", "localhost")  # a lookup too
+    found = await phases_with_exemplar(client, proxy, url, f"localhost:{origin.port}")
+    assert found == {name for name, _, _ in PHASES} - {"proxy_upstream_tls_seconds"}
+
+
+async def test_an_https_request_gets_a_tls_exemplar_too(
+    start_proxy: Callable[..., Awaitable[RunningProxy]],
+    tls_ca_file: str,
+    secure_origin: TLSOrigin,
+    client: aiohttp.ClientSession,
+) -> None:
+    """Upgraded to https, the request's ids are on the TLS handshake bucket as well."""
+    proxy = await start_proxy(upstream_ca_file=tls_ca_file, upgrade_to_https=("localhost",))
+    url = f"http://localhost:{secure_origin.port}/echo"
+    found = await phases_with_exemplar(client, proxy, url, f"localhost:{secure_origin.port}")
+    assert found == {name for name, _, _ in PHASES}
 
 
 async def test_a_tunnel_gets_an_exemplar_with_its_traceparent(
