@@ -333,7 +333,7 @@ class Exposition:
         self._others = others if others is not None else CollectorRegistry()
         self.slice_seconds = slice_seconds  # how long a slice of rendering may hold the loop
         # Blocks of the format scraped last only: Prometheus asks for one format, and two
-        # caches would hold the text twice (up to 20 KB per host label).
+        # caches would hold the text twice (up to 24 KB per host label).
         self._cache: dict[bool, dict[str, _Block]] = {}
 
     def __repr__(self) -> str:
