@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 import sys
@@ -45,6 +46,10 @@ async def serve(settings: Settings) -> int:
         version=__version__,
         loop=type(loop).__module__,
     )
+    # Everything loaded so far lives as long as the process: leave it out of the cyclic
+    # collector's full passes (with the capped stats, a pass measured 30-50 ms on the loop,
+    # 4-7 ms with the startup objects frozen).
+    gc.freeze()
     log.flush()
     try:
         first = await signals.get()

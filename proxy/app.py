@@ -8,12 +8,12 @@ from typing import Any, Final
 
 import aiohttp
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from structlog.typing import FilteringBoundLogger
 from yarl import URL
 
 from proxy.config import Settings
 from proxy.observe import log
+from proxy.observe.exposition import Exposition
 from proxy.observe.metrics import Metrics
 from proxy.observe.outcome import Observer
 from proxy.observe.spans import SpanRecorder
@@ -75,7 +75,7 @@ class Lifecycle:
 
 
 SETTINGS: Final = web.AppKey("settings", Settings)
-REGISTRY: Final = web.AppKey("registry", CollectorRegistry)
+EXPOSITION: Final = web.AppKey("exposition", Exposition)
 METRICS: Final = web.AppKey("metrics", Metrics)
 LIFECYCLE: Final = web.AppKey("lifecycle", Lifecycle)
 LOGGER: Final = web.AppKey("logger", FilteringBoundLogger)
@@ -110,9 +110,8 @@ EXPECTATION_FAILED: Final = ProxyError(
 # -- local endpoints: the same handlers on the admin listener and the proxy listener ----------
 
 
-async def metrics_endpoint(request: web.Request) -> web.Response:
-    body = generate_latest(request.app[REGISTRY])
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+async def metrics_endpoint(request: web.Request) -> web.StreamResponse:
+    return await request.app[EXPOSITION](request)
 
 
 async def healthz_endpoint(request: web.Request) -> web.Response:
@@ -362,11 +361,17 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
     session = build_session(settings, policy.DestinationCheck(destinations, app[OWN_ADDRESSES]))
     metrics = app[METRICS]
     observer = (
-        Observer(metrics, app[LOGGER], log_query=settings.log_query) if settings.observe else None
+        Observer(metrics, app[LOGGER], log_query=settings.log_query, exemplars=settings.exemplars)
+        if settings.observe
+        else None
     )
     app[SESSION] = session
     # CONNECT tunnels and WebSockets share one set of relays: counted alike, closed alike.
-    relays = Relays(TunnelObserver(metrics, app[LOGGER]) if settings.observe else None)
+    relays = Relays(
+        TunnelObserver(metrics, app[LOGGER], exemplars=settings.exemplars)
+        if settings.observe
+        else None
+    )
     app[FORWARDER] = Forwarder(
         session,
         observer,
@@ -401,7 +406,7 @@ async def _close_tunnels(app: web.Application) -> None:
 
 def build_proxy_app(
     settings: Settings,
-    registry: CollectorRegistry,
+    exposition: Exposition,
     metrics: Metrics,
     lifecycle: Lifecycle,
     own_addresses: policy.OwnAddresses,
@@ -415,7 +420,7 @@ def build_proxy_app(
     obs_text.install()  # field values and reason phrases leave byte for byte
     app = web.Application(middlewares=[dispatch], handler_args={"auto_decompress": False})
     app[SETTINGS] = settings
-    app[REGISTRY] = registry
+    app[EXPOSITION] = exposition
     app[METRICS] = metrics
     app[LIFECYCLE] = lifecycle
     app[LOGGER] = log.get_logger()
@@ -452,9 +457,9 @@ def build_proxy_app(
     return app
 
 
-def build_admin_app(registry: CollectorRegistry, lifecycle: Lifecycle) -> web.Application:
+def build_admin_app(exposition: Exposition, lifecycle: Lifecycle) -> web.Application:
     app = web.Application()
-    app[REGISTRY] = registry
+    app[EXPOSITION] = exposition
     app[LIFECYCLE] = lifecycle
     _add_local_routes(app)
     return app

@@ -72,6 +72,7 @@ class Settings:
     log_level: str = "info"
     log_query: bool = False
     observe: bool = True
+    exemplars: bool = True
     event_loop: str = "uvloop"
     shutdown_grace: float = 5.0
     drain_timeout: float = 30.0
@@ -464,6 +465,12 @@ OPTIONS: tuple[Option, ...] = (
         "observe",
         parse_bool,
         "tracing, metrics and access log (false only to measure their cost)",
+        "BOOL",
+    ),
+    Option(
+        "exemplars",
+        parse_bool,
+        "trace and request id of the latest observation per histogram bucket (OpenMetrics)",
         "BOOL",
     ),
     Option("event_loop", choice("uvloop", "asyncio"), "event loop: uvloop or asyncio", "LOOP"),

@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry, ProcessCollector
 from proxy.app import Lifecycle, build_admin_app, build_proxy_app
 from proxy.config import Address, Settings
 from proxy.observe import log
+from proxy.observe.exposition import Exposition, RegistryView
 from proxy.observe.metrics import HostLabelLimits, Metrics
 from proxy.observe.spans import SpanQueue, SpanRecorder, TraceIdRatio
 from proxy.rules.hostpatterns import HostPatterns
@@ -60,6 +61,11 @@ class ProxyServer:
                 settings.max_hosts, HostPatterns(settings.track_hosts), settings.host_label_ttl
             ),
         )
+        # Collectors other than ours (process, span export): prometheus-client encodes
+        # them into /metrics after our families. The registry holds both.
+        self.others = CollectorRegistry()
+        ProcessCollector(registry=self.others)
+        self.exposition = Exposition(self.metrics, self._in_flight, self.others)
         self._runners: list[web.AppRunner] = []
         self.proxy_address: Address | None = None
         self.admin_address: Address | None = None
@@ -74,8 +80,10 @@ class ProxyServer:
 
     async def start(self) -> None:
         settings = self.settings
-        self.metrics.register(self.registry, in_flight=lambda: self.lifecycle.in_flight)
-        ProcessCollector(registry=self.registry)
+        # The registry sees the same numbers (get_sample_value, other exporters); /metrics
+        # is written by the exposition.
+        self.registry.register(RegistryView(self.metrics, self._in_flight))
+        self.registry.register(self.others)
         try:
             if settings.otlp_endpoint is not None:
                 await self._start_spans(settings.otlp_endpoint)
@@ -87,7 +95,7 @@ class ProxyServer:
             )
             proxy_app = build_proxy_app(
                 settings,
-                self.registry,
+                self.exposition,
                 self.metrics,
                 self.lifecycle,
                 self.own_addresses,
@@ -112,7 +120,7 @@ class ProxyServer:
                 **limits.handler_kwargs(),
             )
             if settings.admin_listen is not None:
-                admin_app = build_admin_app(self.registry, self.lifecycle)
+                admin_app = build_admin_app(self.exposition, self.lifecycle)
                 self.admin_address = await self._listen(
                     admin_app, "admin_listen", settings.admin_listen
                 )
@@ -124,7 +132,7 @@ class ProxyServer:
     async def _start_spans(self, endpoint: str) -> None:
         settings = self.settings
         queue = SpanQueue(settings.otlp_queue_size, settings.otlp_batch_size)
-        queue.register(self.registry)
+        queue.register(self.others)
         self.spans = SpanRecorder(
             queue,
             TraceIdRatio(settings.otlp_sample_ratio),
@@ -139,6 +147,9 @@ class ProxyServer:
             timeout=settings.otlp_export_timeout,
         )
         await self.span_exporter.start()
+
+    def _in_flight(self) -> int:
+        return self.lifecycle.in_flight
 
     async def _listen(
         self,

@@ -13,6 +13,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from proxy.config import SettingError, parse_host_patterns
+from proxy.observe.exposition import RegistryView
 from proxy.observe.metrics import HostLabelLimits, Metrics
 from proxy.rules.hostpatterns import HostPatterns, label_host
 from tests.conftest import LogCapture, RawOrigin, RunningProxy
@@ -36,7 +37,7 @@ def capped(
         (1.0,), HostLabelLimits(max_hosts, HostPatterns(track), ttl), clock or FakeClock()
     )
     registry = CollectorRegistry()
-    metrics.register(registry, in_flight=lambda: 0)
+    registry.register(RegistryView(metrics, in_flight=lambda: 0))
 
     def sample(name: str, **labels: str) -> float | None:
         return registry.get_sample_value(name, labels)

@@ -546,7 +546,8 @@ async def test_admin_listener_serves_metrics_health_and_readiness(
     for path, status in (("/metrics", 200), ("/healthz", 200), ("/readyz", 200)):
         async with client.get(proxy.admin_url + path) as resp:
             assert resp.status == status
-    async with client.get(proxy.admin_url + "/metrics") as resp:
+    headers = {"Accept-Encoding": "identity"}
+    async with client.get(proxy.admin_url + "/metrics", headers=headers) as resp:
         assert "proxy_build_info" in await resp.text()
 
 

@@ -9,13 +9,16 @@ import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
+from proxy.observe.exposition import RegistryView, histogram_lines
 from proxy.observe.metrics import Histogram, Metrics, method_label
 from tests.conftest import Origin, RunningProxy, promtool_or_skip
+
+IDENTITY = {"Accept-Encoding": "identity"}  # the body as written, for promtool
 
 
 def registry_with(metrics: Metrics, in_flight: int = 0) -> CollectorRegistry:
     registry = CollectorRegistry()
-    metrics.register(registry, in_flight=lambda: in_flight)
+    registry.register(RegistryView(metrics, in_flight=lambda: in_flight))
     return registry
 
 
@@ -24,7 +27,15 @@ def test_histogram_buckets_are_less_than_or_equal_and_cumulative() -> None:
     hist = Histogram((0.1, 1.0))
     for value in (0.1, 0.5, 1.0, 5.0):
         hist.observe(value)
-    assert hist.cumulative() == [("0.1", 1), ("1.0", 3), ("+Inf", 4)]
+    assert hist.counts == [1, 2, 1]
+    text = histogram_lines("h", 'host="a"', hist, om=False)
+    assert text.splitlines() == [
+        'h_bucket{host="a",le="0.1"} 1.0',
+        'h_bucket{host="a",le="1.0"} 3.0',
+        'h_bucket{host="a",le="+Inf"} 4.0',
+        'h_count{host="a"} 4.0',
+        'h_sum{host="a"} 6.6',
+    ]
     assert hist.sum == pytest.approx(6.6)
 
 
@@ -85,7 +96,7 @@ async def test_promtool_accepts_the_live_metrics_endpoint(
         origin.url("/echo").replace("127.0.0.1", "localhost"), proxy=proxy.url
     ) as resp:
         assert resp.status == 200
-    async with client.get(proxy.admin_url + "/metrics") as resp:
+    async with client.get(proxy.admin_url + "/metrics", headers=IDENTITY) as resp:
         body = await resp.read()
     assert b"proxy_upstream_request_seconds_bucket" in body
     await asyncio.to_thread(promtool_check, body)

@@ -1,28 +1,18 @@
-"""Every metric the proxy exports, kept per host in plain Python and rendered on scrape.
+"""Every metric the proxy exports, kept per host in plain Python.
 
 The request path only does list and dict arithmetic (the proxy runs on one event loop,
-so no locks are needed); a custom collector turns the numbers into Prometheus families
-when ``/metrics`` is scraped. Everything is registered on an injected ``CollectorRegistry``.
+so no locks are needed); ``proxy.observe.exposition`` writes the text when ``/metrics``
+is scraped.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from time import monotonic
+from time import monotonic, time
 from typing import Final
 
-from prometheus_client import CollectorRegistry
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
-from prometheus_client.registry import Collector
-
-from proxy import __version__
 from proxy.rules.hostpatterns import HostPatterns
 
 # Methods outside this set are counted as "_OTHER" (an unbounded label otherwise);
@@ -36,33 +26,58 @@ def method_label(method: str) -> str:
     return method if method in STANDARD_METHODS else "_OTHER"
 
 
-class Histogram:
-    """Bucket counts for one label set; cumulative only when rendered."""
+# An exemplar's labels as OpenMetrics text (sorted by name, as the encoders write them) and
+# the text of the wall-clock time of the observation (Prometheus drops an exemplar older
+# than the last one it stored for the series). Rendered once per request, shared by its
+# observations, so a scrape only concatenates.
+ExemplarIds = tuple[str, str]
+# OpenMetrics 1.0, "Exemplars": the names and values of an exemplar's labels together take
+# at most 128 UTF-8 characters.
+EXEMPLAR_LABEL_CHARS: Final = 128
 
-    __slots__ = ("bounds", "counts", "sum")
+
+def exemplar_ids(trace_id: str | None, request_id: str) -> ExemplarIds | None:
+    """``trace_id`` and ``request_id`` within the limit; a request id that does not fit is left out.
+
+    A truncated request id would point at the wrong log line; the trace id alone still
+    finds it (the access line carries both). Neither needs escaping: a trace id is hex and
+    a request id is limited to ``proxy.rules.request_id``'s characters.
+    """
+    used = 0 if trace_id is None else len("trace_id") + len(trace_id)
+    fits = used + len("request_id") + len(request_id) <= EXEMPLAR_LABEL_CHARS
+    if trace_id is None:
+        return (f'request_id="{request_id}"', repr(time())) if fits else None
+    if fits:
+        return f'request_id="{request_id}",trace_id="{trace_id}"', repr(time())
+    return f'trace_id="{trace_id}"', repr(time())
+
+
+class Histogram:
+    """Bucket counts for one label set; cumulative only when rendered.
+
+    Each bucket also keeps the ids of its most recent observation (an exemplar).
+    """
+
+    __slots__ = ("bounds", "counts", "exemplars", "sum")
 
     def __init__(self, bounds: Sequence[float]) -> None:
         self.bounds = bounds
         self.counts = [0] * (len(bounds) + 1)  # the last slot is +Inf
         self.sum = 0.0
+        self.exemplars: list[tuple[ExemplarIds, float] | None] = [None] * len(self.counts)
 
-    def observe(self, value: float) -> None:
+    def observe(self, value: float, ids: ExemplarIds | None = None) -> None:
         # Prometheus buckets are "less than or equal": bisect_left finds the first bound >= value.
-        self.counts[bisect_left(self.bounds, value)] += 1
+        i = bisect_left(self.bounds, value)
+        self.counts[i] += 1
         self.sum += value
-
-    def cumulative(self) -> list[tuple[str, float]]:
-        out: list[tuple[str, float]] = []
-        running = 0
-        for bound, count in zip(self.bounds, self.counts, strict=False):
-            running += count
-            out.append((_float_text(bound), running))
-        out.append(("+Inf", running + self.counts[-1]))
-        return out
+        if ids is not None:
+            self.exemplars[i] = (ids, value)
 
 
-def _float_text(value: float) -> str:
-    return repr(float(value))
+def le_text(bound: float) -> str:
+    """A bucket bound as its ``le`` label value."""
+    return repr(float(bound))
 
 
 # Tunnel lifetimes run from a failed handshake (milliseconds) to a long-lived stream (hours).
@@ -94,9 +109,13 @@ class HostStats:
         "tunnel_bytes_sent",
         "tunnel_seconds",
         "tunnels",
+        "version",
     )
 
     def __init__(self, bounds: Sequence[float], *, capped: bool = True) -> None:
+        # Bumped each time the stats are handed out for an update: the exposition
+        # re-renders a host only when this moved.
+        self.version = 0
         self.capped = capped  # counts against --max-hosts (tracked hosts do not)
         self.last_used = 0.0  # monotonic seconds; idle labels expire
         self.queue = Histogram(bounds)
@@ -125,21 +144,24 @@ class HostStats:
         dns_cache: str | None,
         connect: float | None,
         tls: float | None = None,
+        ids: ExemplarIds | None = None,
     ) -> None:
         """The lookup (when one ran), the new connection and its TLS handshake (https)."""
         if dns is not None:
-            self.dns.observe(dns)
+            self.dns.observe(dns, ids)
         if dns_cache == "hit":
             self.dns_hit += 1
         elif dns_cache == "miss":
             self.dns_miss += 1
         if connect is not None:
-            self.connect.observe(connect)
+            self.connect.observe(connect, ids)
         if tls is not None:
-            self.tls.observe(tls)
+            self.tls.observe(tls, ids)
 
 
-_HISTOGRAMS: Final = (
+# The per-host phase histograms: (metric name, HostStats attribute, help). A new phase is
+# one row here and one attribute on HostStats; the exposition renders whatever is listed.
+PHASES: Final = (
     ("proxy_upstream_queue_seconds", "queue", "Time each request waited for a pooled connection."),
     ("proxy_upstream_dns_seconds", "dns", "Duration of each DNS lookup that ran (cache misses)."),
     (
@@ -164,6 +186,9 @@ _HISTOGRAMS: Final = (
     ),
 )
 
+
+# A scrape takes milliseconds per hundred hosts; seconds would mean trouble.
+SCRAPE_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 # Where hosts past the cap are counted.
 OVERFLOW_HOST: Final = "other"
@@ -208,7 +233,7 @@ class Refusals:
 
 
 class Metrics:
-    """The proxy's metrics; ``register`` puts them on a registry.
+    """The proxy's metrics, as plain numbers (``proxy.observe.exposition`` renders them).
 
     Per-host series are the cardinality risk, so host labels are capped: past
     ``max_hosts`` untracked labels, a new host is counted under ``other``; a label idle
@@ -229,6 +254,7 @@ class Metrics:
         self.clients = ClientStats()
         self.denied = Refusals()  # proxy.app and proxy.wire.limits count here
         self._clock = clock
+        self.scrapes = Histogram(SCRAPE_BUCKETS)  # seconds per /metrics answer
         self._capped = 0  # labels in ``hosts`` that count against max_hosts
         self._next_sweep = 0.0
 
@@ -238,6 +264,7 @@ class Metrics:
         if stats is None:
             stats = self._admit(label)
         stats.last_used = self._clock()
+        stats.version += 1
         return stats
 
     def _admit(self, label: str) -> HostStats:
@@ -263,145 +290,3 @@ class Metrics:
         cutoff = now - self.limits.ttl
         for label in [label for label, stats in self.hosts.items() if stats.last_used < cutoff]:
             self._capped -= self.hosts.pop(label).capped
-
-    def register(self, registry: CollectorRegistry, in_flight: Callable[[], int]) -> None:
-        """Expose these metrics on ``registry``; ``in_flight`` is read at each scrape."""
-        registry.register(_Collector(self, in_flight))
-
-
-class _Collector(Collector):
-    def __init__(self, metrics: Metrics, in_flight: Callable[[], int]) -> None:
-        self._metrics = metrics
-        self._in_flight = in_flight
-
-    def describe(self) -> list[Metric]:
-        # Non-empty describe() lets the registry check for name clashes without collecting.
-        return list(self._families({}))
-
-    def collect(self) -> Iterator[Metric]:
-        self._metrics.expire_idle()
-        return self._families(self._metrics.hosts)
-
-    def _families(self, hosts: dict[str, HostStats]) -> Iterator[Metric]:
-        items = sorted(hosts.items())
-        for name, attr, help_text in _HISTOGRAMS:
-            family = HistogramMetricFamily(name, help_text, labels=["host"])
-            for host, stats in items:
-                hist: Histogram = getattr(stats, attr)
-                family.add_metric([host], hist.cumulative(), hist.sum)
-            yield family
-
-        requests = CounterMetricFamily(
-            "proxy_upstream_requests",
-            "Finished forwarded requests.",
-            labels=["host", "method", "code"],
-        )
-        errors = CounterMetricFamily(
-            "proxy_upstream_errors",
-            "Failed requests by RFC 9209 Proxy-Status error type.",
-            labels=["host", "error"],
-        )
-        connections = CounterMetricFamily(
-            "proxy_upstream_connections",
-            "Upstream connection acquisitions, new or reused from the pool.",
-            labels=["host", "kind"],
-        )
-        dns_cache = CounterMetricFamily(
-            "proxy_upstream_dns_cache",
-            "DNS cache use by hostname requests.",
-            labels=["host", "result"],
-        )
-        body_bytes = CounterMetricFamily(
-            "proxy_upstream_bytes",
-            "Body bytes sent to and received from upstreams.",
-            labels=["host", "direction"],
-        )
-        for host, stats in items:
-            for (method, code), count in sorted(stats.requests.items()):
-                requests.add_metric([host, method, code], count)
-            for error, count in sorted(stats.errors.items()):
-                errors.add_metric([host, error], count)
-            connections.add_metric([host, "new"], stats.connections_new)
-            connections.add_metric([host, "reused"], stats.connections_reused)
-            if stats.dns_hit or stats.dns_miss:
-                dns_cache.add_metric([host, "hit"], stats.dns_hit)
-                dns_cache.add_metric([host, "miss"], stats.dns_miss)
-            body_bytes.add_metric([host, "sent"], stats.bytes_sent)
-            body_bytes.add_metric([host, "received"], stats.bytes_received)
-        yield from (requests, errors, connections, dns_cache, body_bytes)
-        yield from self._tunnel_families(items)
-
-        yield GaugeMetricFamily(
-            "proxy_requests_in_flight", "Requests being served.", value=self._in_flight()
-        )
-        yield GaugeMetricFamily(
-            "proxy_tunnels_open", "Open CONNECT tunnels.", value=self._metrics.tunnels_open
-        )
-        clients = self._metrics.clients
-        yield GaugeMetricFamily(
-            "proxy_client_connections_open",
-            "Client connections open on the proxy listener.",
-            value=clients.open,
-        )
-        yield CounterMetricFamily(
-            "proxy_client_connections_rejected",
-            "Client connections closed on arrival: --max-client-connections were open.",
-            value=clients.rejected,
-        )
-        yield CounterMetricFamily(
-            "proxy_request_header_timeouts",
-            "Client connections closed: no complete request head within --request-header-timeout.",
-            value=clients.header_timeouts,
-        )
-        yield CounterMetricFamily(
-            "proxy_host_label_overflow",
-            'Requests and tunnels counted under host="other": the host label cap was reached.',
-            value=self._metrics.host_overflow,
-        )
-        denied = CounterMetricFamily(
-            "proxy_denied",
-            "Requests the proxy answered itself instead of proxying, by reason: the client, "
-            "its credentials, the request's form or target, or a shutdown.",
-            labels=["reason"],
-        )
-        for reason, count in sorted(self._metrics.denied.counts.items()):
-            denied.add_metric([reason], count)
-        yield denied
-        build = GaugeMetricFamily(
-            "proxy_build_info", "Always 1; the version is a label.", labels=["version"]
-        )
-        build.add_metric([__version__], 1)
-        yield build
-
-    def _tunnel_families(self, items: list[tuple[str, HostStats]]) -> Iterator[Metric]:
-        outcomes = CounterMetricFamily(
-            "proxy_tunnels",
-            "Finished CONNECTs by outcome (failed: never established; intercepted, http: served).",
-            labels=["host", "outcome"],
-        )
-        seconds = HistogramMetricFamily(
-            "proxy_tunnel_seconds",
-            "Lifetime of each established tunnel, CONNECT received to both sides closed.",
-            labels=["host"],
-        )
-        tunnel_bytes = CounterMetricFamily(
-            "proxy_tunnel_bytes",
-            "Bytes relayed through tunnels: sent is client to upstream, received the reverse.",
-            labels=["host", "direction"],
-        )
-        failures = CounterMetricFamily(
-            "proxy_intercept_failures",
-            "Intercepted CONNECTs whose client TLS handshake failed (unknown_ca: CA not trusted).",
-            labels=["host", "reason"],
-        )
-        for host, stats in items:
-            for reason, count in sorted(stats.intercept_failures.items()):
-                failures.add_metric([host, reason], count)
-            if not stats.tunnels:
-                continue  # a host only ever reached by forwarded requests
-            for outcome, count in sorted(stats.tunnels.items()):
-                outcomes.add_metric([host, outcome], count)
-            seconds.add_metric([host], stats.tunnel_seconds.cumulative(), stats.tunnel_seconds.sum)
-            tunnel_bytes.add_metric([host, "sent"], stats.tunnel_bytes_sent)
-            tunnel_bytes.add_metric([host, "received"], stats.tunnel_bytes_received)
-        yield from (outcomes, seconds, tunnel_bytes, failures)

@@ -7,7 +7,7 @@ from typing import Any
 from aiohttp import web
 from yarl import URL
 
-from proxy.observe.metrics import Metrics, method_label
+from proxy.observe.metrics import Metrics, exemplar_ids, method_label
 from proxy.observe.tracing import Timings
 from proxy.rules.errors import ProxyError
 from proxy.rules.request_id import TraceContext
@@ -74,27 +74,31 @@ def milliseconds(seconds: float | None) -> float | None:
 class Observer:
     """Records an ``Outcome`` in the metrics and writes its access-log line."""
 
-    def __init__(self, metrics: Metrics, logger: Any, *, log_query: bool) -> None:
+    def __init__(
+        self, metrics: Metrics, logger: Any, *, log_query: bool, exemplars: bool = True
+    ) -> None:
         self._metrics = metrics
         self._logger = logger
         self._log_query = log_query
+        self._exemplars = exemplars
 
     def __call__(self, outcome: Outcome) -> None:
         t = outcome.timings
         stats = self._metrics.host(outcome.host)
+        ids = exemplar_ids(outcome.trace.trace_id, outcome.request_id) if self._exemplars else None
         waited = t.waited  # every request that reached the pool, a timed-out wait included
         if waited:
-            stats.queue.observe(t.queue)
+            stats.queue.observe(t.queue, ids)
         if t.reused is not None:
             if t.reused:
                 stats.connections_reused += 1
             else:
                 stats.connections_new += 1
-        stats.observe_dial(t.dns, t.dns_cache, t.connect, t.tls)
+        stats.observe_dial(t.dns, t.dns_cache, t.connect, t.tls, ids)
         ttfb = t.ttfb
         if ttfb is not None:
-            stats.ttfb.observe(ttfb)
-        stats.total.observe(outcome.total)
+            stats.ttfb.observe(ttfb, ids)
+        stats.total.observe(outcome.total, ids)
         request = outcome.request
         key = (method_label(request.method), str(outcome.status))
         stats.requests[key] = stats.requests.get(key, 0) + 1

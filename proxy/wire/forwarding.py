@@ -345,6 +345,7 @@ class Forwarder:
             Timings(outcome.timings.start),
             kind="websocket",
             status=101,
+            trace_id=outcome.trace.trace_id,
         )
         try:
             if transport is None:  # the client left as the 101 went out

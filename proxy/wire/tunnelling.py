@@ -22,14 +22,19 @@ from aiohttp.http import WebSocketReader
 from aiohttp.tracing import Trace
 from yarl import URL
 
-from proxy.observe.metrics import Metrics
+from proxy.observe.metrics import Metrics, exemplar_ids
 from proxy.observe.outcome import milliseconds
 from proxy.observe.spans import SpanRecorder
 from proxy.observe.tracing import Timings
 from proxy.rules import errors, policy
 from proxy.rules.connect import ConnectMode
 from proxy.rules.errors import ProxyError
-from proxy.rules.request_id import TraceContext, choose_request_id, choose_trace_context
+from proxy.rules.request_id import (
+    TraceContext,
+    choose_request_id,
+    choose_trace_context,
+    parse_traceparent,
+)
 from proxy.rules.target import host_label
 from proxy.wire.relay import ClientProtocol, Relay
 
@@ -153,6 +158,7 @@ class TunnelRecord:
         "target",
         "timings",
         "trace",
+        "trace_id",
     )
 
     def __init__(
@@ -165,6 +171,7 @@ class TunnelRecord:
         *,
         kind: str = "tunnel",
         status: int = 200,
+        trace_id: str | None = None,
     ) -> None:
         self.client = client
         self.target = target
@@ -172,6 +179,8 @@ class TunnelRecord:
         self.timings = timings
         self.kind = kind  # the log event: "tunnel" (CONNECT) or "websocket" (after a 101)
         self.status = status
+        # The trace id exemplars cite: the span's, else one the client sent (if valid).
+        self.trace_id = trace.trace_id if trace is not None else trace_id
         self.error: ProxyError | None = None  # why the tunnel was never established
         self.exc: BaseException | None = None
         self.relay: Relay | None = None  # set once the 200 is out
@@ -203,9 +212,10 @@ class TunnelRecord:
 class TunnelObserver:
     """Records a finished tunnel in the metrics and writes its ``tunnel`` log line."""
 
-    def __init__(self, metrics: Metrics, logger: Any) -> None:
+    def __init__(self, metrics: Metrics, logger: Any, *, exemplars: bool = True) -> None:
         self._metrics = metrics
         self._logger = logger
+        self._exemplars = exemplars
 
     def opened(self) -> None:
         self._metrics.tunnels_open += 1
@@ -213,7 +223,8 @@ class TunnelObserver:
     def __call__(self, record: TunnelRecord) -> None:
         t = record.timings
         stats = self._metrics.host(record.target.label)
-        stats.observe_dial(t.dns, t.dns_cache, t.connect)
+        ids = exemplar_ids(record.trace_id, record.request_id) if self._exemplars else None
+        stats.observe_dial(t.dns, t.dns_cache, t.connect, ids=ids)
         outcome = record.outcome
         stats.tunnels[outcome] = stats.tunnels.get(outcome, 0) + 1
         relay = record.relay
@@ -226,7 +237,7 @@ class TunnelObserver:
         if relay is not None:
             self._metrics.tunnels_open -= 1
             sent, received = relay.received["client"], relay.received["upstream"]
-            stats.tunnel_seconds.observe(record.duration)
+            stats.tunnel_seconds.observe(record.duration, ids)
             stats.tunnel_bytes_sent += sent
             stats.tunnel_bytes_received += received
             exc = relay.error
@@ -373,7 +384,14 @@ class Tunneller:
             if spans is not None
             else None
         )
-        record = TunnelRecord(request.remote, target, request_id, Timings(start), trace)
+        record = TunnelRecord(
+            request.remote,
+            target,
+            request_id,
+            Timings(start),
+            trace,
+            trace_id=parse_traceparent(request.headers.get("traceparent")),
+        )
         try:
             return await self._tunnel(request, record, mode)
         finally:

@@ -104,3 +104,22 @@ def test_promised_panels_are_there() -> None:
         and "histogram_quantile" in json.dumps(panel["targets"])
     ]
     assert len(stacked) == 2
+
+
+def test_latency_panels_show_exemplars_linked_to_trace_and_log_line() -> None:
+    """Each quantile panel asks for exemplars and links them to the trace and the access line."""
+    variables = {v["name"]: v for v in load_dashboard()["templating"]["list"]}
+    for name in ("trace_url", "log_url"):
+        assert variables[name]["type"] == "textbox"
+        assert variables[name]["query"].startswith(("http://", "https://"))
+    latency = [
+        panel
+        for panel in iter_panels(load_dashboard()["panels"])
+        if "histogram_quantile" in json.dumps(panel.get("targets", []))
+    ]
+    assert len(latency) >= 4  # p50 and p99 by phase, TLS handshake, tunnel duration
+    for panel in latency:
+        assert all(target["exemplar"] is True for target in panel["targets"]), panel["title"]
+        urls = [link["url"] for link in panel["fieldConfig"]["defaults"]["links"]]
+        assert "${trace_url}${__data.fields.trace_id}" in urls, panel["title"]
+        assert "${log_url}${__data.fields.request_id}" in urls, panel["title"]

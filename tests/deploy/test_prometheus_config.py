@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from proxy.config import Settings
+from proxy.observe import metrics
 from tests.deploy.deploy_support import (
     PROMETHEUS_YML,
     RULES_TEST_YML,
@@ -203,3 +204,12 @@ def test_recording_rules_cover_every_phase_and_ratio() -> None:
         "host:proxy_upstream_connections_reused:ratio_rate5m",
     ):
         assert name in recorded
+
+
+def test_exemplar_storage_holds_every_bucket_at_the_host_cap() -> None:
+    """max_exemplars covers one exemplar per bucket of every per-host histogram at the cap."""
+    settings = Settings()
+    buckets = len(settings.histogram_buckets) + 1
+    per_host = len(metrics.PHASES) * buckets + len(metrics.TUNNEL_BUCKETS) + 1
+    config = load_yaml(PROMETHEUS_YML)
+    assert config["storage"]["exemplars"]["max_exemplars"] >= settings.max_hosts * per_host

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import re
 import socket
 import subprocess
@@ -261,6 +262,8 @@ class Scenario:
     refused_host: str  # 127.0.0.1:closed port: connection refused
     eval_at: float  # a time at which every request of the traffic phase has been scraped
     sent: Counter[str] = field(default_factory=Counter)
+    # (trace id, request id) of each request sent, by host, in order
+    ids: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
 
     @property
     def hosts(self) -> tuple[str, str, str]:
@@ -300,11 +303,13 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
         if "origin" in state:
             await state["origin"].cleanup()
 
-    async def call(url: str) -> int:
+    async def call(url: str, traceparent: str) -> tuple[int, str]:
         session: aiohttp.ClientSession = state["session"]
-        async with session.get(url, proxy=f"http://{state['server'].proxy_address}") as response:
+        proxy = f"http://{state['server'].proxy_address}"
+        headers = {"traceparent": traceparent}
+        async with session.get(url, proxy=proxy, headers=headers) as response:
             await response.read()
-            return response.status
+            return response.status, response.headers["X-Request-ID"]
 
     try:
         loop.run(start())
@@ -321,6 +326,8 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
                     f"--storage.tsdb.path={tmp / 'data'}",
                     f"--web.listen-address=127.0.0.1:{port}",
                     "--log.level=warn",
+                    # As prometheus.yml asks: exemplars are kept only with this flag.
+                    "--enable-feature=exemplar-storage",
                 ],
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
@@ -351,9 +358,11 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
         }
 
         def send(host: str) -> None:
-            status = loop.run(call(urls[host]))
+            trace_id = os.urandom(16).hex()
+            status, request_id = loop.run(call(urls[host], f"00-{trace_id}-{'1' * 16}-01"))
             assert (status == 200) == (host != scenario.refused_host), (host, status)
             scenario.sent[host] += 1
+            scenario.ids.setdefault(host, []).append((trace_id, request_id))
 
         # Warm-up: each host's series appear in a scrape before the measured traffic, so
         # that rate() sees all of the measured requests as increases.
@@ -519,3 +528,66 @@ def test_host_variable_offers_the_hosts(scenario: Scenario) -> None:
     )
     assert answer["status"] == "success", answer
     assert set(scenario.hosts) <= set(answer["data"])
+
+
+def exemplars_by_host(scenario: Scenario, series: str) -> dict[str, list[dict[str, Any]]]:
+    """{host -> exemplars} from Prometheus' exemplar API for ``series``."""
+    answer = scenario.prometheus.get(
+        "/api/v1/query_exemplars",
+        [("query", series), ("start", f"{time.time() - 600:.3f}"), ("end", f"{time.time():.3f}")],
+    )
+    assert answer["status"] == "success", answer
+    found: dict[str, list[dict[str, Any]]] = {}
+    for entry in answer["data"]:
+        host = entry["seriesLabels"]["host"]
+        assert entry["seriesLabels"]["__name__"] == series
+        assert "le" in entry["seriesLabels"]
+        found.setdefault(host, []).extend(entry["exemplars"])
+    return found
+
+
+@pytest.mark.parametrize(
+    ("series", "refused_too"),
+    [
+        ("proxy_upstream_ttfb_seconds_bucket", False),
+        ("proxy_upstream_request_seconds_bucket", True),
+    ],
+)
+def test_exemplars_carry_the_trace_ids_sent_to_each_host(
+    scenario: Scenario, series: str, refused_too: bool
+) -> None:
+    """Prometheus stored exemplars for each host holding the trace and request ids sent there.
+
+    A refused connection has no time to first byte, but its request time has an exemplar.
+    """
+    found = exemplars_by_host(scenario, series)
+    hosts = scenario.hosts if refused_too else (scenario.ip_host, scenario.name_host)
+    assert set(found) == set(hosts)
+    for host in hosts:
+        sent = dict(scenario.ids[host])
+        stored = {e["labels"]["trace_id"]: e["labels"]["request_id"] for e in found.get(host, [])}
+        assert stored, (host, found.keys())
+        assert set(stored) <= set(sent), host  # only this host's own requests
+        assert all(sent[trace] == request for trace, request in stored.items())
+        # The last request of each host was the latest in its bucket when it was scraped.
+        last_trace, _ = scenario.ids[host][-1]
+        assert last_trace in stored, host
+
+
+def test_exemplar_values_fall_in_their_bucket(scenario: Scenario) -> None:
+    """Each stored ttfb exemplar's value is at most its bucket's upper bound."""
+    answer = scenario.prometheus.get(
+        "/api/v1/query_exemplars",
+        [
+            ("query", "proxy_upstream_ttfb_seconds_bucket"),
+            ("start", f"{time.time() - 600:.3f}"),
+            ("end", f"{time.time():.3f}"),
+        ],
+    )
+    checked = 0
+    for entry in answer["data"]:
+        bound = float(entry["seriesLabels"]["le"])
+        for exemplar in entry["exemplars"]:
+            assert float(exemplar["value"]) <= bound
+            checked += 1
+    assert checked > 0
