@@ -133,7 +133,9 @@ def _bare(trace: bool) -> Starter:
 
 
 @contextlib.contextmanager
-def _ready(args: list[str], workdir: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+def _ready(
+    args: list[str], workdir: Path, cwd: Path | None = None
+) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     """Start a process that prints one line when ready; the rest of its stdout goes to a file.
 
     The file stands in for a sidecar's stdout, which goes to the node's log pipe.
@@ -141,7 +143,7 @@ def _ready(args: list[str], workdir: Path) -> Iterator[tuple[subprocess.Popen[by
     with (
         open(workdir / "stdout", "wb") as sink,
         _stopped_at_exit(
-            subprocess.Popen(args, stdout=subprocess.PIPE, env=flags_only_environment())
+            subprocess.Popen(args, stdout=subprocess.PIPE, env=flags_only_environment(), cwd=cwd)
         ) as proc,
     ):
         assert proc.stdout is not None
@@ -159,7 +161,7 @@ def _ready(args: list[str], workdir: Path) -> Iterator[tuple[subprocess.Popen[by
 # -- ours --------------------------------------------------------------------------------------
 
 
-def _ours(observe: bool, *extra: str) -> Starter:
+def _ours(observe: bool, *extra: str, source: Path | None = None) -> Starter:
     @contextlib.contextmanager
     def start(candidate: Candidate, origin_port: int, workdir: Path) -> Iterator[Running]:
         command = proxy_command(
@@ -173,7 +175,7 @@ def _ours(observe: bool, *extra: str) -> Starter:
             os.environ.get("BENCH_LOOP", "uvloop"),
             *extra,
         )
-        with _ready(pinned(PROXY_CORE, command), workdir) as (proc, line):
+        with _ready(pinned(PROXY_CORE, command), workdir, cwd=source) as (proc, line):
             listening = json.loads(line)
             yield Running(candidate.name, listening["proxy"], proc.pid, listening["metrics"])
 
@@ -257,6 +259,37 @@ CANDIDATES: Final[tuple[Candidate, ...]] = (
     Candidate("squid", "squid, no cache, 1 worker", _squid, installs.debian("squid", "squid")),
     Candidate("tinyproxy", "tinyproxy", _tinyproxy, installs.debian("tinyproxy", "tinyproxy")),
 )
+
+
+def ours_at(ref: str, observe: bool = True) -> Candidate:
+    """Ours as committed at git ``ref``, for A/B runs: ``--ab HEAD~1`` adds ``ours@HEAD~1``.
+
+    The ref's ``proxy/`` is exported (``git archive``, nothing in the repository changes) to
+    ``.bench/ab/<sha>``; ``python -m proxy`` run there imports it ahead of the working tree.
+    """
+    repo = Path(__file__).resolve().parent.parent
+    export = installs.BENCH_DIR / "ab" / ref.replace("/", "_")
+
+    def prepare() -> str | None:
+        try:
+            sha = subprocess.run(
+                ["git", "rev-parse", "--verify", f"{ref}^{{commit}}"],
+                cwd=repo, capture_output=True, text=True, check=True,
+            ).stdout.strip()  # fmt: skip
+            shutil.rmtree(export, ignore_errors=True)
+            export.mkdir(parents=True)
+            archive = subprocess.run(
+                ["git", "archive", sha, "proxy"], cwd=repo, capture_output=True, check=True
+            ).stdout
+            subprocess.run(["tar", "-x", "-C", str(export)], input=archive, check=True)
+        except (OSError, subprocess.CalledProcessError) as exc:
+            return f"cannot export {ref}: {exc}"
+        return None
+
+    suffix = "" if observe else "-off"
+    return Candidate(
+        f"ours{suffix}@{ref}", f"ours at {ref}", _ours(observe, source=export), prepare
+    )
 
 
 @contextlib.contextmanager

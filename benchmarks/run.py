@@ -27,7 +27,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from benchmarks.candidates import CANDIDATES, LOAD_CORE, Candidate, pinned, started
+from benchmarks.candidates import CANDIDATES, LOAD_CORE, Candidate, ours_at, pinned, started
 from benchmarks.installs import BENCH_DIR
 from benchmarks.processes import ready_process
 from benchmarks.scenarios import PLUGIN_MODULES, SCENARIOS, Bench, Measurement, Scenario
@@ -203,6 +203,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="3 s loads, 1 round, no tunnel")
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
     parser.add_argument("--skip-tunnel", action="store_true", help="skip the CONNECT figures")
+    parser.add_argument(
+        "--ab",
+        help="git refs, comma-separated: adds ours@REF (and ours-off@REF with --ab-off) "
+        "to compare the working tree with a commit in the same run",
+    )
+    parser.add_argument("--ab-off", action="store_true", help="also ours-off@REF for --ab")
     parser.add_argument("--json", type=Path, default=BENCH_DIR / "results.json")
     args = parser.parse_args(argv)
     if args.quick:
@@ -211,6 +217,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit("make bench needs wrk (Debian package 'wrk'): apt-get install wrk")
     os.environ["BENCH_LOOP"] = args.loop
     candidates = _pick(args.only, CANDIDATES, "candidates")
+    for ref in (args.ab or "").split(","):
+        if ref.strip():
+            candidates.append(ours_at(ref.strip()))
+            if args.ab_off:
+                candidates.append(ours_at(ref.strip(), observe=False))
     scenarios = _pick(args.scenarios, [*SCENARIOS, *plugin_scenarios()], "scenarios")
     with contextlib.suppress(OSError):  # this process (the scraper) stays off the proxy's core
         os.sched_setaffinity(0, {int(LOAD_CORE)})
