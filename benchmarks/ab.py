@@ -30,7 +30,7 @@ from benchmarks.scenarios import Measurement, run_wrk
 def _load(running: Running, port: int, path: str, connections: int, seconds: int) -> Measurement:
     assert running.proxy_url is not None
     target = f"http://127.0.0.1:{port}{path}"
-    return run_wrk(running.proxy_url, target, f"127.0.0.1:{port}", connections, seconds)
+    return run_wrk(running.proxy_url, target, connections, seconds, f"127.0.0.1:{port}")
 
 
 def paired_round(

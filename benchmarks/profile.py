@@ -43,10 +43,10 @@ def main() -> None:
             assert running.proxy_url is not None
             assert running.pid is not None
             host, target = f"127.0.0.1:{port}", f"http://127.0.0.1:{port}{args.path}"
-            run_wrk(running.proxy_url, target, host, args.connections, 2)
+            run_wrk(running.proxy_url, target, args.connections, 2, host)
             load = threading.Thread(
                 target=run_wrk,
-                args=(running.proxy_url, target, host, args.connections, args.seconds + 2),
+                args=(running.proxy_url, target, args.connections, args.seconds + 2, host),
             )
             load.start()
             record = [str(py_spy), "record", "--pid", str(running.pid), "--nonblocking"]

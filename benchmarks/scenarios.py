@@ -78,10 +78,17 @@ def _duration_ms(text: str) -> float:
     return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[unit]
 
 
-def run_wrk(url: str, path: str, host: str, connections: int, seconds: int) -> Measurement:
-    """wrk on the load core; an absolute ``path`` makes it send absolute-form requests."""
+def run_wrk(
+    url: str, path: str, connections: int, seconds: int, host: str | None = None
+) -> Measurement:
+    """wrk on the load core; an absolute ``path`` makes it send absolute-form requests.
+
+    ``host``: the Host field (the origin's, for a proxy); by default wrk's, from ``url``.
+    """
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
-        script.write(f'wrk.path = "{path}"\nwrk.headers["Host"] = "{host}"\n')
+        script.write(f'wrk.path = "{path}"\n')
+        if host is not None:
+            script.write(f'wrk.headers["Host"] = "{host}"\n')
     try:
         command = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency"]
         out = subprocess.run(
@@ -165,10 +172,10 @@ def wrk_scenario(
             url, target = bench.origin_url(""), path
         else:
             url, target = running.proxy_url, bench.origin_url(path)
-        run_wrk(url, target, host, connections, bench.warmup)  # pool, caches, DNS
+        run_wrk(url, target, connections, bench.warmup, host)  # pool, caches, DNS
         before = tree_cpu_seconds(running.pid) if running.pid else 0.0
         with Scraper(running.metrics_url if scrape else None).running() as scraper:
-            result = run_wrk(url, target, host, connections, bench.seconds)
+            result = run_wrk(url, target, connections, bench.seconds, host)
         if running.pid:
             cpu = tree_cpu_seconds(running.pid) - before
             result.cpu_us_per_request = cpu / max(result.requests, 1) * 1e6
