@@ -20,7 +20,15 @@ import statistics
 import sys
 import threading
 
-from benchmarks.candidates import CANDIDATES, LOAD_CORE, Candidate, Running, ours_at, pinned
+from benchmarks.candidates import (
+    CANDIDATES,
+    EXTRA_CANDIDATES,
+    LOAD_CORE,
+    Candidate,
+    Running,
+    ours_at,
+    pinned,
+)
 from benchmarks.candidates import started as start_candidate
 from benchmarks.processes import ready_process
 from benchmarks.procfs import tree_cpu_seconds
@@ -67,7 +75,7 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--path", default="/", help="origin path: / (13 B), /64k, /10m")
     args = parser.parse_args()
-    by_name = {c.name: c for c in CANDIDATES}
+    by_name = {c.name: c for c in (*CANDIDATES, *EXTRA_CANDIDATES)}
     a = by_name[args.a]
     b: Candidate
     if args.ref:

@@ -109,7 +109,29 @@ class Forward:
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-async def main(port: int, trace: bool) -> None:
+def as_application(forward: Forward) -> web.Application:
+    """The same forwarder behind web.Application: a middleware, a catch-all route, a signal.
+
+    The layout ours uses; the difference to ``web.Server`` is what the framework costs.
+    """
+
+    @web.middleware
+    async def dispatch(request: web.Request, handler: Any) -> web.StreamResponse:
+        return await forward(request)
+
+    async def unused(request: web.Request) -> web.StreamResponse:
+        raise AssertionError("dispatched by the middleware")
+
+    async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
+        response.headers.popall("X-Never-There", None)
+
+    app = web.Application(middlewares=[dispatch], handler_args={"auto_decompress": False})
+    app.router.add_route("*", "/{tail:.*}", unused)
+    app.on_response_prepare.append(on_prepare)
+    return app
+
+
+async def main(port: int, trace: bool, application: bool) -> None:
     histograms = Histograms(CollectorRegistry()) if trace else None
     session = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=0),
@@ -118,10 +140,18 @@ async def main(port: int, trace: bool) -> None:
         cookie_jar=aiohttp.DummyCookieJar(),
         skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type"),
     )
-    server = web.Server(Forward(session, histograms), access_log=None, auto_decompress=False)
-    loop = asyncio.get_running_loop()
-    listener = await loop.create_server(server, "127.0.0.1", port, backlog=1024)
-    print(listener.sockets[0].getsockname()[1], flush=True)
+    forward = Forward(session, histograms)
+    if application:
+        runner = web.AppRunner(as_application(forward), access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", port, backlog=1024)
+        await site.start()
+        print(runner.addresses[0][1], flush=True)
+    else:
+        server = web.Server(forward, access_log=None, auto_decompress=False)
+        loop = asyncio.get_running_loop()
+        listener = await loop.create_server(server, "127.0.0.1", port, backlog=1024)
+        print(listener.sockets[0].getsockname()[1], flush=True)
     try:
         await asyncio.Event().wait()
     finally:
@@ -132,5 +162,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--trace", action="store_true")
+    parser.add_argument("--application", action="store_true", help="behind web.Application")
     options = parser.parse_args()
-    uvloop.run(main(options.port, options.trace))
+    uvloop.run(main(options.port, options.trace, options.application))

@@ -121,10 +121,11 @@ def _direct(candidate: Candidate, origin_port: int, workdir: Path) -> Iterator[R
     yield Running(candidate.name, None, None)
 
 
-def _bare(trace: bool) -> Starter:
+def _bare(trace: bool, application: bool = False) -> Starter:
     @contextlib.contextmanager
     def start(candidate: Candidate, origin_port: int, workdir: Path) -> Iterator[Running]:
         args = [sys.executable, "-m", "benchmarks.bare", *(["--trace"] if trace else [])]
+        args += ["--application"] if application else []
         with _ready(pinned(PROXY_CORE, args), workdir) as (proc, line):
             url = f"http://127.0.0.1:{int(line)}"
             yield Running(candidate.name, url, proc.pid, f"{url}/metrics" if trace else None)
@@ -253,6 +254,9 @@ CANDIDATES: Final[tuple[Candidate, ...]] = (
     Candidate("direct", "wrk straight to the origin", _direct),
     Candidate("bare", "aiohttp forwarder, nothing on top (benchmarks/bare.py)", _bare(False)),
     Candidate("bare-traced", "the same with a TraceConfig -> histograms", _bare(True)),
+    Candidate(
+        "bare-app", "bare behind web.Application (not in the default set)", _bare(False, True)
+    ),
     Candidate("ours", "tracing-proxy, everything on", _ours(True)),
     Candidate("ours-off", "tracing-proxy --observe false", _ours(False)),
     Candidate("proxypy", "proxy.py, 1 acceptor, 1 worker", _proxypy, installs.proxypy),
@@ -290,6 +294,12 @@ def ours_at(ref: str, observe: bool = True) -> Candidate:
     return Candidate(
         f"ours{suffix}@{ref}", f"ours at {ref}", _ours(observe, source=export), prepare
     )
+
+
+# Named with --only; not in the default set.
+EXTRA_CANDIDATES: Final[tuple[Candidate, ...]] = (
+    Candidate("bare-app", "bare behind web.Application: the framework's cost", _bare(False, True)),
+)
 
 
 @contextlib.contextmanager

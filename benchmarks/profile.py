@@ -14,7 +14,7 @@ import sys
 import threading
 from pathlib import Path
 
-from benchmarks.candidates import CANDIDATES, LOAD_CORE, pinned, started
+from benchmarks.candidates import CANDIDATES, EXTRA_CANDIDATES, LOAD_CORE, pinned, started
 from benchmarks.installs import BENCH_DIR
 from benchmarks.processes import ready_process
 from benchmarks.scenarios import run_wrk
@@ -33,7 +33,7 @@ def main() -> None:
     suffix = "speedscope.json" if args.format == "speedscope" else "svg"
     output = args.output or BENCH_DIR / f"profile-{args.candidate}.{suffix}"
     output.parent.mkdir(parents=True, exist_ok=True)
-    candidate = {c.name: c for c in CANDIDATES}[args.candidate]
+    candidate = {c.name: c for c in (*CANDIDATES, *EXTRA_CANDIDATES)}[args.candidate]
     py_spy = Path(sys.executable).parent / "py-spy"
 
     origin_command = pinned(LOAD_CORE, [sys.executable, "-m", "benchmarks.origin"])

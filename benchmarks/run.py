@@ -27,7 +27,15 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from benchmarks.candidates import CANDIDATES, LOAD_CORE, Candidate, ours_at, pinned, started
+from benchmarks.candidates import (
+    CANDIDATES,
+    EXTRA_CANDIDATES,
+    LOAD_CORE,
+    Candidate,
+    ours_at,
+    pinned,
+    started,
+)
 from benchmarks.installs import BENCH_DIR
 from benchmarks.processes import ready_process
 from benchmarks.scenarios import PLUGIN_MODULES, SCENARIOS, Bench, Measurement, Scenario
@@ -49,9 +57,12 @@ def plugin_scenarios() -> list[Scenario]:
     return found
 
 
-def _pick(names: str | None, known: Sequence[Any], what: str) -> list[Any]:
+def _pick(
+    names: str | None, known: Sequence[Any], what: str, extra: Sequence[Any] = ()
+) -> list[Any]:
     if names is None:
         return list(known)
+    known = [*known, *extra]
     wanted = [n.strip() for n in names.split(",") if n.strip()]
     by_name = {item.name: item for item in known}
     unknown = [n for n in wanted if n not in by_name]
@@ -216,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if shutil.which("wrk") is None:
         sys.exit("make bench needs wrk (Debian package 'wrk'): apt-get install wrk")
     os.environ["BENCH_LOOP"] = args.loop
-    candidates = _pick(args.only, CANDIDATES, "candidates")
+    candidates = _pick(args.only, CANDIDATES, "candidates", EXTRA_CANDIDATES)
     for ref in (args.ab or "").split(","):
         if ref.strip():
             candidates.append(ours_at(ref.strip()))
