@@ -92,9 +92,12 @@ class Forward:
             out = CIMultiDict((k, v) for k, v in up.headers.items() if k.lower() not in _HOP)
             response = web.StreamResponse(status=up.status, reason=up.reason, headers=out)
             await response.prepare(request)
-            async for chunk in up.content.iter_any():
-                await response.write(chunk)
-            await response.write_eof()
+            try:
+                async for chunk in up.content.iter_any():
+                    await response.write(chunk)
+                await response.write_eof()
+            except ConnectionError:  # the client left (wrk stops mid-download)
+                return response
         if self._histograms is not None:
             host = url.host or ""
             sent = stamps.get("on_request_headers_sent", start)
