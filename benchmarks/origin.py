@@ -7,6 +7,7 @@ on uvloop and prints its port on the first line of stdout.
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 from typing import Final
 
@@ -23,6 +24,8 @@ async def handle(request: web.BaseRequest) -> web.Response:
 
 
 async def main(port: int) -> None:
+    # wrk stops mid-download at the end of a run; aiohttp would log each cut as an error.
+    logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
     server = web.Server(handle, access_log=None)
     loop = asyncio.get_running_loop()
     listener = await loop.create_server(server, "127.0.0.1", port, backlog=1024)
