@@ -254,9 +254,6 @@ CANDIDATES: Final[tuple[Candidate, ...]] = (
     Candidate("direct", "wrk straight to the origin", _direct),
     Candidate("bare", "aiohttp forwarder, nothing on top (benchmarks/bare.py)", _bare(False)),
     Candidate("bare-traced", "the same with a TraceConfig -> histograms", _bare(True)),
-    Candidate(
-        "bare-app", "bare behind web.Application (not in the default set)", _bare(False, True)
-    ),
     Candidate("ours", "tracing-proxy, everything on", _ours(True)),
     Candidate("ours-off", "tracing-proxy --observe false", _ours(False)),
     Candidate("proxypy", "proxy.py, 1 acceptor, 1 worker", _proxypy, installs.proxypy),
