@@ -25,10 +25,10 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from benchmarks import installs
-from benchmarks.processes import flags_only_environment, proxy_command
+from benchmarks.processes import flags_only_environment, proxy_command, ready_process
 
 # The proxy under test gets core 0 to itself; wrk and the origin share core 1.
 PROXY_CORE: Final = "0"
@@ -183,6 +183,21 @@ def _ours(observe: bool, *extra: str, source: Path | None = None) -> Starter:
     return start
 
 
+def _ours_spans(candidate: Candidate, origin_port: int, workdir: Path) -> Any:
+    """Ours exporting a span per request (ratio 1.0) to a local OTLP sink."""
+
+    @contextlib.contextmanager
+    def start() -> Iterator[Running]:
+        sink_command = pinned(LOAD_CORE, [sys.executable, "-m", "benchmarks.otlp_sink"])
+        with ready_process(sink_command) as (_, sink_line):
+            endpoint = f"http://127.0.0.1:{int(sink_line)}"
+            spans = ("--otlp-endpoint", endpoint, "--otlp-sample-ratio", "1.0")
+            with _ours(True, *spans)(candidate, origin_port, workdir) as running:
+                yield running
+
+    return start()
+
+
 # -- third-party proxies -----------------------------------------------------------------------
 
 
@@ -256,6 +271,7 @@ CANDIDATES: Final[tuple[Candidate, ...]] = (
     Candidate("bare-traced", "the same with a TraceConfig -> histograms", _bare(True)),
     Candidate("ours", "tracing-proxy, everything on", _ours(True)),
     Candidate("ours-off", "tracing-proxy --observe false", _ours(False)),
+    Candidate("ours-spans", "tracing-proxy exporting every request as a span", _ours_spans),
     Candidate("proxypy", "proxy.py, 1 acceptor, 1 worker", _proxypy, installs.proxypy),
     Candidate("squid", "squid, no cache, 1 worker", _squid, installs.debian("squid", "squid")),
     Candidate("tinyproxy", "tinyproxy", _tinyproxy, installs.debian("tinyproxy", "tinyproxy")),

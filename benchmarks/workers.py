@@ -74,9 +74,9 @@ def main() -> None:
                 port = free_port()
                 with workers(count, port) as pids:
                     url = f"http://127.0.0.1:{port}"
-                    run_wrk(url, target, host, args.connections, 2)
+                    run_wrk(url, target, args.connections, 2, host)
                     before = sum(tree_cpu_seconds(pid) for pid in pids)
-                    load = run_wrk(url, target, host, args.connections, args.seconds)
+                    load = run_wrk(url, target, args.connections, args.seconds, host)
                     cpu = sum(tree_cpu_seconds(pid) for pid in pids) - before
                 print(
                     f"{number + 1:>5}{count:>8}{load.rps:>9.0f}{cpu / load.requests * 1e6:>12.0f}",
