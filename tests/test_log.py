@@ -11,7 +11,7 @@ import sys
 import pytest
 import structlog
 
-from proxy.observe.log import UTCTimeStamper, json_line
+from proxy.observe.log import JSONLine, UTCTimeStamper
 
 CASES = [
     pytest.param({"event": "access", "status": 200, "ttfb_ms": 0.412, "error": None}, id="plain"),
@@ -24,7 +24,8 @@ CASES = [
 @pytest.mark.parametrize("event", CASES)
 def test_json_line_is_ascii_and_round_trips(event: dict[str, object]) -> None:
     """Every line is 7-bit clean JSON that decodes back to the event."""
-    line = json_line(event)
+    line = JSONLine()(event)
+    assert line == json.dumps(event, ensure_ascii=True)  # the stdlib's text, exactly
     assert line.isascii()
     assert "\n" not in line
     assert json.loads(line) == event
@@ -32,7 +33,7 @@ def test_json_line_is_ascii_and_round_trips(event: dict[str, object]) -> None:
 
 def test_json_line_uses_the_fallback_handler() -> None:
     """An object JSON cannot hold is rendered by structlog's default handler, not dropped."""
-    line = json_line({"obj": 1j}, default=repr)
+    line = JSONLine()({"obj": 1j}, default=repr)
     assert json.loads(line) == {"obj": "1j"}
 
 

@@ -13,7 +13,6 @@ import sys
 import time
 from typing import Any, TextIO
 
-import orjson
 import structlog
 from structlog.typing import EventDict, FilteringBoundLogger, Processor, WrappedLogger
 
@@ -21,20 +20,28 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
 _LEVELS["error"] = logging.ERROR
 
 
-def json_line(event: EventDict, **dumps_kw: Any) -> str:
-    """One event as 7-bit clean JSON, whatever a client sends.
+class JSONLine:
+    """One event as 7-bit clean JSON (``ensure_ascii``), whatever a client sends.
 
-    orjson is about 15x cheaper than the stdlib's encoder here (0.6 vs 9 us per access
-    line), but it writes UTF-8 and refuses lone surrogates; such rare lines go through
-    the stdlib with ``ensure_ascii``, which escapes both.
+    The same text as ``json.dumps(event, ensure_ascii=True, default=...)``, but from an
+    encoder built once: ``json.dumps`` with any keyword builds a new ``JSONEncoder`` per
+    call, which was half of the line's encoding cost (9 us -> 5 us per access line).
     """
-    try:
-        line = orjson.dumps(event, default=dumps_kw.get("default"))
-    except TypeError:  # orjson.JSONEncodeError: a surrogate, an int past 64 bits
-        line = b"\x80"
-    if line.isascii():
-        return line.decode("ascii")
-    return json.dumps(event, ensure_ascii=True, separators=(",", ":"), **dumps_kw)
+
+    __slots__ = ("_encoders",)
+
+    def __init__(self) -> None:
+        self._encoders: dict[Any, json.JSONEncoder] = {}
+
+    def __call__(self, event: EventDict, **dumps_kw: Any) -> str:
+        default = dumps_kw.get("default")
+        encoder = self._encoders.get(default)
+        if encoder is None:
+            encoder = self._encoders[default] = json.JSONEncoder(ensure_ascii=True, default=default)
+        return encoder.encode(event)
+
+    def __repr__(self) -> str:
+        return f"<JSONLine encoders={len(self._encoders)}>"
 
 
 class UTCTimeStamper:
@@ -66,7 +73,7 @@ class UTCTimeStamper:
 def _renderer(fmt: str) -> Processor:
     if fmt == "console":
         return structlog.dev.ConsoleRenderer(colors=False)
-    return structlog.processors.JSONRenderer(serializer=json_line)
+    return structlog.processors.JSONRenderer(serializer=JSONLine())
 
 
 class LineWriter:
