@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP_RUN := $(VENV)/.installed-run
 STAMP_TEST := $(VENV)/.installed-test
 
-.PHONY: run test lint typecheck pytest bench clean
+.PHONY: run test lint typecheck pytest bench profile clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -48,5 +48,11 @@ bench: $(STAMP_TEST)
 		|| { echo "make bench needs wrk: apt-get install wrk"; exit 1; }
 	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
 
+# ours under load, sampled by py-spy: .bench/profile-ours.speedscope.json
+profile: $(STAMP_TEST)
+	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -qq wrk; } \
+		|| { echo "make profile needs wrk: apt-get install wrk"; exit 1; }
+	$(BIN)/python -m benchmarks.profile $(PROFILE_ARGS)
+
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache tests/node/node_modules
+	rm -rf $(VENV) .bench .mypy_cache .pytest_cache .ruff_cache tests/node/node_modules

@@ -34,7 +34,7 @@ import trustme
 
 from benchmarks.processes import proxy_command, ready_process
 from benchmarks.procfs import cpu_seconds
-from benchmarks.run import run_wrk
+from benchmarks.scenarios import run_wrk
 
 
 def _scrape_tls(metrics_url: str, host: str) -> tuple[float, float]:

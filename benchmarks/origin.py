@@ -1,25 +1,31 @@
-"""A minimal origin for benchmarks: answers every request with a small fixed body.
+"""A minimal origin for benchmarks: answers every request with a fixed body chosen by path.
 
-Runs as its own process on uvloop and prints its port on the first line of stdout.
+``/64k`` answers 64 KiB, ``/10m`` 10 MiB, anything else 13 bytes. Runs as its own process
+on uvloop and prints its port on the first line of stdout.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
+from typing import Final
 
 import uvloop
 from aiohttp import web
 
-BODY = b"x" * 100
+SMALL: Final = b"Hello, world\n"
+BODIES: Final = {"/64k": b"x" * (64 << 10), "/10m": b"x" * (10 << 20)}
 
 
 async def handle(request: web.BaseRequest) -> web.Response:
     await request.read()
-    return web.Response(body=BODY, content_type="text/plain")
+    return web.Response(body=BODIES.get(request.path, SMALL), content_type="text/plain")
 
 
 async def main(port: int) -> None:
+    # wrk stops mid-download at the end of a run; aiohttp would log each cut as an error.
+    logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
     server = web.Server(handle, access_log=None)
     loop = asyncio.get_running_loop()
     listener = await loop.create_server(server, "127.0.0.1", port, backlog=1024)

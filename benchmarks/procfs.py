@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -36,3 +37,41 @@ def rss_mb(pid: int) -> float:
 def open_fds(pid: int) -> int:
     """How many file descriptors ``pid`` has open."""
     return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and every live descendant (proxy.py and squid may run helper processes)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError):
+            continue  # exited while we looked
+        children.setdefault(parent, []).append(int(entry))
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo.extend(children.get(current, ()))
+    return tree
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time of ``pid`` and its live descendants."""
+    total = 0.0
+    for member in process_tree(pid):
+        with contextlib.suppress(OSError):  # exited meanwhile
+            total += cpu_seconds(member)
+    return total
+
+
+def tree_peak_rss_mb(pid: int) -> float:
+    """The sum of VmHWM over ``pid`` and its live descendants, in MiB."""
+    total = 0.0
+    for member in process_tree(pid):
+        with contextlib.suppress(OSError, RuntimeError):
+            total += peak_rss_mb(member)
+    return total

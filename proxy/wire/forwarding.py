@@ -20,7 +20,6 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy.observe.outcome import Observer, Outcome
-from proxy.observe.pool_wait import PoolWait
 from proxy.observe.spans import SpanRecorder
 from proxy.observe.tracing import Timings, timing
 from proxy.rules import errors, headers, policy
@@ -116,7 +115,6 @@ class Forwarder:
         request_id_header: str,
         via_pseudonym: str,
         read_idle_timeout: float,
-        pool_wait_timeout: float,
         tunnel_idle_timeout: float,
         spans: SpanRecorder | None = None,
     ) -> None:
@@ -130,7 +128,6 @@ class Forwarder:
         self._rid_key = request_id_header.lower().encode("latin-1")
         self._pseudonym = via_pseudonym
         self._read_idle_timeout = read_idle_timeout
-        self._pool_wait_timeout = pool_wait_timeout
         self._via = {
             version: headers.via_value(version, via_pseudonym) for version in ((1, 1), (1, 0))
         }
@@ -202,19 +199,17 @@ class Forwarder:
             if length is not None:
                 fields["Content-Length"] = length  # keeps the client's framing choice
 
-        pool_wait = outcome.timings.pool_wait = PoolWait(self._pool_wait_timeout)
         sink = INTERIM_SINK.set(InterimRelay(request, self._rid_key, self._via[(1, 1)]))
         try:
             with timing(outcome.timings):  # the connector's TLS clock finds it there
-                async with pool_wait:
-                    up = await self._session.request(
-                        request.method,
-                        target.url,
-                        headers=fields,
-                        data=body,
-                        allow_redirects=False,
-                        trace_request_ctx=outcome.timings,
-                    )
+                up = await self._session.request(
+                    request.method,
+                    target.url,
+                    headers=fields,
+                    data=body,
+                    allow_redirects=False,
+                    trace_request_ctx=outcome.timings,
+                )
         except Exception as exc:
             return self._fail_before_response(request, outcome, exc)
         finally:

@@ -13,7 +13,7 @@ from aiohttp.tracing import Trace
 
 from proxy.rules import errors, policy
 from proxy.rules.errors import ProxyError
-from proxy.tls.connector import TimedTLSConnector
+from proxy.wire.pool_wait import PoolWaitConnector
 
 
 class CheckedResolver(AbstractResolver):
@@ -43,7 +43,7 @@ class CheckedResolver(AbstractResolver):
         await self._inner.close()
 
 
-class CheckedConnector(TimedTLSConnector):
+class CheckedConnector(PoolWaitConnector):
     """Checks the host before any lookup: address literals never reach the resolver.
 
     ``_resolve_host`` is the step every new connection takes, forwarded or tunnelled

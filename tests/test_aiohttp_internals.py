@@ -1,0 +1,157 @@
+"""Guards for the private aiohttp APIs in docs/aiohttp-internals.md, against the real library.
+
+Each test pins one assumption that the proxy's behaviour tests would not catch on their
+own (a fallback that still works, only slower), or states the shape a subclass relies on.
+Moving to a new aiohttp: run this file first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import inspect
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler, _ErrInfo
+
+from proxy.wire.forwarding import ReadyForwardedResponse
+from tests.conftest import Origin
+
+Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[Callable[[Handler], Awaitable[int]]]:
+    """Start a low-level aiohttp server with a given handler on loopback; yields its port."""
+    servers: list[asyncio.Server] = []
+
+    async def start(handler: Handler) -> int:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(web.Server(handler), "127.0.0.1", 0)
+        servers.append(server)
+        port: int = server.sockets[0].getsockname()[1]
+        return port
+
+    yield start
+    for server in servers:
+        server.close()
+        await server.wait_closed()
+
+
+async def _raw_get(port: int) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    try:
+        return await asyncio.wait_for(reader.read(-1), 10)
+    finally:
+        writer.close()
+
+
+class _Deferred(web.StreamResponse):
+    _send_headers_immediately = False
+
+
+@pytest.mark.parametrize(
+    ("response_class", "headers_first"), [(web.StreamResponse, True), (_Deferred, False)]
+)
+async def test_send_headers_immediately_false_holds_headers_until_the_first_write(
+    serve: Callable[[Handler], Awaitable[int]],
+    response_class: type[web.StreamResponse],
+    headers_first: bool,
+) -> None:
+    """With the flag off, prepare() writes nothing: a byte written around it arrives first."""
+
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        response = response_class()
+        response.content_length = 4
+        await response.prepare(request)
+        assert request.transport is not None
+        request.transport.write(b"MARK")  # straight to the socket, past the response writer
+        await response.write(b"body")
+        await response.write_eof()
+        return response
+
+    received = await _raw_get(await serve(handler))
+    assert received.startswith(b"HTTP/1.1 200") is headers_first
+    assert received.startswith(b"MARK") is not headers_first
+    assert ReadyForwardedResponse._send_headers_immediately is False
+
+
+async def test_read_timeout_restarted_mid_body_cuts_a_quiet_upstream(origin: Origin) -> None:
+    """Setting ResponseHandler.read_timeout and calling start_timeout() bounds the next read."""
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as session,
+        session.get(origin.url("/stream?size=1048576&delay_ms=60000")) as resp,
+    ):
+        await resp.content.readany()  # the first chunk; the origin then goes quiet
+        assert resp.connection is not None
+        protocol = resp.connection.protocol
+        assert protocol is not None
+        protocol.read_timeout = 0.05
+        protocol.start_timeout()
+        with pytest.raises(aiohttp.ServerTimeoutError):
+            await resp.content.read()
+
+
+async def test_resolve_host_takes_host_port_traces_and_returns_results() -> None:
+    """TCPConnector._resolve_host(host, port, traces=) answers with ResolveResult dicts."""
+    connector = aiohttp.TCPConnector()
+    try:
+        results = await connector._resolve_host("localhost", 8080, traces=None)
+    finally:
+        await connector.close()
+    assert {r["host"] for r in results} & {"127.0.0.1", "::1"}
+    assert {r["port"] for r in results} == {8080}
+    assert {r["family"] for r in results} <= {socket.AF_INET, socket.AF_INET6}
+
+
+def test_wait_for_available_connection_has_the_signature_we_override() -> None:
+    """BaseConnector._wait_for_available_connection(key, traces) is a coroutine function."""
+    method = aiohttp.TCPConnector._wait_for_available_connection
+    assert inspect.iscoroutinefunction(method)
+    assert list(inspect.signature(method).parameters) == ["self", "key", "traces"]
+
+
+async def test_request_handler_state_that_the_listener_guard_reads(
+    serve: Callable[[Handler], Awaitable[int]],
+) -> None:
+    """_messages is a deque, _waiter a future slot, _request_count an int, _close a bool."""
+    seen: list[RequestHandler] = []
+
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        assert isinstance(request.protocol, RequestHandler)
+        seen.append(request.protocol)
+        return web.Response(text="ok")
+
+    await _raw_get(await serve(handler))
+    protocol = seen[0]
+    assert isinstance(protocol._messages, collections.deque)
+    assert protocol._request_count == 1
+    assert isinstance(protocol._close, bool)
+    assert hasattr(protocol, "_waiter")
+    assert isinstance(protocol._loop, asyncio.AbstractEventLoop)
+
+
+def test_err_info_and_handle_error_have_the_shapes_we_build_and_override() -> None:
+    """_ErrInfo(status, exc, message) and handle_error(request, status, exc, message)."""
+    exc = ValueError("x")
+    info = _ErrInfo(status=400, exc=exc, message="m")
+    assert (info.status, info.exc, info.message) == (400, exc, "m")
+    parameters = list(inspect.signature(RequestHandler.handle_error).parameters)
+    assert parameters == ["self", "request", "status", "exc", "message"]
+
+
+def test_server_and_runner_hooks_that_the_guarded_runner_uses() -> None:
+    """web.Server keeps request_handler, request_factory and _loop; AppRunner has _make_server."""
+    server = web.Server(lambda request: None, loop=asyncio.new_event_loop())  # type: ignore[arg-type, return-value]
+    try:
+        assert callable(server.request_handler)
+        assert callable(server.request_factory)
+        assert isinstance(server._loop, asyncio.AbstractEventLoop)
+    finally:
+        server._loop.close()
+    assert inspect.iscoroutinefunction(web.AppRunner._make_server)
