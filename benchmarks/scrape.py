@@ -61,6 +61,7 @@ from proxy.observe.metrics import (
     HostStats,
     Metrics,
     exemplar_ids,
+    exports_phase,
     le_text,
 )
 
@@ -121,8 +122,9 @@ class ReferenceCollector:
         for name, attr, help_text in PHASES:
             family = HistogramMetricFamily(name, help_text, labels=["host"])
             for host, stats in items:
-                hist: Histogram = getattr(stats, attr)
-                family.add_metric([host], _buckets(hist), hist.sum)
+                if exports_phase(stats, attr):
+                    hist: Histogram = getattr(stats, attr)
+                    family.add_metric([host], _buckets(hist), hist.sum)
             yield family
         yield from self._host_counters(items)
         g, c = GaugeMetricFamily, CounterMetricFamily
@@ -219,13 +221,14 @@ class ReferenceCollector:
                 requests.add_metric([host, method, code], n)
             for error, n in sorted(s.errors.items()):
                 errors.add_metric([host, error], n)
-            connections.add_metric([host, "new"], s.connections_new)
-            connections.add_metric([host, "reused"], s.connections_reused)
+            if s.requests:
+                connections.add_metric([host, "new"], s.connections_new)
+                connections.add_metric([host, "reused"], s.connections_reused)
+                body.add_metric([host, "sent"], s.bytes_sent)
+                body.add_metric([host, "received"], s.bytes_received)
             if s.dns_hit or s.dns_miss:
                 dns_cache.add_metric([host, "hit"], s.dns_hit)
                 dns_cache.add_metric([host, "miss"], s.dns_miss)
-            body.add_metric([host, "sent"], s.bytes_sent)
-            body.add_metric([host, "received"], s.bytes_received)
             if s.tunnels:
                 for outcome, n in sorted(s.tunnels.items()):
                     outcomes.add_metric([host, outcome], n)

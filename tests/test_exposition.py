@@ -434,16 +434,23 @@ def exemplar_hosts(text: str, trace_id: str) -> set[str]:
     }
 
 
+def request_to(metrics: Metrics, host: str, trace_id: str, request_id: str) -> None:
+    """One forwarded request as the observer records it: counted, its ttfb with exemplar."""
+    stats = metrics.host(host)
+    stats.requests[("GET", "200")] = stats.requests.get(("GET", "200"), 0) + 1
+    stats.ttfb.observe(0.5, exemplar_ids(trace_id, request_id))
+
+
 def test_an_expired_host_label_takes_its_exemplars_with_it() -> None:
     """Once a host label expires its exemplars are gone; back again, it shows only new ones."""
     clock = Clock()
     metrics = Metrics((1.0,), HostLabelLimits(max_hosts=10, ttl=60.0), clock)
     exposition = Exposition(metrics, lambda: 0)
-    metrics.host("a.test").ttfb.observe(0.5, exemplar_ids("a" * 32, "old"))
+    request_to(metrics, "a.test", "a" * 32, "old")
     assert exemplar_hosts(exposition.render(om=True).decode(), "a" * 32) == {"a.test"}
     clock.now += 61
     assert exemplar_hosts(exposition.render(om=True).decode(), "a" * 32) == set()
-    metrics.host("a.test").ttfb.observe(0.5, exemplar_ids("b" * 32, "new"))
+    request_to(metrics, "a.test", "b" * 32, "new")
     text = exposition.render(om=True).decode()
     assert exemplar_hosts(text, "a" * 32) == set()
     assert exemplar_hosts(text, "b" * 32) == {"a.test"}
@@ -452,8 +459,8 @@ def test_an_expired_host_label_takes_its_exemplars_with_it() -> None:
 def test_a_host_past_the_cap_leaves_its_exemplars_on_other() -> None:
     """A host counted under "other" has no series of its own; its exemplars are other's."""
     metrics = Metrics((1.0,), HostLabelLimits(max_hosts=1), Clock())
-    metrics.host("a.test").ttfb.observe(0.5, exemplar_ids("a" * 32, "first"))
-    metrics.host("b.test").ttfb.observe(0.5, exemplar_ids("b" * 32, "second"))
+    request_to(metrics, "a.test", "a" * 32, "first")
+    request_to(metrics, "b.test", "b" * 32, "second")
     text = om_text(metrics)
     assert exemplar_hosts(text, "a" * 32) == {"a.test"}
     assert exemplar_hosts(text, "b" * 32) == {"other"}
@@ -553,3 +560,33 @@ async def test_every_family_on_the_registry_is_in_the_scrape(
         assert registry <= families, accept
     assert any(name.startswith("process_") for name in registry)
     assert any("span" in name for name in registry)
+
+
+def test_a_host_only_tunnelled_exports_no_request_series() -> None:
+    """A tunnel-only host shows dns, connect and tunnel series, and no count-0 request rows."""
+    metrics = Metrics((0.01, 1.0), HostLabelLimits(max_hosts=10))
+    tunnelled = metrics.host("tunnelled.example")
+    tunnelled.tunnels["closed"] = 1
+    tunnelled.dns.observe(0.002)
+    tunnelled.connect.observe(0.003)
+    tunnelled.tunnel_seconds.observe(5.0)
+    forwarded = metrics.host("forwarded.example")
+    forwarded.requests[("GET", "200")] = 1
+    forwarded.ttfb.observe(0.004)
+    text = Exposition(metrics, lambda: 0).render(om=False).decode()
+    tunnel_lines = {line.split("{")[0] for line in text.splitlines() if "tunnelled.example" in line}
+    assert tunnel_lines == {
+        "proxy_upstream_dns_seconds_bucket",
+        "proxy_upstream_dns_seconds_count",
+        "proxy_upstream_dns_seconds_sum",
+        "proxy_upstream_connect_seconds_bucket",
+        "proxy_upstream_connect_seconds_count",
+        "proxy_upstream_connect_seconds_sum",
+        "proxy_tunnels_total",
+        "proxy_tunnel_seconds_bucket",
+        "proxy_tunnel_seconds_count",
+        "proxy_tunnel_seconds_sum",
+        "proxy_tunnel_bytes_total",
+    }
+    assert 'proxy_upstream_queue_seconds_count{host="forwarded.example"} 0.0' in text
+    assert 'proxy_upstream_connections_total{host="forwarded.example",kind="new"} 0.0' in text

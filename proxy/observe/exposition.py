@@ -37,7 +37,14 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from proxy import __version__
-from proxy.observe.metrics import PHASES, Histogram, HostStats, Metrics, le_text
+from proxy.observe.metrics import (
+    PHASES,
+    Histogram,
+    HostStats,
+    Metrics,
+    exports_phase,
+    le_text,
+)
 
 # prometheus-client's own float formatting and OpenMetrics parser (untyped there).
 go_float: Final = cast(Callable[[float], str], floatToGoString)
@@ -159,8 +166,8 @@ class _HostCounter(_HostFamily):
         return f"<_HostCounter {self.name}>"
 
 
-def _phase(attr: str) -> Callable[[HostStats], Histogram]:
-    return lambda stats: getattr(stats, attr)
+def _phase(attr: str) -> Callable[[HostStats], Histogram | None]:
+    return lambda stats: getattr(stats, attr) if exports_phase(stats, attr) else None
 
 
 def _dns_cache(s: HostStats) -> Rows:
@@ -192,7 +199,11 @@ HOST_FAMILIES: Final[tuple[_HostFamily, ...]] = (
         "proxy_upstream_connections",
         "Upstream connection acquisitions, new or reused from the pool.",
         ("kind",),
-        lambda s: ((("new",), s.connections_new), (("reused",), s.connections_reused)),
+        lambda s: (
+            ((("new",), s.connections_new), (("reused",), s.connections_reused))
+            if s.requests
+            else ()
+        ),
     ),
     _HostCounter(
         "proxy_upstream_dns_cache", "DNS cache use by hostname requests.", ("result",), _dns_cache
@@ -201,7 +212,9 @@ HOST_FAMILIES: Final[tuple[_HostFamily, ...]] = (
         "proxy_upstream_bytes",
         "Body bytes sent to and received from upstreams.",
         ("direction",),
-        lambda s: ((("sent",), s.bytes_sent), (("received",), s.bytes_received)),
+        lambda s: (
+            ((("sent",), s.bytes_sent), (("received",), s.bytes_received)) if s.requests else ()
+        ),
     ),
     _HostCounter(
         "proxy_tunnels",

@@ -187,6 +187,18 @@ PHASES: Final = (
 )
 
 
+# The phases a CONNECT tunnel fills too. A host reached only through tunnels exports these and
+# no request-side series (queue, tls, ttfb, request, connections, bytes): a row of count-0
+# request histograms per tunnelled host would be noise.
+TUNNEL_PHASES: Final = frozenset({"dns", "connect"})
+
+
+def exports_phase(stats: HostStats, attr: str) -> bool:
+    """Whether a host's ``attr`` phase histogram is exported: tunnel phases always, the rest
+    once the host has had a forwarded request."""
+    return attr in TUNNEL_PHASES or bool(stats.requests)
+
+
 # A scrape takes milliseconds per hundred hosts; seconds would mean trouble.
 SCRAPE_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
