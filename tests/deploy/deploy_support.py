@@ -23,7 +23,7 @@ RULES_YML = REPO / "prometheus" / "rules.yml"
 RULES_TEST_YML = REPO / "prometheus" / "rules_test.yml"
 DASHBOARD_JSON = REPO / "dashboards" / "tracing-proxy.json"
 
-# Metrics that carry a `host` label: a dashboard query on them must select `host="$host"`.
+# Metrics that carry a `host` label: a dashboard query on them must select `host=~"$host"`.
 PER_HOST_METRICS = frozenset(
     {
         "proxy_upstream_queue_seconds",
@@ -109,18 +109,37 @@ def dashboard_queries() -> list[tuple[str, str]]:
     ]
 
 
-def host_variable_query() -> str:
-    """The `$host` template variable's query text (Grafana's ``label_values(...)``)."""
+def variable_query(name: str) -> str:
+    """The text of the query variable `name` (Grafana's ``label_values(...)``)."""
     for variable in load_dashboard()["templating"]["list"]:
-        if variable["name"] == "host":
+        if variable["name"] == name:
             query = variable["query"]
             return str(query["query"] if isinstance(query, dict) else query)
-    raise AssertionError("the dashboard has no $host variable")
+    raise AssertionError(f"the dashboard has no ${name} variable")
 
 
-def dashboard_expr_for(expr: str, host: str, rate_interval: str = "1m") -> str:
-    """A dashboard expression with Grafana's variables substituted, ready for Prometheus."""
-    return expr.replace("$__rate_interval", rate_interval).replace("$host", host)
+def dashboard_expr_for(
+    expr: str,
+    host: str,
+    rate_interval: str = "1m",
+    *,
+    job: str = ".+",
+    namespace: str = ".*",
+    pod: str = ".*",
+) -> str:
+    """A dashboard expression with Grafana's variables substituted, ready for Prometheus.
+
+    ``job``, ``namespace`` and ``pod`` default to the variables' "All" values.
+    """
+    for name, value in (
+        ("$__rate_interval", rate_interval),
+        ("$host", host),
+        ("$job", job),
+        ("$namespace", namespace),
+        ("$pod", pod),
+    ):
+        expr = expr.replace(name, value)
+    return expr
 
 
 def rules() -> list[dict[str, Any]]:
@@ -132,17 +151,26 @@ def rules() -> list[dict[str, Any]]:
     return out
 
 
+def is_recorded(name: str) -> bool:
+    """A recording rule's output name (``level:proxy_metric:operations``)."""
+    return re.fullmatch(r"[a-z_]+:proxy_[a-z_]+:[a-z0-9_]+", name) is not None
+
+
 _METRIC_WITH_SELECTOR = re.compile(r"\b([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?")
 
 
 def selectors(expr: str) -> Iterator[tuple[str, str]]:
-    """(metric family, selector text) for each metric name used in ``expr``.
+    """(metric family, selector text) for each proxy metric or recorded series in ``expr``.
 
     Histogram series (``_bucket``, ``_sum``, ``_count``) are reported under their family
-    name; the selector is ``""`` when the name has none.
+    name, recorded series (``level:proxy_...:operations``) under their full name; the
+    selector is ``""`` when the name has none.
     """
     for match in _METRIC_WITH_SELECTOR.finditer(expr):
         name = match.group(1)
+        if is_recorded(name):
+            yield name, match.group(2) or ""
+            continue
         if not name.startswith("proxy_"):
             continue
         family = re.sub(r"_(bucket|sum|count)$", "", name)

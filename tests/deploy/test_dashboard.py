@@ -1,4 +1,4 @@
-"""The Grafana dashboard: valid JSON, the promised panels, `$host` on every per-host query.
+"""The Grafana dashboard: valid JSON, the promised panels, the variables on every query.
 
 That every expression parses and evaluates is checked against a real Prometheus in
 test_prometheus_e2e.py.
@@ -8,16 +8,34 @@ from __future__ import annotations
 
 import json
 import re
+from typing import Any
+
+import pytest
 
 from tests.deploy.deploy_support import (
     DASHBOARD_JSON,
     PER_HOST_METRICS,
     dashboard_queries,
-    host_variable_query,
+    is_recorded,
     iter_panels,
     load_dashboard,
+    rules,
     selectors,
+    variable_query,
 )
+
+SCRAPE_FILTERS = ('job=~"$job"', 'namespace=~"$namespace"', 'pod=~"$pod"')
+OVERVIEW_SERIES = (
+    "job_namespace_host:proxy_upstream_ttfb_seconds:p99_rate5m",
+    "job_namespace_host:proxy_upstream_request_seconds:p99_rate5m",
+    "job_namespace_host:proxy_upstream_errors:rate5m",
+    "job_namespace_host:proxy_upstream_requests:rate5m",
+    "job_namespace_host:proxy_upstream_connections_new:rate5m",
+)
+
+
+def variables() -> dict[str, dict[str, Any]]:
+    return {v["name"]: v for v in load_dashboard()["templating"]["list"]}
 
 
 def test_dashboard_is_valid_json_with_unique_ids() -> None:
@@ -33,27 +51,112 @@ def test_dashboard_is_valid_json_with_unique_ids() -> None:
         assert panel["gridPos"]["x"] + panel["gridPos"]["w"] <= 24, panel["title"]
 
 
-def test_host_variable_lists_upstream_hosts() -> None:
-    """`$host` is a single-value query variable over the `host` label of the request counters."""
-    (variable,) = [v for v in load_dashboard()["templating"]["list"] if v["name"] == "host"]
+def test_host_variable_is_multi_select_with_all() -> None:
+    """`$host` is a multi-select query variable with All over the request and tunnel hosts."""
+    variable = variables()["host"]
     assert variable["type"] == "query"
-    assert variable["multi"] is False
-    assert variable["includeAll"] is False
-    query = host_variable_query()
+    assert variable["multi"] is True
+    assert variable["includeAll"] is True
+    # Every per-host series has a non-empty host, which All must match.
+    for host in ("api.example.com", "127.0.0.1:8081", "[::1]:8443"):
+        assert re.fullmatch(variable["allValue"], host), host
+    query = variable_query("host")
     match = re.fullmatch(r"label_values\((.+),\s*host\)", query)
     assert match, query
     assert "proxy_upstream_requests_total" in match.group(1)
+    for needle in SCRAPE_FILTERS:
+        assert needle in match.group(1), query
+
+
+@pytest.mark.parametrize(
+    ("name", "selector"),
+    [
+        ("job", "proxy_build_info"),
+        ("namespace", 'proxy_build_info{job=~"$job"}'),
+        ("pod", 'proxy_build_info{job=~"$job",namespace=~"$namespace"}'),
+    ],
+)
+def test_scrape_variables_list_label_values_and_all_matches_no_label(
+    name: str, selector: str
+) -> None:
+    """job, namespace and pod list proxy_build_info's labels; All also matches a missing label.
+
+    A plain local scrape has no namespace or pod label, so All must match "" there.
+    """
+    variable = variables()[name]
+    assert variable["type"] == "query"
+    assert variable["multi"] is True
+    assert variable["includeAll"] is True
+    assert variable_query(name) == f"label_values({selector}, {name})"
+    assert re.fullmatch(variable["allValue"], "tracing-proxy-pods")
+    if name != "job":  # every series has a job
+        assert re.fullmatch(variable["allValue"], "")
 
 
 def test_every_per_host_query_selects_host() -> None:
-    """Each selector of a metric with a host label carries exactly `host="$host"`."""
+    """Each selector of a metric or recorded series with a host label carries `host=~"$host"`."""
     checked = 0
     for title, expr in dashboard_queries():
         for family, selector in selectors(expr):
-            if family in PER_HOST_METRICS:
-                assert 'host="$host"' in selector, f"{title}: {expr}"
+            if family in PER_HOST_METRICS or is_recorded(family):
+                assert 'host=~"$host"' in selector, f"{title}: {expr}"
                 checked += 1
-    assert checked >= 15
+    assert checked >= 20
+
+
+def test_every_query_filters_on_job_namespace_and_pod() -> None:
+    """Every selector filters on job and namespace; every raw series on pod as well.
+
+    Recorded series keep job and namespace but not pod (see prometheus/rules.yml).
+    """
+    checked = 0
+    for title, expr in dashboard_queries():
+        found = list(selectors(expr))
+        assert found, f"{title}: {expr}"
+        for family, selector in found:
+            wanted = SCRAPE_FILTERS[:2] if is_recorded(family) else SCRAPE_FILTERS
+            for needle in wanted:
+                assert needle in selector, f"{title}: {family}{selector} lacks {needle}"
+            checked += 1
+    assert checked >= 30
+
+
+def test_overview_row_comes_first_and_is_served_by_recording_rules() -> None:
+    """The top row ranks hosts by p99 ttfb and total, error ratio and new connections.
+
+    Each recorded series it reads is a rule of prometheus/rules.yml that keeps job,
+    namespace and host.
+    """
+    panels = load_dashboard()["panels"]
+    assert panels[0]["type"] == "row"
+    assert "overview" in panels[0]["title"].lower()
+    end = next(i for i, panel in enumerate(panels[1:], 1) if panel["type"] == "row")
+    overview = panels[1:end]
+    exprs = {panel["title"]: panel["targets"][0]["expr"] for panel in overview}
+    assert exprs["Slowest hosts: p99 time to first byte"].startswith(
+        f"topk(10, {OVERVIEW_SERIES[0]}{{"
+    )
+    assert exprs["Slowest hosts: p99 total"].startswith(f"topk(10, {OVERVIEW_SERIES[1]}{{")
+    assert OVERVIEW_SERIES[2] in exprs["Error ratio by host"]
+    assert OVERVIEW_SERIES[3] in exprs["Error ratio by host"]
+    assert OVERVIEW_SERIES[4] in exprs["New connections by host"]
+    for title, expr in exprs.items():
+        assert "sum by (host)" in expr or "topk(10, job_namespace_host:" in expr, title
+    recorded = {rule["record"]: rule["expr"] for rule in rules() if "record" in rule}
+    used = {family for expr in exprs.values() for family, _ in selectors(expr)}
+    assert used == set(OVERVIEW_SERIES)
+    for name in OVERVIEW_SERIES:
+        assert "by (job, namespace, host" in recorded[name], name
+
+
+def test_host_row_repeats_for_each_chosen_host() -> None:
+    """The per-host row repeats per host, so each stack of phases belongs to one host."""
+    (row,) = [
+        panel
+        for panel in load_dashboard()["panels"]
+        if panel["type"] == "row" and "$host" in panel["title"]
+    ]
+    assert row["repeat"] == "host"
 
 
 def test_every_panel_has_a_description_and_queries() -> None:
@@ -78,17 +181,19 @@ def test_promised_panels_are_there() -> None:
         "proxy_upstream_request_seconds_bucket",
     ):
         for quantile in ("0.5", "0.99"):
-            assert f"histogram_quantile({quantile}, sum by (le) (rate({metric}{{" in text, metric
+            assert f"histogram_quantile({quantile}, sum by (host, le) (rate({metric}{{" in text, (
+                metric
+            )
     for needle in (
-        "sum by (code) (rate(proxy_upstream_requests_total{",
-        "sum by (error) (rate(proxy_upstream_errors_total{",
+        "sum by (host, code) (rate(proxy_upstream_requests_total{",
+        "sum by (host, error) (rate(proxy_upstream_errors_total{",
         'kind="reused"',
         'result="hit"',
         "proxy_tunnels_open",
-        "sum by (outcome) (rate(proxy_tunnels_total{",
+        "sum by (host, outcome) (rate(proxy_tunnels_total{",
         "proxy_tunnel_bytes_total{",
-        "sum by (reason) (rate(proxy_denied_total[",
-        "sum(rate(proxy_upstream_tls_seconds_count{",
+        "sum by (reason) (rate(proxy_denied_total{",
+        "sum by (host) (rate(proxy_upstream_tls_seconds_count{",
         'error=~"tls_.*"',
     ):
         assert needle in text, needle
@@ -108,10 +213,10 @@ def test_promised_panels_are_there() -> None:
 
 def test_latency_panels_show_exemplars_linked_to_trace_and_log_line() -> None:
     """Each quantile panel asks for exemplars and links them to the trace and the access line."""
-    variables = {v["name"]: v for v in load_dashboard()["templating"]["list"]}
+    textboxes = variables()
     for name in ("trace_url", "log_url"):
-        assert variables[name]["type"] == "textbox"
-        assert variables[name]["query"].startswith(("http://", "https://"))
+        assert textboxes[name]["type"] == "textbox"
+        assert textboxes[name]["query"].startswith(("http://", "https://"))
     latency = [
         panel
         for panel in iter_panels(load_dashboard()["panels"])

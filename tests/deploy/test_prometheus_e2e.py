@@ -17,6 +17,7 @@ scraped; only the sidecar's ``metrics`` port points at the real proxy. The stati
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import math
 import os
@@ -48,9 +49,12 @@ from tests.deploy.deploy_support import (
     dashboard_expr_for,
     dashboard_queries,
     find_tool,
-    host_variable_query,
+    is_recorded,
+    load_dashboard,
     load_yaml,
     rules,
+    selectors,
+    variable_query,
 )
 
 T = TypeVar("T")
@@ -502,32 +506,69 @@ def test_recorded_series_hold_the_expected_numbers(scenario: Scenario) -> None:
     assert 0.0 <= recorded[dns][scenario.name_host] <= 1.0
 
 
-def test_dashboard_queries_evaluate(scenario: Scenario) -> None:
-    """Every dashboard query, `$host` and `$__rate_interval` filled in, evaluates successfully.
+def has_data(prometheus: Prometheus, query: str, at: float | None) -> bool:
+    """Whether ``query`` evaluates to a non-empty result at ``at``; fails on a query error."""
+    answer = prometheus.query(query, at)
+    assert answer["status"] == "success", f"{query}: {answer}"
+    return bool(answer["data"]["result"])
 
-    Queries on metrics this proxy already exports must also return data for some host.
+
+def scrape_filters() -> dict[str, str]:
+    """The job, namespace and pod variables as a user picks the one live pod's values."""
+    namespace = load_yaml(K8S_DIR / "kustomization.yaml")["namespace"]
+    return {"job": POD_JOB, "namespace": namespace, "pod": "example-app-live"}
+
+
+@pytest.mark.parametrize("picked", ["all", "one pod"])
+def test_dashboard_queries_evaluate(scenario: Scenario, picked: str) -> None:
+    """Every dashboard query, its variables filled in, evaluates successfully.
+
+    With job, namespace and pod at All or at the live pod's values, and `$host` at each
+    host or at All. Queries on metrics this proxy already exports must also return data.
     """
+    filters = scrape_filters() if picked == "one pod" else {}
+    (host_variable,) = [v for v in load_dashboard()["templating"]["list"] if v["name"] == "host"]
     for title, expr in dashboard_queries():
         found = False
-        for host in scenario.hosts:
-            query = dashboard_expr_for(expr, host)
+        for host in (*scenario.hosts, host_variable["allValue"]):
+            query = dashboard_expr_for(expr, host, **filters)
             assert "$" not in query, f"{title}: unsubstituted variable in {query}"
-            answer = scenario.prometheus.query(query, scenario.eval_at)
-            assert answer["status"] == "success", f"{title}: {query}: {answer}"
-            found = found or bool(answer["data"]["result"])
+            found = has_data(scenario.prometheus, query, scenario.eval_at) or found
+        if not found and any(is_recorded(family) for family, _ in selectors(expr)):
+            # The rules may not have run since the last scrape of the traffic: ask again
+            # at the current time, which has the evaluations made since (host: All).
+            wait_for(
+                f"{title}: recorded data",
+                functools.partial(has_data, scenario.prometheus, query, None),
+                scenario.prometheus,
+            )
+            found = True
         if not any(name in expr for name in MAYBE_ABSENT):
             assert found, f"{title}: no data for any host: {expr}"
 
 
 def test_host_variable_offers_the_hosts(scenario: Scenario) -> None:
     """The `$host` variable's label_values() query lists every host that was called."""
-    match = re.fullmatch(r"label_values\((.+),\s*host\)", host_variable_query())
+    match = re.fullmatch(r"label_values\((.+),\s*host\)", variable_query("host"))
     assert match
-    answer = scenario.prometheus.get(
-        "/api/v1/label/host/values", [("match[]", match.group(1).strip())]
-    )
+    for filters in ({}, scrape_filters()):
+        answer = scenario.prometheus.get(
+            "/api/v1/label/host/values",
+            [("match[]", dashboard_expr_for(match.group(1).strip(), "", **filters))],
+        )
+        assert answer["status"] == "success", answer
+        assert set(scenario.hosts) <= set(answer["data"])
+
+
+@pytest.mark.parametrize("name", ["job", "namespace", "pod"])
+def test_scrape_variables_offer_the_live_pod(scenario: Scenario, name: str) -> None:
+    """The job, namespace and pod variables list the scraped sidecar's labels."""
+    match = re.fullmatch(rf"label_values\((.+),\s*{name}\)", variable_query(name))
+    assert match
+    selector = dashboard_expr_for(match.group(1).strip(), "", **scrape_filters())
+    answer = scenario.prometheus.get(f"/api/v1/label/{name}/values", [("match[]", selector)])
     assert answer["status"] == "success", answer
-    assert set(scenario.hosts) <= set(answer["data"])
+    assert answer["data"] == [scrape_filters()[name]]
 
 
 def exemplars_by_host(scenario: Scenario, series: str) -> dict[str, list[dict[str, Any]]]:
