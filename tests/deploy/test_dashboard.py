@@ -228,3 +228,13 @@ def test_latency_panels_show_exemplars_linked_to_trace_and_log_line() -> None:
         urls = [link["url"] for link in panel["fieldConfig"]["defaults"]["links"]]
         assert "${trace_url}${__data.fields.trace_id}" in urls, panel["title"]
         assert "${log_url}${__data.fields.request_id}" in urls, panel["title"]
+
+
+def test_docs_table_names_every_panel_and_variable() -> None:
+    """docs/prometheus.md has a row for each panel and each variable of the dashboard."""
+    text = (DASHBOARD_JSON.parents[1] / "docs" / "prometheus.md").read_text(encoding="utf-8")
+    for panel in iter_panels(load_dashboard()["panels"]):
+        if panel["type"] != "row":
+            assert f"\n| {panel['title']} |" in text, panel["title"]
+    for name in variables():
+        assert f"`${name}`" in text, name
