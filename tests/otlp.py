@@ -7,7 +7,7 @@ partial-success rejection; ``wait_for_spans`` waits (bounded) until enough spans
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import pytest
@@ -19,6 +19,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
+
+from tests.conftest import RunningProxy
 
 # How long a held export is kept at most: the "slow collector" of the fault tests.
 HOLD_SECONDS = 5.0
@@ -116,6 +118,25 @@ async def otlp_receiver() -> AsyncIterator[StartReceiver]:
     finally:
         for receiver in started:
             await receiver.close()
+
+
+StartTraced = Callable[..., Awaitable[tuple[OtlpReceiver, RunningProxy]]]
+
+
+@pytest.fixture
+def traced_proxy(
+    start_proxy: Callable[..., Awaitable[RunningProxy]],
+    otlp_receiver: StartReceiver,
+) -> StartTraced:
+    """A receiver started with ``collector``'s options and a proxy exporting to it."""
+
+    async def start(
+        collector: Mapping[str, Any] | None = None, **changes: Any
+    ) -> tuple[OtlpReceiver, RunningProxy]:
+        receiver = await otlp_receiver(**(collector or {}))
+        return receiver, await start_proxy(otlp_endpoint=receiver.endpoint, **changes)
+
+    return start
 
 
 def attributes(span: Span | Span.Event) -> dict[str, Any]:

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import socket
 from collections.abc import Awaitable, Callable
 
 import aiohttp
 
 from proxy.wire.otlp import SpanExporter
 from tests.conftest import Origin, RunningProxy, proxy_process
-from tests.otlp import StartReceiver, otlp_receiver  # noqa: F401
+from tests.otlp import StartReceiver, StartTraced, otlp_receiver, traced_proxy  # noqa: F401
+from tests.test_failures import closed_port
 
 StartProxy = Callable[..., Awaitable[RunningProxy]]
 
@@ -30,19 +30,12 @@ async def _get_all(client: aiohttp.ClientSession, proxy: RunningProxy, url: str,
             await response.read()
 
 
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
 async def test_collector_down_leaves_requests_alone_and_counts_the_failure(
     start_proxy: StartProxy, origin: Origin, client: aiohttp.ClientSession
 ) -> None:
     """Nothing listens at the endpoint: requests all succeed, the export fails and is counted."""
     proxy = await start_proxy(
-        otlp_endpoint=f"http://127.0.0.1:{_closed_port()}/v1/traces", otlp_export_interval=3600.0
+        otlp_endpoint=f"http://127.0.0.1:{closed_port()}/v1/traces", otlp_export_interval=3600.0
     )
     await _get_all(client, proxy, origin.url("/echo"), 3)
     await _exporter(proxy).export_batch()
@@ -52,14 +45,12 @@ async def test_collector_down_leaves_requests_alone_and_counts_the_failure(
 
 
 async def test_collector_answering_500_counts_an_http_error(
-    start_proxy: StartProxy,
-    otlp_receiver: StartReceiver,  # noqa: F811
+    traced_proxy: StartTraced,  # noqa: F811
     origin: Origin,
     client: aiohttp.ClientSession,
 ) -> None:
     """A 500 from the collector: the batch is dropped and counted, requests unaffected."""
-    receiver = await otlp_receiver(500)
-    proxy = await start_proxy(otlp_endpoint=receiver.endpoint, otlp_export_interval=3600.0)
+    receiver, proxy = await traced_proxy({"status": 500}, otlp_export_interval=3600.0)
     await _get_all(client, proxy, origin.url("/echo"), 2)
     await _exporter(proxy).export_batch()
     assert len(receiver.spans()) == 2  # it did arrive, and was refused
@@ -69,14 +60,12 @@ async def test_collector_answering_500_counts_an_http_error(
 
 
 async def test_slow_collector_never_delays_requests_and_a_full_queue_drops(
-    start_proxy: StartProxy,
-    otlp_receiver: StartReceiver,  # noqa: F811
+    traced_proxy: StartTraced,  # noqa: F811
     origin: Origin,
     client: aiohttp.ClientSession,
 ) -> None:
     """While the collector holds an export, requests complete and spans past the queue drop."""
-    receiver = await otlp_receiver(hold=True)
-    proxy = await start_proxy(otlp_endpoint=receiver.endpoint, otlp_batch_size=1, otlp_queue_size=2)
+    receiver, proxy = await traced_proxy({"hold": True}, otlp_batch_size=1, otlp_queue_size=2)
     await _get_all(client, proxy, origin.url("/echo"), 1)
     await receiver.wait_holding(1)  # the first export is now stuck in the collector
     await _get_all(client, proxy, origin.url("/echo"), 6)
@@ -92,15 +81,13 @@ async def test_slow_collector_never_delays_requests_and_a_full_queue_drops(
 
 
 async def test_export_timeout_is_counted_and_drops_the_batch(
-    start_proxy: StartProxy,
-    otlp_receiver: StartReceiver,  # noqa: F811
+    traced_proxy: StartTraced,  # noqa: F811
     origin: Origin,
     client: aiohttp.ClientSession,
 ) -> None:
     """An export held past --otlp-export-timeout ends as result="timeout"."""
-    receiver = await otlp_receiver(hold=True)
-    proxy = await start_proxy(
-        otlp_endpoint=receiver.endpoint, otlp_export_interval=3600.0, otlp_export_timeout=0.2
+    receiver, proxy = await traced_proxy(
+        {"hold": True}, otlp_export_interval=3600.0, otlp_export_timeout=0.2
     )
     await _get_all(client, proxy, origin.url("/echo"), 2)
     await _exporter(proxy).export_batch()
@@ -110,14 +97,12 @@ async def test_export_timeout_is_counted_and_drops_the_batch(
 
 
 async def test_partial_success_rejections_are_counted(
-    start_proxy: StartProxy,
-    otlp_receiver: StartReceiver,  # noqa: F811
+    traced_proxy: StartTraced,  # noqa: F811
     origin: Origin,
     client: aiohttp.ClientSession,
 ) -> None:
     """A 200 whose partial_success rejects spans counts them as dropped, reason rejected."""
-    receiver = await otlp_receiver(reject=1)
-    proxy = await start_proxy(otlp_endpoint=receiver.endpoint, otlp_export_interval=3600.0)
+    _, proxy = await traced_proxy({"reject": 1}, otlp_export_interval=3600.0)
     await _get_all(client, proxy, origin.url("/echo"), 2)
     await _exporter(proxy).export_batch()
     assert proxy.sample("proxy_span_exports_total", result="success") == 1
@@ -125,29 +110,23 @@ async def test_partial_success_rejections_are_counted(
 
 
 async def test_interval_sends_a_partial_batch(
-    start_proxy: StartProxy,
-    otlp_receiver: StartReceiver,  # noqa: F811
+    traced_proxy: StartTraced,  # noqa: F811
     origin: Origin,
     client: aiohttp.ClientSession,
 ) -> None:
     """Fewer spans than a batch still leave once the interval is up."""
-    receiver = await otlp_receiver()
-    proxy = await start_proxy(
-        otlp_endpoint=receiver.endpoint, otlp_batch_size=100, otlp_export_interval=0.05
-    )
+    receiver, proxy = await traced_proxy(otlp_batch_size=100, otlp_export_interval=0.05)
     await _get_all(client, proxy, origin.url("/echo"), 2)
     assert len(await receiver.wait_for_spans(2)) == 2
 
 
 async def test_close_flushes_the_queue(
-    start_proxy: StartProxy,
-    otlp_receiver: StartReceiver,  # noqa: F811
+    traced_proxy: StartTraced,  # noqa: F811
     origin: Origin,
     client: aiohttp.ClientSession,
 ) -> None:
     """Spans still queued when the server closes are sent before it is done."""
-    receiver = await otlp_receiver()
-    proxy = await start_proxy(otlp_endpoint=receiver.endpoint, otlp_export_interval=3600.0)
+    receiver, proxy = await traced_proxy(otlp_export_interval=3600.0)
     await _get_all(client, proxy, origin.url("/echo"), 3)
     assert receiver.spans() == []
     await proxy.server.close()
@@ -156,14 +135,12 @@ async def test_close_flushes_the_queue(
 
 
 async def test_close_with_a_stuck_collector_gives_up_and_counts(
-    start_proxy: StartProxy,
-    otlp_receiver: StartReceiver,  # noqa: F811
+    traced_proxy: StartTraced,  # noqa: F811
     origin: Origin,
     client: aiohttp.ClientSession,
 ) -> None:
     """A collector that holds the final export: close() still returns, the spans count as lost."""
-    receiver = await otlp_receiver(hold=True)
-    proxy = await start_proxy(otlp_endpoint=receiver.endpoint, otlp_export_interval=3600.0)
+    receiver, proxy = await traced_proxy({"hold": True}, otlp_export_interval=3600.0)
     await _get_all(client, proxy, origin.url("/echo"), 2)
     await proxy.server.close()
     assert not receiver.release.is_set()

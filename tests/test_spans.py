@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import socket
 import types
-from collections.abc import Awaitable, Callable
 
 import aiohttp
 import pytest
@@ -17,11 +15,10 @@ from proxy.observe.spans import SpanQueue, SpanRecord, SpanRecorder, TraceIdRati
 from proxy.rules.request_id import parse_traceparent_fields
 from proxy.wire.otlp import SpanExporter
 from tests.conftest import LogCapture, Origin, RunningProxy, read_head
-from tests.otlp import StartReceiver, attributes, otlp_receiver  # noqa: F401
+from tests.otlp import OtlpReceiver, StartTraced, attributes, otlp_receiver, traced_proxy  # noqa: F401
+from tests.test_failures import closed_port
 from tests.test_tunnelling import StartRaw, echo
 from tests.tls import TLSOrigin
-
-StartProxy = Callable[..., Awaitable[RunningProxy]]
 
 CALLER_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER_SPAN = "00f067aa0ba902b7"
@@ -45,9 +42,14 @@ async def _get(
         return response.status, body
 
 
-async def _spans_proxy(start_proxy: StartProxy, endpoint: str, **changes: object) -> RunningProxy:
-    """A proxy that exports each span at once (batches of one)."""
-    return await start_proxy(otlp_endpoint=endpoint, otlp_batch_size=1, **changes)
+@pytest.fixture
+def spans_proxy(traced_proxy: StartTraced) -> StartTraced:  # noqa: F811
+    """A receiver and a proxy that exports each span to it at once (batches of one)."""
+
+    async def start(**changes: object) -> tuple[OtlpReceiver, RunningProxy]:
+        return await traced_proxy(otlp_batch_size=1, **changes)
+
+    return start
 
 
 # -- sampling rules -----------------------------------------------------------------------
@@ -96,15 +98,13 @@ def test_encoded_times_share_one_clock_anchor() -> None:
 
 
 async def test_incoming_trace_gets_one_child_span_and_the_origin_its_grandchild(
-    start_proxy: StartProxy,
-    otlp_receiver: StartReceiver,  # noqa: F811
+    spans_proxy: StartTraced,
     origin: Origin,
     client: aiohttp.ClientSession,
     logs: LogCapture,
 ) -> None:
     """One span with the caller's trace and parent; the origin's parent id is that span."""
-    receiver = await otlp_receiver()
-    proxy = await _spans_proxy(start_proxy, receiver.endpoint)
+    receiver, proxy = await spans_proxy()
     status, echoed = await _get(
         client, proxy, origin.url("/echo?secret=1"), traceparent=SAMPLED_TP, tracestate="k=v"
     )
@@ -124,15 +124,13 @@ async def test_incoming_trace_gets_one_child_span_and_the_origin_its_grandchild(
 
 
 async def test_span_attributes_follow_the_http_client_conventions(
-    start_proxy: StartProxy,
-    otlp_receiver: StartReceiver,  # noqa: F811
+    spans_proxy: StartTraced,
     origin: Origin,
     client: aiohttp.ClientSession,
     logs: LogCapture,
 ) -> None:
     """Method, server, scheme, status, peer, URL without its query, and the request id."""
-    receiver = await otlp_receiver()
-    proxy = await _spans_proxy(start_proxy, receiver.endpoint)
+    receiver, proxy = await spans_proxy()
     await _get(client, proxy, origin.url("/echo?secret=1"), **{"X-Request-ID": "req-7"})
     [span] = await receiver.wait_for_spans(1)
     assert span.name == "GET"
@@ -155,15 +153,13 @@ async def test_span_attributes_follow_the_http_client_conventions(
 
 
 async def test_phases_are_events_inside_the_span_in_order(
-    start_proxy: StartProxy,
-    otlp_receiver: StartReceiver,  # noqa: F811
+    spans_proxy: StartTraced,
     origin: Origin,
     client: aiohttp.ClientSession,
     logs: LogCapture,
 ) -> None:
     """A new connection gives connect then ttfb events, timed within the span, as logged."""
-    receiver = await otlp_receiver()
-    proxy = await _spans_proxy(start_proxy, receiver.endpoint)
+    receiver, proxy = await spans_proxy()
     await _get(client, proxy, origin.url("/echo"))
     [span] = await receiver.wait_for_spans(1)
     names = [event.name for event in span.events]
@@ -177,18 +173,14 @@ async def test_phases_are_events_inside_the_span_in_order(
 
 
 async def test_https_upstream_has_a_tls_event_between_connect_and_ttfb(
-    start_proxy: StartProxy,
-    otlp_receiver: StartReceiver,  # noqa: F811
+    spans_proxy: StartTraced,
     secure_origin: TLSOrigin,
     tls_ca_file: str,
     client: aiohttp.ClientSession,
     logs: LogCapture,
 ) -> None:
     """TLS origination: connect (TCP), then tls, then ttfb, each as logged, in order."""
-    receiver = await otlp_receiver()
-    proxy = await _spans_proxy(
-        start_proxy,
-        receiver.endpoint,
+    receiver, proxy = await spans_proxy(
         upstream_ca_file=tls_ca_file,
         upgrade_to_https=("localhost",),
     )
@@ -204,15 +196,13 @@ async def test_https_upstream_has_a_tls_event_between_connect_and_ttfb(
 
 
 async def test_new_trace_is_recorded_sampled_and_logged_with_the_same_ids(
-    start_proxy: StartProxy,
-    otlp_receiver: StartReceiver,  # noqa: F811
+    spans_proxy: StartTraced,
     origin: Origin,
     client: aiohttp.ClientSession,
     logs: LogCapture,
 ) -> None:
     """Without trace context, the new trace id is the same in the span, the log and upstream."""
-    receiver = await otlp_receiver()
-    proxy = await _spans_proxy(start_proxy, receiver.endpoint)
+    receiver, proxy = await spans_proxy()
     _, echoed = await _get(client, proxy, origin.url("/echo"))
     [span] = await receiver.wait_for_spans(1)
     [line] = logs.events("access")
@@ -223,15 +213,13 @@ async def test_new_trace_is_recorded_sampled_and_logged_with_the_same_ids(
 
 
 async def test_ratio_zero_records_no_new_trace_but_follows_a_sampled_caller(
-    start_proxy: StartProxy,
-    otlp_receiver: StartReceiver,  # noqa: F811
+    spans_proxy: StartTraced,
     origin: Origin,
     client: aiohttp.ClientSession,
     logs: LogCapture,
 ) -> None:
     """Ratio 0: a new trace goes out with 00 and no span; a sampled caller is still followed."""
-    receiver = await otlp_receiver()
-    proxy = await _spans_proxy(start_proxy, receiver.endpoint, otlp_sample_ratio=0.0)
+    receiver, proxy = await spans_proxy(otlp_sample_ratio=0.0)
     _, unrecorded = await _get(client, proxy, origin.url("/echo"))
     _, unsampled = await _get(client, proxy, origin.url("/echo"), traceparent=UNSAMPLED_TP)
     _, followed = await _get(client, proxy, origin.url("/echo"), traceparent=SAMPLED_TP)
@@ -248,35 +236,24 @@ async def test_ratio_zero_records_no_new_trace_but_follows_a_sampled_caller(
 
 
 async def test_log_query_puts_the_query_in_url_full(
-    start_proxy: StartProxy,
-    otlp_receiver: StartReceiver,  # noqa: F811
+    spans_proxy: StartTraced,
     origin: Origin,
     client: aiohttp.ClientSession,
 ) -> None:
     """With --log-query the span's url.full keeps its query string."""
-    receiver = await otlp_receiver()
-    proxy = await _spans_proxy(start_proxy, receiver.endpoint, log_query=True)
+    receiver, proxy = await spans_proxy(log_query=True)
     await _get(client, proxy, origin.url("/echo?q=1"))
     [span] = await receiver.wait_for_spans(1)
     assert attributes(span)["url.full"] == origin.url("/echo?q=1")
 
 
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
 async def test_connection_refused_502_is_an_error_span(
-    start_proxy: StartProxy,
-    otlp_receiver: StartReceiver,  # noqa: F811
+    spans_proxy: StartTraced,
     client: aiohttp.ClientSession,
 ) -> None:
     """A 502 the proxy answered: status ERROR, error.type from Proxy-Status, no response code."""
-    receiver = await otlp_receiver()
-    proxy = await _spans_proxy(start_proxy, receiver.endpoint)
-    status, _ = await _get(client, proxy, f"http://127.0.0.1:{_closed_port()}/")
+    receiver, proxy = await spans_proxy()
+    status, _ = await _get(client, proxy, f"http://127.0.0.1:{closed_port()}/")
     assert status == 502
     [span] = await receiver.wait_for_spans(1)
     assert span.status.code == Status.STATUS_CODE_ERROR
@@ -286,14 +263,12 @@ async def test_connection_refused_502_is_an_error_span(
 
 
 async def test_response_headers_timeout_is_an_error_span(
-    start_proxy: StartProxy,
-    otlp_receiver: StartReceiver,  # noqa: F811
+    spans_proxy: StartTraced,
     origin: Origin,
     client: aiohttp.ClientSession,
 ) -> None:
     """A 504 for headers that never came: status ERROR with error.type http_response_timeout."""
-    receiver = await otlp_receiver()
-    proxy = await _spans_proxy(start_proxy, receiver.endpoint, response_headers_timeout=0.2)
+    receiver, proxy = await spans_proxy(response_headers_timeout=0.2)
     status, _ = await _get(client, proxy, origin.url("/slow-headers?ms=3000"))
     assert status == 504
     [span] = await receiver.wait_for_spans(1)
@@ -302,14 +277,12 @@ async def test_response_headers_timeout_is_an_error_span(
 
 
 async def test_upstream_5xx_fails_the_client_span(
-    start_proxy: StartProxy,
-    otlp_receiver: StartReceiver,  # noqa: F811
+    spans_proxy: StartTraced,
     origin: Origin,
     client: aiohttp.ClientSession,
 ) -> None:
     """An upstream 503 is relayed; the span is ERROR with error.type "503" (semconv)."""
-    receiver = await otlp_receiver()
-    proxy = await _spans_proxy(start_proxy, receiver.endpoint)
+    receiver, proxy = await spans_proxy()
     status, _ = await _get(client, proxy, origin.url("/status/503"))
     assert status == 503
     [span] = await receiver.wait_for_spans(1)
@@ -319,15 +292,13 @@ async def test_upstream_5xx_fails_the_client_span(
 
 
 async def test_tunnel_gets_a_connect_span(
-    start_proxy: StartProxy,
-    otlp_receiver: StartReceiver,  # noqa: F811
+    spans_proxy: StartTraced,
     raw_origin: StartRaw,
     logs: LogCapture,
 ) -> None:
     """A CONNECT tunnel is one CONNECT span with its connect event, linked to the caller."""
-    receiver = await otlp_receiver()
     port = (await raw_origin(echo)).port
-    proxy = await _spans_proxy(start_proxy, receiver.endpoint, connect_ports=(port,))
+    receiver, proxy = await spans_proxy(connect_ports=(port,))
     address = proxy.server.proxy_address
     assert address is not None
     reader, writer = await asyncio.open_connection(address.host, address.port)
@@ -351,14 +322,12 @@ async def test_tunnel_gets_a_connect_span(
 
 
 async def test_denied_destinations_do_not_stop_the_exporter(
-    start_proxy: StartProxy,
-    otlp_receiver: StartReceiver,  # noqa: F811
+    spans_proxy: StartTraced,
     origin: Origin,
     client: aiohttp.ClientSession,
 ) -> None:
     """With loopback denied to users, the 403's span still reaches a loopback collector."""
-    receiver = await otlp_receiver()
-    proxy = await _spans_proxy(start_proxy, receiver.endpoint, deny_destinations=("127.0.0.0/8",))
+    receiver, proxy = await spans_proxy(deny_destinations=("127.0.0.0/8",))
     status, _ = await _get(client, proxy, origin.url("/echo"))
     assert status == 403
     [span] = await receiver.wait_for_spans(1)
@@ -397,11 +366,9 @@ async def test_export_off_builds_no_span_objects(
 
 
 async def test_export_on_is_found_by_the_same_walk(
-    start_proxy: StartProxy,
-    otlp_receiver: StartReceiver,  # noqa: F811
+    spans_proxy: StartTraced,
 ) -> None:
     """The walk that finds nothing with export off finds the recorder and exporter when on."""
-    receiver = await otlp_receiver()
-    proxy = await _spans_proxy(start_proxy, receiver.endpoint)
+    _, proxy = await spans_proxy()
     found = {type(obj) for obj in _reachable(proxy.server)}
     assert {SpanQueue, SpanRecorder, SpanExporter, TraceIdRatio} <= found
