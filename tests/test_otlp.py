@@ -8,7 +8,6 @@ from collections.abc import Awaitable, Callable
 
 import aiohttp
 
-from proxy.wire.otlp import SpanExporter
 from tests.conftest import Origin, RunningProxy, proxy_process
 from tests.otlp import StartReceiver, StartTraced, otlp_receiver, traced_proxy  # noqa: F401
 from tests.test_failures import closed_port
@@ -16,18 +15,24 @@ from tests.test_failures import closed_port
 StartProxy = Callable[..., Awaitable[RunningProxy]]
 
 
-def _exporter(proxy: RunningProxy) -> SpanExporter:
-    exporter = proxy.server.span_exporter
-    assert exporter is not None
-    return exporter
-
-
-async def _get_all(client: aiohttp.ClientSession, proxy: RunningProxy, url: str, n: int) -> None:
-    """``n`` requests one after the other; each must complete with 200."""
+async def _get_all(
+    client: aiohttp.ClientSession, proxy: RunningProxy, origin: Origin, n: int
+) -> None:
+    """``n`` requests for /echo one after the other; each must complete with 200."""
     for _ in range(n):
-        async with client.get(url, proxy=proxy.url) as response:
+        async with client.get(origin.url("/echo"), proxy=proxy.url) as response:
             assert response.status == 200
             await response.read()
+
+
+async def _get_all_then_export(
+    client: aiohttp.ClientSession, proxy: RunningProxy, origin: Origin, n: int
+) -> None:
+    """``n`` requests, then one export of what they queued, done at once (not on a timer)."""
+    await _get_all(client, proxy, origin, n)
+    exporter = proxy.server.span_exporter
+    assert exporter is not None
+    await exporter.export_batch()
 
 
 async def test_collector_down_leaves_requests_alone_and_counts_the_failure(
@@ -37,11 +42,10 @@ async def test_collector_down_leaves_requests_alone_and_counts_the_failure(
     proxy = await start_proxy(
         otlp_endpoint=f"http://127.0.0.1:{closed_port()}/v1/traces", otlp_export_interval=3600.0
     )
-    await _get_all(client, proxy, origin.url("/echo"), 3)
-    await _exporter(proxy).export_batch()
+    await _get_all_then_export(client, proxy, origin, 3)
     assert proxy.sample("proxy_span_exports_total", result="connection_error") == 1
     assert proxy.sample("proxy_spans_dropped_total", reason="export_failed") == 3
-    await _get_all(client, proxy, origin.url("/echo"), 1)  # and still nothing in the way
+    await _get_all(client, proxy, origin, 1)  # and still nothing in the way
 
 
 async def test_collector_answering_500_counts_an_http_error(
@@ -51,8 +55,7 @@ async def test_collector_answering_500_counts_an_http_error(
 ) -> None:
     """A 500 from the collector: the batch is dropped and counted, requests unaffected."""
     receiver, proxy = await traced_proxy({"status": 500}, otlp_export_interval=3600.0)
-    await _get_all(client, proxy, origin.url("/echo"), 2)
-    await _exporter(proxy).export_batch()
+    await _get_all_then_export(client, proxy, origin, 2)
     assert len(receiver.spans()) == 2  # it did arrive, and was refused
     assert proxy.sample("proxy_span_exports_total", result="http_error") == 1
     assert proxy.sample("proxy_spans_dropped_total", reason="export_failed") == 2
@@ -66,9 +69,9 @@ async def test_slow_collector_never_delays_requests_and_a_full_queue_drops(
 ) -> None:
     """While the collector holds an export, requests complete and spans past the queue drop."""
     receiver, proxy = await traced_proxy({"hold": True}, otlp_batch_size=1, otlp_queue_size=2)
-    await _get_all(client, proxy, origin.url("/echo"), 1)
+    await _get_all(client, proxy, origin, 1)
     await receiver.wait_holding(1)  # the first export is now stuck in the collector
-    await _get_all(client, proxy, origin.url("/echo"), 6)
+    await _get_all(client, proxy, origin, 6)
     # All six completed while the export was still held: ordering, not timing.
     assert receiver.holding == 1
     assert not receiver.release.is_set()
@@ -89,8 +92,7 @@ async def test_export_timeout_is_counted_and_drops_the_batch(
     receiver, proxy = await traced_proxy(
         {"hold": True}, otlp_export_interval=3600.0, otlp_export_timeout=0.2
     )
-    await _get_all(client, proxy, origin.url("/echo"), 2)
-    await _exporter(proxy).export_batch()
+    await _get_all_then_export(client, proxy, origin, 2)
     assert not receiver.release.is_set()  # the collector never answered
     assert proxy.sample("proxy_span_exports_total", result="timeout") == 1
     assert proxy.sample("proxy_spans_dropped_total", reason="export_failed") == 2
@@ -103,8 +105,7 @@ async def test_partial_success_rejections_are_counted(
 ) -> None:
     """A 200 whose partial_success rejects spans counts them as dropped, reason rejected."""
     _, proxy = await traced_proxy({"reject": 1}, otlp_export_interval=3600.0)
-    await _get_all(client, proxy, origin.url("/echo"), 2)
-    await _exporter(proxy).export_batch()
+    await _get_all_then_export(client, proxy, origin, 2)
     assert proxy.sample("proxy_span_exports_total", result="success") == 1
     assert proxy.sample("proxy_spans_dropped_total", reason="rejected") == 1
 
@@ -116,7 +117,7 @@ async def test_interval_sends_a_partial_batch(
 ) -> None:
     """Fewer spans than a batch still leave once the interval is up."""
     receiver, proxy = await traced_proxy(otlp_batch_size=100, otlp_export_interval=0.05)
-    await _get_all(client, proxy, origin.url("/echo"), 2)
+    await _get_all(client, proxy, origin, 2)
     assert len(await receiver.wait_for_spans(2)) == 2
 
 
@@ -127,7 +128,7 @@ async def test_close_flushes_the_queue(
 ) -> None:
     """Spans still queued when the server closes are sent before it is done."""
     receiver, proxy = await traced_proxy(otlp_export_interval=3600.0)
-    await _get_all(client, proxy, origin.url("/echo"), 3)
+    await _get_all(client, proxy, origin, 3)
     assert receiver.spans() == []
     await proxy.server.close()
     assert len(receiver.spans()) == 3
@@ -141,7 +142,7 @@ async def test_close_with_a_stuck_collector_gives_up_and_counts(
 ) -> None:
     """A collector that holds the final export: close() still returns, the spans count as lost."""
     receiver, proxy = await traced_proxy({"hold": True}, otlp_export_interval=3600.0)
-    await _get_all(client, proxy, origin.url("/echo"), 2)
+    await _get_all(client, proxy, origin, 2)
     await proxy.server.close()
     assert not receiver.release.is_set()
     assert proxy.sample("proxy_spans_dropped_total", reason="shutdown") == 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import types
+from typing import Any
 
 import aiohttp
 import pytest
@@ -50,6 +51,13 @@ def spans_proxy(traced_proxy: StartTraced) -> StartTraced:  # noqa: F811
         return await traced_proxy(otlp_batch_size=1, **changes)
 
     return start
+
+
+def _assert_phases_as_logged(span: Span, line: dict[str, Any], *phases: str) -> None:
+    """Each phase event's duration, in ms to 3 places, is the access line's ``<phase>_ms``."""
+    durations = {event.name: attributes(event)["proxy.phase.duration"] for event in span.events}
+    for phase in phases:
+        assert round(durations[phase] * 1000, 3) == line[f"{phase}_ms"]
 
 
 # -- sampling rules -----------------------------------------------------------------------
@@ -167,9 +175,7 @@ async def test_phases_are_events_inside_the_span_in_order(
     times = [event.time_unix_nano for event in span.events]
     assert span.start_time_unix_nano <= times[0] <= times[1] <= span.end_time_unix_nano
     [line] = logs.events("access")
-    durations = {event.name: attributes(event)["proxy.phase.duration"] for event in span.events}
-    assert round(durations["ttfb"] * 1000, 3) == line["ttfb_ms"]
-    assert round(durations["connect"] * 1000, 3) == line["connect_ms"]
+    _assert_phases_as_logged(span, line, "ttfb", "connect")
 
 
 async def test_https_upstream_has_a_tls_event_between_connect_and_ttfb(
@@ -190,9 +196,7 @@ async def test_https_upstream_has_a_tls_event_between_connect_and_ttfb(
     times = [event.time_unix_nano for event in span.events]
     assert times == sorted(times)
     [line] = logs.events("access")
-    durations = {event.name: attributes(event)["proxy.phase.duration"] for event in span.events}
-    assert round(durations["tls"] * 1000, 3) == line["tls_ms"]
-    assert round(durations["connect"] * 1000, 3) == line["connect_ms"]
+    _assert_phases_as_logged(span, line, "tls", "connect")
 
 
 async def test_new_trace_is_recorded_sampled_and_logged_with_the_same_ids(
