@@ -108,6 +108,36 @@ def _buckets(hist: Histogram) -> list[Any]:
     return out
 
 
+# The reference's own per-host counter families (name, help, labels after host), written
+# apart from the exposition's table so that the tests' comparison checks it.
+_HOST_COUNTERS: Final = (
+    ("proxy_upstream_requests", "Finished forwarded requests.", ("method", "code")),
+    ("proxy_upstream_errors", "Failed requests by RFC 9209 Proxy-Status error type.", ("error",)),
+    (
+        "proxy_upstream_connections",
+        "Upstream connection acquisitions, new or reused from the pool.",
+        ("kind",),
+    ),
+    ("proxy_upstream_dns_cache", "DNS cache use by hostname requests.", ("result",)),
+    ("proxy_upstream_bytes", "Body bytes sent to and received from upstreams.", ("direction",)),
+    (
+        "proxy_tunnels",
+        "Finished CONNECTs by outcome (failed: never established; intercepted, http: served).",
+        ("outcome",),
+    ),
+    (
+        "proxy_tunnel_bytes",
+        "Bytes relayed through tunnels: sent is client to upstream, received the reverse.",
+        ("direction",),
+    ),
+    (
+        "proxy_intercept_failures",
+        "Intercepted CONNECTs whose client TLS handshake failed (unknown_ca: CA not trusted).",
+        ("reason",),
+    ),
+)
+
+
 class ReferenceCollector:
     """Our numbers as prometheus-client ``Metric`` families, for its own encoders."""
 
@@ -170,51 +200,23 @@ class ReferenceCollector:
         yield scrapes
 
     def _host_counters(self, items: list[tuple[str, HostStats]]) -> Iterator[Metric]:
-        c = CounterMetricFamily
-        requests = c(
-            "proxy_upstream_requests",
-            "Finished forwarded requests.",
-            labels=["host", "method", "code"],
-        )
-        errors = c(
-            "proxy_upstream_errors",
-            "Failed requests by RFC 9209 Proxy-Status error type.",
-            labels=["host", "error"],
-        )
-        connections = c(
-            "proxy_upstream_connections",
-            "Upstream connection acquisitions, new or reused from the pool.",
-            labels=["host", "kind"],
-        )
-        dns_cache = c(
-            "proxy_upstream_dns_cache",
-            "DNS cache use by hostname requests.",
-            labels=["host", "result"],
-        )
-        body = c(
-            "proxy_upstream_bytes",
-            "Body bytes sent to and received from upstreams.",
-            labels=["host", "direction"],
-        )
-        outcomes = c(
-            "proxy_tunnels",
-            "Finished CONNECTs by outcome (failed: never established; intercepted, http: served).",
-            labels=["host", "outcome"],
+        (
+            requests,
+            errors,
+            connections,
+            dns_cache,
+            body,
+            outcomes,
+            tunnel_bytes,
+            intercept_failures,
+        ) = (
+            CounterMetricFamily(name, help_text, labels=["host", *labels])
+            for name, help_text, labels in _HOST_COUNTERS
         )
         seconds = HistogramMetricFamily(
             "proxy_tunnel_seconds",
             "Lifetime of each established tunnel, CONNECT received to both sides closed.",
             labels=["host"],
-        )
-        tunnel_bytes = c(
-            "proxy_tunnel_bytes",
-            "Bytes relayed through tunnels: sent is client to upstream, received the reverse.",
-            labels=["host", "direction"],
-        )
-        intercept_failures = c(
-            "proxy_intercept_failures",
-            "Intercepted CONNECTs whose client TLS handshake failed (unknown_ca: CA not trusted).",
-            labels=["host", "reason"],
         )
         for host, s in items:
             for (method, code), n in sorted(s.requests.items()):
