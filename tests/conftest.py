@@ -173,6 +173,26 @@ async def read_head(reader: asyncio.StreamReader) -> bytes:
     return await reader.readuntil(b"\r\n\r\n")
 
 
+def answer(
+    response: bytes,
+    *,
+    times: int = 1,
+    read: Callable[[asyncio.StreamReader], Awaitable[bytes]] = read_head,
+) -> Script:
+    """A raw origin's script: up to ``times`` requests on a connection, each taken with ``read``,
+    kept in ``state.received`` and answered with the same ``response``."""
+
+    async def script(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, state: RawOrigin
+    ) -> None:
+        for _ in range(times):
+            state.received.append(await read(reader))
+            writer.write(response)
+            await writer.drain()
+
+    return script
+
+
 @pytest.fixture
 async def raw_origin() -> AsyncIterator[Callable[[Script], Awaitable[RawOrigin]]]:
     servers: list[asyncio.Server] = []

@@ -18,10 +18,13 @@ from tests.conftest import (
     Origin,
     RawOrigin,
     RunningProxy,
+    answer,
     http_request,
     pattern,
     read_head,
 )
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
 
 def seen_headers(echo: dict[str, Any]) -> list[tuple[str, str]]:
@@ -221,14 +224,12 @@ async def test_proxy_environment_of_the_proxy_is_ignored(
 async def test_nothing_is_added_to_the_request(proxy: RunningProxy, raw_origin: Any) -> None:
     """The proxy adds no Accept, User-Agent, Accept-Encoding or Content-Type of its own."""
 
-    async def script(reader: Any, writer: Any, state: RawOrigin) -> None:
+    async def read_with_body(reader: asyncio.StreamReader) -> bytes:
         head = await read_head(reader)
         length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
-        state.received.append(head + await reader.readexactly(length))
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-        await writer.drain()
+        return head + await reader.readexactly(length)
 
-    upstream = await raw_origin(script)
+    upstream = await raw_origin(answer(OK, read=read_with_body))
     request = (
         f"POST {upstream.url('/p')} HTTP/1.1\r\nHost: 127.0.0.1:{upstream.port}\r\n"
         "Content-Length: 4\r\nConnection: close\r\n\r\nbody"
@@ -322,14 +323,8 @@ async def test_obs_text_in_fields_and_reason_phrase_is_forwarded_byte_for_byte(
 ) -> None:
     """Bytes that are not UTF-8 in field values and the reason phrase pass intact, both ways."""
 
-    async def script(reader: Any, writer: Any, state: RawOrigin) -> None:
-        state.received.append(await read_head(reader))
-        writer.write(
-            b"HTTP/1.1 200 Caf\xe9 OK\r\n" + OBS_TEXT_FIELDS + b"Content-Length: 2\r\n\r\nok"
-        )
-        await writer.drain()
-
-    upstream = await raw_origin(script)
+    ok = b"HTTP/1.1 200 Caf\xe9 OK\r\n" + OBS_TEXT_FIELDS + b"Content-Length: 2\r\n\r\nok"
+    upstream = await raw_origin(answer(ok))
     request = (
         f"GET {upstream.url()} HTTP/1.1\r\nHost: x\r\n".encode()
         + OBS_TEXT_FIELDS
@@ -346,15 +341,11 @@ async def test_obs_text_in_fields_and_reason_phrase_is_forwarded_byte_for_byte(
 async def test_hop_by_hop_response_fields_are_removed(proxy: RunningProxy, raw_origin: Any) -> None:
     """Fields named by the upstream's Connection, and Keep-Alive, do not reach the client."""
 
-    async def script(reader: Any, writer: Any, state: RawOrigin) -> None:
-        await read_head(reader)
-        writer.write(
-            b"HTTP/1.1 200 OK\r\nConnection: X-Secret-Hop\r\nX-Secret-Hop: 1\r\n"
-            b"Keep-Alive: timeout=5\r\nX-Kept: 1\r\nContent-Length: 2\r\n\r\nok"
-        )
-        await writer.drain()
-
-    upstream = await raw_origin(script)
+    ok = (
+        b"HTTP/1.1 200 OK\r\nConnection: X-Secret-Hop\r\nX-Secret-Hop: 1\r\n"
+        b"Keep-Alive: timeout=5\r\nX-Kept: 1\r\nContent-Length: 2\r\n\r\nok"
+    )
+    upstream = await raw_origin(answer(ok))
     request = f"GET {upstream.url()} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
     _, received = await raw_exchange(proxy, request)
     head = received.split(b"\r\n\r\n", 1)[0].lower()
@@ -385,12 +376,8 @@ async def test_no_content_type_or_server_of_our_own_on_responses(
 ) -> None:
     """aiohttp's default Content-Type and Server are removed; the upstream's own are kept."""
 
-    async def script(reader: Any, writer: Any, state: RawOrigin) -> None:
-        await read_head(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\n" + upstream_fields + b"Content-Length: 2\r\n\r\nok")
-        await writer.drain()
-
-    upstream = await raw_origin(script)
+    ok = b"HTTP/1.1 200 OK\r\n" + upstream_fields + b"Content-Length: 2\r\n\r\nok"
+    upstream = await raw_origin(answer(ok))
     request = f"GET {upstream.url()} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
     _, received = await raw_exchange(proxy, request)
     head = received.split(b"\r\n\r\n", 1)[0].lower()
@@ -604,14 +591,10 @@ async def test_non_http_absolute_targets_get_400(
     assert message in received
 
 
-async def chunked_ok(reader: Any, writer: Any, state: RawOrigin) -> None:
-    """Answer every request on the connection with a chunked 200 (length unknown up front)."""
-    for _ in range(10):
-        state.received.append(await read_head(reader))
-        writer.write(
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
-        )
-        await writer.drain()
+# Every request on the connection answered with a chunked 200 (length unknown up front).
+chunked_ok = answer(
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", times=10
+)
 
 
 async def test_http10_keep_alive_client_waits_for_a_body_of_unknown_length(
@@ -653,15 +636,11 @@ async def test_trailers_are_dropped_even_with_te_trailers(
 ) -> None:
     """A documented deviation: response trailers and their Trailer field never reach the client."""
 
-    async def script(reader: Any, writer: Any, state: RawOrigin) -> None:
-        state.received.append(await read_head(reader))
-        writer.write(
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Checksum\r\n\r\n"
-            b"5\r\nhello\r\n0\r\nX-Checksum: abc123\r\n\r\n"
-        )
-        await writer.drain()
-
-    upstream = await raw_origin(script)
+    with_trailer = (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Checksum\r\n\r\n"
+        b"5\r\nhello\r\n0\r\nX-Checksum: abc123\r\n\r\n"
+    )
+    upstream = await raw_origin(answer(with_trailer))
     request = (
         f"GET {upstream.url('/t')} HTTP/1.1\r\nHost: x\r\nTE: trailers\r\n"
         "Connection: TE, close\r\n\r\n"
@@ -677,14 +656,10 @@ async def test_trailers_are_dropped_even_with_te_trailers(
 async def test_request_trailers_are_dropped(proxy: RunningProxy, raw_origin: Any) -> None:
     """A chunked upload's trailer section does not reach the origin; the body does."""
 
-    async def script(reader: Any, writer: Any, state: RawOrigin) -> None:
-        head = await read_head(reader)
-        rest = await reader.readuntil(b"0\r\n\r\n")
-        state.received.append(head + rest)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-        await writer.drain()
+    async def read_chunked(reader: asyncio.StreamReader) -> bytes:
+        return await read_head(reader) + await reader.readuntil(b"0\r\n\r\n")
 
-    upstream = await raw_origin(script)
+    upstream = await raw_origin(answer(OK, read=read_chunked))
     request = (
         f"POST {upstream.url('/up')} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
         "Trailer: X-Checksum\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\nX-Checksum: abc\r\n\r\n"

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from proxy.rules.policy import Credential
-from tests.conftest import Origin, RunningProxy, read_head
+from tests.conftest import Origin, RunningProxy, answer, read_head
 from tests.test_bad_input import status_lines
 from tests.test_forwarding import raw_exchange
 
@@ -173,16 +173,8 @@ async def test_connection_pooled_after_early_hints_is_reused(
     proxy: RunningProxy, raw_origin: Any
 ) -> None:
     """After a 103 the upstream connection goes back to the pool and serves the next request."""
-
-    async def script(
-        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, state: Any
-    ) -> None:
-        for _ in range(2):
-            state.received.append(await read_head(reader))
-            writer.write(EARLY_HINTS + b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-            await writer.drain()
-
-    upstream = await raw_origin(script)
+    ok = EARLY_HINTS + b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    upstream = await raw_origin(answer(ok, times=2))
     for _ in range(2):
         _, received = await raw_exchange(
             proxy,

@@ -15,7 +15,7 @@ import pytest
 import websockets.asyncio.client
 import websockets.asyncio.server
 
-from tests.conftest import LogCapture, RawOrigin, RunningProxy, read_head
+from tests.conftest import LogCapture, RawOrigin, RunningProxy, answer, read_head
 from tests.test_bad_input import send_and_read, status_lines
 
 StartProxy = Callable[..., Awaitable[RunningProxy]]
@@ -145,16 +145,8 @@ async def test_declined_handshake_is_relayed_and_the_connection_lives_on(
     proxy: RunningProxy, raw_origin: StartRaw
 ) -> None:
     """An origin that answers the handshake 403 is relayed; the next request is served."""
-
-    async def script(
-        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, state: Any
-    ) -> None:
-        for _ in range(2):
-            state.received.append(await read_head(reader))
-            writer.write(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 3\r\n\r\nno\n")
-            await writer.drain()
-
-    upstream = await raw_origin(script)
+    forbidden = b"HTTP/1.1 403 Forbidden\r\nContent-Length: 3\r\n\r\nno\n"
+    upstream = await raw_origin(answer(forbidden, times=2))
     key = base64.b64encode(os.urandom(16)).decode()
     request = handshake(upstream.url("/ws"), key) + (
         f"GET {upstream.url('/next')} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
