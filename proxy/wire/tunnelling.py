@@ -300,7 +300,17 @@ class Relays:
         The response that switched the connection (200, 101) is already out.
         """
         try:
-            self._hand_over(request, transport, relay, record)
+            # From aiohttp to the relay with no await in between: no bytes slip by.
+            record.relay = relay
+            self._open.add(relay)
+            if self._observer is not None:
+                self._observer.opened()
+            protocol = ClientProtocol(relay, request.protocol)
+            transport.set_protocol(protocol)  # first, so flow control already reaches the relay
+            relay.start(transport)
+            # The bytes that came behind the request head (aiohttp keeps them) go upstream first.
+            # set_parser is typed for aiohttp's WebSocket reader; it only calls feed_data/feed_eof.
+            request.protocol.set_parser(cast(WebSocketReader, protocol))
             # Shielded: a cancelled handler must not cancel ``done``; it closes the relay.
             await asyncio.shield(relay.done)
         except asyncio.CancelledError:
@@ -316,25 +326,6 @@ class Relays:
         """Shutdown: end every open relay now (the drain has already waited for them)."""
         for relay in list(self._open):
             relay.close("shutdown")
-
-    def _hand_over(
-        self,
-        request: web.Request,
-        transport: asyncio.Transport,
-        relay: Relay,
-        record: TunnelRecord,
-    ) -> None:
-        """Hand the client connection from aiohttp to the relay (no await: no bytes slip by)."""
-        record.relay = relay
-        self._open.add(relay)
-        if self._observer is not None:
-            self._observer.opened()
-        protocol = ClientProtocol(relay, request.protocol)
-        transport.set_protocol(protocol)  # first, so flow control already reaches the relay
-        relay.start(transport)
-        # The bytes that came behind the request head (aiohttp keeps them) go upstream first.
-        # set_parser is typed for aiohttp's WebSocket reader; it only calls feed_data/feed_eof.
-        request.protocol.set_parser(cast(WebSocketReader, protocol))
 
     def __repr__(self) -> str:
         return f"<Relays open={len(self._open)}>"
