@@ -106,18 +106,10 @@ async def test_sigterm_finishes_an_in_flight_stream_then_exits_0(
 
 async def test_cli_bad_setting_exits_2_naming_it() -> None:
     """A bad environment value stops the CLI with exit code 2 and one line naming it."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "proxy",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "PROXY_DNS_CACHE_TTL": "ten"},
-    )
-    _, err = await asyncio.wait_for(process.communicate(), 30)
-    assert process.returncode == 2
-    assert err.decode().strip().count("\n") == 0
-    assert "--dns-cache-ttl (PROXY_DNS_CACHE_TTL)" in err.decode()
+    code, _, err = await _run(env={**os.environ, "PROXY_DNS_CACHE_TTL": "ten"})
+    assert code == 2
+    assert err.strip().count("\n") == 0
+    assert "--dns-cache-ttl (PROXY_DNS_CACHE_TTL)" in err
 
 
 async def test_console_log_format(cli: list[Cli], origin: Origin) -> None:
@@ -145,17 +137,22 @@ async def test_console_log_format(cli: list[Cli], origin: Origin) -> None:
     assert await asyncio.wait_for(process.wait(), 10) == 0
 
 
-async def run_to_exit(*args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
-    """Run the CLI until it exits by itself; its exit code and stderr."""
+async def run_to_exit(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """Run the command until it exits by itself; its exit code, stdout and stderr."""
     process = await asyncio.create_subprocess_exec(
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         env=env if env is not None else flags_only_environment(),
     )
-    _, err = await asyncio.wait_for(process.communicate(), 30)
+    out, err = await asyncio.wait_for(process.communicate(), 30)
     assert process.returncode is not None
-    return process.returncode, err.decode()
+    return process.returncode, out.decode(), err.decode()
+
+
+async def _run(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """``python -m proxy ARGS`` until it exits: exit code, stdout, stderr."""
+    return await run_to_exit(sys.executable, "-m", "proxy", *args, env=env)
 
 
 @pytest.mark.parametrize(
@@ -167,7 +164,7 @@ async def test_port_in_use_exits_2_with_one_line_naming_the_listener(flag: str, 
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         address = f"127.0.0.1:{taken.getsockname()[1]}"
-        code, err = await run_to_exit(
+        code, _, err = await run_to_exit(
             *proxy_command("--admin-listen", "127.0.0.1:0", flag, address)
         )
     assert code == 2
@@ -206,21 +203,6 @@ async def test_help_shows_each_default_once() -> None:
 
 
 # -- tracing-proxy ca DIR, and the CA settings -------------------------------------------------
-
-
-async def _run(*args: str) -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "proxy",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=flags_only_environment(),
-    )
-    out, err = await asyncio.wait_for(process.communicate(), 30)
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
 
 
 async def test_ca_command_writes_a_ca_and_refuses_to_overwrite(tmp_path: Path) -> None:
