@@ -241,6 +241,16 @@ class LogCapture:
     def events(self, name: str) -> list[dict[str, Any]]:
         return [line for line in self.lines() if line.get("event") == name]
 
+    async def wait_for(self, name: str, count: int = 1) -> list[dict[str, Any]]:
+        """The ``name`` lines once ``count`` are written (they come as a handler or tunnel ends);
+        polled every 20 ms for at most 5 s."""
+        for _ in range(250):
+            found = self.events(name)
+            if len(found) >= count:
+                return found
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"expected {count} {name} lines, got {self.lines()}")
+
 
 @pytest.fixture
 def logs() -> LogCapture:

@@ -12,7 +12,6 @@ import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -119,16 +118,6 @@ async def trap() -> AsyncIterator[Trap]:
         await state.server.wait_closed()
 
 
-async def events(logs: LogCapture, name: str, count: int = 1) -> list[dict[str, Any]]:
-    """The ``name`` log lines once ``count`` have been written (the log is flushed in batches)."""
-    for _ in range(250):
-        lines = logs.events(name)
-        if len(lines) >= count:
-            return lines
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"expected {count} {name} lines, got {logs.lines()}")
-
-
 def basic(user_password: str) -> str:
     return "Proxy-Authorization: Basic " + base64.b64encode(user_password.encode()).decode()
 
@@ -158,7 +147,7 @@ async def test_client_outside_allow_clients_gets_403_and_is_disconnected(
     connection.close()
     assert trap.connections == 0
     assert proxy.sample("proxy_denied_total", reason="client") == 1
-    (line,) = await events(logs, "rejected")
+    (line,) = await logs.wait_for("rejected")
     assert (line["status"], line["error"], line["client"]) == (
         403,
         "http_request_denied",
@@ -297,7 +286,7 @@ async def test_denied_address_gets_403_in_any_spelling_and_is_not_dialled(
         "tracing-proxy; error=destination_ip_prohibited"
     )
     assert trap.connections == 0
-    (line,) = await events(logs, "access")
+    (line,) = await logs.wait_for("access")
     assert (line["status"], line["error"]) == (403, "destination_ip_prohibited")
     error = "destination_ip_prohibited"
     assert proxy.sample("proxy_upstream_errors_total", host=line["host"], error=error) == 1
@@ -335,7 +324,7 @@ async def test_trailing_dot_ip_literal_gets_400_or_403_never_502(
         "tracing-proxy; error=destination_ip_prohibited"
     )
     assert trap.connections == 0
-    lines = await events(logs, "access", 2)
+    lines = await logs.wait_for("access", 2)
     assert [(line["status"], line["error"]) for line in lines] == [
         (400, "http_request_error"),
         (403, "destination_ip_prohibited"),
@@ -411,7 +400,7 @@ async def test_connect_to_a_denied_destination_gets_403(
         "tracing-proxy; error=destination_ip_prohibited"
     )
     assert trap.connections == 0
-    (line,) = await events(logs, "tunnel")
+    (line,) = await logs.wait_for("tunnel")
     assert (line["status"], line["error"]) == (403, "destination_ip_prohibited")
     label = f"{host}:{trap.port}"
     error = "destination_ip_prohibited"
@@ -431,7 +420,7 @@ async def test_request_to_our_own_listener_gets_508(
     answer = await ask(proxy, http_request("GET", f"http://{address}/metrics"))
     assert answer.status == 508
     assert answer.fields["proxy-status"].startswith("tracing-proxy; error=proxy_loop_detected")
-    (line,) = await events(logs, "access")
+    (line,) = await logs.wait_for("access")
     assert (line["status"], line["error"]) == (508, "proxy_loop_detected")
     host = str(address)
     assert proxy.sample("proxy_upstream_errors_total", host=host, error="proxy_loop_detected") == 1
@@ -471,7 +460,7 @@ async def test_via_with_our_pseudonym_gets_508(
     assert answer.status == 508
     assert answer.fields["proxy-status"].startswith("tracing-proxy; error=proxy_loop_detected")
     assert trap.connections == 0
-    (line,) = await events(logs, "access")
+    (line,) = await logs.wait_for("access")
     assert line["error"] == "proxy_loop_detected"
 
 

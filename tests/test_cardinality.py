@@ -18,7 +18,7 @@ from proxy.observe.metrics import HostLabelLimits, Metrics
 from proxy.rules.hostpatterns import HostPatterns, label_host
 from tests.conftest import LogCapture, RawOrigin, RunningProxy
 from tests.test_failures import closed_port
-from tests.test_tunnelling import echo, open_tunnel, tunnel_lines
+from tests.test_tunnelling import echo, open_tunnel
 
 
 class FakeClock:
@@ -216,7 +216,7 @@ async def test_tunnels_past_the_cap_are_counted_as_other(
     tunnel.writer.write_eof()
     assert await asyncio.wait_for(tunnel.reader.read(), 5) == b""
     tunnel.writer.close()
-    (line,) = await tunnel_lines(logs)
+    (line,) = await logs.wait_for("tunnel")
     assert line["host"] == host
     assert proxy.sample("proxy_tunnels_total", host="other", outcome="closed") == 1
     assert proxy.sample("proxy_tunnels_total", host=host, outcome="closed") is None

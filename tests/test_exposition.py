@@ -30,7 +30,7 @@ from proxy.observe.metrics import (
 from proxy.rules.request_id import new_request_id, valid_request_id
 from tests.conftest import LogCapture, Origin, RawOrigin, RunningProxy, promtool_or_skip, read_head
 from tests.deploy.deploy_support import dashboard_queries
-from tests.test_tunnelling import echo, tunnel_lines
+from tests.test_tunnelling import echo
 from tests.tls import TLSOrigin
 
 OM_ACCEPT = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
@@ -532,7 +532,7 @@ async def test_a_tunnel_gets_an_exemplar_with_its_traceparent(
     assert await reader.readexactly(4) == b"ping"
     writer.close()
     await writer.wait_closed()
-    (line,) = await tunnel_lines(logs)
+    (line,) = await logs.wait_for("tunnel")
     text = await scrape(client, proxy.admin_url, OM_ACCEPT)
     found = {
         (f.name, s.exemplar.labels["request_id"])

@@ -268,7 +268,7 @@ async def expect_incomplete_body(
     assert code == 18, err  # curl: "Transferred a partial file"
     assert out == b"x" * 0x4000
     host = f"127.0.0.1:{upstream.port}"
-    await wait_for_log(logs)
+    await logs.wait_for("access")
     assert (
         proxy.sample("proxy_upstream_errors_total", host=host, error="http_response_incomplete")
         == 1
@@ -278,14 +278,6 @@ async def expect_incomplete_body(
     assert (line["status"], line["error"]) == (200, "http_response_incomplete")
     assert line["bytes_out"] == 0x4000
     await expect_fresh_connection(proxy, upstream)
-
-
-async def wait_for_log(logs: LogCapture, count: int = 1) -> None:
-    """The access line is written when the handler finishes, a moment after the client is done."""
-    for _ in range(100):
-        if len(logs.events("access")) >= count:
-            return
-        await asyncio.sleep(0.02)
 
 
 async def test_upstream_quiet_mid_body_hits_the_read_idle_timeout(
@@ -304,8 +296,7 @@ async def test_upstream_quiet_mid_body_hits_the_read_idle_timeout(
     code, out, _ = await curl("-x", proxy.url, upstream.url())
     assert code == 18
     assert out == b"abc"
-    await wait_for_log(logs)
-    (line,) = logs.events("access")
+    (line,) = await logs.wait_for("access")
     assert (line["status"], line["error"]) == (200, "connection_read_timeout")
     host = f"127.0.0.1:{upstream.port}"
     assert (
@@ -324,8 +315,7 @@ async def test_client_disconnect_during_download(
     writer.write(f"GET {url} HTTP/1.1\r\nHost: {origin.authority}\r\n\r\n".encode())
     await reader.readexactly(100_000)
     writer.transport.abort()
-    await wait_for_log(logs)
-    (line,) = logs.events("access")
+    (line,) = await logs.wait_for("access")
     assert (line["status"], line["error"]) == (499, "client_disconnected")
     host = origin.authority
     assert proxy.sample("proxy_upstream_errors_total", host=host, error="client_disconnected") == 1
@@ -363,7 +353,7 @@ async def test_client_disconnect_during_upload(
             break
         await asyncio.sleep(0.02)
     writer.transport.abort()
-    await wait_for_log(logs)
+    await logs.wait_for("access")
     for _ in range(100):
         if upstream.received:
             break
@@ -399,8 +389,7 @@ async def test_client_disconnect_while_waiting_for_response_headers(
     await asyncio.sleep(0.1)
     writer.transport.abort()
     await asyncio.wait_for(answered.wait(), 5)
-    await wait_for_log(logs)
-    (line,) = logs.events("access")
+    (line,) = await logs.wait_for("access")
     assert (line["status"], line["error"]) == (499, "client_disconnected")
     host = f"127.0.0.1:{upstream.port}"
     assert proxy.sample("proxy_upstream_errors_total", host=host, error="client_disconnected") == 1
@@ -491,8 +480,7 @@ async def post_raw(proxy: RunningProxy, url: str, size: int, read: int | None = 
 
 async def expect_bytes_in(proxy: RunningProxy, logs: LogCapture, host: str, size: int) -> None:
     """The access line and proxy_upstream_bytes_total{direction="sent"} both count ``size``."""
-    await wait_for_log(logs)
-    (line,) = logs.events("access")
+    (line,) = await logs.wait_for("access")
     assert line["bytes_in"] == size
     assert proxy.sample("proxy_upstream_bytes_total", host=host, direction="sent") == size
 

@@ -251,13 +251,8 @@ async def test_host_outside_intercept_stays_a_plain_tunnel(
     assert code == 0, err
     assert json.loads(out)["target"] == "/echo"
     assert not access_lines(logs)
-    (line,) = await _tunnel_lines(logs)
+    (line,) = await logs.wait_for("tunnel")
     assert line["outcome"] == "closed"
-
-
-async def _tunnel_lines(logs: LogCapture, count: int = 1) -> list[dict[str, Any]]:
-    await until(lambda: len(logs.events("tunnel")) >= count)
-    return logs.events("tunnel")
 
 
 class MemoryTLS:
@@ -392,7 +387,7 @@ async def test_plain_http_inside_connect_is_served_per_request(
     ]
     host = origin.authority
     assert proxy.sample("proxy_upstream_requests_total", host=host, method="GET", code="200") == 2
-    (line,) = await _tunnel_lines(logs)
+    (line,) = await logs.wait_for("tunnel")
     assert line["outcome"] == "http"
 
 
@@ -423,7 +418,7 @@ async def test_non_http_bytes_on_an_http_only_port_are_closed(
         assert await asyncio.wait_for(tunnel.reader.read(), 10) == b""
         tunnel.writer.close()
     assert target.connections == 0
-    lines = await _tunnel_lines(logs, 2)
+    lines = await logs.wait_for("tunnel", 2)
     assert [line["outcome"] for line in lines] == ["refused", "refused"]
 
 
@@ -750,7 +745,7 @@ async def test_silent_stream_inside_connect_is_closed_at_the_head_deadline(
     assert tunnel.status == 200
     assert await asyncio.wait_for(tunnel.reader.read(), 10) == b""
     tunnel.writer.close()
-    (line,) = await _tunnel_lines(logs)
+    (line,) = await logs.wait_for("tunnel")
     assert line["outcome"] == "timeout"
 
 

@@ -71,16 +71,6 @@ async def open_tunnel(proxy_url: str, authority: str, early: bytes = b"") -> Tun
     return Tunnel(reader, writer, head)
 
 
-async def tunnel_lines(logs: LogCapture, count: int = 1) -> list[dict[str, Any]]:
-    """The ``tunnel`` log lines, once ``count`` of them have been written (they come at close)."""
-    for _ in range(250):
-        lines = logs.events("tunnel")
-        if len(lines) >= count:
-            return lines
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"expected {count} tunnel log lines, got {logs.events('tunnel')}")
-
-
 async def echo(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter, state: RawOrigin
 ) -> None:
@@ -164,7 +154,7 @@ def https_proxy_env(monkeypatch: pytest.MonkeyPatch) -> Callable[[RunningProxy],
 
 
 async def assert_tls_tunnel_logged(logs: LogCapture, origin: TlsOrigin) -> None:
-    (line,) = await tunnel_lines(logs)
+    (line,) = await logs.wait_for("tunnel")
     assert line["host"] == f"localhost:{origin.port}"
     assert line["target"] == f"localhost:{origin.port}"
     assert line["status"] == 200
@@ -284,7 +274,7 @@ async def test_client_half_close_then_the_answer_still_arrives(
     tunnel.writer.write_eof()
     assert await asyncio.wait_for(tunnel.reader.read(), 5) == b"got question"
     tunnel.writer.close()
-    (line,) = await tunnel_lines(logs)
+    (line,) = await logs.wait_for("tunnel")
     assert (line["outcome"], line["closed_by"]) == ("closed", "client")
     assert (line["bytes_in"], line["bytes_out"]) == (8, 12)
 
@@ -312,7 +302,7 @@ async def test_upstream_reset_closes_the_client_promptly(
         rest = b""
     assert rest == b""
     tunnel.writer.close()
-    (line,) = await tunnel_lines(logs)
+    (line,) = await logs.wait_for("tunnel")
     assert (line["outcome"], line["closed_by"], line["error"]) == (
         "reset",
         "upstream",
@@ -346,7 +336,7 @@ async def test_client_reset_closes_the_upstream_promptly(
         await asyncio.sleep(0.02)
     tunnel.reset()
     await asyncio.wait_for(upstream_closed.wait(), 3)
-    (line,) = await tunnel_lines(logs)
+    (line,) = await logs.wait_for("tunnel")
     assert (line["outcome"], line["closed_by"]) == ("reset", "client")
 
 
@@ -433,7 +423,7 @@ async def test_refused_target_gets_502_with_proxy_status(
     assert proxy.sample("proxy_tunnels_total", host=host, outcome="failed") == 1
     assert proxy.sample("proxy_upstream_errors_total", host=host, error="connection_refused") == 1
     assert proxy.sample("proxy_tunnels_open") == 0
-    (line,) = await tunnel_lines(logs)
+    (line,) = await logs.wait_for("tunnel")
     assert (line["status"], line["outcome"], line["error"]) == (502, "failed", "connection_refused")
     assert line["closed_by"] is None
     assert line["connect_ms"] is not None  # the failed dial is timed
@@ -466,7 +456,7 @@ async def test_dns_timeout_gets_504(start_proxy: StartProxy, logs: LogCapture) -
         tunnel.writer.close()
     finally:
         stop_dns(dns)
-    (line,) = await tunnel_lines(logs)
+    (line,) = await logs.wait_for("tunnel")
     assert (line["host"], line["outcome"], line["error"]) == ("slow.test", "failed", "dns_timeout")
     assert line["dns_ms"] >= 300  # the failed lookup is timed
     assert proxy.sample("proxy_upstream_dns_seconds_count", host="slow.test") == 1
@@ -503,7 +493,7 @@ async def test_metrics_and_log_line_after_a_tunnel_closes(
     tunnel.writer.write_eof()
     assert await asyncio.wait_for(tunnel.reader.read(), 5) == b""
     tunnel.writer.close()
-    (line,) = await tunnel_lines(logs)
+    (line,) = await logs.wait_for("tunnel")
 
     assert proxy.sample("proxy_tunnels_open") == 0
     assert proxy.sample("proxy_requests_in_flight") == 0
@@ -543,7 +533,7 @@ async def test_tunnel_lookups_share_the_upstream_dns_cache(
         tunnel = await open_tunnel(proxy.url, f"app.test:{origin.port}")
         assert tunnel.status == 200
         tunnel.writer.close()
-        (line,) = await tunnel_lines(logs)
+        (line,) = await logs.wait_for("tunnel")
     finally:
         stop_dns(dns)
     assert len(dns.queries) == queries
@@ -564,7 +554,7 @@ async def test_tunnel_lookup_miss_is_timed(
         tunnel = await open_tunnel(proxy.url, f"app.test:{origin.port}")
         assert tunnel.status == 200
         tunnel.writer.close()
-        (line,) = await tunnel_lines(logs)
+        (line,) = await logs.wait_for("tunnel")
     finally:
         stop_dns(dns)
     host = f"app.test:{origin.port}"
@@ -582,7 +572,7 @@ async def test_idle_tunnel_is_closed_and_counted(
     tunnel = await open_tunnel(proxy.url, f"127.0.0.1:{origin.port}")
     assert await asyncio.wait_for(tunnel.reader.read(), 5) == b""
     tunnel.writer.close()
-    (line,) = await tunnel_lines(logs)
+    (line,) = await logs.wait_for("tunnel")
     assert (line["outcome"], line["closed_by"]) == ("idle_timeout", "idle_timeout")
     host = f"127.0.0.1:{origin.port}"
     assert proxy.sample("proxy_tunnels_total", host=host, outcome="idle_timeout") == 1
@@ -623,7 +613,7 @@ async def test_drain_keeps_an_open_tunnel_working(
     assert await asyncio.wait_for(tunnel.reader.read(), 5) == b""
     assert await asyncio.wait_for(drain, 5) is True
     tunnel.writer.close()
-    (line,) = await tunnel_lines(logs)
+    (line,) = await logs.wait_for("tunnel")
     assert (line["outcome"], line["closed_by"]) == ("closed", "client")
 
 
@@ -638,7 +628,7 @@ async def test_tunnel_open_after_the_drain_is_closed_at_shutdown(
     await asyncio.wait_for(proxy.server.close(), 5)
     assert await asyncio.wait_for(tunnel.reader.read(), 5) == b""
     tunnel.writer.close()
-    (line,) = await tunnel_lines(logs)
+    (line,) = await logs.wait_for("tunnel")
     assert (line["outcome"], line["closed_by"]) == ("shutdown", "shutdown")
 
 

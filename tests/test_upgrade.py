@@ -41,16 +41,6 @@ async def ws_origin() -> AsyncIterator[int]:
         yield next(iter(server.sockets)).getsockname()[1]
 
 
-async def lines(logs: LogCapture, event: str, count: int = 1) -> list[dict[str, Any]]:
-    """The ``event`` log lines once ``count`` of them are written (bounded wait)."""
-    for _ in range(500):
-        found = logs.events(event)
-        if len(found) >= count:
-            return found
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"no {event} line")
-
-
 async def test_aiohttp_ws_connect_with_proxy_gets_a_websocket(
     proxy: RunningProxy, ws_origin: int, logs: LogCapture
 ) -> None:
@@ -65,7 +55,7 @@ async def test_aiohttp_ws_connect_with_proxy_gets_a_websocket(
         await ws.send_bytes(b"\x00\xff" * 1000)
         assert await asyncio.wait_for(ws.receive_bytes(), 10) == b"\x00\xff" * 1000
         assert proxy.sample("proxy_tunnels_open") == 1
-    (relayed,) = await lines(logs, "websocket")
+    (relayed,) = await logs.wait_for("websocket")
     (handshake,) = logs.events("access")
     assert (handshake["status"], handshake["method"], handshake["path"]) == (101, "GET", "/chat")
     assert handshake["ttfb_ms"] is not None
@@ -177,7 +167,7 @@ async def test_idle_websocket_is_closed_like_a_tunnel(
     ):
         message = await asyncio.wait_for(ws.receive(), 10)
         assert message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
-    (line,) = await lines(logs, "websocket")
+    (line,) = await logs.wait_for("websocket")
     assert (line["outcome"], line["closed_by"]) == ("idle_timeout", "idle_timeout")
     assert proxy.sample("proxy_tunnels_total", host=host, outcome="idle_timeout") == 1
 
@@ -192,7 +182,7 @@ async def test_websockets_client_through_connect_still_works(
     ) as ws:
         await ws.send("via connect")
         assert await asyncio.wait_for(ws.recv(), 10) == "via connect"
-    await lines(logs, "tunnel")
+    await logs.wait_for("tunnel")
     assert proxy.sample("proxy_tunnels_total", host=f"127.0.0.1:{ws_origin}", outcome="closed") == 1
 
 
@@ -209,7 +199,7 @@ async def test_websocket_open_after_the_drain_is_closed_at_shutdown(
         await asyncio.wait_for(proxy.server.close(), 5)
         message = await asyncio.wait_for(ws.receive(), 10)
         assert message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
-    (line,) = await lines(logs, "websocket")
+    (line,) = await logs.wait_for("websocket")
     assert (line["outcome"], line["closed_by"]) == ("shutdown", "shutdown")
 
 
@@ -269,6 +259,6 @@ async def test_open_websocket_holds_one_of_its_hosts_pool_connections(
                 assert "connection_limit_reached" in resp.headers["Proxy-Status"]
             await ws.send_str("still open")
             assert await asyncio.wait_for(ws.receive_str(), 10) == "still open"
-        await lines(logs, "websocket")
+        await logs.wait_for("websocket")
         async with session.get(url, proxy=proxy.url) as resp:
             assert resp.status == 426  # the websockets origin's answer to a plain GET
