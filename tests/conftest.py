@@ -275,6 +275,11 @@ class RunningProxy:
     def sample(self, name: str, **labels: str) -> float | None:
         return self.registry.get_sample_value(name, labels)
 
+    async def connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A raw client connection to the proxy listener."""
+        assert self.server.proxy_address is not None
+        return await asyncio.open_connection("127.0.0.1", self.server.proxy_address.port)
+
 
 TEST_SETTINGS = Settings(listen=Address("127.0.0.1", 0), admin_listen=Address("127.0.0.1", 0))
 

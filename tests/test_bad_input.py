@@ -179,8 +179,7 @@ PROBE = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
 
 async def send_and_read(proxy: RunningProxy, raw: bytes, wait: float = 5.0) -> tuple[bytes, bool]:
     """Send ``raw`` in one write; return what came back and whether the proxy closed."""
-    assert proxy.server.proxy_address is not None
-    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.server.proxy_address.port)
+    reader, writer = await proxy.connect()
     received = bytearray()
     closed = False
     loop = asyncio.get_running_loop()
@@ -240,8 +239,7 @@ async def test_bad_request_after_a_good_one_is_refused_alone(
 ) -> None:
     """A good request is answered; a bad one sent after its response gets 400 and a close."""
     origin = await raw_origin(record_and_answer)
-    assert proxy.server.proxy_address is not None
-    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.server.proxy_address.port)
+    reader, writer = await proxy.connect()
     try:
         writer.write(Row(head(method="GET"), b"").render(origin))
         first = await asyncio.wait_for(reader.readuntil(b"\r\n\r\nok"), 5)

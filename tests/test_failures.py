@@ -309,8 +309,7 @@ async def test_client_disconnect_during_download(
     proxy: RunningProxy, origin: Origin, logs: LogCapture
 ) -> None:
     """A client that leaves mid-download is logged as 499 and the upstream connection dropped."""
-    assert proxy.server.proxy_address is not None
-    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.server.proxy_address.port)
+    reader, writer = await proxy.connect()
     url = origin.url("/stream?size=50000000&delay_ms=5")
     writer.write(f"GET {url} HTTP/1.1\r\nHost: {origin.authority}\r\n\r\n".encode())
     await reader.readexactly(100_000)
@@ -341,8 +340,7 @@ async def test_client_disconnect_during_upload(
             state.received.append(b"closed")
 
     upstream = await raw_origin(slurp)
-    assert proxy.server.proxy_address is not None
-    _, writer = await asyncio.open_connection("127.0.0.1", proxy.server.proxy_address.port)
+    _, writer = await proxy.connect()
     writer.write(
         f"PUT {upstream.url()} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n".encode()
         + b"y" * 1000
@@ -382,8 +380,7 @@ async def test_client_disconnect_while_waiting_for_response_headers(
         await asyncio.sleep(1)
 
     upstream = await raw_origin(late)
-    assert proxy.server.proxy_address is not None
-    _, writer = await asyncio.open_connection("127.0.0.1", proxy.server.proxy_address.port)
+    _, writer = await proxy.connect()
     writer.write(f"GET {upstream.url()} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
     await writer.drain()
     await asyncio.sleep(0.1)
@@ -464,8 +461,7 @@ async def test_a_connect_timeout_is_timed_in_the_connect_phase(
 
 async def post_raw(proxy: RunningProxy, url: str, size: int, read: int | None = None) -> bytes:
     """POST ``size`` bytes; read until the proxy closes, or abort after ``read`` bytes."""
-    assert proxy.server.proxy_address is not None
-    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.server.proxy_address.port)
+    reader, writer = await proxy.connect()
     writer.write(
         f"POST {url} HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n\r\n".encode() + b"u" * size
     )

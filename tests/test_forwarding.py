@@ -243,8 +243,7 @@ async def test_nothing_is_added_to_the_request(proxy: RunningProxy, raw_origin: 
 
 async def raw_exchange(proxy: RunningProxy, data: bytes) -> tuple[bytes, bytes]:
     """Send raw bytes to the proxy; return the status line and everything read until close."""
-    assert proxy.server.proxy_address is not None
-    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.server.proxy_address.port)
+    reader, writer = await proxy.connect()
     try:
         writer.write(data)
         await writer.drain()
@@ -440,8 +439,7 @@ async def test_head_keeps_content_length_without_body(proxy: RunningProxy, origi
 
 async def test_expect_100_continue_works(proxy: RunningProxy, origin: Origin) -> None:
     """A client that waits for 100 Continue gets it, sends its body, and the origin gets it all."""
-    assert proxy.server.proxy_address is not None
-    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.server.proxy_address.port)
+    reader, writer = await proxy.connect()
     try:
         writer.write(
             (
@@ -500,8 +498,7 @@ async def test_client_keep_alive_serves_many_requests_on_one_connection(
     proxy: RunningProxy, origin: Origin
 ) -> None:
     """Fifty requests pipelined one after another on one client connection all succeed."""
-    assert proxy.server.proxy_address is not None
-    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.server.proxy_address.port)
+    reader, writer = await proxy.connect()
     try:
         for i in range(50):
             writer.write(http_request("GET", origin.url(f"/echo/{i}"), close=False))
@@ -618,8 +615,7 @@ async def test_http10_keep_alive_with_a_known_length_stays_open(
     """HTTP/1.0 keep-alive with a Content-Length upstream answer keeps the connection."""
     proxy = await start_proxy()
     request = f"GET {origin.url('/big')} HTTP/1.0\r\nConnection: keep-alive\r\n\r\n".encode()
-    assert proxy.server.proxy_address is not None
-    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.server.proxy_address.port)
+    reader, writer = await proxy.connect()
     try:
         for _ in range(2):
             writer.write(request)

@@ -78,8 +78,7 @@ async def test_100_continue_is_not_sent_before_a_refusal(
     """A refused request gets its final status without a 100 and says Connection: close."""
     changes, target, fields, status = REFUSALS[name]
     proxy = await start_proxy(**changes)
-    assert proxy.server.proxy_address is not None
-    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.server.proxy_address.port)
+    reader, writer = await proxy.connect()
     try:
         writer.write(expecting(target(origin, proxy), *fields))
         response = await read_response(reader)
@@ -95,8 +94,7 @@ async def test_100_continue_is_not_sent_before_a_refusal(
 
 async def test_100_continue_then_the_body_is_forwarded(proxy: RunningProxy, origin: Origin) -> None:
     """An accepted request gets 100 Continue, then the origin receives the body (no Expect)."""
-    assert proxy.server.proxy_address is not None
-    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.server.proxy_address.port)
+    reader, writer = await proxy.connect()
     try:
         writer.write(expecting(origin.url("/echo"), "Connection: close"))
         interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
@@ -113,8 +111,7 @@ async def test_100_continue_then_the_body_is_forwarded(proxy: RunningProxy, orig
 
 async def test_unknown_expectation_gets_417(proxy: RunningProxy, origin: Origin) -> None:
     """An expectation other than 100-continue is answered 417, without a 100 (RFC 9110 §10.1.1)."""
-    assert proxy.server.proxy_address is not None
-    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.server.proxy_address.port)
+    reader, writer = await proxy.connect()
     try:
         writer.write(
             f"PUT {origin.url('/echo')} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n"

@@ -21,11 +21,6 @@ StartProxy = Callable[..., Awaitable[RunningProxy]]
 TIMEOUT_LINE = b"HTTP/1.0 408 Request Timeout"
 
 
-async def connect(proxy: RunningProxy) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    assert proxy.server.proxy_address is not None
-    return await asyncio.open_connection("127.0.0.1", proxy.server.proxy_address.port)
-
-
 async def read_to_close(reader: asyncio.StreamReader, wait: float = 5.0) -> bytes:
     """Everything the proxy sends until it closes; fails if it has not closed within ``wait``."""
     try:
@@ -49,7 +44,7 @@ async def until(condition: Callable[[], bool], wait: float = 5.0) -> None:
 async def test_partial_head_gets_408_and_a_close(start_proxy: StartProxy, origin: Origin) -> None:
     """A head that stops before its blank line is answered 408 at the deadline, then closed."""
     proxy = await start_proxy(request_header_timeout=0.3)
-    reader, writer = await connect(proxy)
+    reader, writer = await proxy.connect()
     writer.write(f"GET {origin.url('/echo')} HTTP/1.1\r\nHost: x\r\n".encode())
     data = await read_to_close(reader)
     writer.close()
@@ -93,7 +88,7 @@ async def test_head_sent_one_byte_at_a_time_is_cut_off(start_proxy: StartProxy) 
 async def test_silent_connection_is_closed_at_the_deadline(start_proxy: StartProxy) -> None:
     """A connection that never sends a byte is answered 408 and closed at the deadline."""
     proxy = await start_proxy(request_header_timeout=0.3)
-    reader, writer = await connect(proxy)
+    reader, writer = await proxy.connect()
     data = await read_to_close(reader)
     writer.close()
     assert status_lines(data) == [TIMEOUT_LINE]
@@ -105,7 +100,7 @@ async def test_keep_alive_idle_time_is_not_head_time(
 ) -> None:
     """Idle time between keep-alive requests is not counted; the next head gets its own deadline."""
     proxy = await start_proxy(request_header_timeout=0.3)
-    reader, writer = await connect(proxy)
+    reader, writer = await proxy.connect()
     writer.write(f"GET {origin.url('/echo')} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
     length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
@@ -124,7 +119,7 @@ async def test_slow_body_is_not_cut_by_the_head_deadline(
 ) -> None:
     """Once the head is complete, a body slower than the head deadline still goes through."""
     proxy = await start_proxy(request_header_timeout=0.3)
-    reader, writer = await connect(proxy)
+    reader, writer = await proxy.connect()
     writer.write(
         f"POST {origin.url('/echo')} HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n"
         "Connection: close\r\n\r\n".encode()
@@ -146,9 +141,9 @@ async def test_slow_body_is_not_cut_by_the_head_deadline(
 async def test_connections_over_the_cap_are_closed_and_counted(start_proxy: StartProxy) -> None:
     """Past --max-client-connections a new connection is closed at once; a freed slot is reused."""
     proxy = await start_proxy(max_client_connections=2)
-    held = [await connect(proxy) for _ in range(2)]
+    held = [await proxy.connect() for _ in range(2)]
     await until(lambda: proxy.sample("proxy_client_connections_open") == 2)
-    reader, writer = await connect(proxy)
+    reader, writer = await proxy.connect()
     assert await read_to_close(reader) == b""
     writer.close()
     assert proxy.sample("proxy_client_connections_rejected_total") == 1

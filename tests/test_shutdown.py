@@ -239,8 +239,7 @@ async def test_download_cut_off_at_shutdown_is_logged_and_counted_as_an_error(
     proxy: RunningProxy, origin: Origin, logs: LogCapture
 ) -> None:
     """A download still running when shutdown cancels its handler is an error, not a clean 200."""
-    assert proxy.server.proxy_address is not None
-    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.server.proxy_address.port)
+    reader, writer = await proxy.connect()
     url = origin.url("/stream?size=20000000&cl=1&delay_ms=50")  # about 15 s: never finishes here
     writer.write(f"GET {url} HTTP/1.1\r\nHost: {origin.authority}\r\n\r\n".encode())
     first = await reader.readexactly(100_000)

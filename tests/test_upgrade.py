@@ -101,8 +101,7 @@ async def test_raw_http_target_with_upgrade_websocket_switches(
 ) -> None:
     """`GET http://...` with Upgrade: websocket gets the origin's 101, then frames both ways."""
     key = base64.b64encode(os.urandom(16)).decode()
-    assert proxy.server.proxy_address is not None
-    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.server.proxy_address.port)
+    reader, writer = await proxy.connect()
     try:
         writer.write(handshake(f"http://127.0.0.1:{ws_origin}/raw", key))
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
@@ -141,8 +140,7 @@ async def test_declined_handshake_is_relayed_and_the_connection_lives_on(
     request = handshake(upstream.url("/ws"), key) + (
         f"GET {upstream.url('/next')} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
     )
-    assert proxy.server.proxy_address is not None
-    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.server.proxy_address.port)
+    reader, writer = await proxy.connect()
     try:
         writer.write(request)
         received = await asyncio.wait_for(reader.read(-1), 10)
