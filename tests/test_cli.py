@@ -9,7 +9,6 @@ import signal
 import socket
 import stat
 import sys
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,12 +94,11 @@ async def test_sigterm_finishes_an_in_flight_stream_then_exits_0(
                 assert late.status == 200
             rest = await resp.read()
     assert len(first) + len(rest) == size
-    started = time.monotonic()
     assert await asyncio.wait_for(running.process.wait(), 15) == 0
-    assert time.monotonic() - started < 10
     events = [line["event"] for line in await running.stdout_lines()]
     assert events.count("access") == 2
     assert "draining" in events
+    assert "drain_timeout" not in events  # it exited once idle, not when the drain gave up
     assert events[-1] == "stopped"
 
 
