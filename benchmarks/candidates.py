@@ -271,6 +271,9 @@ CANDIDATES: Final[tuple[Candidate, ...]] = (
     Candidate("bare-traced", "the same with a TraceConfig -> histograms", _bare(True)),
     Candidate("ours", "tracing-proxy, everything on", _ours(True)),
     Candidate("ours-off", "tracing-proxy --observe false", _ours(False)),
+    Candidate(
+        "ours-noexemplars", "tracing-proxy --exemplars false", _ours(True, "--exemplars", "false")
+    ),
     Candidate("ours-spans", "tracing-proxy exporting every request as a span", _ours_spans),
     Candidate("proxypy", "proxy.py, 1 acceptor, 1 worker", _proxypy, installs.proxypy),
     Candidate("squid", "squid, no cache, 1 worker", _squid, installs.debian("squid", "squid")),

@@ -1,40 +1,46 @@
-"""HTTPS origination figures: the proxy speaking TLS upstream vs a client speaking TLS itself.
+"""HTTPS figures: TLS origination and interception by the proxy vs a client speaking TLS itself.
 
-``https_origination()`` returns the figures; ``python -m benchmarks.https`` prints them.
-A TLS origin with a trustme certificate and a proxy trusting its CA run on loopback;
-every load is bounded (wrk by its duration, the connection-per-request loops by count).
+``https_figures()`` returns them; ``python -m benchmarks.https`` prints them, and
+``make bench`` runs them once as the ``https`` study. On loopback: a TLS origin with a
+trustme certificate (``benchmarks.https_origin``), and one proxy trusting that origin's CA,
+with ``--upgrade-to-https 127.0.0.1`` (origination: the client sends ``http://`` in clear,
+the proxy speaks TLS upstream from its pool) and ``--intercept 127.0.0.1`` with a CA made by
+``tracing-proxy ca`` in a temporary directory (interception: CONNECT, then TLS to the proxy
+with a certificate it mints). The load generator is ``benchmarks.tls_client`` (aiohttp,
+bounded by time and count) in its own process pinned to the load core, since wrk cannot
+speak TLS through a CONNECT; every row uses it, so latencies compare like with like.
 
-- keep-alive, wrk: direct ``https://`` vs plain ``http://`` through the proxy vs
-  absolute-form ``https://`` through the proxy (origination), with the proxy's CPU per
-  request;
-- a new client connection per request, sequential: direct TLS (a handshake per request)
-  vs origination (a new plain TCP connection to the proxy, which reuses its pooled TLS
-  connection), with wall time per request and the proxy's and origin's CPU per request;
-- the proxy's own ``proxy_upstream_tls_seconds``: how many handshakes it made, their mean.
+- keep-alive, N clients: direct ``https://``, plain ``http://`` through the proxy (to the
+  origin's clear port), origination and interception; the proxy's CPU per request;
+- a new client connection per request, one client: direct TLS (a handshake per request),
+  origination (a new plain TCP connection to the proxy, which reuses its pooled TLS
+  connection) and interception (a CONNECT and a TLS handshake with the proxy per request,
+  the upstream TLS connection pooled); latency, and the proxy's and origin's CPU per request;
+- the proxy's own ``proxy_upstream_tls_seconds``: how many upstream handshakes, their mean.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import http.client
 import json
+import os
 import re
-import ssl
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Final
 
 import trustme
 
+from benchmarks.candidates import LOAD_CORE, PROXY_CORE, pinned
 from benchmarks.processes import proxy_command, ready_process
-from benchmarks.procfs import cpu_seconds
-from benchmarks.scenarios import run_wrk
+from benchmarks.procfs import cpu_seconds, peak_rss_mb
+from benchmarks.scenarios import Bench, Measurement, Study, StudyResult
 
 
 def _scrape_tls(metrics_url: str, host: str) -> tuple[float, float]:
@@ -49,30 +55,6 @@ def _scrape_tls(metrics_url: str, host: str) -> tuple[float, float]:
     return values["count"], values["sum"]
 
 
-def _per_request(pids: dict[str, int], count: int, call: Callable[[], None]) -> dict[str, float]:
-    """Run ``call`` ``count`` times in a row; wall ms and CPU us per request of each pid."""
-    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
-    started = time.perf_counter()
-    for _ in range(count):
-        call()
-    wall = time.perf_counter() - started
-    figures = {"wall_ms_per_request": wall / count * 1000}
-    for name, pid in pids.items():
-        figures[f"{name}_cpu_us_per_request"] = (cpu_seconds(pid) - before[name]) / count * 1e6
-    return figures
-
-
-def _get(connection: http.client.HTTPConnection, target: str) -> None:
-    try:
-        connection.request("GET", target, headers={"Connection": "close"})
-        response = connection.getresponse()
-        response.read()
-        if response.status != 200:
-            raise RuntimeError(f"{target}: status {response.status}")
-    finally:
-        connection.close()
-
-
 @dataclass
 class _Rig:
     """The TLS origin and the proxy, running."""
@@ -83,115 +65,167 @@ class _Rig:
     metrics_url: str
     tls_port: int
     plain_port: int
-    client_context: ssl.SSLContext
+    cafile: str  # the origin's CA and the interception CA, for the load generator
 
 
 @contextlib.contextmanager
 def _rig(loop: str) -> Iterator[_Rig]:
     ca = trustme.CA()
     with tempfile.TemporaryDirectory() as tmp:
-        cert, key, ca_file = (str(Path(tmp) / name) for name in ("cert.pem", "key.pem", "ca.pem"))
+        cert, key, origin_ca = (str(Path(tmp) / n) for n in ("cert.pem", "key.pem", "origin.pem"))
         leaf = ca.issue_cert("127.0.0.1")
         leaf.cert_chain_pems[0].write_to_path(cert)
         leaf.private_key_pem.write_to_path(key)
-        ca.cert_pem.write_to_path(ca_file)
-        origin_command = [sys.executable, "-m", "benchmarks.https_origin", cert, key]
-        command = proxy_command(
-            "--admin-listen", "127.0.0.1:0", "--upstream-ca-file", ca_file, "--event-loop", loop
+        ca.cert_pem.write_to_path(origin_ca)
+        ca_dir = Path(tmp) / "ca"
+        subprocess.run([sys.executable, "-m", "proxy", "ca", str(ca_dir)], check=True)
+        bundle = Path(tmp) / "bundle.pem"
+        bundle.write_text(Path(origin_ca).read_text() + (ca_dir / "ca.pem").read_text())
+        origin_command = pinned(
+            LOAD_CORE, [sys.executable, "-m", "benchmarks.https_origin", cert, key]
         )
         drains: list[subprocess.Popen[bytes]] = []
         try:
-            with (
-                ready_process(origin_command) as (origin, ports),
-                ready_process(command) as (proxy, listening),
-            ):
-                # The access log is read away, as a node's log pipe would (a full pipe
-                # blocks); cat ends when the proxy does.
-                drains.append(
-                    subprocess.Popen(["cat"], stdin=proxy.stdout, stdout=subprocess.DEVNULL)
-                )
+            with ready_process(origin_command) as (origin, ports):
                 tls_port, plain_port = (int(p) for p in ports.split())
-                ready = json.loads(listening)
-                yield _Rig(
-                    origin,
-                    proxy,
-                    ready["proxy"],
-                    ready["metrics"],
-                    tls_port,
-                    plain_port,
-                    ssl.create_default_context(cafile=ca_file),
+                command = proxy_command(
+                    *("--admin-listen", "127.0.0.1:0", "--event-loop", loop),
+                    *("--upstream-ca-file", origin_ca, "--upgrade-to-https", "127.0.0.1"),
+                    *("--intercept", "127.0.0.1", "--connect-ports", str(tls_port)),
+                    *("--ca-cert", str(ca_dir / "ca.pem"), "--ca-key", str(ca_dir / "ca-key.pem")),
                 )
+                with ready_process(pinned(PROXY_CORE, command)) as (proxy, listening):
+                    # The access log is read away, as a node's log pipe would (a full pipe
+                    # blocks); cat ends when the proxy does.
+                    drains.append(
+                        subprocess.Popen(["cat"], stdin=proxy.stdout, stdout=subprocess.DEVNULL)
+                    )
+                    ready = json.loads(listening)
+                    yield _Rig(
+                        origin,
+                        proxy,
+                        ready["proxy"],
+                        ready["metrics"],
+                        tls_port,
+                        plain_port,
+                        str(bundle),
+                    )
         finally:
             for drain in drains:
                 drain.wait(timeout=30)
 
 
-def _keepalive(rig: _Rig, seconds: int, connections: int) -> dict[str, float]:
-    direct_url = f"https://127.0.0.1:{rig.tls_port}"
-    through = {
-        "plain_http": f"http://127.0.0.1:{rig.plain_port}/",
-        "origination": f"https://127.0.0.1:{rig.tls_port}/",
+@dataclass(frozen=True)
+class _Route:
+    url: str
+    through_proxy: bool
+
+
+def _routes(rig: _Rig) -> dict[str, _Route]:
+    secure = f"https://127.0.0.1:{rig.tls_port}/"
+    return {
+        "direct": _Route(secure, False),
+        "ours-http": _Route(f"http://127.0.0.2:{rig.plain_port}/", True),
+        "originate": _Route(f"http://127.0.0.1:{rig.tls_port}/", True),  # upgraded to https
+        "intercept": _Route(secure, True),
     }
-    run_wrk(direct_url, "/", connections, 1)  # warm-up: pools, caches
-    run_wrk(rig.proxy_url, through["origination"], connections, 1)
-    direct = run_wrk(direct_url, "/", connections, seconds)
-    figures = {"keepalive_direct_tls_rps": direct.rps, "keepalive_direct_tls_p50_ms": direct.p50_ms}
-    for name, target in through.items():
-        before = cpu_seconds(rig.proxy.pid)
-        load = run_wrk(rig.proxy_url, target, connections, seconds)
-        cpu = cpu_seconds(rig.proxy.pid) - before
-        figures[f"keepalive_{name}_rps"] = load.rps
-        figures[f"keepalive_{name}_p50_ms"] = load.p50_ms
-        figures[f"keepalive_{name}_proxy_cpu_us_per_request"] = cpu / load.requests * 1e6
-        figures[f"keepalive_{name}_errors"] = load.errors
-    return figures
 
 
-def _new_connections(rig: _Rig, requests: int) -> dict[str, float]:
+def _load(
+    rig: _Rig, route: _Route, connections: int, seconds: float, limit: int, new: bool
+) -> dict[str, Any]:
+    command = [sys.executable, "-m", "benchmarks.tls_client", route.url, "--cafile", rig.cafile]
+    command += ["--connections", str(connections), "--seconds", str(seconds)]
+    command += ["--max-requests", str(limit), *(["--new-connection"] if new else [])]
+    command += ["--proxy", rig.proxy_url] if route.through_proxy else []
+    out = subprocess.run(
+        pinned(LOAD_CORE, command), capture_output=True, text=True, check=True,
+        timeout=seconds + 120,
+    ).stdout  # fmt: skip
+    result: dict[str, Any] = json.loads(out)
+    return result
+
+
+def _measured(
+    rig: _Rig, route: _Route, connections: int, seconds: float, limit: int, new: bool
+) -> Measurement:
+    """One load after a short warm-up, with the proxy's and the origin's CPU over it."""
+    _load(rig, route, connections, 1.0, max(limit // 10, 20), new)  # pools, caches
     pids = {"proxy": rig.proxy.pid, "origin": rig.origin.pid}
-    proxy_host, proxy_port = rig.proxy_url.removeprefix("http://").rsplit(":", 1)
-    target = f"https://127.0.0.1:{rig.tls_port}/"
-
-    def direct_call() -> None:
-        connection = http.client.HTTPSConnection(
-            "127.0.0.1", rig.tls_port, context=rig.client_context
-        )
-        _get(connection, "/")
-
-    def originated_call() -> None:
-        _get(http.client.HTTPConnection(proxy_host, int(proxy_port)), target)
-
-    figures: dict[str, float] = {}
-    for name, call in (("direct_tls", direct_call), ("origination", originated_call)):
-        for key, value in _per_request(pids, requests, call).items():
-            figures[f"new_connection_{name}_{key}"] = value
-    return figures
+    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    load = _load(rig, route, connections, seconds, limit, new)
+    cpu = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
+    requests = max(load["requests"], 1)
+    return Measurement(
+        requests=load["requests"],
+        seconds=load["seconds"],
+        rps=load["requests"] / load["seconds"],
+        p50_ms=load["p50_ms"],
+        p99_ms=load["p99_ms"],
+        errors=load["errors"],
+        cpu_us_per_request=cpu["proxy"] / requests * 1e6 if route.through_proxy else None,
+        peak_rss_mb=peak_rss_mb(rig.proxy.pid) if route.through_proxy else None,
+        extra={"origin_cpu_us_per_req": round(cpu["origin"] / requests * 1e6, 1)},
+    )
 
 
-def https_origination(
-    seconds: int = 5, connections: int = 20, requests: int = 300, loop: str = "uvloop"
-) -> dict[str, float]:
-    """The figures, by name (req/s, ms, us of CPU per request, handshakes)."""
+KEEPALIVE: Final = "keep-alive"
+NEW_CONNECTION: Final = "new connection per request"
+
+
+def https_figures(
+    seconds: float = 5.0, connections: int = 20, requests: int = 300, loop: str = "uvloop"
+) -> StudyResult:
+    """Both tables (keep-alive at ``connections`` clients; ``requests`` connection-per-request
+    calls by one client) and the proxy's upstream handshakes."""
+    keepalive: dict[str, Measurement] = {}
+    fresh: dict[str, Measurement] = {}
     with _rig(loop) as rig:
-        figures = _keepalive(rig, seconds, connections)
-        figures.update(_new_connections(rig, requests))
+        routes = _routes(rig)
+        for name, route in routes.items():
+            keepalive[name] = _measured(rig, route, connections, seconds, 10**6, False)
+        for name in ("direct", "originate", "intercept"):
+            fresh[name] = _measured(rig, routes[name], 1, seconds * 4, requests, True)
         handshakes, total = _scrape_tls(rig.metrics_url, f"127.0.0.1:{rig.tls_port}")
+    tables = {
+        f"{KEEPALIVE}, {connections} clients": keepalive,
+        f"{NEW_CONNECTION}, 1 client, {requests} requests": fresh,
+    }
+    figures: dict[str, Any] = {
+        title: {name: asdict(m) for name, m in rows.items()} for title, rows in tables.items()
+    }
     figures["proxy_tls_handshakes"] = handshakes
     figures["proxy_tls_handshake_mean_ms"] = total / handshakes * 1000 if handshakes else 0.0
-    return figures
+    return StudyResult(tables, figures)
+
+
+def _study(bench: Bench) -> StudyResult:
+    return https_figures(
+        seconds=bench.seconds,
+        requests=100 if bench.quick else 300,
+        loop=os.environ.get("BENCH_LOOP", "uvloop"),
+    )
+
+
+SCENARIOS: Final = (
+    Study(
+        "https",
+        "HTTPS: origination and interception vs direct TLS (ours-http: plain http via ours)",
+        _study,
+        reference="ours-http",
+    ),
+)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--seconds", type=int, default=5, help="duration of each wrk load")
-    parser.add_argument("--connections", type=int, default=20, help="concurrent wrk clients")
+    parser.add_argument("--seconds", type=float, default=5.0, help="duration of each load")
+    parser.add_argument("--connections", type=int, default=20, help="keep-alive clients")
     parser.add_argument("--requests", type=int, default=300, help="connection-per-request calls")
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
     args = parser.parse_args()
-    figures = https_origination(args.seconds, args.connections, args.requests, args.loop)
-    width = max(len(name) for name in figures)
-    for name, value in figures.items():
-        print(f"  {name:<{width}}  {value:>10.2f}")
+    result = https_figures(args.seconds, args.connections, args.requests, args.loop)
+    print(json.dumps(result.figures, indent=1))
 
 
 if __name__ == "__main__":

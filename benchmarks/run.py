@@ -5,8 +5,10 @@ the bare aiohttp forwarder with and without tracing, ours with everything on and
 ``--observe false``, proxy.py, squid, tinyproxy) a fresh proxy process that goes through
 every scenario (``benchmarks.scenarios``). The proxy is pinned to one core, wrk and the
 origin to the other; rounds alternate candidates so drift in the machine hits all alike,
-and the median round is reported. Prints a table per scenario with ratios against ours
-and against direct, then the issue's targets, and writes everything to a JSON file.
+and the median round is reported. Then the studies the plug-in modules define, once each
+(HTTPS origination and interception, the /metrics scrape at 10-1,000 hosts, the cost of a
+span). Prints a table per scenario with ratios against ours and against direct, what
+exemplars and span export cost, the issue's targets, and writes everything to a JSON file.
 
 Quick subset: ``make bench BENCH_ARGS="--quick --only ours,bare"``.
 """
@@ -25,7 +27,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from benchmarks.candidates import (
     CANDIDATES,
@@ -38,14 +40,22 @@ from benchmarks.candidates import (
 )
 from benchmarks.installs import BENCH_DIR
 from benchmarks.processes import ready_process
-from benchmarks.scenarios import PLUGIN_MODULES, SCENARIOS, Bench, Measurement, Scenario
+from benchmarks.scenarios import (
+    PLUGIN_MODULES,
+    SCENARIOS,
+    Bench,
+    Measurement,
+    Scenario,
+    Study,
+    StudyResult,
+)
 
 Medians = dict[str, dict[str, Measurement]]  # scenario -> candidate -> median round
 
 
-def plugin_scenarios() -> list[Scenario]:
-    """Scenarios other modules define (see ``benchmarks.scenarios``), where present."""
-    found: list[Scenario] = []
+def plugin_scenarios() -> list[Scenario | Study]:
+    """Scenarios and studies other modules define (see ``benchmarks.scenarios``)."""
+    found: list[Scenario | Study] = []
     for name in PLUGIN_MODULES:
         try:
             module = importlib.import_module(name)
@@ -125,27 +135,72 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def print_tables(scenarios: list[Scenario], medians: Medians) -> None:
     for scenario in scenarios:
-        rows = medians.get(scenario.name, {})
-        ours, direct = rows.get("ours"), rows.get("direct")
-        print(f"\n{scenario.name}: {scenario.title}")
+        print_table(f"{scenario.name}: {scenario.title}", medians.get(scenario.name, {}))
+
+
+def print_table(
+    heading: str, rows: dict[str, Measurement], reference: str = "ours", base: str = "direct"
+) -> None:
+    """One row per candidate; "x ours" is CPU per request over ``reference``'s, "+p50 ms" and
+    "x direct" compare with ``base``."""
+    ours, direct = rows.get(reference), rows.get(base)
+    width = max(8, len(reference) + 3)
+    print(f"\n{heading}")
+    print(
+        f"  {'candidate':<16}{'req/s':>9}{'p50 ms':>8}{'p99 ms':>8}{'+p50 ms':>9}"
+        f"{'CPU us/req':>11}{'x ' + reference:>{width}}{'MiB/s':>8}"
+        f"{'x direct':>9}{'RSS MB':>8}{'errors':>7}  extra"
+    )
+    for name, m in rows.items():
+        added = m.p50_ms - direct.p50_ms if direct and name != base else None
+        cpu_rel = _ratio(m.cpu_us_per_request, ours.cpu_us_per_request if ours else None)
+        speed = _ratio(m.mib_per_s, direct.mib_per_s if direct else None)
+        extra = " ".join(f"{k}={v:g}" for k, v in m.extra.items())
+        if m.scrapes:
+            extra = f"scrapes={m.scrapes} {extra}".strip()
         print(
-            f"  {'candidate':<12}{'req/s':>9}{'p50 ms':>8}{'p99 ms':>8}{'+p50 ms':>9}"
-            f"{'CPU us/req':>11}{'x ours':>8}{'MiB/s':>8}{'x direct':>9}{'RSS MB':>8}"
-            f"{'errors':>7}  extra"
+            f"  {name:<16}{m.rps:>9.0f}{m.p50_ms:>8.2f}{m.p99_ms:>8.2f}"
+            f"{_fmt(added, '.3f'):>9}{_fmt(m.cpu_us_per_request, '.0f'):>11}"
+            f"{_fmt(cpu_rel, '.2f'):>{width}}{_fmt(m.mib_per_s, '.0f'):>8}"
+            f"{_fmt(speed, '.2f'):>9}{_fmt(m.peak_rss_mb, '.1f'):>8}{m.errors:>7}  {extra}"
         )
-        for name, m in rows.items():
-            added = m.p50_ms - direct.p50_ms if direct and name != "direct" else None
-            cpu_rel = _ratio(m.cpu_us_per_request, ours.cpu_us_per_request if ours else None)
-            speed = _ratio(m.mib_per_s, direct.mib_per_s if direct else None)
-            extra = " ".join(f"{k}={v:g}" for k, v in m.extra.items())
-            if m.scrapes:
-                extra = f"scrapes={m.scrapes} {extra}".strip()
-            print(
-                f"  {name:<12}{m.rps:>9.0f}{m.p50_ms:>8.2f}{m.p99_ms:>8.2f}"
-                f"{_fmt(added, '.3f'):>9}{_fmt(m.cpu_us_per_request, '.0f'):>11}"
-                f"{_fmt(cpu_rel, '.2f'):>8}{_fmt(m.mib_per_s, '.0f'):>8}"
-                f"{_fmt(speed, '.2f'):>9}{_fmt(m.peak_rss_mb, '.1f'):>8}{m.errors:>7}  {extra}"
-            )
+
+
+def run_studies(studies: list[Study], bench: Bench) -> dict[str, StudyResult]:
+    out: dict[str, StudyResult] = {}
+    for study in studies:
+        print(f"study: {study.name}", flush=True)
+        started_at = time.monotonic()
+        out[study.name] = study.run(bench)
+        print(f"  ({study.name} took {time.monotonic() - started_at:.0f} s)", flush=True)
+    return out
+
+
+# What a feature costs: a candidate with it changed against ours with everything on (default).
+FEATURES: Final = (
+    ("exemplars on / off (--exemplars false)", "ours", "ours-noexemplars"),
+    ("span export at ratio 1.0 / off", "ours-spans", "ours"),
+    ("everything on / --observe false", "ours", "ours-off"),
+)
+
+
+def feature_costs(medians: Medians) -> list[dict[str, Any]]:
+    """CPU per request with a feature over without, per CPU scenario where both ran."""
+    out = []
+    for label, with_it, without in FEATURES:
+        for scenario, rows in medians.items():
+            if with_it in rows and without in rows:
+                value = _ratio(rows[with_it].cpu_us_per_request, rows[without].cpu_us_per_request)
+                if value is not None:
+                    out.append({"feature": label, "scenario": scenario, "cpu_ratio": value})
+    return out
+
+
+def print_feature_costs(costs: list[dict[str, Any]]) -> None:
+    if costs:
+        print("\nfeature costs: CPU per request with / without")
+    for c in costs:
+        print(f"  {c['feature']:<42}{c['scenario']:<10}{c['cpu_ratio']:>7.3f}")
 
 
 def targets(medians: Medians) -> list[dict[str, Any]]:
@@ -233,20 +288,30 @@ def main(argv: Sequence[str] | None = None) -> None:
             candidates.append(ours_at(ref.strip()))
             if args.ab_off:
                 candidates.append(ours_at(ref.strip(), observe=False))
-    scenarios = _pick(args.scenarios, [*SCENARIOS, *plugin_scenarios()], "scenarios")
+    chosen = _pick(args.scenarios, [*SCENARIOS, *plugin_scenarios()], "scenarios")
+    scenarios = [s for s in chosen if isinstance(s, Scenario)]
+    studies = [s for s in chosen if isinstance(s, Study)]
     with contextlib.suppress(OSError):  # this process (the scraper) stays off the proxy's core
         os.sched_setaffinity(0, {int(LOAD_CORE)})
 
     origin_command = pinned(LOAD_CORE, [sys.executable, "-m", "benchmarks.origin"])
     with ready_process(origin_command) as (_, port_line):
-        bench = Bench(int(port_line), args.seconds, args.warmup)
+        bench = Bench(int(port_line), args.seconds, args.warmup, args.quick)
         runs, medians, skipped = measure_all(candidates, scenarios, bench, args.rounds)
+        studied = run_studies(studies, bench)
     print(
         f"\n{args.seconds} s per load after {args.warmup} s warm-up, median of {args.rounds} "
         f"round(s), loop={args.loop}; proxy pinned to core 0, wrk + origin to core 1 "
-        f"({os.cpu_count()} cores)"
+        f"({os.cpu_count()} cores); studies once each"
     )
     print_tables(scenarios, medians)
+    for study in studies:
+        for title, rows in studied[study.name].tables.items():
+            print_table(
+                f"{study.name}: {study.title}: {title}", rows, study.reference, study.direct
+            )
+    costs = feature_costs(medians)
+    print_feature_costs(costs)
     found = targets(medians)
     print_targets(found)
     for name, reason in skipped.items():
@@ -278,7 +343,18 @@ def main(argv: Sequence[str] | None = None) -> None:
                 "medians": {
                     s: {c: asdict(m) for c, m in rows.items()} for s, rows in medians.items()
                 },
+                "feature_costs": costs,
                 "targets": found,
+                "studies": {
+                    name: {
+                        "tables": {
+                            title: {row: asdict(m) for row, m in rows.items()}
+                            for title, rows in result.tables.items()
+                        },
+                        "figures": result.figures,
+                    }
+                    for name, result in studied.items()
+                },
                 "tunnel": tunnel,
                 "runs": runs,
             },

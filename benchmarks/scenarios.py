@@ -11,6 +11,12 @@ To add a scenario from another module (``benchmarks.scrape``, ``benchmarks.https
 module's name to ``PLUGIN_MODULES``; ``make bench`` then runs and reports it like the
 built-in ones (``--scenarios NAME`` picks it alone). ``Measurement.extra`` carries
 figures of its own, which go to the JSON file and the table's last column.
+
+A ``Study`` is the other kind a module may list in ``SCENARIOS``: a measurement that starts
+its own processes (a TLS origin and a proxy with ``--intercept``, a proxy with 1,000 host
+labels) instead of loading each candidate. It runs once per ``make bench``, after the
+candidates' rounds, and returns tables of rows (printed like the others, with ratios
+against its ``reference`` and ``direct`` rows) plus every figure it took, for the JSON file.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import threading
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 from benchmarks.candidates import LOAD_CORE, Running, pinned
 from benchmarks.procfs import tree_cpu_seconds, tree_peak_rss_mb
@@ -39,6 +45,7 @@ class Bench:
     origin_port: int
     seconds: int
     warmup: int
+    quick: bool = False  # --quick: studies shorten themselves too
 
     def origin_url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.origin_port}{path}"
@@ -68,6 +75,23 @@ class Scenario:
     title: str
     key: Key  # the median round is the one with the median of this
     measure: Callable[[Running, Bench], Measurement]
+
+
+@dataclass
+class StudyResult:
+    tables: dict[str, dict[str, Measurement]]  # table title -> row name -> figures
+    figures: dict[str, Any]  # everything measured, for the JSON file
+
+
+@dataclass(frozen=True)
+class Study:
+    """A measurement with processes of its own, run once per ``make bench`` (see above)."""
+
+    name: str
+    title: str
+    run: Callable[[Bench], StudyResult]
+    reference: str = "ours"  # the row the "x ours" column divides CPU per request by
+    direct: str = "direct"  # the row latency and speed are compared with
 
 
 # -- wrk ---------------------------------------------------------------------------------------

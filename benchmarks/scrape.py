@@ -51,6 +51,7 @@ from prometheus_client.openmetrics import exposition as openmetrics
 
 from benchmarks.processes import proxy_command, ready_process
 from benchmarks.procfs import cpu_seconds
+from benchmarks.scenarios import Bench, Measurement, Study, StudyResult
 from proxy import __version__
 from proxy.config import DEFAULT_BUCKETS
 from proxy.observe.exposition import Exposition
@@ -541,14 +542,80 @@ def exemplar_cpu(rounds: int = 3, seconds: float = 5.0) -> dict[str, Any]:
     }
 
 
-def figures(hosts: tuple[int, ...] = (10, 100, 1000), repeat: int = 5) -> dict[str, Any]:
+def figures(
+    hosts: tuple[int, ...] = (10, 100, 1000),
+    repeat: int = 5,
+    rounds: int = 5,
+    exemplar_rounds: int = 3,
+    exemplar_seconds: float = 5.0,
+) -> dict[str, Any]:
     return {
         "observe": observe_cost(),
         "render": [render_figures(n, repeat) for n in hosts],
-        "loop": [loop_stall_figures(n) for n in hosts],
-        "live": [live_figures(n) for n in hosts],
-        "exemplars_cpu": exemplar_cpu(),
+        "loop": [loop_stall_figures(n, rounds) for n in hosts],
+        "live": [live_figures(n, rounds) for n in hosts],
+        "exemplars_cpu": exemplar_cpu(exemplar_rounds, exemplar_seconds),
     }
+
+
+# The figures of each host count shown in the bench table's last column (all go to the JSON).
+TABLE_EXTRA: Final = {
+    "render": ("openmetrics_all_moved_ms", "openmetrics_cached_ms", "openmetrics_gzip_bytes"),
+    "loop": ("openmetrics_loop_gap_cpu_max_ms",),
+    "live": (
+        "openmetrics_scrape_wall_ms",
+        "openmetrics_during_scrape_p99_over_idle_p50",
+        "openmetrics_scrape_15s_cpu_added_percent",
+    ),
+}
+
+
+def study_tables(found: dict[str, Any]) -> dict[str, dict[str, Measurement]]:
+    """``figures()`` as bench tables: a row per host count, and exemplars on against off."""
+    by_hosts: dict[str, Measurement] = {}
+    for index, live in enumerate(found["live"]):
+        extra = {
+            key: float(found[part][index][key])
+            for part, keys in TABLE_EXTRA.items()
+            for key in keys
+        }
+        by_hosts[f"{live['hosts']} hosts"] = Measurement(
+            rps=live["requests_per_s"],
+            p50_ms=live["idle_p50_ms"],
+            p99_ms=live["idle_p99_ms"],
+            cpu_us_per_request=live["cpu_per_request_us"],
+            extra=extra,
+        )
+    cpu = found["exemplars_cpu"]
+    exemplars = {
+        "exemplars-on": Measurement(cpu_us_per_request=cpu["cpu_per_request_us_exemplars_on"]),
+        "exemplars-off": Measurement(cpu_us_per_request=cpu["cpu_per_request_us_exemplars_off"]),
+    }
+    return {
+        "per host count (idle latency; scrape figures in extra, OpenMetrics, every host moved)": (
+            by_hosts
+        ),
+        "50 clients, --exemplars true vs false": exemplars,
+    }
+
+
+def _study(bench: Bench) -> StudyResult:
+    if bench.quick:
+        found = figures((10, 100), repeat=2, rounds=2, exemplar_rounds=1, exemplar_seconds=2.0)
+    else:
+        found = figures()
+    return StudyResult(study_tables(found), found)
+
+
+SCENARIOS: Final = (
+    Study(
+        "scrape",
+        "/metrics at 10, 100, 1,000 host labels (--quick: 10, 100)",
+        _study,
+        reference="10 hosts",
+        direct="10 hosts",
+    ),
+)
 
 
 def main() -> None:

@@ -10,6 +10,8 @@ an OTLP ``ExportTraceServiceRequest`` in batches of 512. Two figures per route:
   (the SDK in its exporter thread, ours in the exporter task) but still on this process's CPU.
 
 CPU time (``time.process_time``), best of ``--repeat`` runs; no network is used.
+``make bench`` runs it once as the ``span-cost`` study; the ``ours-spans`` candidate
+(a span per request exported to ``benchmarks.otlp_sink``) is the same cost under load.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 from aiohttp.test_utils import make_mocked_request
 from opentelemetry import trace as otel_trace
@@ -34,6 +36,7 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFl
 from opentelemetry.trace.status import Status, StatusCode
 from yarl import URL
 
+from benchmarks.scenarios import Bench, Measurement, Study, StudyResult
 from proxy.observe import spans
 from proxy.observe.outcome import Outcome
 from proxy.observe.tracing import Timings
@@ -170,17 +173,50 @@ def best(run: Callable[[], tuple[float, float]], repeat: int) -> tuple[float, fl
     return min(r[0] for r in results), min(r[1] for r in results)
 
 
+def routes(n: int, repeat: int) -> dict[str, tuple[float, float]]:
+    """(hot path, export) CPU seconds for ``n`` spans, best of ``repeat``, by route."""
+    return {
+        "SDK, SimpleSpanProcessor": best(lambda: sdk_route(n, False), repeat),
+        "SDK, BatchSpanProcessor": best(lambda: sdk_route(n, True), repeat),
+        "plain record + opentelemetry-proto": best(lambda: our_route(n), repeat),
+    }
+
+
+ROW_NAMES: Final = {
+    "SDK, SimpleSpanProcessor": "sdk-simple",
+    "SDK, BatchSpanProcessor": "sdk-batch",
+    "plain record + opentelemetry-proto": "ours",
+}
+
+
+def _study(bench: Bench) -> StudyResult:
+    n, repeat = (5_000, 1) if bench.quick else (20_000, 3)
+    rows: dict[str, Measurement] = {}
+    figures: dict[str, Any] = {"spans_per_run": n, "repeat": repeat}
+    for route, (hot, export) in routes(n, repeat).items():
+        per_span = {"hot_us": hot / n * 1e6, "export_us": export / n * 1e6}
+        figures[route] = per_span
+        rows[ROW_NAMES[route]] = Measurement(
+            requests=n, cpu_us_per_request=(hot + export) / n * 1e6, extra=per_span
+        )
+    passing, taking_part = best(lambda: trace_context_cost(n), repeat)
+    figures["choose_trace_context_pass_through_us"] = passing / n * 1e6
+    figures["choose_trace_context_participant_us"] = taking_part / n * 1e6
+    return StudyResult({"CPU us per span, in one process (no network)": rows}, figures)
+
+
+SCENARIOS: Final = (
+    Study("span-cost", "a span per request: the OpenTelemetry SDK route vs ours", _study),
+)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--count", type=int, default=20_000, help="spans per run")
     parser.add_argument("--repeat", type=int, default=3, help="runs; the best is shown")
     args = parser.parse_args()
     n = args.count
-    rows = {
-        "SDK, SimpleSpanProcessor": best(lambda: sdk_route(n, False), args.repeat),
-        "SDK, BatchSpanProcessor": best(lambda: sdk_route(n, True), args.repeat),
-        "plain record + opentelemetry-proto": best(lambda: our_route(n), args.repeat),
-    }
+    rows = routes(n, args.repeat)
     print(f"{n} spans per run, best of {args.repeat}; CPU us per span")
     print(f"{'route':<38}{'hot path':>10}{'export':>10}{'total':>10}")
     for name, (hot, export) in rows.items():
