@@ -78,7 +78,11 @@ def _rig(loop: str) -> Iterator[_Rig]:
         leaf.private_key_pem.write_to_path(key)
         ca.cert_pem.write_to_path(origin_ca)
         ca_dir = Path(tmp) / "ca"
-        subprocess.run([sys.executable, "-m", "proxy", "ca", str(ca_dir)], check=True)
+        subprocess.run(  # tracing-proxy ca DIR, as an operator would
+            [sys.executable, "-m", "proxy", "ca", str(ca_dir)],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
         bundle = Path(tmp) / "bundle.pem"
         bundle.write_text(Path(origin_ca).read_text() + (ca_dir / "ca.pem").read_text())
         origin_command = pinned(

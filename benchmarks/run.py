@@ -143,6 +143,9 @@ def print_table(
 ) -> None:
     """One row per candidate; "x ours" is CPU per request over ``reference``'s, "+p50 ms" and
     "x direct" compare with ``base``."""
+    if reference not in rows:  # a study's table without that row: its first with CPU figures
+        with_cpu = (n for n, m in rows.items() if m.cpu_us_per_request is not None)
+        reference = next(with_cpu, reference)
     ours, direct = rows.get(reference), rows.get(base)
     width = max(8, len(reference) + 3)
     print(f"\n{heading}")
@@ -152,14 +155,16 @@ def print_table(
         f"{'x direct':>9}{'RSS MB':>8}{'errors':>7}  extra"
     )
     for name, m in rows.items():
-        added = m.p50_ms - direct.p50_ms if direct and name != base else None
+        added = m.p50_ms - direct.p50_ms if direct and name != base and m.rps else None
         cpu_rel = _ratio(m.cpu_us_per_request, ours.cpu_us_per_request if ours else None)
         speed = _ratio(m.mib_per_s, direct.mib_per_s if direct else None)
         extra = " ".join(f"{k}={v:g}" for k, v in m.extra.items())
         if m.scrapes:
             extra = f"scrapes={m.scrapes} {extra}".strip()
+        timed = m.rps > 0  # a CPU-only row (a study's microbenchmark) has no load figures
+        rps, p50, p99 = (m.rps, m.p50_ms, m.p99_ms) if timed else (None, None, None)
         print(
-            f"  {name:<16}{m.rps:>9.0f}{m.p50_ms:>8.2f}{m.p99_ms:>8.2f}"
+            f"  {name:<16}{_fmt(rps, '.0f'):>9}{_fmt(p50, '.2f'):>8}{_fmt(p99, '.2f'):>8}"
             f"{_fmt(added, '.3f'):>9}{_fmt(m.cpu_us_per_request, '.0f'):>11}"
             f"{_fmt(cpu_rel, '.2f'):>{width}}{_fmt(m.mib_per_s, '.0f'):>8}"
             f"{_fmt(speed, '.2f'):>9}{_fmt(m.peak_rss_mb, '.1f'):>8}{m.errors:>7}  {extra}"
