@@ -1,4 +1,4 @@
-"""``make bench``'s wiring: plug-in studies are found, feature costs are ratios of the right rows."""
+"""``make bench``'s wiring: plug-in studies are found, feature costs divide the right rows."""
 
 from __future__ import annotations
 
