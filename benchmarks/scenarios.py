@@ -132,12 +132,14 @@ def run_wrk(
         raise RuntimeError(f"unexpected wrk output:\n{out}")
     if not latency:  # nothing completed (a proxy that stalled): counted, not fatal
         errors += 1
+    elif len(latency) < 2:  # seen once under heavy load: a percentile line wrk left out
+        print(f"wrk printed no 50% or no 99% latency line:\n{out}", flush=True)
     return Measurement(
         requests=int(done.group(1)),
         seconds=_duration_ms(done.group(2)) / 1000.0,
         rps=float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
-        p50_ms=_duration_ms(latency["50"]) if latency else 0.0,
-        p99_ms=_duration_ms(latency["99"]) if latency else 0.0,
+        p50_ms=_duration_ms(latency["50"]) if "50" in latency else 0.0,
+        p99_ms=_duration_ms(latency["99"]) if "99" in latency else 0.0,
         errors=errors,
     )
 
