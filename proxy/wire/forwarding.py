@@ -19,6 +19,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
+from proxy.observe import log
 from proxy.observe.outcome import Observer, Outcome
 from proxy.observe.pool_wait import PoolWait
 from proxy.observe.spans import SpanRecorder
@@ -26,6 +27,7 @@ from proxy.observe.tracing import Timings, timing
 from proxy.rules import errors, headers, policy
 from proxy.rules.errors import ProxyError
 from proxy.rules.request_id import choose_request_id, choose_trace_context
+from proxy.rules.response import InvalidResponse, ResponseHead, broken_rule
 from proxy.rules.target import Target
 from proxy.wire.interim import INTERIM_SINK, Continue, InterimRelay
 from proxy.wire.relay import Relay, UpstreamProtocol
@@ -83,6 +85,24 @@ class ReadyForwardedResponse(ForwardedResponse):
     _send_headers_immediately = False
 
 
+def check_upstream(up: aiohttp.ClientResponse) -> InvalidResponse | None:
+    """Why an upstream response head must not be relayed, or None when it may be.
+
+    Called for every upstream response before anything reaches the client; aiohttp's
+    client parser is lenient, so this is where RFC 9110/9112 are held (proxy.rules.response).
+    """
+    version = up.version
+    head = ResponseHead(
+        version=(version.major, version.minor) if version is not None else (1, 1),
+        status=up.status,
+        # The C parser decodes the reason as UTF-8 with surrogateescape: this is the wire.
+        reason=(up.reason or "").encode("utf-8", "surrogateescape"),
+        fields=up.raw_headers,
+    )
+    rule = broken_rule(head)
+    return InvalidResponse(rule) if rule is not None else None
+
+
 def strip_added_defaults(response: web.StreamResponse) -> None:
     """Remove the Content-Type and Server aiohttp adds when the upstream sent none.
 
@@ -134,6 +154,7 @@ class Forwarder:
         self._via = {
             version: headers.via_value(version, via_pseudonym) for version in ((1, 1), (1, 0))
         }
+        self._logger = log.get_logger()
 
     async def __call__(
         self, request: web.Request, target: Target, expect: Continue
@@ -220,6 +241,11 @@ class Forwarder:
         finally:
             INTERIM_SINK.reset(sink)
 
+        invalid = check_upstream(up)
+        if invalid is not None:
+            up.close()  # RFC 9112 §6.3: that connection is never used again
+            up.release()
+            return self._refuse_upstream(request, outcome, invalid)
         if up.status == 101:
             try:
                 return await self._switch(request, up, outcome, target.websocket)
@@ -367,6 +393,24 @@ class Forwarder:
         outcome.fail(err, exc)
         outcome.status = err.status
         response = errors.error_response(err, self._pseudonym, details=errors.describe(exc))
+        self._stamp(response.headers, outcome)
+        return response
+
+    def _refuse_upstream(
+        self, request: web.Request, outcome: Outcome, invalid: InvalidResponse
+    ) -> web.StreamResponse:
+        """502 ``http_protocol_error`` for a response head that breaks a rule."""
+        err = errors.PROTOCOL_ERROR
+        outcome.fail(err, invalid)
+        outcome.status = err.status
+        self._logger.info(
+            "invalid_response",
+            request_id=outcome.request_id,
+            host=outcome.host,
+            rule=invalid.rule.name,
+            cite=invalid.rule.cite,
+        )
+        response = errors.error_response(err, self._pseudonym, details=invalid.rule.details)
         self._stamp(response.headers, outcome)
         return response
 
