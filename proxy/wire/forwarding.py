@@ -103,6 +103,21 @@ def check_upstream(up: aiohttp.ClientResponse) -> InvalidResponse | None:
     return InvalidResponse(rule) if rule is not None else None
 
 
+def discard_upstream(up: aiohttp.ClientResponse) -> None:
+    """Close the connection ``up`` came on, even if aiohttp has already pooled it.
+
+    When the whole response arrives with its head, aiohttp hands the connection back to
+    the pool before ``request()`` returns (``up.connection`` is then None), so
+    ``up.close()`` alone would leave it there for the next request. The protocol is
+    still reachable as ``up._protocol`` (private: see docs/aiohttp-internals.md); closing
+    its transport makes the pool drop it. No await lies between the release and this.
+    """
+    protocol = up._protocol
+    up.close()
+    if protocol is not None:
+        protocol.close()
+
+
 def strip_added_defaults(response: web.StreamResponse) -> None:
     """Remove the Content-Type and Server aiohttp adds when the upstream sent none.
 
@@ -243,7 +258,7 @@ class Forwarder:
 
         invalid = check_upstream(up)
         if invalid is not None:
-            up.close()  # RFC 9112 §6.3: that connection is never used again
+            discard_upstream(up)  # RFC 9112 §6.3: that connection is never used again
             up.release()
             return self._refuse_upstream(request, outcome, invalid)
         if up.status == 101:
