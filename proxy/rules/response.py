@@ -17,6 +17,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
+from proxy.rules import headers
+
 RawFields = Sequence[tuple[bytes, bytes]]
 
 # RFC 9110 §5.6.2: token = 1*tchar.
@@ -37,18 +39,11 @@ class ResponseHead:
     status: int
     reason: bytes
     fields: RawFields
+    dropped: frozenset[bytes] = frozenset()  # lower-case names the proxy will not relay
 
     def values(self, name: bytes) -> list[bytes]:
         """Every value of the field ``name`` (lower case), in order."""
         return [value for key, value in self.fields if key.lower() == name]
-
-
-def _utf8(data: bytes) -> bool:
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
 
 
 def _bad_version(head: ResponseHead) -> bool:
@@ -76,7 +71,8 @@ def _bad_value(head: ResponseHead) -> bool:
 
 
 def _not_utf8(head: ResponseHead) -> bool:
-    return not _utf8(head.reason) or not all(_utf8(value) for _, value in head.fields)
+    relayed = [(name, value) for name, value in head.fields if name.lower() not in head.dropped]
+    return not headers.utf8(head.reason) or headers.values_not_utf8(relayed)
 
 
 def _length_and_coding(head: ResponseHead) -> bool:
@@ -92,11 +88,7 @@ def _bad_length(head: ResponseHead) -> bool:
 
 
 def _coding_not_chunked(head: ResponseHead) -> bool:
-    codings = head.values(b"transfer-encoding")
-    if not codings:
-        return False
-    items = [item.strip().lower() for value in codings for item in value.split(b",")]
-    return items != [b"chunked"]
+    return headers.codings_other_than_chunked(head.fields)
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,7 +145,8 @@ RULES: Final[tuple[Rule, ...]] = (
     ),
     # RFC 9110 §5.5 allows obs-text (0x80-0xFF), and a proxy forwards it byte-exact or
     # refuses the message. aiohttp's writer can only emit text as UTF-8 and drops what it
-    # cannot encode, so bytes that are not UTF-8 cannot be relayed exactly: refused.
+    # cannot encode, so bytes that are not UTF-8 cannot be relayed exactly: refused, in the
+    # reason and in the fields that are relayed (not in those the proxy drops anyway).
     Rule(
         "obs_text_not_utf8",
         "RFC 9110 §5.5, RFC 9112 §4",

@@ -85,11 +85,14 @@ class ReadyForwardedResponse(ForwardedResponse):
     _send_headers_immediately = False
 
 
-def check_upstream(up: aiohttp.ClientResponse) -> InvalidResponse | None:
+def check_upstream(
+    up: aiohttp.ClientResponse, dropped: frozenset[bytes] = frozenset()
+) -> InvalidResponse | None:
     """Why an upstream response head must not be relayed, or None when it may be.
 
     Called for every upstream response before anything reaches the client; aiohttp's
     client parser is lenient, so this is where RFC 9110/9112 are held (proxy.rules.response).
+    ``dropped`` names the fields the caller removes before relaying.
     """
     version = up.version
     head = ResponseHead(
@@ -98,6 +101,7 @@ def check_upstream(up: aiohttp.ClientResponse) -> InvalidResponse | None:
         # The C parser decodes the reason as UTF-8 with surrogateescape: this is the wire.
         reason=(up.reason or "").encode("utf-8", "surrogateescape"),
         fields=up.raw_headers,
+        dropped=dropped,
     )
     rule = broken_rule(head)
     return InvalidResponse(rule) if rule is not None else None
@@ -256,7 +260,7 @@ class Forwarder:
         finally:
             INTERIM_SINK.reset(sink)
 
-        invalid = check_upstream(up)
+        invalid = check_upstream(up, headers.response_drop_set(up.raw_headers, self._rid_key))
         if invalid is not None:
             discard_upstream(up)  # RFC 9112 §6.3: that connection is never used again
             up.release()
