@@ -361,3 +361,33 @@ def closing_socket(sock: socket.socket) -> Iterator[socket.socket]:
         yield sock
     finally:
         sock.close()
+
+
+def parse_response(raw: bytes, method: bytes) -> Received | Rejected:
+    """h11's verdict on one response to ``method`` that ends where ``raw`` ends (then EOF)."""
+    conn = h11.Connection(h11.CLIENT)
+    conn.send(h11.Request(method=method, target="/", headers=[("Host", "x")]))
+    conn.send(h11.EndOfMessage())
+    conn.receive_data(raw)
+    conn.receive_data(b"")
+    response: Received | None = None
+    body = bytearray()
+    try:
+        while True:
+            event = conn.next_event()
+            if isinstance(event, h11.InformationalResponse):
+                continue
+            if isinstance(event, h11.Response):
+                response = Received(
+                    event.status_code, bytes(event.reason), list(event.headers.raw_items()), b""
+                )
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                assert response is not None
+                response.body = bytes(body)
+                return response
+            else:
+                return Rejected(f"incomplete: {event!r}")
+    except h11.RemoteProtocolError as exc:
+        return Rejected(str(exc))
