@@ -108,6 +108,10 @@ class Stack:
 
         return self._loop.run(start())
 
+    def call(self, fn: Callable[[], object]) -> None:
+        """Run ``fn`` on the stack's loop (asyncio objects there are not thread-safe)."""
+        self._loop.loop.call_soon_threadsafe(fn)
+
     @property
     def port(self) -> int:
         assert self.proxy is not None

@@ -183,3 +183,40 @@ async def test_discard_closes_a_connection_aiohttp_already_pooled(raw_origin: St
         async with session.get(origin.url("/status_600")) as up:
             assert await up.read() == b"ok"
     assert origin.connections == 2
+
+
+async def test_unsolicited_response_on_an_idle_connection_never_answers_the_next_request(
+    proxy: RunningProxy, raw_origin: StartRaw
+) -> None:
+    """A response sent while the pooled connection is idle is never taken as the next one's.
+
+    RFC 9112 §9.3: each response answers one request. Found by test_oracle_reuse.py: aiohttp
+    queued the unsolicited response and handed it to the next request on that connection.
+    """
+    sent_extra = asyncio.Event()
+
+    async def answer_then_poison(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, state: RawOrigin
+    ) -> None:
+        for _ in range(10):
+            head = await read_head(reader)
+            state.received.append(head)
+            writer.write(OK_RESPONSE)
+            await writer.drain()
+            if len(state.received) == 1:
+                await first_answered.wait()  # the connection is idle in the pool now
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nEVIL")
+                await writer.drain()
+                sent_extra.set()
+
+    first_answered = asyncio.Event()
+    origin = await raw_origin(answer_then_poison)
+    request = f"GET {origin.url('/p')} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+    first, _ = await send_and_read(proxy, request)
+    first_answered.set()
+    await asyncio.wait_for(sent_extra.wait(), 5)
+    second, _ = await send_and_read(proxy, request)
+    assert first.endswith(b"\r\n\r\nok")
+    assert second.endswith(b"\r\n\r\nok")
+    assert b"EVIL" not in second
+    assert origin.connections == 2
