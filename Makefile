@@ -47,7 +47,8 @@ pytest: $(STAMP_TEST) $(NODE_STAMP)
 # says otherwise); failing cases are kept in .hypothesis/ and replayed first next time.
 fuzz: $(STAMP_TEST)
 	HYPOTHESIS_PROFILE=fuzz $(BIN)/pytest -q tests/test_oracle_requests.py \
-		tests/test_oracle_responses.py tests/test_oracle_ids.py $(PYTEST_ARGS)
+		tests/test_oracle_responses.py tests/test_oracle_reuse.py tests/test_oracle_ids.py \
+		$(PYTEST_ARGS)
 
 bench: $(STAMP_TEST)
 	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -qq wrk; } \

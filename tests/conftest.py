@@ -43,7 +43,7 @@ _PROFILE = hypothesis_settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
-hypothesis_settings.register_profile("default", _PROFILE, max_examples=75)
+hypothesis_settings.register_profile("default", _PROFILE, max_examples=100)
 hypothesis_settings.register_profile(
     "fuzz", _PROFILE, max_examples=int(os.environ.get("FUZZ_EXAMPLES", "20000"))
 )

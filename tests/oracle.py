@@ -85,7 +85,7 @@ class Stack:
         if self.proxy is not None:
             await self.proxy.close()
 
-    def origin(self, handler: Handler) -> int:
+    def origin(self, handler: Handler, port: int = 0) -> int:
         """Start a TCP origin running ``handler`` per connection; return its port."""
 
         async def start() -> int:
@@ -101,10 +101,10 @@ class Stack:
                     writer.close()
                     self._tasks.discard(task)
 
-            server = await asyncio.start_server(handle, "127.0.0.1", 0)
+            server = await asyncio.start_server(handle, "127.0.0.1", port)
             self._servers.append(server)
-            port: int = server.sockets[0].getsockname()[1]
-            return port
+            bound: int = server.sockets[0].getsockname()[1]
+            return bound
 
         return self._loop.run(start())
 
