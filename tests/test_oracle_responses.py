@@ -172,6 +172,8 @@ def responses(draw: st.DrawFn) -> Generated:
 
 
 # -- deliberate differences from h11 (h11 reads it, the proxy answers 502) -------------------
+# Not compared: a 1xx before the final response (aiohttp reads past it and never relays it,
+# although RFC 9110 §15.2 asks a proxy to) and trailers (dropped, RFC 9110 §6.5.1).
 
 
 @dataclass(frozen=True)
