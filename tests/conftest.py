@@ -8,6 +8,7 @@ import gzip
 import hashlib
 import io
 import json
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any

@@ -67,10 +67,6 @@ ROWS: dict[str, tuple[bytes, str]] = {
     "status_099": (b"HTTP/1.1 099 OK\r\n" + _OK_TAIL, "status_outside_100_599"),
     "status_600": (b"HTTP/1.1 600 OK\r\n" + _OK_TAIL, "status_outside_100_599"),
     "status_999": (b"HTTP/1.1 999 OK\r\n" + _OK_TAIL, "status_outside_100_599"),
-    "switching_protocols_unasked": (
-        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\nokok",
-        "switching_protocols_not_asked_for",
-    ),
     "version_2_0": (b"HTTP/2.0 200 OK\r\n" + _OK_TAIL, "version_not_http_1"),
     "version_1_2": (b"HTTP/1.2 200 OK\r\n" + _OK_TAIL, AIOHTTP),
     "reason_with_control_character": (
@@ -220,3 +216,26 @@ async def test_unsolicited_response_on_an_idle_connection_never_answers_the_next
     assert second.endswith(b"\r\n\r\nok")
     assert b"EVIL" not in second
     assert origin.connections == 2
+
+
+async def test_interim_response_with_control_character_is_502_and_never_relayed(
+    proxy: RunningProxy, raw_origin: StartRaw, logs: LogCapture
+) -> None:
+    """A 1xx head is held to the same rules as a final one (RFC 9110 §5.5, §15.2)."""
+
+    async def bad_early_hints(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, state: RawOrigin
+    ) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </a\x01>\r\n\r\n" + OK_RESPONSE)
+        await writer.drain()
+
+    origin = await raw_origin(bad_early_hints)
+    request = f"GET {origin.url('/p')} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+    data, _ = await send_and_read(proxy, request)
+    assert status_lines(data) == [b"HTTP/1.1 502 Bad Gateway"]
+    assert b"\x01" not in data
+    rule = next(rule for rule in RULES if rule.name == "field_value_with_control_character")
+    assert f'details="{rule.details}"'.encode() in data
+    (event,) = logs.events("invalid_response")
+    assert event["rule"] == rule.name

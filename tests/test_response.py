@@ -40,7 +40,8 @@ CASES: dict[str, tuple[ResponseHead, str | None]] = {
     "status_99": (head(status=99), "status_outside_100_599"),
     "status_600": (head(status=600), "status_outside_100_599"),
     "status_999": (head(status=999), "status_outside_100_599"),
-    "status_101": (head(status=101), "switching_protocols_not_asked_for"),
+    # Whether a 101 was asked for is the forwarder's call (tests/test_upgrade.py).
+    "status_101": (head(status=101), None),
     "reason_with_soh": (head(reason=b"O\x01K"), "reason_phrase_with_control_character"),
     "reason_with_del": (head(reason=b"O\x7fK"), "reason_phrase_with_control_character"),
     "reason_with_cr": (head(reason=b"O\rK"), "reason_phrase_with_control_character"),

@@ -54,10 +54,6 @@ def _bad_status(head: ResponseHead) -> bool:
     return not 100 <= head.status <= 599
 
 
-def _unasked_switch(head: ResponseHead) -> bool:
-    return head.status == 101
-
-
 def _bad_reason(head: ResponseHead) -> bool:
     return _REASON.fullmatch(head.reason) is None
 
@@ -116,14 +112,6 @@ RULES: Final[tuple[Rule, ...]] = (
         "RFC 9110 §15, RFC 9112 §4",
         "upstream status code is not a three-digit code in 100-599",
         _bad_status,
-    ),
-    # The proxy drops Upgrade from every request (hop-by-hop), so no upstream was asked
-    # to switch protocols; relaying the 101 would leave the client reading a dead stream.
-    Rule(
-        "switching_protocols_not_asked_for",
-        "RFC 9110 §15.2.2, §7.8",
-        "upstream switched protocols although the request carried no Upgrade",
-        _unasked_switch,
     ),
     Rule(
         "reason_phrase_with_control_character",
@@ -191,3 +179,20 @@ def broken_rule(head: ResponseHead) -> Rule | None:
         if rule.broken(head):
             return rule
     return None
+
+
+def check(
+    version: tuple[int, int],
+    status: int,
+    reason: str | None,
+    fields: RawFields,
+    dropped: frozenset[bytes] = frozenset(),
+) -> InvalidResponse | None:
+    """``broken_rule`` for a head as aiohttp's client parser hands it over.
+
+    The C parser decodes the reason as UTF-8 with surrogateescape: encoding it back the
+    same way gives the bytes on the wire.
+    """
+    reason_bytes = (reason or "").encode("utf-8", "surrogateescape")
+    rule = broken_rule(ResponseHead(version, status, reason_bytes, fields, dropped))
+    return InvalidResponse(rule) if rule is not None else None

@@ -25,9 +25,10 @@ from proxy.observe.pool_wait import PoolWait
 from proxy.observe.spans import SpanRecorder
 from proxy.observe.tracing import Timings, timing
 from proxy.rules import errors, headers, policy
+from proxy.rules import response as response_rules
 from proxy.rules.errors import ProxyError
 from proxy.rules.request_id import choose_request_id, choose_trace_context
-from proxy.rules.response import InvalidResponse, ResponseHead, broken_rule
+from proxy.rules.response import InvalidResponse
 from proxy.rules.target import Target
 from proxy.wire.interim import INTERIM_SINK, Continue, InterimRelay
 from proxy.wire.relay import Relay, UpstreamProtocol
@@ -95,16 +96,8 @@ def check_upstream(
     ``dropped`` names the fields the caller removes before relaying.
     """
     version = up.version
-    head = ResponseHead(
-        version=(version.major, version.minor) if version is not None else (1, 1),
-        status=up.status,
-        # The C parser decodes the reason as UTF-8 with surrogateescape: this is the wire.
-        reason=(up.reason or "").encode("utf-8", "surrogateescape"),
-        fields=up.raw_headers,
-        dropped=dropped,
-    )
-    rule = broken_rule(head)
-    return InvalidResponse(rule) if rule is not None else None
+    key = (version.major, version.minor) if version is not None else (1, 1)
+    return response_rules.check(key, up.status, up.reason, up.raw_headers, dropped)
 
 
 def discard_upstream(up: aiohttp.ClientResponse) -> None:
@@ -255,6 +248,8 @@ class Forwarder:
                         allow_redirects=False,
                         trace_request_ctx=outcome.timings,
                     )
+        except InvalidResponse as exc:  # a 1xx head that breaks a rule (InterimRelay)
+            return self._refuse_upstream(request, outcome, exc)
         except Exception as exc:
             return self._fail_before_response(request, outcome, exc)
         finally:
