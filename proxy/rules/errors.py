@@ -96,10 +96,6 @@ HEADERS_TOO_LARGE: Final = ProxyError(
 CODING_NOT_IMPLEMENTED: Final = ProxyError(
     501, "http_request_error", "this proxy relays no transfer coding other than chunked"
 )
-# RFC 9110 §5.5: obs-text is relayed byte-exact or refused; we can relay only UTF-8.
-VALUE_NOT_UTF8: Final = ProxyError(
-    400, "http_request_error", "field values above 0x7F must be UTF-8 to pass this proxy"
-)
 VERSION_NOT_SUPPORTED: Final = ProxyError(
     505, "http_request_error", "this proxy speaks HTTP/1.0 and HTTP/1.1 only"
 )

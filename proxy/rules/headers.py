@@ -161,23 +161,6 @@ def codings_other_than_chunked(raw: RawHeaders) -> bool:
     return bool(codings) and codings != [b"chunked"]
 
 
-def utf8(data: bytes) -> bool:
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
-
-
-def values_not_utf8(raw: RawHeaders) -> bool:
-    """True when some field value holds obs-text that is not UTF-8 (RFC 9110 §5.5).
-
-    A proxy forwards obs-text byte-exact or refuses the message; aiohttp writes field
-    values as UTF-8 and drops what it cannot encode, so only UTF-8 can be relayed exactly.
-    """
-    return not all(utf8(value) for _, value in raw)
-
-
 def via_value(version: tuple[int, int], pseudonym: str) -> str:
     """Our Via entry: the protocol we received the message with, then our name (§7.6.3)."""
     return f"{version[0]}.{version[1]} {pseudonym}"

@@ -39,7 +39,6 @@ class ResponseHead:
     status: int
     reason: bytes
     fields: RawFields
-    dropped: frozenset[bytes] = frozenset()  # lower-case names the proxy will not relay
 
     def values(self, name: bytes) -> list[bytes]:
         """Every value of the field ``name`` (lower case), in order."""
@@ -64,11 +63,6 @@ def _bad_name(head: ResponseHead) -> bool:
 
 def _bad_value(head: ResponseHead) -> bool:
     return any(_VALUE.fullmatch(value) is None for _, value in head.fields)
-
-
-def _not_utf8(head: ResponseHead) -> bool:
-    relayed = [(name, value) for name, value in head.fields if name.lower() not in head.dropped]
-    return not headers.utf8(head.reason) or headers.values_not_utf8(relayed)
 
 
 def _length_and_coding(head: ResponseHead) -> bool:
@@ -131,16 +125,6 @@ RULES: Final[tuple[Rule, ...]] = (
         "upstream field value holds CR, LF, NUL or another control character",
         _bad_value,
     ),
-    # RFC 9110 §5.5 allows obs-text (0x80-0xFF), and a proxy forwards it byte-exact or
-    # refuses the message. aiohttp's writer can only emit text as UTF-8 and drops what it
-    # cannot encode, so bytes that are not UTF-8 cannot be relayed exactly: refused, in the
-    # reason and in the fields that are relayed (not in those the proxy drops anyway).
-    Rule(
-        "obs_text_not_utf8",
-        "RFC 9110 §5.5, RFC 9112 §4",
-        "upstream reason phrase or field value holds bytes that are not UTF-8",
-        _not_utf8,
-    ),
     Rule(
         "content_length_and_transfer_encoding",
         "RFC 9112 §6.1, §6.3",
@@ -186,7 +170,6 @@ def check(
     status: int,
     reason: str | None,
     fields: RawFields,
-    dropped: frozenset[bytes] = frozenset(),
 ) -> InvalidResponse | None:
     """``broken_rule`` for a head as aiohttp's client parser hands it over.
 
@@ -194,5 +177,5 @@ def check(
     same way gives the bytes on the wire.
     """
     reason_bytes = (reason or "").encode("utf-8", "surrogateescape")
-    rule = broken_rule(ResponseHead(version, status, reason_bytes, fields, dropped))
+    rule = broken_rule(ResponseHead(version, status, reason_bytes, fields))
     return InvalidResponse(rule) if rule is not None else None

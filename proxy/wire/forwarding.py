@@ -86,18 +86,15 @@ class ReadyForwardedResponse(ForwardedResponse):
     _send_headers_immediately = False
 
 
-def check_upstream(
-    up: aiohttp.ClientResponse, dropped: frozenset[bytes] = frozenset()
-) -> InvalidResponse | None:
+def check_upstream(up: aiohttp.ClientResponse) -> InvalidResponse | None:
     """Why an upstream response head must not be relayed, or None when it may be.
 
     Called for every upstream response before anything reaches the client; aiohttp's
     client parser is lenient, so this is where RFC 9110/9112 are held (proxy.rules.response).
-    ``dropped`` names the fields the caller removes before relaying.
     """
     version = up.version
     key = (version.major, version.minor) if version is not None else (1, 1)
-    return response_rules.check(key, up.status, up.reason, up.raw_headers, dropped)
+    return response_rules.check(key, up.status, up.reason, up.raw_headers)
 
 
 def discard_upstream(up: aiohttp.ClientResponse) -> None:
@@ -255,7 +252,7 @@ class Forwarder:
         finally:
             INTERIM_SINK.reset(sink)
 
-        invalid = check_upstream(up, headers.response_drop_set(up.raw_headers, self._rid_key))
+        invalid = check_upstream(up)
         if invalid is not None:
             discard_upstream(up)  # RFC 9112 §6.3: that connection is never used again
             up.release()

@@ -143,7 +143,7 @@ class InterimRelay:
         # Same rules as a final head (proxy.rules.response): raising here ends the upstream
         # request (aiohttp closes that connection) and the forwarder answers 502.
         version = (message.version.major, message.version.minor)
-        invalid = response_rules.check(version, message.code, message.reason, raw, drop)
+        invalid = response_rules.check(version, message.code, message.reason, raw)
         if invalid is not None:
             raise invalid
         kept = [(name, value) for name, value in raw if name.lower() not in drop]

@@ -74,6 +74,7 @@ REASONS: Final = {
     errors.HEADERS_TOO_LARGE: "headers_too_large",
     errors.TARGET_TOO_LONG: "target_too_long",
     errors.MALFORMED_REQUEST: "malformed_request",
+    errors.CODING_NOT_IMPLEMENTED: "unsupported_transfer_coding",
 }
 
 
