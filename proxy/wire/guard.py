@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from aiohttp import web
+from aiohttp import ClientTimeout, web
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.client_reqrep import ClientRequest
 from aiohttp.connector import Connection
@@ -60,7 +60,7 @@ class CheckedConnector(TimedTLSConnector):
         self,
         req: ClientRequest,
         traces: list[Trace],
-        timeout: aiohttp.ClientTimeout,  # noqa: ASYNC109 (aiohttp's signature)
+        timeout: ClientTimeout,  # noqa: ASYNC109 (aiohttp's signature)
     ) -> Connection:
         while True:
             conn = await super().connect(req, traces, timeout)
