@@ -19,6 +19,7 @@ from proxy.rules.response import RULES
 from proxy.wire.forwarding import check_upstream, discard_upstream
 from tests.conftest import LogCapture, RawOrigin, RunningProxy, read_head
 from tests.test_bad_input import OK_RESPONSE, send_and_read, status_lines
+from tests.test_tunnelling import open_tunnel
 
 StartRaw = Callable[[Any], Awaitable[RawOrigin]]
 
@@ -237,3 +238,30 @@ async def test_interim_response_with_control_character_is_502_and_never_relayed(
     assert f'details="{rule.details}"'.encode() in data
     (event,) = logs.events("invalid_response")
     assert event["rule"] == rule.name
+
+
+async def test_bad_response_inside_connect_is_502_too(
+    start_proxy: Callable[..., Awaitable[RunningProxy]], raw_origin: StartRaw
+) -> None:
+    """A request served inside a CONNECT (plain HTTP port) gets the same response check."""
+
+    async def bad_status(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, state: RawOrigin
+    ) -> None:
+        await read_head(reader)
+        writer.write(ROWS["status_600"][0])
+        await writer.drain()
+
+    origin = await raw_origin(bad_status)
+    proxy = await start_proxy(connect_http_ports=(origin.port,))
+    authority = f"127.0.0.1:{origin.port}"
+    tunnel = await open_tunnel(proxy.url, authority)
+    assert tunnel.status == 200, tunnel.head
+    tunnel.writer.write(
+        f"GET /p HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n".encode()
+    )
+    answer = await asyncio.wait_for(tunnel.reader.read(), 10)
+    tunnel.writer.close()
+    assert status_lines(answer) == [b"HTTP/1.1 502 Bad Gateway"]
+    rule = next(rule for rule in RULES if rule.name == "status_outside_100_599")
+    assert f'details="{rule.details}"'.encode() in answer
