@@ -204,7 +204,26 @@ LLHTTP_METHODS = frozenset(
     b"SUBSCRIBE UNSUBSCRIBE PATCH PURGE MKCALENDAR LINK UNLINK SOURCE QUERY".split()
 )
 
+# aiohttp's request parser refuses a repeat of these (its SINGLETON_HEADERS, aiohttp 3.14).
+SINGLETONS = frozenset(
+    b"content-length content-location content-range content-type etag host max-forwards "
+    b"server transfer-encoding user-agent".split()
+)
+
+
+def _repeated_singleton(g: Generated) -> bool:
+    names = [name.lower() for name, _ in g.fields] + [b"host"]
+    return any(names.count(name) > 1 for name in SINGLETONS)
+
+
 DIFFERENCES: tuple[Difference, ...] = (
+    Difference(
+        "repeated_singleton_field",
+        "RFC 9110 §5.3: a field that is not a list must not be repeated; aiohttp refuses a "
+        "repeated Host, Server, User-Agent, Content-Type, ETag and the like with 400, h11 "
+        "keeps both (aiohttp behaviour we cannot change)",
+        _repeated_singleton,
+    ),
     Difference(
         "bytes_after_a_closing_request",
         "RFC 9112 §9.3, §9.6: nothing after a request that ends the connection is processed; "
