@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP_RUN := $(VENV)/.installed-run
 STAMP_TEST := $(VENV)/.installed-test
 
-.PHONY: run test lint typecheck pytest bench profile clean
+.PHONY: run test lint typecheck pytest fuzz bench profile clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,13 @@ $(NODE_STAMP): tests/node/package.json tests/node/package-lock.json
 
 pytest: $(STAMP_TEST) $(NODE_STAMP)
 	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+# The property tests with a large example budget (20,000 per property unless FUZZ_EXAMPLES
+# says otherwise); failing cases are kept in .hypothesis/ and replayed first next time.
+fuzz: $(STAMP_TEST)
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/pytest -q tests/test_oracle_requests.py \
+		tests/test_oracle_responses.py tests/test_oracle_reuse.py tests/test_oracle_ids.py \
+		$(PYTEST_ARGS)
 
 bench: $(STAMP_TEST)
 	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -qq wrk; } \

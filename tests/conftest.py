@@ -8,6 +8,7 @@ import gzip
 import hashlib
 import io
 import json
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +17,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from hypothesis import HealthCheck
+from hypothesis import settings as hypothesis_settings
+from hypothesis.database import DirectoryBasedExampleDatabase
 from prometheus_client import CollectorRegistry
 
 from benchmarks.processes import flags_only_environment, proxy_command
@@ -28,6 +32,23 @@ from proxy.server import ProxyServer
 pytest_plugins = ["tests.tls"]
 
 GZIP_BODY = gzip.compress(b"compressed hello " * 100)
+
+# Property tests (tests/test_oracle_*.py): a small budget for `make test`, a large one for
+# `make fuzz` (HYPOTHESIS_PROFILE=fuzz; FUZZ_EXAMPLES overrides its count). Failures found
+# are kept in .hypothesis/ (git-ignored) and replayed first on the next run. No deadline:
+# the machine is shared, and examples are real loopback round trips.
+_PROFILE = hypothesis_settings(
+    database=DirectoryBasedExampleDatabase(
+        os.path.join(os.path.dirname(os.path.dirname(__file__)), ".hypothesis", "examples")
+    ),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+hypothesis_settings.register_profile("default", _PROFILE, max_examples=100)
+hypothesis_settings.register_profile(
+    "fuzz", _PROFILE, max_examples=int(os.environ.get("FUZZ_EXAMPLES", "20000"))
+)
+hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
 def pattern(size: int, seed: int = 0) -> bytes:

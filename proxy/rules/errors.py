@@ -92,6 +92,10 @@ TARGET_TOO_LONG: Final = ProxyError(
 HEADERS_TOO_LARGE: Final = ProxyError(
     431, "http_request_error", "the request header fields are larger than this proxy accepts"
 )
+# RFC 9112 §6.1: 501 for a transfer coding the server does not understand.
+CODING_NOT_IMPLEMENTED: Final = ProxyError(
+    501, "http_request_error", "this proxy relays no transfer coding other than chunked"
+)
 VERSION_NOT_SUPPORTED: Final = ProxyError(
     505, "http_request_error", "this proxy speaks HTTP/1.0 and HTTP/1.1 only"
 )

@@ -141,6 +141,26 @@ def websocket_handshake(method: str, version: tuple[int, int], raw: RawHeaders) 
 WEBSOCKET_UPGRADE: Final = (("Connection", "Upgrade"), ("Upgrade", "websocket"))
 
 
+def transfer_codings(raw: RawHeaders) -> list[bytes]:
+    """Every transfer coding named, in order, lower-cased (RFC 9112 §6.1)."""
+    return [
+        item.strip().lower()
+        for name, value in raw
+        if name.lower() == b"transfer-encoding"
+        for item in value.split(b",")
+    ]
+
+
+def codings_other_than_chunked(raw: RawHeaders) -> bool:
+    """True unless Transfer-Encoding is absent or exactly one ``chunked``.
+
+    The proxy removes Transfer-Encoding (hop-by-hop) and re-frames the body itself, so any
+    other coding would reach the next recipient undeclared (RFC 9112 §6.1, §7).
+    """
+    codings = transfer_codings(raw)
+    return bool(codings) and codings != [b"chunked"]
+
+
 def via_value(version: tuple[int, int], pseudonym: str) -> str:
     """Our Via entry: the protocol we received the message with, then our name (§7.6.3)."""
     return f"{version[0]}.{version[1]} {pseudonym}"

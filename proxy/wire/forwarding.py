@@ -19,12 +19,15 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
+from proxy.observe import log
 from proxy.observe.outcome import Observer, Outcome
 from proxy.observe.spans import SpanRecorder
 from proxy.observe.tracing import Timings, timing
 from proxy.rules import errors, headers, policy
+from proxy.rules import response as response_rules
 from proxy.rules.errors import ProxyError
 from proxy.rules.request_id import choose_request_id, choose_trace_context
+from proxy.rules.response import InvalidResponse
 from proxy.rules.target import Target
 from proxy.wire.interim import INTERIM_SINK, Continue, InterimRelay
 from proxy.wire.relay import Relay, UpstreamProtocol
@@ -82,6 +85,32 @@ class ReadyForwardedResponse(ForwardedResponse):
     _send_headers_immediately = False
 
 
+def check_upstream(up: aiohttp.ClientResponse) -> InvalidResponse | None:
+    """Why an upstream response head must not be relayed, or None when it may be.
+
+    Called for every upstream response before anything reaches the client; aiohttp's
+    client parser is lenient, so this is where RFC 9110/9112 are held (proxy.rules.response).
+    """
+    version = up.version
+    key = (version.major, version.minor) if version is not None else (1, 1)
+    return response_rules.check(key, up.status, up.reason, up.raw_headers)
+
+
+def discard_upstream(up: aiohttp.ClientResponse) -> None:
+    """Close the connection ``up`` came on, even if aiohttp has already pooled it.
+
+    When the whole response arrives with its head, aiohttp hands the connection back to
+    the pool before ``request()`` returns (``up.connection`` is then None), so
+    ``up.close()`` alone would leave it there for the next request. The protocol is
+    still reachable as ``up._protocol`` (private: see docs/aiohttp-internals.md); closing
+    its transport makes the pool drop it. No await lies between the release and this.
+    """
+    protocol = up._protocol
+    up.close()
+    if protocol is not None:
+        protocol.close()
+
+
 def strip_added_defaults(response: web.StreamResponse) -> None:
     """Remove the Content-Type and Server aiohttp adds when the upstream sent none.
 
@@ -131,6 +160,7 @@ class Forwarder:
         self._via = {
             version: headers.via_value(version, via_pseudonym) for version in ((1, 1), (1, 0))
         }
+        self._logger = log.get_logger()
 
     async def __call__(
         self, request: web.Request, target: Target, expect: Continue
@@ -210,11 +240,18 @@ class Forwarder:
                     allow_redirects=False,
                     trace_request_ctx=outcome.timings,
                 )
+        except InvalidResponse as exc:  # a 1xx head that breaks a rule (InterimRelay)
+            return self._refuse_upstream(request, outcome, exc)
         except Exception as exc:
             return self._fail_before_response(request, outcome, exc)
         finally:
             INTERIM_SINK.reset(sink)
 
+        invalid = check_upstream(up)
+        if invalid is not None:
+            discard_upstream(up)  # RFC 9112 §6.3: that connection is never used again
+            up.release()
+            return self._refuse_upstream(request, outcome, invalid)
         if up.status == 101:
             try:
                 return await self._switch(request, up, outcome, target.websocket)
@@ -363,6 +400,24 @@ class Forwarder:
         outcome.fail(err, exc)
         outcome.status = err.status
         response = errors.error_response(err, self._pseudonym, details=errors.describe(exc))
+        self._stamp(response.headers, outcome)
+        return response
+
+    def _refuse_upstream(
+        self, request: web.Request, outcome: Outcome, invalid: InvalidResponse
+    ) -> web.StreamResponse:
+        """502 ``http_protocol_error`` for a response head that breaks a rule."""
+        err = errors.PROTOCOL_ERROR
+        outcome.fail(err, invalid)
+        outcome.status = err.status
+        self._logger.info(
+            "invalid_response",
+            request_id=outcome.request_id,
+            host=outcome.host,
+            rule=invalid.rule.name,
+            cite=invalid.rule.cite,
+        )
+        response = errors.error_response(err, self._pseudonym, details=invalid.rule.details)
         self._stamp(response.headers, outcome)
         return response
 

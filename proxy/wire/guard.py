@@ -7,8 +7,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from aiohttp import web
+from aiohttp import ClientTimeout, web
 from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.client_reqrep import ClientRequest
+from aiohttp.connector import Connection
 from aiohttp.tracing import Trace
 
 from proxy.rules import errors, policy
@@ -48,7 +50,27 @@ class CheckedConnector(PoolWaitConnector):
 
     ``_resolve_host`` is the step every new connection takes, forwarded or tunnelled
     (``proxy.wire.tunnelling.SessionResolver`` calls it too); aiohttp is pinned below 3.15.
+
+    It also never hands out a pooled connection on which the upstream sent a response
+    nobody asked for: aiohttp keeps reading idle connections and queues what it parses,
+    and the next request would take that queued response as its own (a desync).
     """
+
+    async def connect(
+        self,
+        req: ClientRequest,
+        traces: list[Trace],
+        timeout: ClientTimeout,  # noqa: ASYNC109 (aiohttp's signature)
+    ) -> Connection:
+        while True:
+            conn = await super().connect(req, traces, timeout)
+            protocol = conn.protocol
+            # A connection that carries no request yet has nothing queued, unless the
+            # upstream sent bytes past its last response (RFC 9112 §9.3: a response
+            # answers one request). New connections always pass: the loop ends.
+            if protocol is None or (len(protocol) == 0 and protocol.exception() is None):
+                return conn
+            conn.close()
 
     def __init__(self, check: policy.DestinationCheck, **kwargs: Any) -> None:
         super().__init__(**kwargs)

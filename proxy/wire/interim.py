@@ -26,6 +26,7 @@ from aiohttp.connector import Connection
 from aiohttp.http import HttpVersion11, RawResponseMessage
 
 from proxy.rules import headers
+from proxy.rules import response as response_rules
 
 CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 
@@ -139,6 +140,12 @@ class InterimRelay:
             return
         raw = message.raw_headers
         drop = headers.response_drop_set(raw, self._rid_key)
+        # Same rules as a final head (proxy.rules.response): raising here ends the upstream
+        # request (aiohttp closes that connection) and the forwarder answers 502.
+        version = (message.version.major, message.version.minor)
+        invalid = response_rules.check(version, message.code, message.reason, raw)
+        if invalid is not None:
+            raise invalid
         kept = [(name, value) for name, value in raw if name.lower() not in drop]
         kept.append((b"Via", self._via))
         await self._request.writer.write(interim_head(message.code, message.reason, kept))

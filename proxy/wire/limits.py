@@ -42,6 +42,10 @@ class VersionNotSupported(BadHttpMessage):
     """A well-formed request line with a major version other than 1."""
 
 
+class CodingNotImplemented(BadHttpMessage):
+    """Transfer-Encoding other than one ``chunked``, which llhttp accepts (``gzip, chunked``)."""
+
+
 @dataclass(frozen=True, slots=True)
 class ClientLimits:
     max_connections: int  # 0: unlimited
@@ -70,6 +74,7 @@ REASONS: Final = {
     errors.HEADERS_TOO_LARGE: "headers_too_large",
     errors.TARGET_TOO_LONG: "target_too_long",
     errors.MALFORMED_REQUEST: "malformed_request",
+    errors.CODING_NOT_IMPLEMENTED: "unsupported_transfer_coding",
 }
 
 
@@ -133,6 +138,8 @@ class ListenerGuard:
             return errors.REQUEST_TIMEOUT
         if isinstance(exc, VersionNotSupported):
             return errors.VERSION_NOT_SUPPORTED
+        if isinstance(exc, CodingNotImplemented):
+            return errors.CODING_NOT_IMPLEMENTED
         if isinstance(exc, HeadTooLarge) or (
             isinstance(exc, BadHttpMessage) and exc.message == _TOO_MANY_FIELDS
         ):
@@ -271,6 +278,8 @@ class GuardedRequestHandler(RequestHandler):
             return VersionNotSupported("not HTTP/1")
         if _head_size(message) > self._guard.limits.header_bytes:
             return HeadTooLarge("request head too large")
+        if headers.codings_other_than_chunked(message.raw_headers):
+            return CodingNotImplemented("transfer coding other than chunked")
         return None
 
     def _refuse(self, exc: BadHttpMessage, index: int | None = None) -> None:
