@@ -364,6 +364,11 @@ async def test_100_mib_each_way_byte_exact_with_bounded_memory(raw_origin: Start
             asyncio.gather(send_pattern(tunnel.writer, size, 1), read_all(tunnel.reader, 1.0)), 50
         )
         tunnel.writer.close()
+        # The origin finishes its side once our close reaches it: wait (bounded) for that.
+        for _ in range(500):
+            if origin_saw and origin.received:
+                break
+            await asyncio.sleep(0.01)
         assert got == (size, origin.received[0].decode())
         assert origin_saw == [(size, sent)]
         peak_kb = peak_rss_kb(cli.process.pid)
