@@ -116,8 +116,6 @@ class ProxyServer:
                 request_factory=handler.make_request,
                 guard=guard,
                 access_log=None,
-                # What web.Application passed its handlers (debug follows the loop's).
-                debug=asyncio.get_running_loop().get_debug(),
                 auto_decompress=False,
                 keepalive_timeout=settings.client_idle_timeout,
                 **limits.handler_kwargs(),
