@@ -1,13 +1,17 @@
-"""Wiring: the proxy application, the admin application, and their shared state."""
+"""Wiring: the proxy listener's handler, the admin application, and their shared state."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Final
+from collections.abc import Awaitable, Callable
+from typing import Final, cast
 
 import aiohttp
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.http_parser import RawRequestMessage
+from aiohttp.streams import StreamReader
+from aiohttp.web_protocol import RequestHandler
 from structlog.typing import FilteringBoundLogger
 from yarl import URL
 
@@ -74,21 +78,6 @@ class Lifecycle:
         )
 
 
-SETTINGS: Final = web.AppKey("settings", Settings)
-EXPOSITION: Final = web.AppKey("exposition", Exposition)
-METRICS: Final = web.AppKey("metrics", Metrics)
-LIFECYCLE: Final = web.AppKey("lifecycle", Lifecycle)
-LOGGER: Final = web.AppKey("logger", FilteringBoundLogger)
-SESSION: Final = web.AppKey("session", aiohttp.ClientSession)
-FORWARDER: Final = web.AppKey("forwarder", Forwarder)
-TUNNELLER: Final = web.AppKey("tunneller", Tunneller)
-GATE: Final = web.AppKey("gate", ClientGate)
-OWN_ADDRESSES: Final = web.AppKey("own_addresses", policy.OwnAddresses)
-SPANS: Final = web.AppKey("spans", SpanRecorder)  # present only when spans are exported
-UPGRADE: Final = web.AppKey("upgrade_to_https", HostPatterns)
-INTERCEPT: Final = web.AppKey("intercept", InterceptPolicy)
-INSPECTOR: Final = web.AppKey("inspector", Inspector)
-
 # A request line's bytes beside its target: method, spaces, version, CRLF.
 _REQUEST_LINE_FRAME: Final = 32
 
@@ -109,198 +98,342 @@ EXPECTATION_FAILED: Final = ProxyError(
 
 # -- local endpoints: the same handlers on the admin listener and the proxy listener ----------
 
-
-async def metrics_endpoint(request: web.Request) -> web.StreamResponse:
-    return await request.app[EXPOSITION](request)
-
-
-async def healthz_endpoint(request: web.Request) -> web.Response:
-    return web.Response(text="ok\n")
+Endpoint = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+ExpectHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse | None]]
 
 
-async def readyz_endpoint(request: web.Request) -> web.Response:
-    if request.app[LIFECYCLE].draining:
-        return web.Response(status=503, text="draining\n")
-    return web.Response(text="ready\n")
+class LocalEndpoints:
+    """/metrics, /healthz and /readyz, answered from the exposition and the lifecycle."""
 
+    def __init__(self, exposition: Exposition, lifecycle: Lifecycle) -> None:
+        self._exposition = exposition
+        self._lifecycle = lifecycle
+        self.routes: Final[dict[str, Endpoint]] = {
+            "/metrics": self.metrics,
+            "/healthz": self.healthz,
+            "/readyz": self.readyz,
+        }
 
-LOCAL_ROUTES: Final = (
-    ("/metrics", metrics_endpoint),
-    ("/healthz", healthz_endpoint),
-    ("/readyz", readyz_endpoint),
-)
+    async def metrics(self, request: web.BaseRequest) -> web.StreamResponse:
+        return await self._exposition(request)
 
+    async def healthz(self, request: web.BaseRequest) -> web.StreamResponse:
+        return web.Response(text="ok\n")
 
-ExpectHandler = Callable[[web.Request], Awaitable[web.StreamResponse | None]]
+    async def readyz(self, request: web.BaseRequest) -> web.StreamResponse:
+        if self._lifecycle.draining:
+            return web.Response(status=503, text="draining\n")
+        return web.Response(text="ready\n")
 
+    def add_routes(self, app: web.Application, expect: ExpectHandler = defer_expectation) -> None:
+        for path, endpoint in self.routes.items():
+            app.router.add_get(path, endpoint, expect_handler=expect)
 
-def _add_local_routes(app: web.Application, expect: ExpectHandler = defer_expectation) -> None:
-    for path, handler in LOCAL_ROUTES:
-        app.router.add_get(path, handler, expect_handler=expect)
+    def __repr__(self) -> str:
+        return f"<LocalEndpoints {sorted(self.routes)}>"
 
 
 # -- the proxy listener ----------------------------------------------------------------------
 
 
-def _reject(
-    request: web.Request,
-    err: ProxyError,
-    refused: str,
-    *,
-    close: bool = False,
-    details: str | None = None,
-) -> web.Response:
-    """Answer a request the proxy will not forward, count it by ``refused``, and log why.
+class ProxyRequest(web.BaseRequest):
+    """A request on the proxy listener (built by ``ProxyHandler.make_request``).
 
-    Every answer the proxy gives itself on a parsed request comes through here (those to
-    heads that did not parse, through ``proxy.wire.limits``): one count, one log line.
+    ``_prepare_hook`` is the one call aiohttp makes before every response head, error
+    answers included; ``web.Application`` sends ``on_response_prepare`` from it, and so do
+    we, for the requests that reached ``ProxyHandler`` (as the application did for the
+    requests its router had matched).
     """
-    settings = request.app[SETTINGS]
-    request.app[METRICS].denied(refused)
-    request_id = new_request_id()
-    response = errors.error_response(err, settings.via_pseudonym, details, close=close)
-    response.headers[settings.request_id_header] = request_id
-    request.app[LOGGER].info(
-        "rejected",
-        request_id=request_id,
-        client=request.remote,
-        method=request.method,
-        status=err.status,
-        error=err.error,
-        refused=refused,
-        reason=err.text,
-    )
-    return response
+
+    ATTRS = web.BaseRequest.ATTRS | frozenset(["handled_by"])
+    handled_by: ProxyHandler | None = None
+
+    async def _prepare_hook(self, response: web.StreamResponse) -> None:
+        if self.handled_by is not None:
+            self.handled_by.on_response_prepare(self, response)
 
 
-def _deny(request: web.Request, denial: Denial) -> web.Response:
-    # After a refused CONNECT, what the client sends next is not HTTP: close.
-    close = denial.close or request.method == "CONNECT"
-    response = _reject(request, denial.error, denial.reason, close=close)
-    response.headers.update(denial.headers)
-    return response
+class ProxyHandler:
+    """The proxy listener's handler on aiohttp's low-level ``web.Server``.
 
-
-async def _not_a_proxy_request(request: web.Request) -> web.StreamResponse:
-    return _reject(request, NOT_A_PROXY_REQUEST, ORIGIN_FORM)
-
-
-async def _expect(request: web.Request) -> web.StreamResponse | None:
-    """The proxy listener's expect handler: 100-continue is deferred (``proxy.wire.interim``),
-    any other expectation refused with 417 and counted like the proxy's other answers."""
-    try:
-        await defer_expectation(request)
-    except web.HTTPExpectationFailed:
-        return _reject(request, EXPECTATION_FAILED, "unsupported_expectation")
-    return None
-
-
-@web.middleware
-async def dispatch(request: web.Request, handler: Any) -> web.StreamResponse:
-    """Route by request form: CONNECT is tunnelled, absolute-form forwarded, origin-form ours.
+    Routes by request form: CONNECT is tunnelled, absolute-form forwarded, origin-form
+    ours. No ``web.Application`` (router, middleware, signals) on the request path: it
+    cost about 10% of the CPU per request (docs/performance.md). ``start()`` opens the
+    upstream session; ``close_tunnels()`` and ``close()`` are the shutdown steps.
 
     A 100 Continue the client waits for goes out only when the upstream reads the body; an
     answer that comes first withdraws it (RFC 9110 §10.1.1).
     """
-    expect = Continue(request)
-    response = await _dispatch(request, handler, expect)
-    if not response.prepared:
-        expect.withdraw(response)
-    return response
 
-
-async def _dispatch(request: web.Request, handler: Any, expect: Continue) -> web.StreamResponse:
-    # On a stream inside a CONNECT (proxy.tls.intercept) every request is forwarded to the
-    # CONNECT's target; its proxy credentials were checked on the CONNECT.
-    stream = inner_stream(request)
-    url = absolute_target(request) if stream is None else request._message.url
-    proxied = url is not None or request.method == "CONNECT"
-    denial = request.app[GATE](request, proxied=proxied and stream is None)
-    if denial is not None:
-        return _deny(request, denial)
-    if not proxied:
-        if request.method in ("GET", "HEAD") and request.path in _LOCAL_PATHS:
-            response: web.StreamResponse = await handler(request)
-            return response
-        return _reject(request, NOT_A_PROXY_REQUEST, ORIGIN_FORM)
-    lifecycle = request.app[LIFECYCLE]
-    if lifecycle.refusing:
-        return _reject(request, SHUTTING_DOWN, "shutting_down", close=True)
-    lifecycle.enter()  # tunnels count too: the drain waits for them
-    try:
-        if url is None:
-            response = await _tunnel(request)
-        else:
-            response = await _forward(request, url, expect, stream)
-    finally:
-        lifecycle.leave()
-    if lifecycle.draining:
-        # A head sent before the drain said keep-alive: still close after this response.
-        response.force_close()
-    return response
-
-
-async def _forward(
-    request: web.Request, url: URL, expect: Continue, stream: InnerStream | None
-) -> web.StreamResponse:
-    version = (request.version.major, request.version.minor)
-    websocket = headers.websocket_handshake(request.method, version, request.raw_headers)
-    try:
-        if stream is None:
-            target = forward_target(url, request.app[UPGRADE], websocket=websocket)
-        else:
-            target = inner_target(stream.origin, url, websocket=websocket)
-    except TargetError as exc:
-        return _reject(request, BAD_TARGET.with_text(str(exc)), exc.reason)
-    return await request.app[FORWARDER](request, target, expect)
-
-
-async def _tunnel(request: web.Request) -> web.StreamResponse:
-    settings = request.app[SETTINGS]
-    try:
-        # For CONNECT the raw target is the authority-form host:port (RFC 9112 §3.2.3).
-        target = tunnel_target(
-            request.raw_path, settings.connect_ports, settings.connect_http_ports
+    def __init__(
+        self,
+        settings: Settings,
+        exposition: Exposition,
+        metrics: Metrics,
+        lifecycle: Lifecycle,
+        own_addresses: policy.OwnAddresses,
+        spans: SpanRecorder | None = None,
+        ca: CertificateAuthority | None = None,
+    ) -> None:
+        """``own_addresses`` is filled in once the listeners are bound; ``ca`` signs the
+        certificates of intercepted hosts (without it nothing is intercepted)."""
+        obs_text.install()  # field values and reason phrases leave byte for byte
+        self.settings = settings
+        self.metrics = metrics
+        self.lifecycle = lifecycle
+        self.own_addresses = own_addresses
+        self.spans = spans
+        self.logger: FilteringBoundLogger = log.get_logger()
+        self.local = LocalEndpoints(exposition, lifecycle)
+        self.upgrade = HostPatterns(settings.upgrade_to_https)
+        self.intercept = InterceptPolicy(
+            HostPatterns(settings.intercept),
+            enabled=ca is not None,
+            connect_ports=settings.connect_ports,
+            http_ports=settings.connect_http_ports,
+            splice_seconds=settings.intercept_splice_seconds,
         )
-    except TunnelTargetError as exc:
-        # Closed: what a client sends after a refused CONNECT is not HTTP.
-        return _reject(request, exc.error, exc.reason, close=True, details=exc.details)
-    return await request.app[TUNNELLER](request, target, request.app[INTERCEPT].mode(target))
+        self.inspector = Inspector(
+            ServerContexts(ca) if ca is not None else None,
+            self.intercept,
+            metrics,
+            head_limit=settings.max_request_target_length + _REQUEST_LINE_FRAME,
+            head_timeout=settings.request_header_timeout,
+        )
+        credentials = (settings.proxy_auth,) if settings.proxy_auth is not None else ()
+        self.gate = ClientGate(
+            policy.Rules.parse(settings.allow_clients),
+            credentials + settings.proxy_auth_file,
+        )
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.session: aiohttp.ClientSession | None = None
+        self._forwarder: Forwarder | None = None
+        self._tunneller: Tunneller | None = None
 
+    def make_request(
+        self,
+        message: RawRequestMessage,
+        payload: StreamReader,
+        protocol: RequestHandler,
+        writer: AbstractStreamWriter,
+        task: asyncio.Task[None],
+    ) -> ProxyRequest:
+        """The server's request factory (what ``web.Server._make_request`` does)."""
+        assert self._loop is not None, "start() first"
+        return ProxyRequest(message, payload, protocol, writer, task, self._loop)
 
-def _counted_by_requests(inspector: Inspector) -> StreamInspector:
-    """While a stream inside a CONNECT is served, its requests count as in flight, not it.
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        cast(ProxyRequest, request).handled_by = self
+        # What web.Application did before any middleware: the expect handler first.
+        if request.headers.get("Expect"):
+            answer = await self._expect(request)
+            await request.writer.drain()
+            if answer is not None:
+                return answer
+        expect = Continue(request)
+        response = await self._dispatch(request, expect)
+        if not response.prepared:
+            expect.withdraw(response)
+        return response
 
-    An idle intercepted keep-alive connection must not hold the drain up; its in-flight
-    request does, through dispatch.
-    """
-
-    async def inspect(request: web.Request, record: TunnelRecord, mode: ConnectMode) -> None:
-        lifecycle = request.app[LIFECYCLE]
-        lifecycle.leave()
+    async def _expect(self, request: web.BaseRequest) -> web.StreamResponse | None:
+        """100-continue is deferred (``proxy.wire.interim``), any other expectation refused
+        with 417 and counted like the proxy's other answers."""
         try:
-            await inspector(request, record, mode)
+            await defer_expectation(request)
+        except web.HTTPExpectationFailed:
+            return self._reject(request, EXPECTATION_FAILED, "unsupported_expectation")
+        return None
+
+    async def _dispatch(self, request: web.BaseRequest, expect: Continue) -> web.StreamResponse:
+        # On a stream inside a CONNECT (proxy.tls.intercept) every request is forwarded to the
+        # CONNECT's target; its proxy credentials were checked on the CONNECT.
+        stream = inner_stream(request)
+        url = absolute_target(request) if stream is None else request._message.url
+        proxied = url is not None or request.method == "CONNECT"
+        denial = self.gate(request, proxied=proxied and stream is None)
+        if denial is not None:
+            return self._deny(request, denial)
+        if not proxied:
+            if request.method in ("GET", "HEAD"):
+                endpoint = self.local.routes.get(request.path)
+                if endpoint is not None:
+                    return await endpoint(request)
+            return self._reject(request, NOT_A_PROXY_REQUEST, ORIGIN_FORM)
+        lifecycle = self.lifecycle
+        if lifecycle.refusing:
+            return self._reject(request, SHUTTING_DOWN, "shutting_down", close=True)
+        lifecycle.enter()  # tunnels count too: the drain waits for them
+        try:
+            if url is None:
+                response = await self._tunnel(request)
+            else:
+                response = await self._forward(request, url, expect, stream)
         finally:
-            lifecycle.enter()
+            lifecycle.leave()
+        if lifecycle.draining:
+            # A head sent before the drain said keep-alive: still close after this response.
+            response.force_close()
+        return response
 
-    return inspect
+    def _reject(
+        self,
+        request: web.BaseRequest,
+        err: ProxyError,
+        refused: str,
+        *,
+        close: bool = False,
+        details: str | None = None,
+    ) -> web.Response:
+        """Answer a request the proxy will not forward, count it by ``refused``, and log why.
+
+        Every answer the proxy gives itself on a parsed request comes through here (those to
+        heads that did not parse, through ``proxy.wire.limits``): one count, one log line.
+        """
+        settings = self.settings
+        self.metrics.denied(refused)
+        request_id = new_request_id()
+        response = errors.error_response(err, settings.via_pseudonym, details, close=close)
+        response.headers[settings.request_id_header] = request_id
+        self.logger.info(
+            "rejected",
+            request_id=request_id,
+            client=request.remote,
+            method=request.method,
+            status=err.status,
+            error=err.error,
+            refused=refused,
+            reason=err.text,
+        )
+        return response
+
+    def _deny(self, request: web.BaseRequest, denial: Denial) -> web.Response:
+        # After a refused CONNECT, what the client sends next is not HTTP: close.
+        close = denial.close or request.method == "CONNECT"
+        response = self._reject(request, denial.error, denial.reason, close=close)
+        response.headers.update(denial.headers)
+        return response
+
+    async def _forward(
+        self, request: web.BaseRequest, url: URL, expect: Continue, stream: InnerStream | None
+    ) -> web.StreamResponse:
+        version = (request.version.major, request.version.minor)
+        websocket = headers.websocket_handshake(request.method, version, request.raw_headers)
+        try:
+            if stream is None:
+                target = forward_target(url, self.upgrade, websocket=websocket)
+            else:
+                target = inner_target(stream.origin, url, websocket=websocket)
+        except TargetError as exc:
+            return self._reject(request, BAD_TARGET.with_text(str(exc)), exc.reason)
+        assert self._forwarder is not None, "start() first"
+        return await self._forwarder(request, target, expect)
+
+    async def _tunnel(self, request: web.BaseRequest) -> web.StreamResponse:
+        settings = self.settings
+        try:
+            # For CONNECT the raw target is the authority-form host:port (RFC 9112 §3.2.3).
+            target = tunnel_target(
+                request.raw_path, settings.connect_ports, settings.connect_http_ports
+            )
+        except TunnelTargetError as exc:
+            # Closed: what a client sends after a refused CONNECT is not HTTP.
+            return self._reject(request, exc.error, exc.reason, close=True, details=exc.details)
+        assert self._tunneller is not None, "start() first"
+        return await self._tunneller(request, target, self.intercept.mode(target))
+
+    def _counted_by_requests(self) -> StreamInspector:
+        """While a stream inside a CONNECT is served, its requests count as in flight, not it.
+
+        An idle intercepted keep-alive connection must not hold the drain up; its in-flight
+        request does, through ``_dispatch``.
+        """
+        lifecycle = self.lifecycle
+        inspector = self.inspector
+
+        async def inspect(
+            request: web.BaseRequest, record: TunnelRecord, mode: ConnectMode
+        ) -> None:
+            lifecycle.leave()
+            try:
+                await inspector(request, record, mode)
+            finally:
+                lifecycle.enter()
+
+        return inspect
+
+    def on_response_prepare(self, request: web.BaseRequest, response: web.StreamResponse) -> None:
+        """Before every response head (``ProxyRequest._prepare_hook``)."""
+        strip_added_defaults(response)
+        if self.lifecycle.draining:
+            _last_on_its_connection(request, response)
+
+    async def start(self) -> None:
+        """Open the upstream session and build the forwarder and the tunneller on it."""
+        self._loop = asyncio.get_running_loop()
+        settings = self.settings
+        destinations = policy.Destinations(
+            deny=policy.Rules.parse(settings.deny_destinations),
+            allow=policy.Rules.parse(settings.allow_destinations),
+        )
+        session = build_session(settings, policy.DestinationCheck(destinations, self.own_addresses))
+        metrics = self.metrics
+        observer = (
+            Observer(
+                metrics, self.logger, log_query=settings.log_query, exemplars=settings.exemplars
+            )
+            if settings.observe
+            else None
+        )
+        self.session = session
+        # CONNECT tunnels and WebSockets share one set of relays: counted alike, closed alike.
+        relays = Relays(
+            TunnelObserver(metrics, self.logger, exemplars=settings.exemplars)
+            if settings.observe
+            else None
+        )
+        self._forwarder = Forwarder(
+            session,
+            observer,
+            relays,
+            request_id_header=settings.request_id_header,
+            via_pseudonym=settings.via_pseudonym,
+            read_idle_timeout=settings.read_idle_timeout,
+            spans=self.spans,
+            tunnel_idle_timeout=settings.tunnel_idle_timeout,
+        )
+        self._tunneller = Tunneller(
+            SessionResolver(session),
+            relays,
+            request_id_header=settings.request_id_header,
+            via_pseudonym=settings.via_pseudonym,
+            connect_timeout=settings.connect_timeout,
+            idle_timeout=settings.tunnel_idle_timeout,
+            spans=self.spans,
+            inspector=self._counted_by_requests(),
+        )
+
+    def close_tunnels(self) -> None:
+        # Runs once the drain is over (or skipped): whatever is still open is cut now.
+        if self._tunneller is not None:
+            self._tunneller.close_all()
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+            self.session = None
+
+    def __repr__(self) -> str:
+        state = "open" if self.session is not None else "closed"
+        return f"<ProxyHandler session={state} {self.gate!r} {self.lifecycle!r}>"
 
 
-_LOCAL_PATHS: Final = frozenset(path for path, _ in LOCAL_ROUTES)
-
-
-async def _on_response_prepare(request: web.Request, response: web.StreamResponse) -> None:
-    strip_added_defaults(response)
-    if request.app[LIFECYCLE].draining:
-        _last_on_its_connection(request, response)
-
-
-def _last_on_its_connection(request: web.Request, response: web.StreamResponse) -> None:
+def _last_on_its_connection(request: web.BaseRequest, response: web.StreamResponse) -> None:
     """RFC 9112 §9.6: a server going away says ``Connection: close`` and then closes, so the
     client's next request opens a connection elsewhere instead of meeting a closed one.
 
     Here, before the head is written, it covers every response: forwarded ones are
-    prepared inside the handler, long before the middleware sees them.
+    prepared inside the handler, long before ``_dispatch`` sees them.
     """
     if response.status == 101 or (request.method == "CONNECT" and 200 <= response.status < 300):
         return  # a WebSocket or a tunnel: its relay ends the connection when it is done
@@ -353,113 +486,8 @@ def build_session(settings: Settings, check: policy.DestinationCheck) -> aiohttp
     )
 
 
-async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
-    settings = app[SETTINGS]
-    destinations = policy.Destinations(
-        deny=policy.Rules.parse(settings.deny_destinations),
-        allow=policy.Rules.parse(settings.allow_destinations),
-    )
-    session = build_session(settings, policy.DestinationCheck(destinations, app[OWN_ADDRESSES]))
-    metrics = app[METRICS]
-    observer = (
-        Observer(metrics, app[LOGGER], log_query=settings.log_query, exemplars=settings.exemplars)
-        if settings.observe
-        else None
-    )
-    app[SESSION] = session
-    # CONNECT tunnels and WebSockets share one set of relays: counted alike, closed alike.
-    relays = Relays(
-        TunnelObserver(metrics, app[LOGGER], exemplars=settings.exemplars)
-        if settings.observe
-        else None
-    )
-    app[FORWARDER] = Forwarder(
-        session,
-        observer,
-        relays,
-        request_id_header=settings.request_id_header,
-        via_pseudonym=settings.via_pseudonym,
-        read_idle_timeout=settings.read_idle_timeout,
-        spans=app.get(SPANS),
-        tunnel_idle_timeout=settings.tunnel_idle_timeout,
-    )
-    app[TUNNELLER] = Tunneller(
-        SessionResolver(session),
-        relays,
-        request_id_header=settings.request_id_header,
-        via_pseudonym=settings.via_pseudonym,
-        connect_timeout=settings.connect_timeout,
-        idle_timeout=settings.tunnel_idle_timeout,
-        spans=app.get(SPANS),
-        inspector=_counted_by_requests(app[INSPECTOR]),
-    )
-    try:
-        yield
-    finally:
-        await session.close()
-
-
-async def _close_tunnels(app: web.Application) -> None:
-    # Runs once the drain is over (or skipped): whatever is still open is cut now.
-    app[TUNNELLER].close_all()
-
-
-def build_proxy_app(
-    settings: Settings,
-    exposition: Exposition,
-    metrics: Metrics,
-    lifecycle: Lifecycle,
-    own_addresses: policy.OwnAddresses,
-    spans: SpanRecorder | None = None,
-    ca: CertificateAuthority | None = None,
-) -> web.Application:
-    """The proxy listener's app; ``own_addresses`` is filled in once the listeners are bound.
-
-    ``ca`` signs the certificates of intercepted hosts; without it nothing is intercepted.
-    """
-    obs_text.install()  # field values and reason phrases leave byte for byte
-    app = web.Application(middlewares=[dispatch], handler_args={"auto_decompress": False})
-    app[SETTINGS] = settings
-    app[EXPOSITION] = exposition
-    app[METRICS] = metrics
-    app[LIFECYCLE] = lifecycle
-    app[LOGGER] = log.get_logger()
-    app[OWN_ADDRESSES] = own_addresses
-    if spans is not None:
-        app[SPANS] = spans
-    app[UPGRADE] = HostPatterns(settings.upgrade_to_https)
-    app[INTERCEPT] = InterceptPolicy(
-        HostPatterns(settings.intercept),
-        enabled=ca is not None,
-        connect_ports=settings.connect_ports,
-        http_ports=settings.connect_http_ports,
-        splice_seconds=settings.intercept_splice_seconds,
-    )
-    app[INSPECTOR] = Inspector(
-        ServerContexts(ca) if ca is not None else None,
-        app[INTERCEPT],
-        metrics,
-        head_limit=settings.max_request_target_length + _REQUEST_LINE_FRAME,
-        head_timeout=settings.request_header_timeout,
-    )
-    credentials = (settings.proxy_auth,) if settings.proxy_auth is not None else ()
-    app[GATE] = ClientGate(
-        policy.Rules.parse(settings.allow_clients),
-        credentials + settings.proxy_auth_file,
-    )
-    _add_local_routes(app, _expect)
-    # Absolute-form targets are dispatched by the middleware, but the router still looks
-    # at their path first; a catch-all spares it building a 404 for each of them.
-    app.router.add_route("*", "/{tail:.*}", _not_a_proxy_request, expect_handler=_expect)
-    app.on_response_prepare.append(_on_response_prepare)
-    app.cleanup_ctx.append(_upstream_session)
-    app.on_shutdown.append(_close_tunnels)
-    return app
-
-
 def build_admin_app(exposition: Exposition, lifecycle: Lifecycle) -> web.Application:
+    """The admin listener's app: only the local endpoints (off the request path)."""
     app = web.Application()
-    app[EXPOSITION] = exposition
-    app[LIFECYCLE] = lifecycle
-    _add_local_routes(app)
+    LocalEndpoints(exposition, lifecycle).add_routes(app)
     return app

@@ -11,12 +11,11 @@ import asyncio
 import contextlib
 import os
 from types import TracebackType
-from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, ProcessCollector
 
-from proxy.app import Lifecycle, build_admin_app, build_proxy_app
+from proxy.app import Lifecycle, ProxyHandler, build_admin_app
 from proxy.config import Address, Settings
 from proxy.observe import log
 from proxy.observe.exposition import Exposition, RegistryView
@@ -25,7 +24,7 @@ from proxy.observe.spans import SpanQueue, SpanRecorder, TraceIdRatio
 from proxy.rules.hostpatterns import HostPatterns
 from proxy.rules.policy import OwnAddresses
 from proxy.tls.certs import CertificateAuthority
-from proxy.wire.limits import ClientLimits, GuardedRunner, ListenerGuard
+from proxy.wire.limits import ClientLimits, GuardedRunner, GuardedServer, ListenerGuard
 from proxy.wire.otlp import SpanExporter
 
 # Backstop for handlers still running after the drain: aiohttp waits twice this long.
@@ -66,7 +65,8 @@ class ProxyServer:
         self.others = CollectorRegistry()
         ProcessCollector(registry=self.others)
         self.exposition = Exposition(self.metrics, self._in_flight, self.others)
-        self._runners: list[web.AppRunner] = []
+        self._runners: list[web.BaseRunner] = []
+        self._handler: ProxyHandler | None = None
         self.proxy_address: Address | None = None
         self.admin_address: Address | None = None
         self._logger = log.get_logger()
@@ -93,7 +93,7 @@ class ProxyServer:
                 if settings.intercept
                 else None
             )
-            proxy_app = build_proxy_app(
+            handler = self._handler = ProxyHandler(
                 settings,
                 self.exposition,
                 self.metrics,
@@ -102,6 +102,7 @@ class ProxyServer:
                 self.spans,
                 ca,
             )
+            await handler.start()
             limits = ClientLimits.from_settings(settings)
             guard = self._guard = ListenerGuard(
                 limits,
@@ -110,19 +111,31 @@ class ProxyServer:
                 pseudonym=settings.via_pseudonym,
                 request_id_header=settings.request_id_header,
             )
-            self.proxy_address = await self._listen(
-                proxy_app,
-                "listen",
-                settings.listen,
-                guard,
+            server = GuardedServer(
+                handler,
+                request_factory=handler.make_request,
+                guard=guard,
+                access_log=None,
                 auto_decompress=False,
                 keepalive_timeout=settings.client_idle_timeout,
                 **limits.handler_kwargs(),
             )
+            proxy_runner = GuardedRunner(
+                server,
+                on_shutdown=handler.close_tunnels,
+                handle_signals=False,
+                shutdown_timeout=_FINAL_SHUTDOWN_TIMEOUT,
+            )
+            self.proxy_address = await self._listen(proxy_runner, "listen", settings.listen)
             if settings.admin_listen is not None:
-                admin_app = build_admin_app(self.exposition, self.lifecycle)
+                admin_runner = web.AppRunner(
+                    build_admin_app(self.exposition, self.lifecycle),
+                    handle_signals=False,
+                    access_log=None,
+                    shutdown_timeout=_FINAL_SHUTDOWN_TIMEOUT,
+                )
                 self.admin_address = await self._listen(
-                    admin_app, "admin_listen", settings.admin_listen
+                    admin_runner, "admin_listen", settings.admin_listen
                 )
         except BaseException:
             await self.close()
@@ -151,21 +164,8 @@ class ProxyServer:
     def _in_flight(self) -> int:
         return self.lifecycle.in_flight
 
-    async def _listen(
-        self,
-        app: web.Application,
-        field: str,
-        address: Address,
-        guard: ListenerGuard | None = None,
-        **handler: Any,
-    ) -> Address:
-        """Serve ``app``; with a guard, client connections are limited (``proxy.wire.limits``)."""
-        handler.update(
-            handle_signals=False, access_log=None, shutdown_timeout=_FINAL_SHUTDOWN_TIMEOUT
-        )
-        runner = (
-            web.AppRunner(app, **handler) if guard is None else GuardedRunner(app, guard, **handler)
-        )
+    async def _listen(self, runner: web.BaseRunner, field: str, address: Address) -> Address:
+        """Serve ``runner`` on ``address``; what it bound is never a destination."""
         await runner.setup()
         self._runners.append(runner)
         site = web.TCPSite(
@@ -208,6 +208,9 @@ class ProxyServer:
             with contextlib.suppress(Exception):
                 await runner.cleanup()
         self._runners.clear()
+        if self._handler is not None:  # after the listeners: their handlers used the session
+            await self._handler.close()
+            self._handler = None
         if self.span_exporter is not None:
             # After the listeners: tunnels cut at shutdown have queued their spans by now.
             await self.span_exporter.close(self._flush_budget())

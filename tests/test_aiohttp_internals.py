@@ -146,7 +146,7 @@ def test_err_info_and_handle_error_have_the_shapes_we_build_and_override() -> No
 
 
 def test_server_and_runner_hooks_that_the_guarded_runner_uses() -> None:
-    """web.Server keeps request_handler, request_factory and _loop; AppRunner has _make_server."""
+    """web.Server keeps request_handler, request_factory, _loop; ServerRunner has shutdown()."""
     server = web.Server(lambda request: None, loop=asyncio.new_event_loop())  # type: ignore[arg-type, return-value]
     try:
         assert callable(server.request_handler)
@@ -154,4 +154,44 @@ def test_server_and_runner_hooks_that_the_guarded_runner_uses() -> None:
         assert isinstance(server._loop, asyncio.AbstractEventLoop)
     finally:
         server._loop.close()
-    assert inspect.iscoroutinefunction(web.AppRunner._make_server)
+    assert inspect.iscoroutinefunction(web.ServerRunner.shutdown)
+    assert inspect.iscoroutinefunction(web.BaseRequest._prepare_hook)
+    assert "_prepare_hook" in web.BaseRequest.__dict__  # what ProxyRequest overrides
+
+
+async def test_prepare_hook_of_a_request_factory_sees_every_response_head() -> None:
+    """A BaseRequest subclass's _prepare_hook runs before a handler's response and before the
+    500 aiohttp writes for a handler that raised, and may still change the head."""
+    seen: list[int] = []
+
+    class Hooked(web.BaseRequest):
+        async def _prepare_hook(self, response: web.StreamResponse) -> None:
+            seen.append(response.status)
+            response.headers["X-Hooked"] = "yes"
+
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        if request.path == "/raise":
+            raise RuntimeError("handler failed")
+        return web.Response(text="ok")
+
+    loop = asyncio.get_running_loop()
+    server = web.Server(
+        handler,
+        request_factory=lambda message, payload, protocol, writer, task: Hooked(
+            message, payload, protocol, writer, task, loop
+        ),
+        access_log=None,
+    )
+    runner = web.ServerRunner(server)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        async with aiohttp.ClientSession() as session:
+            for path in ("/", "/raise"):
+                async with session.get(f"http://127.0.0.1:{port}{path}") as response:
+                    assert response.headers["X-Hooked"] == "yes"
+    finally:
+        await runner.cleanup()
+    assert seen == [200, 500]

@@ -406,7 +406,7 @@ class Exposition:
 
     # -- serving ----------------------------------------------------------------------------
 
-    async def __call__(self, request: web.Request) -> web.StreamResponse:
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         started = perf_counter()
         encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
         om = content_type.startswith("application/openmetrics-text")

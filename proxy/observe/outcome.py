@@ -34,7 +34,7 @@ class Outcome:
 
     def __init__(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
         target: URL,
         host: str,
         request_id: str,

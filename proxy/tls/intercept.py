@@ -130,7 +130,9 @@ class Inspector:
         self._head_limit = head_limit
         self._head_timeout = head_timeout
 
-    async def __call__(self, request: web.Request, record: TunnelRecord, mode: ConnectMode) -> None:
+    async def __call__(
+        self, request: web.BaseRequest, record: TunnelRecord, mode: ConnectMode
+    ) -> None:
         transport = request.transport
         server_protocol = request.protocol
         if transport is None or not isinstance(server_protocol, GuardedRequestHandler):

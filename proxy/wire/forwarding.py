@@ -163,7 +163,7 @@ class Forwarder:
         self._logger = log.get_logger()
 
     async def __call__(
-        self, request: web.Request, target: Target, expect: Continue
+        self, request: web.BaseRequest, target: Target, expect: Continue
     ) -> web.StreamResponse:
         """Forward ``request`` to ``target`` (as ``proxy.rules.target.forward_target`` made it).
 
@@ -196,7 +196,7 @@ class Forwarder:
 
     async def _forward(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
         target: Target,
         outcome: Outcome,
         expect: Continue,
@@ -273,7 +273,11 @@ class Forwarder:
         return fields
 
     async def _relay(
-        self, request: web.Request, up: aiohttp.ClientResponse, outcome: Outcome, expect: Continue
+        self,
+        request: web.BaseRequest,
+        up: aiohttp.ClientResponse,
+        outcome: Outcome,
+        expect: Continue,
     ) -> web.StreamResponse:
         fields = self._response_fields(up, outcome)
         content = up.content
@@ -320,7 +324,7 @@ class Forwarder:
         return response
 
     async def _switch(
-        self, request: web.Request, up: aiohttp.ClientResponse, outcome: Outcome, asked: bool
+        self, request: web.BaseRequest, up: aiohttp.ClientResponse, outcome: Outcome, asked: bool
     ) -> web.StreamResponse:
         """The upstream's 101: take its connection over for a relay and send the 101 on.
 
@@ -362,7 +366,7 @@ class Forwarder:
         return response
 
     async def _carry(
-        self, request: web.Request, response: SwitchedResponse, target: Target, outcome: Outcome
+        self, request: web.BaseRequest, response: SwitchedResponse, target: Target, outcome: Outcome
     ) -> None:
         """Relay the switched connection until it ends, timed and counted like a tunnel."""
         transport = request.transport
@@ -390,7 +394,7 @@ class Forwarder:
             self._relays.record(record)
 
     def _fail_before_response(
-        self, request: web.Request, outcome: Outcome, exc: Exception
+        self, request: web.BaseRequest, outcome: Outcome, exc: Exception
     ) -> web.StreamResponse:
         outcome.timings.settle(perf_counter())
         if _client_gone(request):
@@ -404,7 +408,7 @@ class Forwarder:
         return response
 
     def _refuse_upstream(
-        self, request: web.Request, outcome: Outcome, invalid: InvalidResponse
+        self, request: web.BaseRequest, outcome: Outcome, invalid: InvalidResponse
     ) -> web.StreamResponse:
         """502 ``http_protocol_error`` for a response head that breaks a rule."""
         err = errors.PROTOCOL_ERROR
@@ -421,7 +425,7 @@ class Forwarder:
         self._stamp(response.headers, outcome)
         return response
 
-    def _answer_locally(self, request: web.Request, outcome: Outcome) -> web.StreamResponse:
+    def _answer_locally(self, request: web.BaseRequest, outcome: Outcome) -> web.StreamResponse:
         """Max-Forwards reached 0: this proxy is the final recipient (RFC 9110 §7.6.2)."""
         outcome.status = 200
         if request.method == "OPTIONS":
@@ -461,12 +465,12 @@ def upstream_peer(up: aiohttp.ClientResponse) -> tuple[str, int] | None:
     return (str(peer[0]), int(peer[1])) if peer else None
 
 
-def _client_gone(request: web.Request) -> bool:
+def _client_gone(request: web.BaseRequest) -> bool:
     transport = request.transport
     return transport is None or transport.is_closing() or request.content.exception() is not None
 
 
-def _close_incomplete(request: web.Request) -> None:
+def _close_incomplete(request: web.BaseRequest) -> None:
     """Close the client connection so the partial body cannot look complete.
 
     The bytes already written are flushed first; what the client then sees is a body short

@@ -7,7 +7,8 @@ each one first, so 103 Early Hints and the like reach the client (RFC 9110 §15.
 
 aiohttp's router answers ``Expect: 100-continue`` before any middleware runs, that is
 before the proxy has looked at credentials, the client, the destination or a loop. Every
-route therefore gets ``defer_expectation`` as its expect handler, and ``Continue`` sends
+admin route therefore gets ``defer_expectation`` as its expect handler (the proxy
+listener's handler calls it first, as the router would), and ``Continue`` sends
 the 100 when the upstream starts reading the body: after those checks and after the
 upstream connection is made (RFC 9110 §10.1.1). Both kinds of interim response are written
 straight to the request's stream writer, ahead of the final response, as aiohttp's own
@@ -39,7 +40,7 @@ def expects_continue(request: web.BaseRequest) -> bool:
     )
 
 
-async def defer_expectation(request: web.Request) -> None:
+async def defer_expectation(request: web.BaseRequest) -> None:
     """The routes' expect handler: 417 for an unknown expectation, nothing for 100-continue."""
     if request.version >= HttpVersion11 and not expects_continue(request):
         # Our own text: aiohttp's quotes the client's field value back.

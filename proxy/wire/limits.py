@@ -3,12 +3,13 @@
 aiohttp's ``RequestHandler`` has no deadline for a request head, no cap on connections and
 no limit on a head's total size, answers every parse failure with a 400 that quotes the
 offending bytes, and forwards a well-formed ``HTTP/2.0`` request line as if it were 1.1.
-``GuardedRequestHandler`` closes those gaps; ``GuardedRunner`` makes the listener use it.
+``GuardedRequestHandler`` closes those gaps; ``GuardedServer`` makes the listener use it.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -360,29 +361,23 @@ class GuardedServer(web.Server):
         )
 
 
-class GuardedRunner(web.AppRunner):
-    """An ``AppRunner`` whose server is a ``GuardedServer`` with the given handler arguments."""
+class GuardedRunner(web.ServerRunner):
+    """Runs a ``GuardedServer``; ``on_shutdown`` runs between closing idle connections and
+    waiting for the busy ones, where ``web.Application.on_shutdown`` would."""
 
     def __init__(
         self,
-        app: web.Application,
-        guard: ListenerGuard,
+        server: GuardedServer,
         *,
+        on_shutdown: Callable[[], None],
         handle_signals: bool,
         shutdown_timeout: float,
-        **handler: Any,
     ) -> None:
-        super().__init__(
-            app, handle_signals=handle_signals, shutdown_timeout=shutdown_timeout, **handler
-        )
-        self._guard = guard
-        self._handler = handler
+        super().__init__(server, handle_signals=handle_signals, shutdown_timeout=shutdown_timeout)
+        self._on_shutdown = on_shutdown
 
-    async def _make_server(self) -> web.Server:
-        plain = await super()._make_server()  # runs the application's start-up
-        return GuardedServer(
-            plain.request_handler,
-            request_factory=plain.request_factory,
-            guard=self._guard,
-            **self._handler,
-        )
+    async def shutdown(self) -> None:
+        self._on_shutdown()
+
+    def __repr__(self) -> str:
+        return f"<GuardedRunner server={self.server!r}>"

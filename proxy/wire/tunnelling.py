@@ -290,7 +290,7 @@ class Relays:
 
     async def run(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
         transport: asyncio.Transport,
         relay: Relay,
         record: TunnelRecord,
@@ -332,7 +332,7 @@ class Relays:
 
 
 # Reads the stream of a CONNECT the proxy answered itself (``proxy.tls.intercept``).
-StreamInspector = Callable[[web.Request, TunnelRecord, ConnectMode], Awaitable[None]]
+StreamInspector = Callable[[web.BaseRequest, TunnelRecord, ConnectMode], Awaitable[None]]
 
 
 class Tunneller:
@@ -365,7 +365,7 @@ class Tunneller:
         self._idle_timeout = idle_timeout
 
     async def __call__(
-        self, request: web.Request, target: TunnelTarget, mode: ConnectMode = ConnectMode.TUNNEL
+        self, request: web.BaseRequest, target: TunnelTarget, mode: ConnectMode = ConnectMode.TUNNEL
     ) -> web.StreamResponse:
         start = perf_counter()
         request_id = choose_request_id(request.headers.get(self._rid_header))
@@ -408,7 +408,7 @@ class Tunneller:
         self._relays.close_all()
 
     async def _tunnel(
-        self, request: web.Request, record: TunnelRecord, mode: ConnectMode
+        self, request: web.BaseRequest, record: TunnelRecord, mode: ConnectMode
     ) -> web.StreamResponse:
         target = record.target
         if policy.via_loops(request.headers.getall("Via", ()), self._pseudonym):
@@ -429,7 +429,7 @@ class Tunneller:
         return await self._answer_and_relay(request, relay, record)
 
     async def _answer(
-        self, request: web.Request, record: TunnelRecord
+        self, request: web.BaseRequest, record: TunnelRecord
     ) -> tuple[web.StreamResponse, asyncio.Transport] | web.Response:
         """Send the 200; the failure response instead if the client has gone."""
         response = web.StreamResponse(status=200, reason="Connection Established")
@@ -445,7 +445,7 @@ class Tunneller:
         return response, transport
 
     async def _answer_and_inspect(
-        self, request: web.Request, record: TunnelRecord, mode: ConnectMode
+        self, request: web.BaseRequest, record: TunnelRecord, mode: ConnectMode
     ) -> web.StreamResponse:
         assert self._inspector is not None
         answered = await self._answer(request, record)
@@ -455,7 +455,7 @@ class Tunneller:
         return answered[0]
 
     async def _answer_and_relay(
-        self, request: web.Request, relay: Relay, record: TunnelRecord
+        self, request: web.BaseRequest, relay: Relay, record: TunnelRecord
     ) -> web.StreamResponse:
         answered = await self._answer(request, record)
         if isinstance(answered, web.Response):
