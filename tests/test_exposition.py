@@ -326,6 +326,21 @@ async def test_gzip_when_the_scraper_accepts_it(
     assert "proxy_upstream_requests_total{" in text
 
 
+async def test_head_metrics_answers_the_head_without_rendering(
+    proxy: RunningProxy, client: aiohttp.ClientSession
+) -> None:
+    """HEAD /metrics gets the scrape's head, an empty body, and counts no scrape."""
+    fill(proxy.server.metrics, 2)
+    before = sum(proxy.server.metrics.scrapes.counts)
+    async with client.head(proxy.admin_url + "/metrics", headers={"Accept": OM_ACCEPT}) as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("application/openmetrics-text")
+        assert await resp.read() == b""
+    assert sum(proxy.server.metrics.scrapes.counts) == before
+    assert "proxy_upstream_requests_total{" in await scrape(client, proxy.admin_url)
+    assert sum(proxy.server.metrics.scrapes.counts) == before + 1
+
+
 async def test_scrapes_interleaved_with_traffic_show_count_equal_to_inf_bucket(
     proxy: RunningProxy, origin: Origin, client: aiohttp.ClientSession
 ) -> None:

@@ -417,6 +417,10 @@ class Exposition:
         if gzip is not None:
             response.headers["Content-Encoding"] = "gzip"
         await response.prepare(request)
+        if request.method == "HEAD":
+            # A HEAD is an up-check (RFC 9110 §9.3.2): the head only, nothing rendered.
+            await response.write_eof()
+            return response
         blocks: list[list[str]] | None = None
         for blocks in self._blocks(om):
             if blocks is None:
