@@ -558,6 +558,8 @@ async def intercepting_cli(
     async def read_log() -> None:
         assert running.process.stdout is not None
         async for line in running.process.stdout:
+            if not line.endswith(b"\n"):
+                break  # the kill below cut the last line short (block-buffered pipe)
             child.lines.append(json.loads(line))
 
     reading = asyncio.ensure_future(read_log())
