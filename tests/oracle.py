@@ -149,45 +149,60 @@ class ClientView:
     closed: bool = False
 
 
+def _one_response(conn: h11.Connection, more: Callable[[], bytes]) -> Received | None:
+    """h11's events up to one whole response (1xx skipped); None when the peer closed first.
+
+    ``more`` gives the next bytes whenever h11 needs them.
+    """
+    response: Received | None = None
+    body = bytearray()
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(more())
+        elif isinstance(event, h11.ConnectionClosed):
+            return None
+        elif isinstance(event, h11.Response):
+            fields = list(event.headers.raw_items())
+            response = Received(event.status_code, bytes(event.reason), fields, b"")
+        elif isinstance(event, h11.Data):
+            body += event.data
+        elif isinstance(event, h11.EndOfMessage):
+            assert response is not None
+            response.body = bytes(body)
+            return response
+        elif not isinstance(event, h11.InformationalResponse):
+            raise AssertionError(f"h11 gave {event!r} before the response ended")
+
+
+def _asked(conn: h11.Connection, method: bytes) -> None:
+    # h11 must know the request (HEAD has no body); the bytes it would send are ignored.
+    conn.send(h11.Request(method=method, target="/", headers=[("Host", "x")]))
+    conn.send(h11.EndOfMessage())
+
+
 def read_responses(sock: socket.socket, methods: list[bytes]) -> ClientView:
     """Read one response per request method sent, with h11 as the client.
 
     h11 raising here means the proxy sent something a strict client cannot parse; that is
     a failure of the property under test, so it propagates.
     """
+
+    def more() -> bytes:
+        try:
+            return sock.recv(65536)
+        except ConnectionResetError:
+            return b""
+
     conn = h11.Connection(h11.CLIENT)
     view = ClientView()
     for method in methods:
-        # h11 must know the request (HEAD has no body); the bytes it would send are ignored.
-        conn.send(h11.Request(method=method, target="/", headers=[("Host", "x")]))
-        conn.send(h11.EndOfMessage())
-        response: Received | None = None
-        body = bytearray()
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                try:
-                    data = sock.recv(65536)
-                except ConnectionResetError:
-                    data = b""
-                conn.receive_data(data)
-                continue
-            if isinstance(event, h11.ConnectionClosed):
-                view.closed = True
-                return view
-            if isinstance(event, h11.InformationalResponse):
-                continue
-            if isinstance(event, h11.Response):
-                response = Received(
-                    event.status_code, bytes(event.reason), list(event.headers.raw_items()), b""
-                )
-            elif isinstance(event, h11.Data):
-                body += event.data
-            elif isinstance(event, h11.EndOfMessage):
-                assert response is not None
-                response.body = bytes(body)
-                view.responses.append(response)
-                break
+        _asked(conn, method)
+        response = _one_response(conn, more)
+        if response is None:
+            view.closed = True
+            return view
+        view.responses.append(response)
         if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
             view.closed = True
             return view
@@ -369,29 +384,16 @@ def closing_socket(sock: socket.socket) -> Iterator[socket.socket]:
 
 def parse_response(raw: bytes, method: bytes) -> Received | Rejected:
     """h11's verdict on one response to ``method`` that ends where ``raw`` ends (then EOF)."""
+
+    def more() -> bytes:
+        raise AssertionError("h11 asked for bytes after the end of the stream")
+
     conn = h11.Connection(h11.CLIENT)
-    conn.send(h11.Request(method=method, target="/", headers=[("Host", "x")]))
-    conn.send(h11.EndOfMessage())
+    _asked(conn, method)
     conn.receive_data(raw)
     conn.receive_data(b"")
-    response: Received | None = None
-    body = bytearray()
     try:
-        while True:
-            event = conn.next_event()
-            if isinstance(event, h11.InformationalResponse):
-                continue
-            if isinstance(event, h11.Response):
-                response = Received(
-                    event.status_code, bytes(event.reason), list(event.headers.raw_items()), b""
-                )
-            elif isinstance(event, h11.Data):
-                body += event.data
-            elif isinstance(event, h11.EndOfMessage):
-                assert response is not None
-                response.body = bytes(body)
-                return response
-            else:
-                return Rejected(f"incomplete: {event!r}")
+        response = _one_response(conn, more)
     except h11.RemoteProtocolError as exc:
         return Rejected(str(exc))
+    return response if response is not None else Rejected("incomplete: closed before a response")
