@@ -176,41 +176,32 @@ async def test_curl_https_through_connect(
     await assert_tls_tunnel_logged(logs, tls_origin)
 
 
-async def test_requests_https_proxy_environment(
+def fetch_with_requests(origin: TlsOrigin) -> str:
+    # Only the text leaves: the response holds the pooled connection (and so the tunnel).
+    with requests.Session() as session:
+        return session.get(origin.url(), verify=str(origin.ca_file), timeout=10).text
+
+
+def fetch_with_httpx(origin: TlsOrigin) -> str:
+    context = ssl.create_default_context(cafile=str(origin.ca_file))
+    with httpx.Client(verify=context) as client:
+        return client.get(origin.url()).text
+
+
+@pytest.mark.parametrize(
+    "fetch", [fetch_with_requests, fetch_with_httpx], ids=["requests", "httpx"]
+)
+async def test_client_honours_https_proxy_environment(
     start_proxy: StartProxy,
     tls_origin: TlsOrigin,
     logs: LogCapture,
     https_proxy_env: Callable[[RunningProxy], None],
+    fetch: Callable[[TlsOrigin], str],
 ) -> None:
-    """requests honours HTTPS_PROXY and fetches the https URL through a tunnel."""
+    """The client honours HTTPS_PROXY and fetches the https URL through a tunnel."""
     proxy = await start_proxy(connect_ports=(tls_origin.port,))
     https_proxy_env(proxy)
-
-    def fetch() -> str:
-        # Only the text leaves: the response holds the pooled connection (and so the tunnel).
-        with requests.Session() as session:
-            return session.get(tls_origin.url(), verify=str(tls_origin.ca_file), timeout=10).text
-
-    assert await asyncio.to_thread(fetch) == "hello over TLS"
-    await assert_tls_tunnel_logged(logs, tls_origin)
-
-
-async def test_httpx_https_proxy_environment(
-    start_proxy: StartProxy,
-    tls_origin: TlsOrigin,
-    logs: LogCapture,
-    https_proxy_env: Callable[[RunningProxy], None],
-) -> None:
-    """httpx honours HTTPS_PROXY and fetches the https URL through a tunnel."""
-    proxy = await start_proxy(connect_ports=(tls_origin.port,))
-    https_proxy_env(proxy)
-    context = ssl.create_default_context(cafile=str(tls_origin.ca_file))
-
-    def fetch() -> str:
-        with httpx.Client(verify=context) as client:
-            return client.get(tls_origin.url()).text
-
-    assert await asyncio.to_thread(fetch) == "hello over TLS"
+    assert await asyncio.to_thread(fetch, tls_origin) == "hello over TLS"
     await assert_tls_tunnel_logged(logs, tls_origin)
 
 
