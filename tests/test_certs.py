@@ -23,6 +23,7 @@ from proxy.tls.certs import (
     write_ca,
 )
 from proxy.tls.contexts import ServerContexts
+from tests.conftest import unavailable
 
 
 def strict_client(ca: CertificateAuthority) -> ssl.SSLContext:
@@ -198,7 +199,7 @@ def test_bad_ca_names_the_setting_and_hides_the_key(
     secret = key_path.read_bytes()
     if fault == "key_group_readable":
         if os.geteuid() != 0:
-            pytest.skip("needs root to give the key another group")
+            unavailable("needs root to give the key another group")
         key_path.chmod(0o640)
         os.chown(key_path, -1, os.getegid() + 1)
     elif fault == "key_world_readable":

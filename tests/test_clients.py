@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import LogCapture, Origin, RunningProxy
+from tests.conftest import LogCapture, Origin, RunningProxy, unavailable
 
 
 @dataclass(frozen=True)
@@ -121,10 +121,7 @@ def require(tool: str) -> str:
     """Path of a client; missing, it fails under CI=true (the machine has it) and skips here."""
     found = shutil.which(tool)
     if found is None:
-        message = f"{tool} not installed"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable(f"{tool} not installed")
     return found
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import LogCapture, Origin, RunningProxy
+from tests.conftest import LogCapture, Origin, RunningProxy, unavailable
 from tests.test_intercept import CAFiles, ca_files, intercepting, secure_origin  # noqa: F401
 from tests.test_limits import until
 from tests.tls import TLSOrigin
@@ -28,10 +28,7 @@ def node_or_skip() -> str:
     node = shutil.which("node")
     missing = node is None or not (NODE_DIR / "node_modules" / "undici").is_dir()
     if missing:
-        message = "node and tests/node/node_modules are needed (make test runs npm ci)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable("node and tests/node/node_modules are needed (make test runs npm ci)")
     assert node is not None
     return node
 

@@ -12,8 +12,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
+
+from tests.conftest import unavailable
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "Dockerfile"
@@ -67,10 +68,7 @@ def find_tool(name: str) -> str:
     found = shutil.which(name)
     if found:
         return found
-    message = f"{name} not found ({_INSTALL_HINTS.get(name, 'install it')})"
-    if os.environ.get("CI") == "true":
-        pytest.fail(message)
-    pytest.skip(message)
+    unavailable(f"{name} not found ({_INSTALL_HINTS.get(name, 'install it')})")
 
 
 def run(
