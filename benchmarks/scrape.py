@@ -190,6 +190,15 @@ class ReferenceCollector:
         for reason, count in sorted(m.denied.counts.items()):
             denied.add_metric([reason], count)
         yield denied
+        http2 = c(
+            "proxy_client_http2_errors",
+            "Client HTTP/2 connections the proxy ended: a defence ran out (rapid_reset, "
+            "continuation_flood, ping_flood, ...) or the client broke the protocol.",
+            labels=["reason"],
+        )
+        for reason, count in sorted(m.http2_errors.counts.items()):
+            http2.add_metric([reason], count)
+        yield http2
         build = g("proxy_build_info", "Always 1; the version is a label.", labels=["version"])
         build.add_metric([__version__], 1)
         yield build

@@ -16,6 +16,8 @@ from structlog.typing import FilteringBoundLogger
 from yarl import URL
 
 from proxy.config import Settings
+from proxy.h2.core import Limits
+from proxy.h2.server import H2Server
 from proxy.observe import log
 from proxy.observe.exposition import Exposition
 from proxy.observe.metrics import Metrics
@@ -29,14 +31,14 @@ from proxy.rules.hostpatterns import HostPatterns
 from proxy.rules.request_id import new_request_id
 from proxy.rules.target import TargetError, absolute_target, forward_target, inner_target
 from proxy.tls.certs import CertificateAuthority
-from proxy.tls.contexts import ServerContexts, upstream_context
-from proxy.tls.intercept import Inspector, InterceptPolicy
+from proxy.tls.contexts import ALPN, ALPN_H2, ServerContexts, upstream_context
+from proxy.tls.intercept import H2, Inspector, InterceptPolicy
 from proxy.wire import obs_text
 from proxy.wire.forwarding import SKIP_AUTO_HEADERS, Forwarder, strip_added_defaults
 from proxy.wire.guard import CheckedConnector, CheckedResolver, ClientGate, Denial
 from proxy.wire.inner import InnerStream
 from proxy.wire.interim import Continue, InterimResponse, defer_expectation
-from proxy.wire.limits import inner_stream
+from proxy.wire.limits import GuardedRequestHandler, inner_stream
 from proxy.wire.tunnelling import (
     Relays,
     SessionResolver,
@@ -193,12 +195,20 @@ class ProxyHandler:
             http_ports=settings.connect_http_ports,
             splice_seconds=settings.intercept_splice_seconds,
         )
+        self.h2_limits = Limits(
+            max_concurrent_streams=settings.http2_max_concurrent_streams,
+            max_header_list=settings.max_request_header_size,
+            max_header_block=settings.max_request_header_size,
+        )
         self.inspector = Inspector(
-            ServerContexts(ca) if ca is not None else None,
+            ServerContexts(ca, alpn=ALPN_H2 if settings.http2 else ALPN)
+            if ca is not None
+            else None,
             self.intercept,
             metrics,
             head_limit=settings.max_request_target_length + _REQUEST_LINE_FRAME,
             head_timeout=settings.request_header_timeout,
+            servers={H2: self._serve_h2} if settings.http2 else None,
         )
         credentials = (settings.proxy_auth,) if settings.proxy_auth is not None else ()
         self.gate = ClientGate(
@@ -361,6 +371,17 @@ class ProxyHandler:
                 lifecycle.enter()
 
         return inspect
+
+    def _serve_h2(
+        self, server_protocol: GuardedRequestHandler, stream: InnerStream
+    ) -> asyncio.Protocol:
+        """An HTTP/2 connection inside a CONNECT: its streams come back here, one request each."""
+        count = self.metrics.http2_errors
+        server = H2Server(self, self.make_request, stream, limits=self.h2_limits, on_error=count)
+        guard = server_protocol.guard
+        guard.track(server)  # a GOAWAY at the drain
+        server.closed.add_done_callback(lambda _: guard.untrack(server))
+        return server
 
     def on_response_prepare(self, request: web.BaseRequest, response: web.StreamResponse) -> None:
         """Before every response head (``ProxyRequest._prepare_hook``)."""

@@ -80,6 +80,7 @@ def random_metrics(seed: int, hosts: int = 60) -> Metrics:
     metrics.clients.open, metrics.clients.rejected = rng.randrange(9), rng.randrange(9)
     for reason in ("client_not_allowed", "client_not_allowed", 'we"ird'):
         metrics.denied(reason)
+    metrics.http2_errors("rapid_reset")
     metrics.scrapes.observe(0.003)
     return metrics
 

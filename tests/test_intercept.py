@@ -477,7 +477,9 @@ def test_connect_mode_table(intercepted: bool, port: int, mode: ConnectMode) -> 
         (b"GET / HTTP/1.1\r\n", Opening.HTTP),
         (b"POST http://h/x HTTP/1.0\n", Opening.HTTP),
         (b"GET / HTTP/2.0\r\n", Opening.OTHER),
-        (b"PRI * HTTP/2.0\r\n", Opening.OTHER),
+        (b"PRI * HTTP/2.0\r\n", None),  # the h2c preface so far
+        (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00", Opening.H2C),
+        (b"PRI * HTTP/2.0\r\n\r\nXX\r\n\r\n", Opening.OTHER),
         (b"GET  / HTTP/1.1\r\n", Opening.OTHER),
         (b"SSH-2.0-OpenSSH\r\n", Opening.OTHER),
         (b"\x00\x00\x00", Opening.OTHER),
@@ -485,7 +487,8 @@ def test_connect_mode_table(intercepted: bool, port: int, mode: ConnectMode) -> 
     ],
 )
 def test_classify_opening(data: bytes, opening: Opening | None) -> None:
-    """A ClientHello record, an HTTP/1.x request line, something else, or not yet known."""
+    """A ClientHello record, an HTTP/1.x request line, the h2c preface, something else, or
+    not yet known."""
     assert classify_opening(data, limit=100) is opening
 
 

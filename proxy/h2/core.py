@@ -433,9 +433,12 @@ class H2Core:
         self.going_away = True
         self._last_stream_id = self._h2.highest_inbound_stream_id
         # After what h2 has queued so far, before anything it queues later.
-        self._extra += self._h2.data_to_send() + GoAwayFrame(
-            0, last_stream_id=self._last_stream_id, error_code=ErrorCodes.NO_ERROR
-        ).serialize()
+        self._extra += (
+            self._h2.data_to_send()
+            + GoAwayFrame(
+                0, last_stream_id=self._last_stream_id, error_code=ErrorCodes.NO_ERROR
+            ).serialize()
+        )
 
     def _calm(self, reason: str) -> None:
         """GOAWAY ENHANCE_YOUR_CALM: a peer over a budget is cut off (RFC 9113 §5.4.1)."""

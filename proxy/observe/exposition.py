@@ -310,6 +310,14 @@ GLOBAL_FAMILIES: Final = (
         "reason",
     ),
     _Global(
+        "proxy_client_http2_errors",
+        "counter",
+        "Client HTTP/2 connections the proxy ended: a defence ran out (rapid_reset, "
+        "continuation_flood, ping_flood, ...) or the client broke the protocol.",
+        lambda m, f: (((r,), n) for r, n in sorted(m.http2_errors.counts.items())),
+        "reason",
+    ),
+    _Global(
         "proxy_build_info",
         "gauge",
         "Always 1; the version is a label.",

@@ -265,6 +265,7 @@ class Metrics:
         self.tunnels_open = 0
         self.clients = ClientStats()
         self.denied = Refusals()  # proxy.app and proxy.wire.limits count here
+        self.http2_errors = Refusals()  # client HTTP/2 connections ended, by reason (proxy.h2)
         self._clock = clock
         self.scrapes = Histogram(SCRAPE_BUCKETS)  # seconds per /metrics answer
         self._capped = 0  # labels in ``hosts`` that count against max_hosts

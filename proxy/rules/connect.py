@@ -42,9 +42,12 @@ def connect_mode(
 class Opening(Enum):
     TLS = "tls"
     HTTP = "http"
+    H2C = "h2c"  # HTTP/2 with prior knowledge (RFC 9113 §3.3): the connection preface
     OTHER = "other"
 
 
+# RFC 9113 §3.4: the client connection preface.
+_H2_PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 # RFC 8446 §5.1: a record of type handshake (22), then a 3.x legacy record version.
 _TLS_HANDSHAKE: Final = 0x16
 # RFC 9112 §3: method SP request-target SP HTTP-version; methods are tokens (RFC 9110 §9.1).
@@ -67,6 +70,8 @@ def classify_opening(data: bytes, limit: int) -> Opening | None:
         if len(data) < 2:
             return None
         return Opening.TLS if data[1] == 3 else Opening.OTHER
+    if data[:1] == b"P" and _H2_PREFACE.startswith(data[: len(_H2_PREFACE)]):
+        return Opening.H2C if len(data) >= len(_H2_PREFACE) else None
     line_end = data.find(b"\n")
     if line_end >= 0:
         return Opening.HTTP if _REQUEST_LINE.fullmatch(data[: line_end + 1]) else Opening.OTHER

@@ -162,8 +162,13 @@ def codings_other_than_chunked(raw: RawHeaders) -> bool:
 
 
 def via_value(version: tuple[int, int], pseudonym: str) -> str:
-    """Our Via entry: the protocol we received the message with, then our name (§7.6.3)."""
-    return f"{version[0]}.{version[1]} {pseudonym}"
+    """Our Via entry: the protocol we received the message with, then our name (§7.6.3).
+
+    HTTP/2's version is written "2" (RFC 9113 §3.1), HTTP/1.x's "1.1" or "1.0".
+    """
+    major, minor = version
+    protocol = str(major) if major >= 2 else f"{major}.{minor}"
+    return f"{protocol} {pseudonym}"
 
 
 # RFC 9110 §7.6.2: Max-Forwards applies to TRACE and OPTIONS only.

@@ -24,14 +24,16 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from proxy.tls.certs import CertificateAuthority, mint_leaf
 
-# aiohttp's server and client speak HTTP/1.x only: offer nothing else (offering h2 to a
-# client made curl send HTTP/2 and fail).
+# aiohttp's client speaks HTTP/1.x only: upstream, offer nothing else unless the caller
+# carries HTTP/2 itself (proxy.h2.upstream). Towards clients, h2 is offered first when HTTP/2
+# serving is on (the server's order wins, tls-facts §4).
 ALPN: tuple[str, ...] = ("http/1.1",)
+ALPN_H2: tuple[str, ...] = ("h2", "http/1.1")
 # A leaf is reminted once less than this much of its validity is left.
 _RENEW_BEFORE: Final = datetime.timedelta(days=1)
 
 
-def upstream_context(ca_file: str | None = None) -> ssl.SSLContext:
+def upstream_context(ca_file: str | None = None, alpn: tuple[str, ...] = ALPN) -> ssl.SSLContext:
     """Verifying client context: the system trust store, plus ``ca_file`` when given.
 
     ``create_default_context(cafile=...)`` would trust only that file; loading it on top
@@ -41,7 +43,7 @@ def upstream_context(ca_file: str | None = None) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
     if ca_file:
         context.load_verify_locations(cafile=ca_file)
-    context.set_alpn_protocols(list(ALPN))
+    context.set_alpn_protocols(list(alpn))
     return context
 
 
@@ -61,8 +63,10 @@ class ServerContexts:
         ca: CertificateAuthority,
         max_hosts: int = 1024,
         clock: Callable[[], datetime.datetime] | None = None,
+        alpn: tuple[str, ...] = ALPN,
     ) -> None:
         self._ca = ca
+        self._alpn = list(alpn)
         self._max = max_hosts
         self._clock = clock or (lambda: datetime.datetime.now(datetime.UTC))
         self._key = ec.generate_private_key(ec.SECP256R1())
@@ -92,7 +96,7 @@ class ServerContexts:
     def _build(self, leaf_pem: bytes) -> ssl.SSLContext:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
-        context.set_alpn_protocols(list(ALPN))
+        context.set_alpn_protocols(self._alpn)
         # load_cert_chain takes only paths: a private directory, removed at once.
         with tempfile.TemporaryDirectory(prefix="tracing-proxy-") as folder:
             chain = os.path.join(folder, "chain.pem")

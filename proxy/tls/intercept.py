@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from time import monotonic
 from typing import Any, Final
 
@@ -112,8 +112,25 @@ class InterceptPolicy:
         return f"<InterceptPolicy {self._intercept!r} spliced={len(self._spliced)}>"
 
 
+# Serves a stream inside a CONNECT once its protocol is known: the CONNECT's handler and the
+# stream's origin in, the stream's protocol out.
+StreamServer = Callable[[GuardedRequestHandler, InnerStream], asyncio.Protocol]
+
+
+def _http1(server_protocol: GuardedRequestHandler, stream: InnerStream) -> asyncio.Protocol:
+    return server_protocol.open_inner(stream)
+
+
+HTTP1: Final = "http/1.1"
+H2: Final = "h2"
+
+
 class Inspector:
-    """Serves the stream of a CONNECT answered without dialling (``Tunneller``'s inspector)."""
+    """Serves the stream of a CONNECT answered without dialling (``Tunneller``'s inspector).
+
+    ``servers`` maps an ALPN protocol id to what serves it; HTTP/1.1 is always there, "h2"
+    (when registered) also serves the h2c preface on a plain stream.
+    """
 
     def __init__(
         self,
@@ -123,12 +140,14 @@ class Inspector:
         *,
         head_limit: int,
         head_timeout: float,
+        servers: Mapping[str, StreamServer] | None = None,
     ) -> None:
         self._contexts = contexts
         self._policy = policy
         self._metrics = metrics
         self._head_limit = head_limit
         self._head_timeout = head_timeout
+        self._servers: dict[str, StreamServer] = {HTTP1: _http1, **(servers or {})}
 
     async def __call__(
         self, request: web.BaseRequest, record: TunnelRecord, mode: ConnectMode
@@ -148,9 +167,11 @@ class Inspector:
                 opening = None
             early = bytes(opener.data)
             target = record.target
-            if opening is Opening.HTTP:
+            h2 = self._servers.get(H2)
+            if opening is Opening.HTTP or (opening is Opening.H2C and h2 is not None):
                 origin = connect_origin("http", target.host, target.port)
-                await self._serve(server_protocol, transport, origin, record, early)
+                serve = _http1 if opening is Opening.HTTP or h2 is None else h2
+                await self._serve(server_protocol, transport, origin, record, early, serve)
                 record.served = "http"
             elif (
                 opening is Opening.TLS
@@ -173,10 +194,11 @@ class Inspector:
         origin: Any,
         record: TunnelRecord,
         early: bytes,
+        serve: StreamServer,
     ) -> None:
         handover = HandOver(server_protocol)
         transport.set_protocol(handover)
-        inner = server_protocol.open_inner(InnerStream(origin, record.request_id))
+        inner = serve(server_protocol, InnerStream(origin, record.request_id))
         handover.attach(inner, transport, early)
         transport.resume_reading()
         await handover.closed
@@ -215,7 +237,10 @@ class Inspector:
             if not start.done():
                 start.cancel()
         origin = connect_origin("https", target.host, target.port)
-        inner = server_protocol.open_inner(InnerStream(origin, record.request_id))
+        # No ALPN agreed (a client that offered none) means HTTP/1.1.
+        chosen = tls.get_extra_info("ssl_object").selected_alpn_protocol() or HTTP1
+        serve = self._servers.get(chosen, _http1)
+        inner = serve(server_protocol, InnerStream(origin, record.request_id))
         handover.attach(inner, tls, b"")
         record.served = "intercepted"
         await handover.closed

@@ -158,7 +158,8 @@ class Forwarder:
         self._pseudonym = via_pseudonym
         self._read_idle_timeout = read_idle_timeout
         self._via = {
-            version: headers.via_value(version, via_pseudonym) for version in ((1, 1), (1, 0))
+            version: headers.via_value(version, via_pseudonym)
+            for version in ((1, 1), (1, 0), (2, 0))
         }
         self._logger = log.get_logger()
 
