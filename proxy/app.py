@@ -18,6 +18,7 @@ from yarl import URL
 from proxy.config import Settings
 from proxy.h2.core import Limits
 from proxy.h2.server import H2Server
+from proxy.h2.upstream import H2Upstream
 from proxy.observe import log
 from proxy.observe.exposition import Exposition
 from proxy.observe.metrics import Metrics
@@ -218,6 +219,7 @@ class ProxyHandler:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.session: aiohttp.ClientSession | None = None
         self._forwarder: Forwarder | None = None
+        self._h2: H2Upstream | None = None
         self._tunneller: Tunneller | None = None
 
     def make_request(
@@ -413,6 +415,18 @@ class ProxyHandler:
             if settings.observe
             else None
         )
+        self._h2 = (
+            H2Upstream(
+                session,
+                upstream_context(settings.upstream_ca_file or None, alpn=ALPN_H2),
+                limits=Limits(max_header_list=settings.max_request_header_size),
+                read_idle_timeout=settings.read_idle_timeout,
+                headers_timeout=settings.response_headers_timeout,
+                pool_wait_timeout=settings.pool_wait_timeout,
+            )
+            if settings.http2
+            else None
+        )
         self._forwarder = Forwarder(
             session,
             observer,
@@ -422,6 +436,7 @@ class ProxyHandler:
             read_idle_timeout=settings.read_idle_timeout,
             spans=self.spans,
             tunnel_idle_timeout=settings.tunnel_idle_timeout,
+            h2=self._h2,
         )
         self._tunneller = Tunneller(
             SessionResolver(session),
@@ -440,6 +455,8 @@ class ProxyHandler:
             self._tunneller.close_all()
 
     async def close(self) -> None:
+        if self._h2 is not None:
+            await self._h2.close()
         if self.session is not None:
             await self.session.close()
             self.session = None

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import httpx
+import pytest
+import trustme
 
-from tests import test_intercept
+from tests import h2_client, test_intercept
 from tests.conftest import LogCapture, Origin, RunningProxy, pattern
+from tests.h2_origin import H2Origin, h2_origin
 from tests.test_forwarding import curl
 from tests.test_intercept import CAFiles
 from tests.test_limits import until
@@ -24,13 +27,22 @@ secure_origin = test_intercept.secure_origin
 intercepting = test_intercept.intercepting
 
 
-async def h2c_proxy(start_proxy: StartProxy, origin: Origin, **changes: object) -> RunningProxy:
+@pytest.fixture
+async def h2c_origin() -> AsyncIterator[H2Origin]:
+    """hypercorn in the clear: h2c with prior knowledge (and HTTP/1.1)."""
+    async with h2_origin(None) as origin:
+        yield origin
+
+
+async def h2c_proxy(
+    start_proxy: StartProxy, origin: Origin | H2Origin, **changes: object
+) -> RunningProxy:
     """A proxy whose CONNECT to the origin's port may carry plain HTTP only (h2c included)."""
     return await start_proxy(connect_http_ports=(origin.port,), **changes)
 
 
 async def test_curl_h2c_prior_knowledge_inside_connect_is_forwarded(
-    start_proxy: StartProxy, origin: Origin, logs: LogCapture
+    start_proxy: StartProxy, h2c_origin: H2Origin, logs: LogCapture
 ) -> None:
     """curl --http2-prior-knowledge -p: HTTP/2 to the proxy, the request forwarded and logged.
 
@@ -38,30 +50,30 @@ async def test_curl_h2c_prior_knowledge_inside_connect_is_forwarded(
     sending a byte of it ("Error in the HTTP2 framing layer"); streams on one connection are
     tested with an h2 client below.
     """
-    proxy = await h2c_proxy(start_proxy, origin)
-    url = origin.url("/echo/a?q=1")
+    proxy = await h2c_proxy(start_proxy, h2c_origin)
+    url = f"http://127.0.0.1:{h2c_origin.port}/echo/a?q=1"
     code, out, err = await curl(
         "--http2-prior-knowledge", "-p", "-x", proxy.url, "-w", "\n%{http_version}", url
     )
     assert code == 0, err
     first = out.partition(b"\n")[0]
     echoed = json.loads(first)
-    assert echoed["target"] == "/echo/a?q=1"
-    assert echoed["version"] == "1.1"  # the origin speaks HTTP/1.1 only: forwarded as such
-    fields = {name.lower(): value for name, value in echoed["headers"]}
+    assert echoed["path"] == "/echo/a?q=1"
+    assert echoed["version"] == "2"  # h2c in, h2c with prior knowledge out
+    fields = dict(echoed["headers"])
     assert fields["via"] == "2 tracing-proxy"
-    assert fields["host"] == origin.authority
     assert out.endswith(b"\n2")
     lines = await logs.wait_for("access", 1)
     assert [(line["path"], line["status"]) for line in lines] == [("/echo/a", 200)]
-    assert proxy.sample("proxy_upstream_ttfb_seconds_count", host=origin.authority) == 1
+    host = f"127.0.0.1:{h2c_origin.port}"
+    assert proxy.sample("proxy_upstream_ttfb_seconds_count", host=host) == 1
 
 
 async def test_h2c_request_body_reaches_the_origin_byte_exact(
-    start_proxy: StartProxy, origin: Origin, tmp_path: Path
+    start_proxy: StartProxy, h2c_origin: H2Origin, tmp_path: Path
 ) -> None:
     """A 3 MiB upload over h2c (more than any window) arrives whole at the origin."""
-    proxy = await h2c_proxy(start_proxy, origin)
+    proxy = await h2c_proxy(start_proxy, h2c_origin)
     body = pattern(3 << 20, seed=7)
     path = tmp_path / "body"
     path.write_bytes(body)
@@ -72,7 +84,7 @@ async def test_h2c_request_body_reaches_the_origin_byte_exact(
         proxy.url,
         "--data-binary",
         f"@{path}",
-        origin.url("/echo"),
+        f"http://127.0.0.1:{h2c_origin.port}/echo",
     )
     assert code == 0, err
     echoed = json.loads(out)
@@ -80,12 +92,11 @@ async def test_h2c_request_body_reaches_the_origin_byte_exact(
     assert echoed["body_sha256"] == hashlib.sha256(body).hexdigest()
 
 
-async def test_h2c_download_is_byte_exact(start_proxy: StartProxy, origin: Origin) -> None:
-    """5 MiB down over h2c, chunked from the origin, arrive whole."""
-    proxy = await h2c_proxy(start_proxy, origin)
-    code, out, err = await curl(
-        "--http2-prior-knowledge", "-p", "-x", proxy.url, origin.url("/stream?size=5242880")
-    )
+async def test_h2c_download_is_byte_exact(start_proxy: StartProxy, h2c_origin: H2Origin) -> None:
+    """5 MiB down over h2c arrive whole."""
+    proxy = await h2c_proxy(start_proxy, h2c_origin)
+    url = f"http://127.0.0.1:{h2c_origin.port}/stream?size=5242880"
+    code, out, err = await curl("--http2-prior-knowledge", "-p", "-x", proxy.url, url)
     assert code == 0, err
     assert out == pattern(5 << 20)
 
@@ -116,3 +127,159 @@ async def test_httpx_http2_through_interception(
     await until(
         lambda: intercepting.sample("proxy_tunnels_total", host=host, outcome="intercepted") == 1
     )
+
+
+async def test_h2c_to_an_http1_origin_is_a_502(
+    start_proxy: StartProxy, origin: Origin, logs: LogCapture
+) -> None:
+    """The client chose h2c for an origin that speaks only HTTP/1.1: a clear 502, not a hang."""
+    proxy = await h2c_proxy(start_proxy, origin)
+    code, out, err = await curl(
+        "--http2-prior-knowledge", "-p", "-x", proxy.url, "-w", "%{http_code}", origin.url("/echo")
+    )
+    assert code == 0, err
+    assert out.endswith(b"502")
+    (line,) = await logs.wait_for("access")
+    assert line["error"] == "connection_terminated"
+
+
+# -- HTTP/2 upstream: an h2 origin over TLS, through interception ---------------------------
+
+
+@pytest.fixture
+async def tls_h2_origin(tls_ca: trustme.CA) -> AsyncIterator[H2Origin]:
+    async with h2_origin(tls_ca) as origin:
+        yield origin
+
+
+@pytest.fixture
+async def intercepting_h2(
+    start_proxy: StartProxy, ca_files: CAFiles, tls_ca_file: str, tls_h2_origin: H2Origin
+) -> RunningProxy:
+    return await start_proxy(
+        intercept=("localhost",),
+        ca_cert=ca_files.cert,
+        ca_key=ca_files.key,
+        upstream_ca_file=tls_ca_file,
+        connect_ports=(tls_h2_origin.port,),
+    )
+
+
+async def test_curl_and_httpx_get_http2_end_to_end(
+    intercepting_h2: RunningProxy, ca_files: CAFiles, tls_h2_origin: H2Origin, logs: LogCapture
+) -> None:
+    """curl --http2 and httpx http2=True through interception: HTTP/2 on both legs."""
+    url = tls_h2_origin.url("/echo")
+    code, out, err = await curl(
+        "--http2",
+        "--cacert",
+        ca_files.cert,
+        "-x",
+        intercepting_h2.url,
+        "-w",
+        "\n%{http_version}",
+        url,
+    )
+    assert code == 0, err
+    assert out.endswith(b"\n2")
+    async with httpx.AsyncClient(
+        http2=True, proxy=intercepting_h2.url, verify=ca_files.client_context(), trust_env=False
+    ) as client:
+        response = await client.get(url)
+    assert response.http_version == "HTTP/2"
+    assert response.json()["version"] == "2"
+    assert tls_h2_origin.versions == ["2", "2"]
+    host = tls_h2_origin.authority
+    await logs.wait_for("access", 2)
+    # Two client connections, one upstream HTTP/2 connection carrying both streams.
+    assert intercepting_h2.sample("proxy_upstream_tls_seconds_count", host=host) == 1
+    assert len(tls_h2_origin.peers) == 1
+
+
+async def test_trailers_are_relayed_byte_exact(
+    intercepting_h2: RunningProxy, ca_files: CAFiles, tls_h2_origin: H2Origin
+) -> None:
+    """grpc-status and grpc-message reach the client as the origin sent them."""
+    client = await h2_client.connect(
+        intercepting_h2.server.proxy_address.port,  # type: ignore[union-attr]
+        tls_h2_origin.authority,
+        ca_files.client_context(),
+    )
+    try:
+        answer = await client.fetch(
+            h2_client.get(
+                tls_h2_origin.authority,
+                "/grpc?status=5&messages=2",
+                "https",
+                (b"te", b"trailers"),
+                (b"content-type", b"application/grpc"),
+            )
+        )
+    finally:
+        await client.close()
+    assert answer.status == 200
+    assert answer.body == (b"\x00\x00\x00\x00\x05hello") * 2
+    assert answer.trailers == [(b"grpc-status", b"5"), (b"grpc-message", b"caf\xc3\xa9 %20 ok")]
+
+
+async def test_timings_are_true_over_http2(
+    intercepting_h2: RunningProxy, ca_files: CAFiles, tls_h2_origin: H2Origin, logs: LogCapture
+) -> None:
+    """Headers held 300 ms land in ttfb; 5 messages 100 ms apart in total, not ttfb; the
+    second call on the connection is reused, with no connect or tls of its own."""
+    client = await h2_client.connect(
+        intercepting_h2.server.proxy_address.port,  # type: ignore[union-attr]
+        tls_h2_origin.authority,
+        ca_files.client_context(),
+    )
+    path = "/grpc?head_ms=300&messages=5&gap_ms=100"
+    try:
+        for _ in range(2):
+            answer = await client.fetch(
+                h2_client.get(tls_h2_origin.authority, path, "https", (b"te", b"trailers"))
+            )
+            assert answer.trailers[0] == (b"grpc-status", b"0")
+    finally:
+        await client.close()
+    first, second = await logs.wait_for("access", 2)
+    for line in (first, second):
+        assert line["ttfb_ms"] >= 300
+        assert line["total_ms"] - line["ttfb_ms"] >= 400
+        assert line["ttfb_ms"] < line["total_ms"]
+    assert first["reused"] is False
+    assert first["tls_ms"] is not None
+    assert first["connect_ms"] is not None
+    assert second["reused"] is True
+    assert (second["connect_ms"], second["tls_ms"], second["dns_ms"]) == (None, None, None)
+    host = tls_h2_origin.authority
+    assert intercepting_h2.sample("proxy_upstream_connections_total", host=host, kind="new") == 1
+    assert intercepting_h2.sample("proxy_upstream_connections_total", host=host, kind="reused") == 1
+    assert len(tls_h2_origin.peers) == 1
+
+
+async def test_grpc_to_an_http1_only_origin_is_a_clear_502(
+    intercepting: RunningProxy, ca_files: CAFiles, secure_origin: TLSOrigin, logs: LogCapture
+) -> None:
+    """A gRPC request to an origin whose ALPN offers no h2: 502 with a Proxy-Status reason."""
+    client = await h2_client.connect(
+        intercepting.server.proxy_address.port,  # type: ignore[union-attr]
+        f"localhost:{secure_origin.port}",
+        ca_files.client_context(),
+    )
+    try:
+        answer = await client.fetch(
+            h2_client.get(
+                f"localhost:{secure_origin.port}",
+                "/echo",
+                "https",
+                (b"te", b"trailers"),
+                (b"content-type", b"application/grpc"),
+            )
+        )
+    finally:
+        await client.close()
+    assert answer.status == 502
+    status = answer.header(b"proxy-status") or b""
+    assert b"error=http_protocol_error" in status
+    (line,) = await logs.wait_for("access")
+    assert line["error"] == "http_protocol_error"

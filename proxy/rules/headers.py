@@ -187,3 +187,22 @@ def max_forwards(method: str, value: str | None) -> int | None:
     if not (text.isascii() and text.isdigit()):
         return None
     return int(text)
+
+
+def accepts_trailers(raw: RawHeaders) -> bool:
+    """The client's TE lists ``trailers``: it will take trailer fields (RFC 9110 §10.1.4)."""
+    return any(
+        part.strip().lower() == b"trailers"
+        for name, value in raw
+        if name.lower() == b"te"
+        for part in value.split(b",")
+    )
+
+
+def needs_http2(raw: RawHeaders) -> bool:
+    """A request only HTTP/2 can carry: gRPC (its status comes in trailers; content type
+    ``application/grpc``, gRPC over HTTP/2 spec) or any request that waits for trailers."""
+    return accepts_trailers(raw) or any(
+        name.lower() == b"content-type" and value.lower().startswith(b"application/grpc")
+        for name, value in raw
+    )

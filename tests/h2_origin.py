@@ -1,0 +1,144 @@
+"""An HTTP/2 origin on loopback for the tests: hypercorn serving a small ASGI app.
+
+hypercorn speaks h2 (TLS, ALPN), h2c with prior knowledge and HTTP/1.1 on one bind. Routes:
+
+- ``/echo``: JSON of the method, path, fields, body length and sha256, and HTTP version;
+- ``/stream?size=N``: N pattern bytes;
+- ``/grpc?status=S&messages=N&gap_ms=G&head_ms=H``: gRPC-shaped: head after H ms, N
+  messages G ms apart, then trailers ``grpc-status: S`` (sent only to a request with
+  ``te: trailers``, as hypercorn does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import socket
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs
+
+import trustme
+from hypercorn.asyncio import serve
+from hypercorn.config import Config
+
+from tests.conftest import pattern
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+@dataclass
+class H2Origin:
+    port: int
+    versions: list[str] = field(default_factory=list)  # HTTP version of each request
+    peers: set[int] = field(default_factory=set)  # client ports: one per connection
+
+    @property
+    def authority(self) -> str:
+        return f"localhost:{self.port}"
+
+    def url(self, path: str, scheme: str = "https") -> str:
+        return f"{scheme}://{self.authority}{path}"
+
+
+def _app(state: H2Origin) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        state.versions.append(scope["http_version"])
+        state.peers.add(scope["client"][1])
+        query = {k: v[0] for k, v in parse_qs(scope["query_string"].decode()).items()}
+        digest, size = hashlib.sha256(), 0
+        while True:
+            message = await receive()
+            chunk = message.get("body", b"")
+            digest.update(chunk)
+            size += len(chunk)
+            if not message.get("more_body"):
+                break
+        path = scope["path"]
+        if path == "/stream":
+            body = pattern(int(query["size"]))
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": body})
+        elif path == "/grpc":
+            await asyncio.sleep(int(query.get("head_ms", "0")) / 1000)
+            headers = [(b"content-type", b"application/grpc")]
+            await send(
+                {"type": "http.response.start", "status": 200, "headers": headers, "trailers": True}
+            )
+            for n in range(int(query.get("messages", "1"))):
+                if n:
+                    await asyncio.sleep(int(query.get("gap_ms", "0")) / 1000)
+                frame = b"\x00" + (5).to_bytes(4, "big") + b"hello"
+                await send({"type": "http.response.body", "body": frame, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+            trailers = [(b"grpc-status", query.get("status", "0").encode())]
+            trailers.append((b"grpc-message", b"caf\xc3\xa9 %20 ok"))
+            await send({"type": "http.response.trailers", "headers": trailers})
+        else:
+            answer = {
+                "method": scope["method"],
+                "path": scope["raw_path"].decode()
+                + ("?" if scope["query_string"] else "")
+                + scope["query_string"].decode(),
+                "headers": [[k.decode(), v.decode()] for k, v in scope["headers"]],
+                "body_len": size,
+                "body_sha256": digest.hexdigest(),
+                "version": scope["http_version"],
+            }
+            body = json.dumps(answer).encode()
+            headers = [(b"content-type", b"application/json")]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+
+    return app
+
+
+@contextlib.asynccontextmanager
+async def h2_origin(ca: trustme.CA | None) -> AsyncIterator[H2Origin]:
+    """hypercorn on 127.0.0.1 (TLS with a ``localhost`` certificate from ``ca``, or plain)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    state = H2Origin(sock.getsockname()[1])
+    config = Config()
+    config.bind = [f"fd://{sock.detach()}"]  # hypercorn owns (and closes) the socket now
+    config.accesslog = None
+    config.errorlog = None
+    config.graceful_timeout = 0.5
+    files: list[Any] = []
+    if ca is not None:
+        leaf = ca.issue_cert("localhost", "127.0.0.1")
+        cert = leaf.cert_chain_pems[0].tempfile()
+        key = leaf.private_key_pem.tempfile()
+        files = [cert, key]
+        config.certfile = cert.__enter__()
+        config.keyfile = key.__enter__()
+    stop = asyncio.Event()
+    task = asyncio.ensure_future(serve(_app(state), config, shutdown_trigger=stop.wait))  # type: ignore[arg-type]
+    try:
+        for _ in range(500):  # bounded: 5 s until it accepts
+            with contextlib.suppress(OSError):
+                _, writer = await asyncio.open_connection("127.0.0.1", state.port)
+                writer.close()
+                break
+            await asyncio.sleep(0.01)
+        yield state
+    finally:
+        stop.set()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(task, 5)
+        for file in files:
+            file.__exit__(None, None, None)
+
+
+def client_context(ca: trustme.CA) -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    return context
