@@ -115,6 +115,11 @@ _HOST_COUNTERS: Final = (
     ("proxy_upstream_requests", "Finished forwarded requests.", ("method", "code")),
     ("proxy_upstream_errors", "Failed requests by RFC 9209 Proxy-Status error type.", ("error",)),
     (
+        "proxy_upstream_grpc",
+        "gRPC calls by the grpc-status the upstream answered (the 17 codes).",
+        ("code",),
+    ),
+    (
         "proxy_upstream_connections",
         "Upstream connection acquisitions, new or reused from the pool.",
         ("kind",),
@@ -213,6 +218,7 @@ class ReferenceCollector:
         (
             requests,
             errors,
+            grpc,
             connections,
             dns_cache,
             body,
@@ -233,6 +239,8 @@ class ReferenceCollector:
                 requests.add_metric([host, method, code], n)
             for error, n in sorted(s.errors.items()):
                 errors.add_metric([host, error], n)
+            for code, n in sorted(s.grpc.items()):
+                grpc.add_metric([host, code], n)
             if s.requests:
                 connections.add_metric([host, "new"], s.connections_new)
                 connections.add_metric([host, "reused"], s.connections_reused)
@@ -249,7 +257,17 @@ class ReferenceCollector:
                 tunnel_bytes.add_metric([host, "received"], s.tunnel_bytes_received)
             for reason, n in sorted(s.intercept_failures.items()):
                 intercept_failures.add_metric([host, reason], n)
-        yield from (requests, errors, connections, dns_cache, body, outcomes, seconds, tunnel_bytes)
+        yield from (
+            requests,
+            errors,
+            grpc,
+            connections,
+            dns_cache,
+            body,
+            outcomes,
+            seconds,
+            tunnel_bytes,
+        )
         yield intercept_failures
 
 

@@ -73,8 +73,11 @@ class H2Response:
     version = HTTP2
     connection = None  # no aiohttp connection: the stream's idle timer is ours
 
-    def __init__(self, client: H2Client, stream_id: int, head: core.Head, body: BodyReader) -> None:
+    def __init__(
+        self, client: H2Client, stream_id: int, head: core.Head, pending: _Pending
+    ) -> None:
         self._client = client
+        self._pending = pending
         self._stream_id = stream_id
         status = b"0"
         raw: list[tuple[bytes, bytes]] = []
@@ -89,11 +92,15 @@ class H2Response:
         self.headers = CIMultiDictProxy(
             CIMultiDict((n.decode("latin-1"), v.decode("utf-8", "surrogateescape")) for n, v in raw)
         )
-        self.content = body
-        self.trailers: Fields = ()
+        self.content = pending.body
         transport = client.transport
         peer = transport.get_extra_info("peername") if transport is not None else None
         self.peer = (str(peer[0]), int(peer[1])) if peer else None
+
+    @property
+    def trailers(self) -> Fields:
+        """The trailer fields, once the stream has ended with them (RFC 9113 §8.1)."""
+        return self._pending.trailers
 
     def release(self) -> None:
         """Done with the response: a stream not yet at its end is cancelled."""
@@ -108,12 +115,14 @@ class H2Response:
 
 
 class _Pending:
-    __slots__ = ("body", "head", "idle", "response")
+    """One stream's state; its events may all arrive before the caller resumes."""
+
+    __slots__ = ("body", "head", "idle", "trailers")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, body: BodyReader) -> None:
         self.head: asyncio.Future[core.Head] = loop.create_future()
         self.body = body
-        self.response: H2Response | None = None
+        self.trailers: Fields = ()
         self.idle: asyncio.TimerHandle | None = None
 
 
@@ -168,11 +177,12 @@ class H2Client(H2Connection):
             if pump is not None and not pending.head.done():
                 pump.cancel()
         timings.response_at = perf_counter()
-        response = pending.response = H2Response(self, sid, head, pending.body)
+        response = H2Response(self, sid, head, pending)
         if head.end:
-            pending.body.feed_eof()
+            if not pending.body.is_eof():
+                pending.body.feed_eof()
             self._finish(sid)
-        else:
+        elif sid in self._streams:  # not ended while we waited to resume
             self._arm(sid, pending)
         return response
 
@@ -203,8 +213,7 @@ class H2Client(H2Connection):
             if not pending.head.done():
                 pending.head.set_result(event)
         elif isinstance(event, core.Trailers):
-            if pending.response is not None:
-                pending.response.trailers = event.fields
+            pending.trailers = event.fields
         elif isinstance(event, core.End):
             if pending.head.done() and not pending.body.is_eof():
                 pending.body.feed_eof()
@@ -422,10 +431,14 @@ class H2Upstream:
         self._http1[(url.raw_host or "", url.port or 443)] = monotonic() + self._remember
 
     async def close(self) -> None:
-        for clients in self._clients.values():
-            for client in clients:
-                client.close()
+        """Close every connection and wait (bounded) until each has handed its slot back:
+        the session's connector must not see a transport that is half gone."""
+        clients = [client for clients in self._clients.values() for client in clients]
         self._clients.clear()
+        for client in clients:
+            client.close()
+        if clients:
+            await asyncio.wait([client.closed for client in clients], timeout=1.0)
 
     def __repr__(self) -> str:
         return f"<H2Upstream origins={len(self._clients)} http1_only={len(self._http1)}>"

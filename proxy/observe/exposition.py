@@ -196,6 +196,12 @@ HOST_FAMILIES: Final[tuple[_HostFamily, ...]] = (
         lambda s: (((e,), n) for e, n in sorted(s.errors.items())),
     ),
     _HostCounter(
+        "proxy_upstream_grpc",
+        "gRPC calls by the grpc-status the upstream answered (the 17 codes).",
+        ("code",),
+        lambda s: (((c,), n) for c, n in sorted(s.grpc.items())),
+    ),
+    _HostCounter(
         "proxy_upstream_connections",
         "Upstream connection acquisitions, new or reused from the pool.",
         ("kind",),

@@ -32,6 +32,7 @@ from prometheus_client.registry import Collector
 
 from proxy import __version__
 from proxy.observe.metrics import method_label
+from proxy.rules.headers import rpc_method
 
 if TYPE_CHECKING:
     from proxy.observe.outcome import Outcome
@@ -237,9 +238,18 @@ class SpanRecorder:
         if error is not None:
             attributes["error.type"] = error
         add_peer(attributes, outcome.peer)
+        name = method
+        rpc = rpc_method(target.raw_path) if outcome.grpc_status is not None else None
+        if rpc is not None:
+            # OpenTelemetry RPC semantic conventions: the span is named service/method.
+            name = f"{rpc[0]}/{rpc[1]}"
+            attributes["rpc.system"] = "grpc"
+            attributes["rpc.service"] = rpc[0]
+            attributes["rpc.method"] = rpc[1]
+            attributes["rpc.grpc.status_code"] = outcome.grpc_status or 0
         self.queue.add(
             SpanRecord(
-                method,
+                name,
                 trace.trace_id,
                 trace.span_id,
                 trace.parent_id,

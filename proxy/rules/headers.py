@@ -206,3 +206,18 @@ def needs_http2(raw: RawHeaders) -> bool:
         name.lower() == b"content-type" and value.lower().startswith(b"application/grpc")
         for name, value in raw
     )
+
+
+def grpc_status(raw: RawHeaders) -> int | None:
+    """The ``grpc-status`` of a gRPC response's trailers (or trailers-only head), if valid."""
+    for name, value in raw:
+        if name.lower() == b"grpc-status":
+            text = value.strip()
+            return int(text) if text.isdigit() and len(text) <= 3 else None
+    return None
+
+
+def rpc_method(path: str) -> tuple[str, str] | None:
+    """(service, method) of a gRPC path ``/package.Service/Method``, None for anything else."""
+    service, slash, method = path.removeprefix("/").partition("/")
+    return (service, method) if path.startswith("/") and slash and service and method else None

@@ -371,8 +371,11 @@ class Forwarder:
                 up.close()
                 return response
             outcome.bytes_out += len(chunk)
-        if isinstance(up, H2Response) and up.trailers:
-            relay_trailers(request, up.trailers, self._rid_key)
+        if isinstance(up, H2Response):
+            # gRPC's status: in the trailers, or in the head of a trailers-only answer.
+            outcome.grpc_status = headers.grpc_status(up.trailers or up.raw_headers)
+            if up.trailers:
+                relay_trailers(request, up.trailers, self._rid_key)
         await response.write_eof()
         return response
 
