@@ -98,8 +98,11 @@ def check_upstream(up: Upstream) -> InvalidResponse | None:
     client parser is lenient, so this is where RFC 9110/9112 are held (proxy.rules.response).
     An HTTP/2 head (its version checked by h2) is held to the same field rules.
     """
-    version = up.version
-    key = (version.major, version.minor) if version is not None and version.major == 1 else (1, 1)
+    if isinstance(up, H2Response):
+        key = (1, 1)  # h2 checked the framing and version; the field rules are the same
+    else:
+        version = up.version
+        key = (version.major, version.minor) if version is not None else (1, 1)
     return response_rules.check(key, up.status, up.reason, up.raw_headers)
 
 
