@@ -7,7 +7,9 @@ import contextlib
 import hashlib
 import json
 import signal
+import socket
 import ssl
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +20,9 @@ import httpx
 import pytest
 import requests
 import trustme
+import websockets
+import websockets.asyncio.client
+import websockets.asyncio.server
 
 from benchmarks.procfs import rss_mb
 from proxy.rules.connect import ConnectMode, Opening, classify_opening, connect_mode
@@ -764,3 +769,152 @@ async def test_drain_closes_an_idle_intercepted_connection_at_once(
     finally:
         draining.cancel()
         tunnel.writer.close()
+
+
+# -- every way a stream inside a CONNECT ends, ends the CONNECT --------------------------------
+
+
+async def _echo_until_bye(connection: websockets.asyncio.server.ServerConnection) -> None:
+    """Echo each message; on "bye" the origin closes the WebSocket itself."""
+    async for message in connection:
+        if message == "bye":
+            await connection.close()
+            return
+        await connection.send(message)
+
+
+@contextlib.asynccontextmanager
+async def ws_server(context: ssl.SSLContext | None = None) -> AsyncIterator[int]:
+    """A WebSocket origin (the websockets library), over TLS with ``context``; yields its port."""
+    async with websockets.asyncio.server.serve(
+        _echo_until_bye, "127.0.0.1", 0, compression=None, ssl=context
+    ) as server:
+        yield next(iter(server.sockets)).getsockname()[1]
+
+
+# How a WebSocket inside a CONNECT can end.
+WS_ENDINGS = ["client_closes", "origin_closes", "client_resets"]
+
+
+async def _websocket_once(
+    url: str, proxy_url: str, ending: str, context: ssl.SSLContext | None = None
+) -> None:
+    """One WebSocket through the proxy: an echo, then the end named by ``ending``."""
+    async with websockets.asyncio.client.connect(
+        url, proxy=proxy_url, ssl=context, compression=None, open_timeout=10, close_timeout=2
+    ) as ws:
+        await ws.send("hello")
+        assert await asyncio.wait_for(ws.recv(), 10) == "hello"
+        if ending == "origin_closes":
+            await ws.send("bye")
+            with pytest.raises(websockets.ConnectionClosed):
+                await asyncio.wait_for(ws.recv(), 10)
+        elif ending == "client_resets":
+            sock = ws.transport.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            ws.transport.abort()
+
+
+@pytest.mark.parametrize("ending", WS_ENDINGS)
+async def test_websocket_inside_connect_never_releases_the_connect(
+    start_proxy: StartProxy, logs: LogCapture, ending: str
+) -> None:
+    """Four ws:// WebSockets in turn through CONNECT host:port (--max-client-connections 3):
+    each end writes the CONNECT's tunnel line and gives its connection back."""
+    async with ws_server() as port:
+        proxy = await start_proxy(connect_http_ports=(port,), max_client_connections=3)
+        for count in range(1, 5):
+            await _websocket_once(f"ws://127.0.0.1:{port}/", proxy.url, ending)
+            await logs.wait_for("tunnel", count)
+        await until(lambda: proxy.sample("proxy_client_connections_open") == 0)
+    assert [line["outcome"] for line in logs.events("tunnel")] == ["http"] * 4
+    assert len(logs.events("websocket")) == 4
+    assert proxy.sample("proxy_client_connections_rejected_total") == 0
+
+
+@pytest.mark.parametrize("ending", WS_ENDINGS)
+async def test_intercepted_websocket_never_releases_the_connect(
+    start_proxy: StartProxy,
+    ca_files: CAFiles,
+    tls_ca: trustme.CA,
+    tls_ca_file: str,
+    logs: LogCapture,
+    ending: str,
+) -> None:
+    """Four wss:// WebSockets in turn through interception (--max-client-connections 3): each
+    end writes the CONNECT's tunnel line and gives its connection back."""
+    async with ws_server(server_context(tls_ca, "localhost")) as port:
+        proxy = await start_proxy(
+            intercept=("localhost",),
+            ca_cert=ca_files.cert,
+            ca_key=ca_files.key,
+            upstream_ca_file=tls_ca_file,
+            connect_ports=(port,),
+            max_client_connections=3,
+        )
+        for count in range(1, 5):
+            await _websocket_once(
+                f"wss://localhost:{port}/", proxy.url, ending, ca_files.client_context()
+            )
+            await logs.wait_for("tunnel", count)
+        await until(lambda: proxy.sample("proxy_client_connections_open") == 0)
+    assert [line["outcome"] for line in logs.events("tunnel")] == ["intercepted"] * 4
+    assert len(logs.events("websocket")) == 4
+    assert proxy.sample("proxy_client_connections_rejected_total") == 0
+
+
+async def _read_response(reader: asyncio.StreamReader) -> bytes:
+    """One response with a Content-Length body, head and body as they came."""
+    head = await asyncio.wait_for(read_head(reader), 10)
+    length = next(
+        int(line.partition(b":")[2])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    return head + await asyncio.wait_for(reader.readexactly(length), 30)
+
+
+@pytest.mark.parametrize("closer", ["client", "proxy"])
+@pytest.mark.parametrize("scheme", ["https", "http"])
+async def test_served_connect_line_shows_no_bytes_and_no_closer(
+    start_proxy: StartProxy,
+    ca_files: CAFiles,
+    tls_ca_file: str,
+    secure_origin: TLSOrigin,
+    origin: Origin,
+    logs: LogCapture,
+    scheme: str,
+    closer: str,
+) -> None:
+    """5 MiB up and 5 MiB down inside an intercepted (or plain HTTP) CONNECT: its tunnel line
+    counts every byte the client sent and received on the stream, and names who closed."""
+    authority = secure_origin.authority if scheme == "https" else origin.authority
+    proxy = await start_proxy(
+        intercept=("127.0.0.1",),
+        ca_cert=ca_files.cert,
+        ca_key=ca_files.key,
+        upstream_ca_file=tls_ca_file,
+        connect_ports=(secure_origin.port,),
+        connect_http_ports=(origin.port,),
+    )
+    tunnel = await open_tunnel(proxy.url, authority)
+    if scheme == "https":
+        await tunnel.writer.start_tls(ca_files.client_context(), server_hostname="127.0.0.1")
+    body = pattern(5 * MIB, seed=9)
+    upload = (
+        f"POST /echo HTTP/1.1\r\nHost: {authority}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    # Connection: close on the last request: the proxy ends the stream after its answer.
+    download = _get(authority, f"/stream?size={5 * MIB}&cl=1", close=closer == "proxy")
+    tunnel.writer.write(upload)
+    received = await _read_response(tunnel.reader)
+    tunnel.writer.write(download)
+    received += await _read_response(tunnel.reader)
+    if closer == "proxy":
+        assert await asyncio.wait_for(tunnel.reader.read(), 10) == b""
+    tunnel.writer.close()
+    (line,) = await logs.wait_for("tunnel")
+    assert line["outcome"] == ("intercepted" if scheme == "https" else "http")
+    assert (line["bytes_in"], line["bytes_out"]) == (len(upload) + len(download), len(received))
+    assert line["closed_by"] == closer

@@ -179,7 +179,7 @@ class Inspector:
         inner = server_protocol.open_inner(InnerStream(origin, record.request_id))
         handover.attach(inner, transport, early)
         transport.resume_reading()
-        await handover.closed
+        await _served(handover, record)
 
     async def _intercept(
         self,
@@ -218,7 +218,7 @@ class Inspector:
         inner = server_protocol.open_inner(InnerStream(origin, record.request_id))
         handover.attach(inner, tls, b"")
         record.served = "intercepted"
-        await handover.closed
+        await _served(handover, record)
 
     def _rejected(self, record: TunnelRecord, exc: BaseException) -> None:
         reason = failure_reason(exc)
@@ -231,6 +231,15 @@ class Inspector:
 
     def __repr__(self) -> str:
         return f"<Inspector {self._contexts!r} {self._policy!r}>"
+
+
+async def _served(handover: HandOver, record: TunnelRecord) -> None:
+    """Wait for the end of a stream the proxy serves; its bytes and closer go on the record."""
+    try:
+        await handover.closed
+    finally:
+        record.bytes_in, record.bytes_out = handover.received, handover.sent
+        record.closed_by = handover.closed_by
 
 
 async def _replay(

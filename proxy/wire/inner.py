@@ -11,8 +11,9 @@ aiohttp closes the connection under the stream (tls-facts, Q1).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 from aiohttp.http import WebSocketReader
 from aiohttp.web_protocol import RequestHandler
@@ -87,10 +88,16 @@ class Opener(asyncio.Protocol):
 
 
 class HandOver(asyncio.Protocol):
-    """The stream's protocol: events go to the inner handler once attached, buffered until then.
+    """The stream's protocol for its whole life: events go to the inner handler once attached,
+    buffered until then, and to whoever takes the stream over after it.
 
     Buffering matters for TLS: the handshake's last flight can carry the first request,
     which reaches this protocol before ``loop.start_tls`` has returned (tls-facts, Q1).
+    The inner handler sees a ``StreamTransport``: a WebSocket's relay that takes the stream
+    over after its 101 replaces the protocol behind this one, so the end of the stream still
+    reaches the CONNECT's handler, however it comes. ``received`` and ``sent`` count the
+    stream's bytes as the proxy read and wrote them (decrypted, for TLS); ``closed_by`` says
+    who ended it first: ``client`` (EOF, close or reset) or ``proxy``.
     """
 
     def __init__(self, server_protocol: asyncio.BaseProtocol) -> None:
@@ -98,26 +105,40 @@ class HandOver(asyncio.Protocol):
         self._inner: asyncio.Protocol | None = None
         self._pending: list[bytes] = []
         self._eof = False
+        self.received = 0
+        self.sent = 0
+        self.closed_by: str | None = None
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def attach(self, inner: asyncio.Protocol, transport: asyncio.Transport, early: bytes) -> None:
         """Start ``inner`` on ``transport`` and give it ``early`` plus what was buffered."""
-        inner.connection_made(transport)
+        inner.connection_made(StreamTransport(transport, self))
         self._inner = inner
         for chunk in (early, *self._pending):
             if chunk:
+                self.received += len(chunk)
                 inner.data_received(chunk)
         self._pending.clear()
         if self._eof:
             inner.eof_received()
 
+    def take_over(self, protocol: asyncio.Protocol) -> None:
+        """From now on ``protocol`` gets the stream's events (``StreamTransport.set_protocol``)."""
+        self._inner = protocol
+
+    @property
+    def inner(self) -> asyncio.Protocol | None:
+        return self._inner
+
     def data_received(self, data: bytes) -> None:
         if self._inner is None:
             self._pending.append(data)
         else:
+            self.received += len(data)
             self._inner.data_received(data)
 
     def eof_received(self) -> bool | None:
+        self.ended("client")
         if self._inner is None:
             self._eof = True
             return True
@@ -131,10 +152,16 @@ class HandOver(asyncio.Protocol):
         if self._inner is not None:
             self._inner.resume_writing()
 
+    def ended(self, by: str) -> None:
+        """``by`` ended the stream, unless someone did already."""
+        if self.closed_by is None:
+            self.closed_by = by
+
     def connection_lost(self, exc: Exception | None) -> None:
         """Also called by the proxy itself after a failed handshake; runs once."""
         if self.closed.done():
             return
+        self.ended("client")  # unless the proxy closed it first, the client went away
         try:
             if self._inner is not None:
                 self._inner.connection_lost(exc)
@@ -143,4 +170,77 @@ class HandOver(asyncio.Protocol):
             self.closed.set_result(None)
 
     def __repr__(self) -> str:
-        return f"<HandOver inner={self._inner!r} closed={self.closed.done()}>"
+        return (
+            f"<HandOver inner={self._inner!r} received={self.received} sent={self.sent} "
+            f"closed_by={self.closed_by}>"
+        )
+
+
+class StreamTransport(asyncio.Transport):
+    """The stream's transport as the handlers on it see it: the real one, with its writes
+    counted, its close attributed, and its protocol kept behind the ``HandOver``."""
+
+    __slots__ = ("_handover", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, handover: HandOver) -> None:
+        super().__init__()
+        self._transport = transport
+        self._handover = handover
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self._handover.sent += len(data)
+        self._transport.write(data)
+
+    def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
+        chunks = list(list_of_data)
+        self._handover.sent += sum(len(chunk) for chunk in chunks)
+        self._transport.writelines(chunks)
+
+    def close(self) -> None:
+        self._handover.ended("proxy")
+        self._transport.close()
+
+    def abort(self) -> None:
+        self._handover.ended("proxy")
+        self._transport.abort()
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._handover.take_over(cast(asyncio.Protocol, protocol))
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        inner = self._handover.inner
+        assert inner is not None  # this transport exists only once a handler is attached
+        return inner
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._transport.get_extra_info(name, default)
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def is_reading(self) -> bool:
+        return self._transport.is_reading()
+
+    def pause_reading(self) -> None:
+        self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._transport.resume_reading()
+
+    def can_write_eof(self) -> bool:
+        return self._transport.can_write_eof()
+
+    def write_eof(self) -> None:
+        self._transport.write_eof()
+
+    def get_write_buffer_size(self) -> int:
+        return self._transport.get_write_buffer_size()
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return self._transport.get_write_buffer_limits()
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self._transport.set_write_buffer_limits(high, low)
+
+    def __repr__(self) -> str:
+        return f"<StreamTransport {self._transport!r} sent={self._handover.sent}>"

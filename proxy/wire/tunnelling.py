@@ -145,7 +145,10 @@ class TunnelRecord:
     """What happened to one CONNECT; filled in by the tunneller as it goes."""
 
     __slots__ = (
+        "bytes_in",
+        "bytes_out",
         "client",
+        "closed_by",
         "duration",
         "error",
         "exc",
@@ -185,6 +188,10 @@ class TunnelRecord:
         self.exc: BaseException | None = None
         self.relay: Relay | None = None  # set once the 200 is out
         self.served: str | None = None  # the outcome of a stream the proxy read itself
+        # A stream the proxy served itself: what the client sent and received on it, who ended it.
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.closed_by: str | None = None
         self.duration = 0.0
         self.trace = trace  # only when spans are exported
         self.peer: tuple[str, int] | None = None  # the address dialled, for the span
@@ -228,7 +235,7 @@ class TunnelObserver:
         outcome = record.outcome
         stats.tunnels[outcome] = stats.tunnels.get(outcome, 0) + 1
         relay = record.relay
-        sent = received = 0
+        sent, received, closed_by = record.bytes_in, record.bytes_out, record.closed_by
         error: str | None = None
         exc = record.exc
         if record.error is not None:
@@ -237,6 +244,7 @@ class TunnelObserver:
         if relay is not None:
             self._metrics.tunnels_open -= 1
             sent, received = relay.received["client"], relay.received["upstream"]
+            closed_by = relay.closed_by
             stats.tunnel_seconds.observe(record.duration, ids)
             stats.tunnel_bytes_sent += sent
             stats.tunnel_bytes_received += received
@@ -254,7 +262,7 @@ class TunnelObserver:
             target=record.target.authority,
             status=record.status,
             outcome=outcome,
-            closed_by=relay.closed_by if relay is not None else None,
+            closed_by=closed_by,
             dns_ms=milliseconds(t.dns),
             connect_ms=milliseconds(t.connect),
             duration_ms=milliseconds(record.duration),
