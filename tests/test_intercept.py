@@ -918,3 +918,33 @@ async def test_served_connect_line_shows_no_bytes_and_no_closer(
     assert line["outcome"] == ("intercepted" if scheme == "https" else "http")
     assert (line["bytes_in"], line["bytes_out"]) == (len(upload) + len(download), len(received))
     assert line["closed_by"] == closer
+
+
+async def _child_lines(child: Child, event: str, count: int = 1) -> list[dict[str, Any]]:
+    """The child proxy's ``event`` lines once ``count`` have come (its log is flushed in batches)."""
+    for _ in range(1000):
+        found = [line for line in child.lines if line.get("event") == event]
+        if len(found) >= count:
+            return found
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"expected {count} {event} lines, got {child.lines}")
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+async def test_origin_closing_an_intercepted_websocket_logs_a_traceback(
+    ca_files: CAFiles, tls_ca: trustme.CA, tls_ca_file: str, loop: str
+) -> None:
+    """A wss origin ends an intercepted WebSocket: TLS has no half-close, so the client side is
+    closed; the relay ends as closed by the upstream, and nothing is logged as an error."""
+    async with (
+        ws_server(server_context(tls_ca, "localhost")) as port,
+        intercepting_cli(
+            ca_files, tls_ca_file, TLSOrigin("127.0.0.1", port), "--event-loop", loop
+        ) as running,
+    ):
+        url = f"wss://localhost:{port}/"
+        await _websocket_once(url, running.proxy, "origin_closes", ca_files.client_context())
+        (relayed,) = await _child_lines(running, "websocket")
+        await _child_lines(running, "tunnel")
+    assert (relayed["outcome"], relayed["closed_by"]) == ("closed", "upstream")
+    assert [line for line in running.lines if line.get("level") == "error"] == []
