@@ -921,7 +921,7 @@ async def test_served_connect_line_shows_no_bytes_and_no_closer(
 
 
 async def _child_lines(child: Child, event: str, count: int = 1) -> list[dict[str, Any]]:
-    """The child proxy's ``event`` lines once ``count`` have come (its log is flushed in batches)."""
+    """The child proxy's ``event`` lines once ``count`` have come (its log comes in batches)."""
     for _ in range(1000):
         found = [line for line in child.lines if line.get("event") == event]
         if len(found) >= count:
@@ -947,4 +947,37 @@ async def test_origin_closing_an_intercepted_websocket_logs_a_traceback(
         (relayed,) = await _child_lines(running, "websocket")
         await _child_lines(running, "tunnel")
     assert (relayed["outcome"], relayed["closed_by"]) == ("closed", "upstream")
+    assert [line for line in running.lines if line.get("level") == "error"] == []
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+async def test_stalled_handshake_is_counted_as_closed(
+    ca_files: CAFiles, tls_ca_file: str, secure_origin: TLSOrigin, loop: str
+) -> None:
+    """A client that sends its ClientHello and then nothing: at --request-header-timeout the
+    handshake is given up, counted and logged as a timeout."""
+    async with (
+        intercepting_cli(
+            ca_files,
+            tls_ca_file,
+            secure_origin,
+            "--event-loop",
+            loop,
+            "--request-header-timeout",
+            "0.5",
+        ) as running,
+        aiohttp.ClientSession() as session,
+    ):
+        authority = f"localhost:{secure_origin.port}"
+        tunnel = await open_tunnel(running.proxy, authority)
+        assert tunnel.status == 200
+        tunnel.writer.write(MemoryTLS(ca_files.client_context(), "localhost").client_hello())
+        while await asyncio.wait_for(tunnel.reader.read(65536), 10):
+            pass  # the server's flight, unanswered; then the proxy gives up
+        tunnel.writer.close()
+        (line,) = await _child_lines(running, "tunnel")
+        text = await (await session.get(running.metrics)).text()
+    assert line["outcome"] == "tls_failed"
+    failures = f'proxy_intercept_failures_total{{host="{authority}",reason="timeout"}} 1.0'
+    assert failures in text, [x for x in text.splitlines() if "intercept_failures" in x]
     assert [line for line in running.lines if line.get("level") == "error"] == []

@@ -40,6 +40,8 @@ _REJECTIONS: Final = {
 REJECTION_REASONS: Final = frozenset(_REJECTIONS.values())
 # Loop turns to wait for start_tls to swap its protocol in: it does so on its first step.
 _SWAP_WAIT_STEPS: Final = 8
+# Seconds past --request-header-timeout before the loop's own handshake timer would fire.
+_HANDSHAKE_BACKSTOP: Final = 1.0
 _SPLICED_KEPT: Final = 4096  # hosts remembered at once; a scan of names cannot grow it further
 
 
@@ -199,12 +201,14 @@ class Inspector:
                 handover,
                 self._contexts(target.host),
                 server_side=True,
-                ssl_handshake_timeout=self._head_timeout,
+                # A backstop only: its ConnectionAbortedError does not say it was a timeout.
+                ssl_handshake_timeout=self._head_timeout + _HANDSHAKE_BACKSTOP,
             )
         )
         try:
-            await _replay(transport, opener, early, start)
-            tls = await start
+            async with asyncio.timeout(self._head_timeout):
+                await _replay(transport, opener, early, start)
+                tls = await start
             assert tls is not None  # None only for a transport that has no TLS to start
         except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
             self._rejected(record, exc)
