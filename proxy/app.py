@@ -91,6 +91,13 @@ NOT_A_PROXY_REQUEST: Final = ProxyError(
 BAD_TARGET: Final = ProxyError(400, "http_request_error", "")
 SHUTTING_DOWN: Final = ProxyError(503, "proxy_internal_response", "the proxy is shutting down")
 ORIGIN_FORM: Final = "origin_form"  # the proxy_denied_total reason of NOT_A_PROXY_REQUEST
+# RFC 9110 §9.3.6: CONNECT asks a proxy for a tunnel and carries no content. On the stream
+# inside a CONNECT the proxy serves the origin's side: a tunnel in a tunnel is not forwarded.
+NESTED_CONNECT: Final = ProxyError(
+    403,
+    "http_request_denied",
+    "CONNECT is not forwarded inside a CONNECT; send it to the proxy on a connection of its own",
+)
 # RFC 9110 §10.1.1: a server may answer 417 to an expectation it does not support.
 EXPECTATION_FAILED: Final = ProxyError(
     417, "http_request_error", "only Expect: 100-continue is supported"
@@ -260,6 +267,9 @@ class ProxyHandler:
                 if endpoint is not None:
                     return await endpoint(request)
             return self._reject(request, NOT_A_PROXY_REQUEST, ORIGIN_FORM)
+        if stream is not None and request.method == "CONNECT":
+            # Closed: what follows a CONNECT is not HTTP.
+            return self._reject(request, NESTED_CONNECT, "nested_connect", close=True)
         lifecycle = self.lifecycle
         if lifecycle.refusing:
             return self._reject(request, SHUTTING_DOWN, "shutting_down", close=True)

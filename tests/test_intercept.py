@@ -981,3 +981,32 @@ async def test_stalled_handshake_is_counted_as_closed(
     failures = f'proxy_intercept_failures_total{{host="{authority}",reason="timeout"}} 1.0'
     assert failures in text, [x for x in text.splitlines() if "intercept_failures" in x]
     assert [line for line in running.lines if line.get("level") == "error"] == []
+
+
+async def test_connect_inside_a_stream_is_forwarded_and_pooled(
+    start_proxy: StartProxy, raw_origin: Any, logs: LogCapture
+) -> None:
+    """A CONNECT sent on the stream of a CONNECT carries no content (RFC 9110 §9.3.6) and is
+    not forwarded: 403 with Proxy-Status, counted, logged, the stream closed, nothing dialled."""
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+    async def answer_all(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, state: Any
+    ) -> None:
+        while data := await reader.read(65536):
+            state.received.append(data)
+            writer.write(ok)
+
+    target = await raw_origin(answer_all)
+    proxy = await start_proxy(connect_http_ports=(target.port,))
+    authority = f"127.0.0.1:{target.port}"
+    nested = f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode()
+    answer = await _exchange_in_tunnel(proxy, authority, nested + b"tunnel bytes")
+    head = answer.partition(b"\r\n\r\n")[0].decode("latin-1")
+    assert head.startswith("HTTP/1.1 403 Forbidden\r\n")
+    assert "Proxy-Status: tracing-proxy; error=http_request_denied" in head
+    assert "Connection: close" in head
+    assert target.connections == 0
+    assert proxy.sample("proxy_denied_total", reason="nested_connect") == 1
+    (line,) = logs.events("rejected")
+    assert (line["method"], line["refused"], line["status"]) == ("CONNECT", "nested_connect", 403)
