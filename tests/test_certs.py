@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from proxy.tls.certs import (
+    CA_DAYS,
     CAError,
     CertificateAuthority,
     mint_leaf,
@@ -147,6 +148,17 @@ def test_contexts_are_cached_and_bounded(ca: CertificateAuthority) -> None:
     assert contexts.minted == 4
 
 
+def test_ca_expired_while_running_mints_a_leaf_that_cannot_verify(
+    ca: CertificateAuthority,
+) -> None:
+    """Past the CA's notAfter, minting raises CAError naming the expiry, not a bare ValueError."""
+    later = ca.cert.not_valid_after_utc + datetime.timedelta(seconds=1)
+    contexts = ServerContexts(ca, clock=lambda: later)
+    with pytest.raises(CAError, match="expired on"):
+        contexts("api.example")
+    assert contexts.minted == 0
+
+
 def test_leaf_is_reminted_near_its_expiry(ca: CertificateAuthority) -> None:
     """A cached leaf with less than a day left is replaced by a fresh one."""
     now = [datetime.datetime.now(datetime.UTC)]
@@ -174,6 +186,13 @@ def test_write_ca_refuses_to_overwrite(tmp_path: Path) -> None:
     assert key_path.read_bytes() == before
 
 
+def _dated_ca(days_ago: int) -> CertificateAuthority:
+    """A CA created ``days_ago`` days ago (negative: in the future)."""
+    return CertificateAuthority.create(
+        now=datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=days_ago)
+    )
+
+
 def _ca_files(tmp_path: Path) -> tuple[Path, Path]:
     return write_ca(str(tmp_path / "ca"))
 
@@ -189,6 +208,8 @@ def _ca_files(tmp_path: Path) -> tuple[Path, Path]:
         ("key_garbage", "ca_key", "no unencrypted PEM private key"),
         ("key_of_another_ca", "ca_key", "does not belong"),
         ("cert_is_a_leaf", "ca_cert", "not a CA"),
+        ("cert_expired", "ca_cert", "expired on"),
+        ("cert_not_yet_valid", "ca_cert", "not valid before"),
     ],
 )
 def test_bad_ca_names_the_setting_and_hides_the_key(
@@ -218,6 +239,10 @@ def test_bad_ca_names_the_setting_and_hides_the_key(
         ca = CertificateAuthority.load(str(cert_path), str(key_path))
         leaf = mint_leaf(ca, "h", ca.key)
         cert_path.write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    elif fault in ("cert_expired", "cert_not_yet_valid"):
+        days = CA_DAYS + 1 if fault == "cert_expired" else -1
+        cert_path, key_path = write_ca(str(tmp_path / "dated"), _dated_ca(days_ago=days))
+        secret = key_path.read_bytes()
     with pytest.raises(CAError) as info:
         CertificateAuthority.load(str(cert_path), str(key_path))
     assert info.value.setting == setting
