@@ -23,14 +23,14 @@ from proxy.observe.outcome import Observer
 from proxy.observe.spans import SpanRecorder
 from proxy.observe.tracing import trace_config
 from proxy.rules import errors, headers, policy
-from proxy.rules.connect import ConnectMode
+from proxy.rules.connect import HTTP1, ConnectMode
 from proxy.rules.errors import ProxyError
 from proxy.rules.hostpatterns import HostPatterns
 from proxy.rules.request_id import new_request_id
 from proxy.rules.target import TargetError, absolute_target, forward_target, inner_target
 from proxy.tls.certs import CertificateAuthority
-from proxy.tls.contexts import ServerContexts, upstream_context
-from proxy.tls.intercept import Inspector, InterceptPolicy
+from proxy.tls.contexts import upstream_context
+from proxy.tls.intercept import Inspector, InterceptPolicy, StreamServer, serve_http1
 from proxy.wire import obs_text
 from proxy.wire.forwarding import SKIP_AUTO_HEADERS, Forwarder, strip_added_defaults
 from proxy.wire.guard import CheckedConnector, CheckedResolver, ClientGate, Denial
@@ -102,6 +102,10 @@ NESTED_CONNECT: Final = ProxyError(
 EXPECTATION_FAILED: Final = ProxyError(
     417, "http_request_error", "only Expect: 100-continue is supported"
 )
+
+# What serves the stream inside a CONNECT, by protocol id, in the order the proxy prefers:
+# an intercepted client is offered these in ALPN (proxy.rules.connect.alpn_offer).
+STREAM_SERVERS: Final[dict[str, StreamServer]] = {HTTP1: serve_http1}
 
 # -- local endpoints: the same handlers on the admin listener and the proxy listener ----------
 
@@ -201,9 +205,10 @@ class ProxyHandler:
             splice_seconds=settings.intercept_splice_seconds,
         )
         self.inspector = Inspector(
-            ServerContexts(ca) if ca is not None else None,
+            ca,
             self.intercept,
             metrics,
+            servers=STREAM_SERVERS,
             head_limit=settings.max_request_target_length + _REQUEST_LINE_FRAME,
             head_timeout=settings.request_header_timeout,
         )
@@ -363,12 +368,12 @@ class ProxyHandler:
 
         async def inspect(
             request: web.BaseRequest, record: TunnelRecord, mode: ConnectMode
-        ) -> None:
+        ) -> bytes | None:
             lifecycle.leave()
             try:
-                await inspector(request, record, mode)
+                return await inspector(request, record, mode)
             finally:
-                lifecycle.enter()
+                lifecycle.enter()  # a splice that follows is in flight, as a tunnel is
 
         return inspect
 

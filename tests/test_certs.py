@@ -126,11 +126,36 @@ def test_another_ca_is_not_trusted(ca: CertificateAuthority) -> None:
         handshake(strict_client(CertificateAuthority.create()), ServerContexts(ca)("h"), "h")
 
 
-def test_server_offers_http11_only(ca: CertificateAuthority) -> None:
-    """ALPN: a client offering h2 and http/1.1 gets http/1.1 (aiohttp serves no HTTP/2)."""
+@pytest.mark.parametrize(
+    ("served", "offered", "selected"),
+    [
+        (("http/1.1",), ["h2", "http/1.1"], "http/1.1"),  # aiohttp's server: HTTP/1.1 only
+        (("h2", "http/1.1"), ["http/1.1", "h2"], "h2"),  # the server's order wins
+        (("http/1.1",), ["h2"], None),  # no overlap: OpenSSL agrees on nothing, silently
+    ],
+)
+def test_server_offers_what_it_serves(
+    ca: CertificateAuthority, served: tuple[str, ...], offered: list[str], selected: str | None
+) -> None:
+    """ALPN: the server context offers the protocols it was given, in its order."""
     client = strict_client(ca)
-    client.set_alpn_protocols(["h2", "http/1.1"])
-    assert handshake(client, ServerContexts(ca)("h"), "h").selected_alpn_protocol() == "http/1.1"
+    client.set_alpn_protocols(offered)
+    context = ServerContexts(ca, alpn=served)("h")
+    assert handshake(client, context, "h").selected_alpn_protocol() == selected
+
+
+def test_each_spelling_of_a_host_mints_its_own_leaf(ca: CertificateAuthority) -> None:
+    """Spellings of one IP or name share one leaf: the cache is keyed by what the leaf names."""
+    contexts = ServerContexts(ca)
+    loopback = ["::1", "[::1]", "0::1", "0:0::1", "::0001", "0:0:0:0:0:0:0:1", "0000::0:1"]
+    names = ["api.example", "API.example", "api.example.", "Api.Example."]
+    for spelling in loopback:
+        assert contexts(spelling) is contexts("::1")
+    for spelling in names:
+        assert contexts(spelling) is contexts("api.example")
+    assert contexts.minted == 2
+    client = strict_client(ca)
+    handshake(client, contexts("0:0::1"), "[::1]")  # the leaf names IP ::1
 
 
 def test_contexts_are_cached_and_bounded(ca: CertificateAuthority) -> None:

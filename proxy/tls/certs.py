@@ -211,6 +211,12 @@ def subject_alt_name(host: str) -> x509.GeneralName:
         return x509.DNSName(host.rstrip(".").lower())
 
 
+def leaf_name(host: str) -> str:
+    """``host`` as its leaf names it: an IP address in its compressed form (``[0:0::1]`` is
+    ``::1``), a name in lower case without a trailing dot. One leaf serves every spelling."""
+    return str(subject_alt_name(host).value)
+
+
 def mint_leaf(
     ca: CertificateAuthority,
     host: str,

@@ -1,10 +1,11 @@
-"""HTTP served on the stream inside a CONNECT: read its first bytes, then hand it to aiohttp.
+"""The stream inside a CONNECT: read its first bytes, then hand it to whoever serves it.
 
 After the proxy has answered a CONNECT itself, the client connection no longer belongs to
 the CONNECT's ``RequestHandler``. ``Opener`` reads the first bytes (to tell a TLS ClientHello
-from an HTTP/1.x request line) and stops reading; ``HandOver`` then carries every event to a
-second ``RequestHandler`` serving that stream, plain or over TLS, and the lost connection back
-to the first one. The CONNECT handler must keep awaiting ``HandOver.closed``: once it returns,
+from an HTTP/1.x request line, and to read the ClientHello whole) and stops reading;
+``HandOver`` then carries every event to the protocol serving that stream (a second
+``RequestHandler`` for HTTP/1.1, plain or over TLS), and the lost connection back to the
+first one. The CONNECT handler must keep awaiting ``HandOver.closed``: once it returns,
 aiohttp closes the connection under the stream (tls-facts, Q1).
 """
 
@@ -20,6 +21,13 @@ from aiohttp.web_protocol import RequestHandler
 from yarl import URL
 
 from proxy.rules.connect import Opening, classify_opening
+from proxy.rules.tls_hello import (
+    CLIENT_HELLO,
+    ClientHello,
+    HandshakeReader,
+    HelloError,
+    parse_client_hello,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,17 +42,26 @@ class InnerStream:
 
 
 class Opener(asyncio.Protocol):
-    """Collects a stream's first bytes until ``classify_opening`` can tell what they start.
+    """Collects a stream's first bytes until ``classify_opening`` can tell what they start,
+    and for TLS, when ``hello_limit`` is set, until the whole ClientHello has come.
+
+    The interception decision reads the client's ALPN offer, and no certificate is minted
+    for bytes that only look like TLS. A ClientHello may span several records and reads;
+    ``hello_limit`` bounds the bytes read for it. ``hello`` is then the parsed offer, or
+    the ``HelloError`` that stopped the reading.
 
     It is also the payload sink for ``RequestHandler.set_parser``, which flushes the bytes
     that arrived behind the CONNECT head (a client that did not wait for the 200).
     """
 
-    def __init__(self, transport: asyncio.Transport, limit: int) -> None:
+    def __init__(self, transport: asyncio.Transport, limit: int, hello_limit: int = 0) -> None:
         self._transport = transport
         self._limit = limit
+        self._hello_limit = hello_limit
+        self._handshake: HandshakeReader | None = None
         self._server_protocol: asyncio.BaseProtocol | None = None
         self.data = bytearray()
+        self.hello: ClientHello | HelloError | None = None
         self.opening: asyncio.Future[Opening] = asyncio.get_running_loop().create_future()
 
     def take_over(self, server_protocol: RequestHandler) -> None:
@@ -58,23 +75,48 @@ class Opener(asyncio.Protocol):
         if self.opening.done():
             return  # cannot happen: reading stops at the verdict
         self.data += data
+        if self._handshake is not None:
+            self._read_hello(data)
+            return
         verdict = classify_opening(bytes(self.data), self._limit)
-        if verdict is not None:
-            self._transport.pause_reading()  # the rest is for whoever serves the stream
-            self.opening.set_result(verdict)
+        if verdict is Opening.TLS and self._hello_limit:
+            self._handshake = HandshakeReader(self._hello_limit)
+            self._read_hello(bytes(self.data))
+        elif verdict is not None:
+            self._settle(verdict)
+
+    def _read_hello(self, data: bytes) -> None:
+        """Feed the handshake reader; settle once the first message is whole, or cannot be."""
+        assert self._handshake is not None
+        try:
+            if len(self.data) > self._hello_limit:
+                raise HelloError("too_large")
+            messages = self._handshake.feed(data)
+            if messages:
+                if messages[0].type != CLIENT_HELLO:
+                    raise HelloError("not_client_hello")
+                self.hello = parse_client_hello(messages[0].body)
+            elif self._handshake.stopped:  # a record other than handshake came first
+                raise HelloError("not_client_hello")
+            else:
+                return
+        except HelloError as exc:
+            self.hello = exc
+        self._settle(Opening.TLS)
 
     def eof_received(self) -> bool:
-        self._settle()
+        self._settle(Opening.OTHER)
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._settle()
+        self._settle(Opening.OTHER)
         if self._server_protocol is not None:  # its bookkeeping (connection count) ends too
             self._server_protocol.connection_lost(exc)
 
-    def _settle(self) -> None:
+    def _settle(self, verdict: Opening) -> None:
         if not self.opening.done():
-            self.opening.set_result(Opening.OTHER)
+            self._transport.pause_reading()  # the rest is for whoever serves the stream
+            self.opening.set_result(verdict)
 
     def feed_data(self, data: bytes) -> tuple[bool, bytes]:
         self.data_received(data)
