@@ -1080,62 +1080,64 @@ async def _intercepting_proxy(
     )
 
 
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
 async def test_h2_only_client_gets_no_alpn_and_hangs_up(
-    start_proxy: StartProxy,
-    ca_files: CAFiles,
-    tls_ca: trustme.CA,
-    tls_ca_file: str,
-    logs: LogCapture,
+    ca_files: CAFiles, tls_ca: trustme.CA, tls_ca_file: str, loop: str
 ) -> None:
     """A client offering only h2 (grpcio's ClientHello) is spliced: it reaches the TLS origin
     itself, agrees on h2 with it, and the proxy counts the splice and mints nothing."""
     context = server_context(tls_ca, "localhost")
     context.set_alpn_protocols(["h2", "http/1.1"])
-    async with alpn_origin(context) as port:
-        proxy = await _intercepting_proxy(start_proxy, ca_files, tls_ca_file, port)
+    async with (
+        alpn_origin(context) as port,
+        intercepting_cli(
+            ca_files, tls_ca_file, TLSOrigin("127.0.0.1", port), "--event-loop", loop
+        ) as running,
+        aiohttp.ClientSession() as session,
+    ):
         client = ssl.create_default_context(cafile=tls_ca_file)  # the origin's CA, not ours
         client.set_alpn_protocols(["h2"])
-        tunnel = await open_tunnel(proxy.url, f"localhost:{port}")
+        tunnel = await open_tunnel(running.proxy, f"localhost:{port}")
         assert tunnel.status == 200
         await tunnel.writer.start_tls(client, server_hostname="localhost")
         agreed = tunnel.writer.get_extra_info("ssl_object").selected_alpn_protocol()
         said = await asyncio.wait_for(tunnel.reader.read(), 10)
         tunnel.writer.close()
-        (line,) = await logs.wait_for("tunnel")
+        (line,) = await _child_lines(running, "tunnel")
+        text = await (await session.get(running.metrics)).text()
     assert (agreed, said) == ("h2", b"h2")
-    host = f"localhost:{port}"
-    assert proxy.sample("proxy_intercept_splices_total", host=host, reason="alpn") == 1
-    assert proxy.sample("proxy_intercept_certificates_minted_total") == 0
+    assert f'proxy_intercept_splices_total{{host="localhost:{port}",reason="alpn"}} 1.0' in text
+    assert "proxy_intercept_certificates_minted_total 0.0" in text
     assert line["outcome"] == "closed"
     assert line["bytes_out"] > 0  # the origin's own handshake came through the relay
 
 
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
 @pytest.mark.parametrize("when", ["during_handshake", "after_handshake"])
 async def test_client_that_hangs_up_without_an_alert_is_never_spliced(
-    intercepting: RunningProxy,
-    ca_files: CAFiles,
-    tls_ca_file: str,
-    secure_origin: TLSOrigin,
-    logs: LogCapture,
-    when: str,
+    ca_files: CAFiles, tls_ca_file: str, secure_origin: TLSOrigin, when: str, loop: str
 ) -> None:
     """A client that closes during our handshake, or right after it without a byte of a
     request (grpcio, with no alert), has refused us: counted, and its retry is spliced."""
     authority = f"localhost:{secure_origin.port}"
-    tls = MemoryTLS(ca_files.client_context(), "localhost")
-    tunnel = await open_tunnel(intercepting.url, authority, early=tls.client_hello())
-    assert tunnel.status == 200
-    if when == "after_handshake":
-        await tls.finish(tunnel.reader, tunnel.writer)
-    tunnel.writer.close()
-    (line,) = await logs.wait_for("tunnel")
+    async with (
+        intercepting_cli(ca_files, tls_ca_file, secure_origin, "--event-loop", loop) as running,
+        aiohttp.ClientSession() as session,
+    ):
+        tls = MemoryTLS(ca_files.client_context(), "localhost")
+        tunnel = await open_tunnel(running.proxy, authority, early=tls.client_hello())
+        assert tunnel.status == 200
+        if when == "after_handshake":
+            await tls.finish(tunnel.reader, tunnel.writer)
+        tunnel.writer.close()
+        (line,) = await _child_lines(running, "tunnel")
+        text = await (await session.get(running.metrics)).text()
+        # The retry trusts only the origin's CA: it works because it is spliced.
+        url = f"https://{authority}/echo"
+        code, out, err = await curl("--cacert", tls_ca_file, "-x", running.proxy, url)
     assert line["outcome"] == "tls_failed"  # never "intercepted": it carried no request
     reason = "closed" if when == "during_handshake" else "closed_before_request"
-    failures = intercepting.sample("proxy_intercept_failures_total", host=authority, reason=reason)
-    assert failures == 1
-    # The retry trusts only the origin's CA: it works because it is spliced.
-    url = f"https://{authority}/echo"
-    code, out, err = await curl("--cacert", tls_ca_file, "-x", intercepting.url, url)
+    assert f'proxy_intercept_failures_total{{host="{authority}",reason="{reason}"}} 1.0' in text
     assert code == 0, err
     assert json.loads(out)["target"] == "/echo"
 
