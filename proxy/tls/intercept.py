@@ -114,7 +114,8 @@ class InterceptPolicy:
         )
 
     def rejected(self, target: TunnelTarget) -> None:
-        """A client refused the minted certificate for ``target``: splice it for a while."""
+        """A client refused what we presented for ``target`` (or nothing could be minted):
+        splice the host for a while."""
         if self._splice_seconds <= 0:
             return
         if len(self._spliced) >= _SPLICED_KEPT:

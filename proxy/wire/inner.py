@@ -154,8 +154,8 @@ class HandOver(asyncio.Protocol):
 
     def attach(self, inner: asyncio.Protocol, transport: asyncio.Transport, early: bytes) -> None:
         """Start ``inner`` on ``transport`` and give it ``early`` plus what was buffered."""
-        inner.connection_made(StreamTransport(transport, self))
         self._inner = inner
+        inner.connection_made(StreamTransport(transport, self))
         for chunk in (early, *self._pending):
             if chunk:
                 self.received += len(chunk)
