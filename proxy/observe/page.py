@@ -116,24 +116,15 @@ def _difference(now: Counts, then: Counts) -> Counts:
 
 
 def host_view(
-    host: str,
-    stats: HostStats,
-    bounds: tuple[float, ...],
-    now: float,
-    since: float | None,
-    started: float,
+    host: str, stats: HostStats, bounds: tuple[float, ...], since: float | None, span: float
 ) -> HostView:
-    """``host`` from ``since`` (a step boundary) to ``now``, or since its label was made.
-
-    Rates are per second of the window, or of the time since ``started`` when that is
-    shorter (nothing was counted before).
-    """
+    """``host`` since ``since`` (a step boundary), or since its label was made; rates are
+    per second of ``span``."""
     current = stats.counts()
     if since is None or stats.live is None:
-        seen, span = current, math.nan  # no rates since an unknown moment
+        seen = current
     else:
         seen = _difference(current, stats.live.counts_at(since, current))
-        span = max(now - max(since, started), 1.0)
     return HostView(
         host,
         seen.requests,
@@ -160,6 +151,7 @@ class Snapshot:
     now: float  # the metrics clock
     wall: float  # time.time() at the same moment
     window: str
+    seconds: float  # what the rates are per: the window, or less just after a start
     hosts: list[HostView]
 
     def wall_time(self, at: float) -> float:
@@ -193,13 +185,19 @@ class LivePage:
         metrics = self._metrics
         metrics.expire_idle()  # what /metrics would show: no label past its ttl
         now = metrics.now()
-        since = window_start(now) if window == "minute" else None
+        if window == "minute":
+            start = window_start(now)
+            since: float | None = start
+            # Nothing was counted before the start: rates over the time since, if shorter.
+            seconds = max(now - max(start, self._started), 1.0)
+        else:
+            since, seconds = None, math.nan  # no rates since an unknown moment
         hosts = [
-            host_view(host, stats, metrics.buckets, now, since, self._started)
+            host_view(host, stats, metrics.buckets, since, seconds)
             for host, stats in metrics.hosts.items()
         ]
         hosts.sort(key=lambda h: (h.worst is None, -(h.worst or 0.0), h.host))
-        return Snapshot(now, time.time(), window, hosts)
+        return Snapshot(now, time.time(), window, seconds, hosts)
 
     def calls(self, host: str) -> tuple[list[Dot], list[Call]]:
         """The dots of the last ``DOT_SPAN`` seconds and the slowest calls of ``host``."""
@@ -245,6 +243,7 @@ class LivePage:
             {
                 "now": snap.wall,
                 "window": snap.window,
+                "seconds": _number(snap.seconds),
                 "hosts": [_host_json(h) for h in snap.hosts],
             }
         )
