@@ -105,11 +105,13 @@ def test_dots_and_failed_are_bounded_rings() -> None:
     """Past their size the oldest dots and failed calls go."""
     ring = Live()
     for i in range(live.DOTS + 5):
-        ring.add(float(i), 0.001, 200, None)
+        ring.add(float(i), i / 1000, 502, "connection_refused" if i % 2 else None)
     for i in range(live.FAILED + 5):
         ring.keep(call(float(i), 0.001, "connection_refused", request_id=f"f{i}"))
     assert len(ring.dots) == live.DOTS
-    assert ring.dots[0][0] == 5.0
+    assert list(ring.dots) == [
+        (float(i), i / 1000, 502, bool(i % 2)) for i in range(5, live.DOTS + 5)
+    ]
     assert ring.failed[0].request_id == "f5"
     assert len(ring.failed) == live.FAILED
 

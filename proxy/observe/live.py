@@ -6,7 +6,7 @@ that expires takes its rings with it. All of it is bounded:
 
 - the history: a snapshot of the host's counters and phase histograms at the first update
   after each ``STEP`` boundary, ``HISTORY`` of them (a minute and a step);
-- the dots: the last ``DOTS`` calls, as (time, total, status, error);
+- the dots: the last ``DOTS`` calls' time, total and status, in arrays (18 bytes a dot);
 - the slowest calls: two generations of ``SLOWEST`` each (min-heaps on the total), so a slow
   call stays listed for ``GENERATION`` to twice that;
 - the failed calls: the last ``FAILED``.
@@ -20,8 +20,9 @@ counters and histograms ``/metrics`` shows: the history only remembers what they
 from __future__ import annotations
 
 import heapq
+from array import array
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Final, NamedTuple
 
 STEP: Final = 5.0  # seconds between counter snapshots
@@ -36,13 +37,17 @@ FAILED: Final = 20
 
 
 class Counts(NamedTuple):
-    """A host's counters and phase histograms at one moment (``HostStats.counts``)."""
+    """A host's counters and phase histograms at one moment (``HostStats.counts``).
+
+    Arrays, not lists of ints: a snapshot is kept for a minute, and its counts would each be
+    an int object of their own (28 bytes, not 8) once they pass 256.
+    """
 
     requests: int
     tunnels: int
     errors: int
-    # Per ``proxy.observe.metrics.PHASES`` row, in its order: (bucket counts, sum).
-    phases: tuple[tuple[tuple[int, ...], float], ...]
+    buckets: array[int]  # each ``PHASES`` row's bucket counts in turn (not cumulative)
+    sums: array[float]  # each row's sum of observations
 
 
 class Call:
@@ -94,8 +99,46 @@ class Call:
         return f"<Call {self.method} {self.host} {self.status} {self.total:.6f}s {self.request_id}>"
 
 
-# A dot of the calls-over-time plot: (finished at, total seconds, status, error type).
-Dot = tuple[float, float, int, str | None]
+# A dot of the calls-over-time plot: (finished at, total seconds, status, failed).
+Dot = tuple[float, float, int, bool]
+
+
+class Dots:
+    """The last ``DOTS`` calls as three arrays written in turn (a ring); a failed call's
+    status is stored negated."""
+
+    __slots__ = ("_at", "_next", "_status", "_total")
+
+    def __init__(self) -> None:
+        self._at = array("d")
+        self._total = array("d")
+        self._status = array("h")
+        self._next = 0  # the slot the next call overwrites, once the arrays are full
+
+    def add(self, at: float, total: float, status: int, failed: bool) -> None:
+        code = -status if failed else status
+        i = self._next
+        if len(self._at) < DOTS:
+            self._at.append(at)
+            self._total.append(total)
+            self._status.append(code)
+            return
+        self._at[i] = at
+        self._total[i] = total
+        self._status[i] = code
+        self._next = (i + 1) % DOTS
+
+    def __len__(self) -> int:
+        return len(self._at)
+
+    def __iter__(self) -> Iterator[Dot]:
+        """Oldest first."""
+        order = [*range(self._next, len(self._at)), *range(self._next)]
+        at, total, status = self._at, self._total, self._status
+        return ((at[i], total[i], abs(status[i]), status[i] < 0) for i in order)
+
+    def __repr__(self) -> str:
+        return f"<Dots {len(self)}>"
 
 
 class Slowest:
@@ -148,7 +191,7 @@ class Live:
     def __init__(self) -> None:
         self._history: deque[tuple[int, Counts]] = deque(maxlen=HISTORY)
         self._step = -1
-        self.dots: deque[Dot] = deque(maxlen=DOTS)
+        self.dots = Dots()
         self.slowest = Slowest()
         self.failed: deque[Call] = deque(maxlen=FAILED)
 
@@ -167,7 +210,7 @@ class Live:
 
     def add(self, at: float, total: float, status: int, error: str | None) -> bool:
         """A finished call's dot; True when it should be kept in full (``keep``)."""
-        self.dots.append((at, total, status, error))
+        self.dots.add(at, total, status, error is not None)
         return self.slowest.admits(at, total) or error is not None
 
     def keep(self, call: Call) -> None:

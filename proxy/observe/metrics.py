@@ -7,6 +7,7 @@ is scraped.
 
 from __future__ import annotations
 
+from array import array
 from bisect import bisect_left
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -143,11 +144,13 @@ class HostStats:
 
     def counts(self) -> Counts:
         """The counters and phase histograms the live page rates and windows."""
+        histograms = [getattr(self, attr) for attr in PHASE_ATTRS]
         return Counts(
             sum(self.requests.values()),
             sum(self.tunnels.values()),
             sum(self.errors.values()),
-            tuple((tuple(h.counts), h.sum) for h in (getattr(self, a) for a in PHASE_ATTRS)),
+            array("q", [count for h in histograms for count in h.counts]),
+            array("d", [h.sum for h in histograms]),
         )
 
     def observe_dial(

@@ -16,6 +16,7 @@ import json
 import math
 import re
 import time
+from array import array
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from html import escape
@@ -108,10 +109,8 @@ def _difference(now: Counts, then: Counts) -> Counts:
         now.requests - then.requests,
         now.tunnels - then.tunnels,
         now.errors - then.errors,
-        tuple(
-            (tuple(a - b for a, b in zip(c1, c0, strict=True)), s1 - s0)
-            for (c1, s1), (c0, s0) in zip(now.phases, then.phases, strict=True)
-        ),
+        array("q", [a - b for a, b in zip(now.buckets, then.buckets, strict=True)]),
+        array("d", [a - b for a, b in zip(now.sums, then.sums, strict=True)]),
     )
 
 
@@ -125,6 +124,12 @@ def host_view(
         seen = current
     else:
         seen = _difference(current, stats.live.counts_at(since, current))
+    width = len(bounds) + 1  # each phase's buckets, +Inf included
+    phases = {}
+    for i, attr in enumerate(PHASE_ATTRS):
+        counts = seen.buckets[i * width : (i + 1) * width]
+        quantiles = (quantile(q, bounds, counts) for _, q in QUANTILES)
+        phases[attr] = PhaseView(sum(counts), seen.sums[i], *quantiles)
     return HostView(
         host,
         seen.requests,
@@ -133,14 +138,7 @@ def host_view(
         seen.requests / span,
         seen.tunnels / span,
         seen.errors / (seen.requests + seen.tunnels) if seen.requests + seen.tunnels else None,
-        {
-            attr: PhaseView(
-                sum(counts),
-                total,
-                *(quantile(q, bounds, counts) for _, q in QUANTILES),
-            )
-            for attr, (counts, total) in zip(PHASE_ATTRS, seen.phases, strict=True)
-        },
+        phases,
     )
 
 
@@ -260,8 +258,8 @@ class LivePage:
             {
                 "host": host,
                 "dots": [
-                    {"at": at + offset, "total": total, "status": status, "error": error}
-                    for at, total, status, error in dots
+                    {"at": at + offset, "total": total, "status": status, "failed": failed}
+                    for at, total, status, failed in dots
                 ],
                 "slowest": [_call_json(call, offset) for call in slow],
                 "failed": [_call_json(call, offset) for call in self.failed(host)],
@@ -348,9 +346,9 @@ def _link(**query: str | None) -> str:
     return escape("?" + urlencode({k: v for k, v in query.items() if v}))
 
 
-def _outcome(status: int, error: str | None) -> str:
+def _outcome(status: int, failed: bool) -> str:
     """The class a dot or a row is coloured by."""
-    if error is not None:
+    if failed:
         return "failed"
     return "5xx" if status >= 500 else "4xx" if status >= 400 else "ok"
 
@@ -464,11 +462,11 @@ def render_dots(snap: Snapshot, dots: list[Dot]) -> str:
         for i in range(6)
     ]
     circles = "".join(
-        f'<circle class="{_outcome(status, error)}" '
+        f'<circle class="{_outcome(status, failed)}" '
         f'cx="{_PAD + (_W - _PAD) * (at - start) / DOT_SPAN:.1f}" cy="{y(total):.1f}" r="3">'
-        f"<title>{_clock_text(snap.wall_time(at))} {status} {escape(error or '')} "
+        f"<title>{_clock_text(snap.wall_time(at))} {status}{' failed' if failed else ''} "
         f"{_ms(total)} ms</title></circle>"
-        for at, total, status, error in dots
+        for at, total, status, failed in dots
     )
     return (
         f'<svg class="dots" viewBox="0 -6 {_W + 24} {_H + 26}" role="img" '
@@ -484,7 +482,7 @@ def render_calls(snap: Snapshot, calls: Iterable[Call], *, with_host: bool) -> s
         path = call.path if len(call.path) <= PATH_CHARS else call.path[:PATH_CHARS] + "…"
         phases = "".join(f'<td class="num">{_ms(v)}</td>' for v in call.phases)
         rows.append(
-            f'<tr class="{_outcome(call.status, call.error)}">'
+            f'<tr class="{_outcome(call.status, call.error is not None)}">'
             f"<td>{_clock_text(snap.wall_time(call.at))}</td>{host}"
             f'<td class="id">{escape(call.request_id)}</td>'
             f'<td class="id">{escape(call.trace_id) if call.trace_id else UNKNOWN}</td>'
