@@ -186,26 +186,23 @@ class Slowest:
 class Live:
     """One host's history and rings; ``proxy.observe.metrics.Metrics`` makes one per label."""
 
-    __slots__ = ("_history", "_step", "dots", "failed", "slowest")
+    __slots__ = ("_history", "dots", "failed", "next_snapshot", "slowest")
 
     def __init__(self) -> None:
         self._history: deque[tuple[int, Counts]] = deque(maxlen=HISTORY)
-        self._step = -1
+        # Metrics.host() compares with this on every update, then calls snapshot().
+        self.next_snapshot = 0.0
         self.dots = Dots()
         self.slowest = Slowest()
         self.failed: deque[Call] = deque(maxlen=FAILED)
 
     # -- the request path -------------------------------------------------------------------
 
-    def due(self, now: float) -> bool:
-        """Whether ``now`` is in a step with no snapshot yet (``Metrics.host`` then takes one,
-        before the counters move)."""
-        return int(now // STEP) != self._step
-
     def snapshot(self, now: float, counts: Counts) -> None:
         """``counts`` are the counters at ``now``'s step boundary: nothing has changed them
-        since the last update, which came before that boundary."""
-        self._step = step = int(now // STEP)
+        since the last update, which came before that boundary (``next_snapshot``)."""
+        step = int(now // STEP)
+        self.next_snapshot = (step + 1) * STEP
         self._history.append((step, counts))
 
     def add(self, at: float, total: float, status: int, error: str | None) -> bool:

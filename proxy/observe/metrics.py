@@ -299,7 +299,7 @@ class Metrics:
         now = stats.last_used = self._clock()
         stats.version += 1
         live = stats.live
-        if live is not None and live.due(now):
+        if live is not None and now >= live.next_snapshot:
             live.snapshot(now, stats.counts())  # before the caller moves the counters
         return stats
 
