@@ -486,7 +486,7 @@ def render_calls(snap: Snapshot, calls: Iterable[Call], *, with_host: bool) -> s
             f"<td>{_clock_text(snap.wall_time(call.at))}</td>{host}"
             f'<td class="id">{escape(call.request_id)}</td>'
             f'<td class="id">{escape(call.trace_id) if call.trace_id else UNKNOWN}</td>'
-            f"<td>{escape(call.method)}</td><td class=path>{escape(path)}</td>"
+            f'<td>{escape(call.method)}</td><td class="path">{escape(path)}</td>'
             f'<td class="num">{call.status}</td><td>{escape(call.error or "")}</td>'
             f'{phases}<td class="num">{_ms(call.total)}</td></tr>'
         )
