@@ -32,20 +32,20 @@ def count(metrics: Metrics, host: str, error: str | None = None) -> None:
 
 
 @pytest.mark.parametrize(
-    ("q", "counts", "expected"),
+    ("q", "cumulative", "expected"),
     [
-        (0.5, (3, 7, 0), 0.1 + (0.3 - 0.1) * (2.0 / 7)),  # interpolated in the second bucket
-        (0.5, (10, 0, 0), 0.05),  # the first bucket starts at 0
+        (0.5, (3, 10, 10), 0.1 + (0.3 - 0.1) * (2.0 / 7)),  # interpolated in the second bucket
+        (0.5, (10, 10, 10), 0.05),  # the first bucket starts at 0
         (0.99, (0, 0, 5), 0.3),  # a rank in +Inf gives the largest finite bound
         (0.5, (0, 0, 0), None),  # no observations: Prometheus says NaN
-        (0.5, (5, 0, 5), 0.1),  # rank 5 is reached at the end of the first bucket
+        (0.5, (5, 5, 10), 0.1),  # rank 5 is reached at the end of the first bucket
     ],
 )
 def test_quantile_as_histogram_quantile(
-    q: float, counts: tuple[int, ...], expected: float | None
+    q: float, cumulative: tuple[int, ...], expected: float | None
 ) -> None:
     """The quantile interpolates within buckets the way histogram_quantile does."""
-    assert quantile(q, (0.1, 0.3), counts) == expected
+    assert quantile(q, (0.1, 0.3), cumulative) == expected
 
 
 def test_counts_at_a_boundary_are_those_before_the_first_update_after_it() -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import heapq
 from array import array
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Iterator, Sequence
 from typing import Final, NamedTuple
@@ -243,25 +244,21 @@ def window_start(now: float, seconds: float = WINDOW) -> float:
     return ((now - seconds) // STEP) * STEP
 
 
-def quantile(q: float, bounds: Sequence[float], counts: Sequence[int]) -> float | None:
+def quantile(q: float, bounds: Sequence[float], cumulative: Sequence[int]) -> float | None:
     """The ``q`` quantile of a histogram, as Prometheus' ``histogram_quantile`` computes it.
 
-    ``counts`` are per bucket (not cumulative), the last one +Inf. Linear interpolation
-    within the bucket the rank falls in, from 0 for the first bucket (bounds are positive:
-    ``proxy.config.parse_buckets``); a rank in +Inf gives the largest finite bound; no
-    observations give None (Prometheus: NaN). The arithmetic is done in the same order, so
-    the result is the same float.
+    ``cumulative`` are the bucket counts as ``/metrics`` shows them (each bucket holds those
+    below it), the last one +Inf. Linear interpolation within the bucket the rank falls in,
+    from 0 for the first bucket (bounds are positive: ``proxy.config.parse_buckets``); a rank
+    in +Inf gives the largest finite bound; no observations give None (Prometheus: NaN). The
+    arithmetic is done in the same order, so the result is the same float.
     """
-    cumulative: list[int] = []
-    running = 0
-    for count in counts:
-        running += count
-        cumulative.append(running)
-    if running == 0:
+    observations = cumulative[-1]
+    if observations == 0:
         return None
-    rank = q * running
-    # The first bucket whose cumulative count reaches the rank (+Inf is not searched).
-    b = next((i for i, c in enumerate(cumulative[:-1]) if c >= rank), len(bounds))
+    rank = q * observations
+    # The first bucket whose count reaches the rank (+Inf is not searched).
+    b = bisect_left(cumulative, rank, 0, len(bounds))
     if b == len(bounds):
         return bounds[-1]
     start, end, count = 0.0, bounds[b], cumulative[b]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import heapq
-import itertools
 import json
 import math
 import re
@@ -21,6 +20,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from html import escape
 from importlib import resources
+from itertools import accumulate, islice
 from typing import Any, Final
 from urllib.parse import urlencode
 
@@ -127,9 +127,9 @@ def host_view(
     width = len(bounds) + 1  # each phase's buckets, +Inf included
     phases = {}
     for i, attr in enumerate(PHASE_ATTRS):
-        counts = seen.buckets[i * width : (i + 1) * width]
-        quantiles = (quantile(q, bounds, counts) for _, q in QUANTILES)
-        phases[attr] = PhaseView(sum(counts), seen.sums[i], *quantiles)
+        cumulative = list(accumulate(seen.buckets[i * width : (i + 1) * width]))
+        quantiles = (quantile(q, bounds, cumulative) for _, q in QUANTILES)
+        phases[attr] = PhaseView(cumulative[-1], seen.sums[i], *quantiles)
     return HostView(
         host,
         seen.requests,
@@ -211,7 +211,7 @@ class LivePage:
         hosts = self._metrics.hosts
         chosen = hosts.values() if host is None else [hosts[host]] if host in hosts else []
         rings = (reversed(stats.live.failed) for stats in chosen if stats.live is not None)
-        return list(itertools.islice(heapq.merge(*rings, key=_newest_first), SHOWN_FAILED))
+        return list(islice(heapq.merge(*rings, key=_newest_first), SHOWN_FAILED))
 
     # -- serving --------------------------------------------------------------------------
 
