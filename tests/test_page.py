@@ -23,6 +23,7 @@ from PIL import Image
 from playwright.async_api import ConsoleMessage, Page, async_playwright
 
 from proxy.observe.metrics import PHASES
+from proxy.observe.page import SHOWN_HOSTS
 from tests.conftest import (
     Origin,
     RunningProxy,
@@ -446,3 +447,22 @@ async def test_page_in_chromium_shows_where_the_time_goes(
     share, colours = drawn_share(SCREENSHOT)
     assert share > 0.02, share
     assert colours > 50, colours
+
+
+async def test_page_table_shows_the_worst_hosts_and_says_how_many_more(
+    proxy: RunningProxy,
+) -> None:
+    """Past 100 hosts the table shows the 100 worst and names the rest; the JSON has all."""
+    metrics = proxy.server.metrics
+    for i in range(SHOWN_HOSTS + 7):
+        stats = metrics.host(f"host-{i:03d}.test")
+        stats.requests[("GET", "200")] = 1
+        stats.total.observe(i / 1000)
+    html = (await admin_get(proxy, "/"))[1]
+    rows = re.findall(r'<a href="\?window=minute&amp;host=(host-\d+\.test)">', html)
+    assert "And 7 more hosts: /api/hosts lists them all." in html
+    hosts = (await admin_json(proxy, "/api/hosts"))["hosts"]
+    assert rows == [h["host"] for h in hosts[:SHOWN_HOSTS]]
+    worst = [h["phases"]["total"]["p99"] for h in hosts]
+    assert worst == sorted(worst, reverse=True)
+    assert worst[0] > worst[-1]

@@ -8,6 +8,7 @@ and its script only swaps in a fresh copy every 2 s (one renderer, not a second 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import heapq
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from html import escape
 from importlib import resources
 from itertools import accumulate, islice
+from time import perf_counter
 from typing import Any, Final
 from urllib.parse import urlencode
 
@@ -57,6 +59,8 @@ HEADERS: Final = {
 WINDOWS: Final = ("minute", "all")  # the last minute, or since the host label was made
 QUANTILES: Final = (("p50", 0.5), ("p99", 0.99))
 SHOWN_FAILED: Final = 50  # the last failed calls across hosts on the page
+SHOWN_HOSTS: Final = 100  # rows of the page's hosts table (the JSON has every host)
+SLICE: Final = 0.001  # seconds reading the stats may hold the event loop at a time
 PATH_CHARS: Final = 200  # longer paths are cut on the page (the JSON has them whole)
 UNKNOWN: Final = "&ndash;"  # a cell with no number: the phase did not run, or no data
 
@@ -179,7 +183,10 @@ class LivePage:
 
     # -- reading --------------------------------------------------------------------------
 
-    def snapshot(self, window: str) -> Snapshot:
+    async def snapshot(self, window: str) -> Snapshot:
+        """Every host's view; each host is read in one step, and the loop is given back every
+        ``SLICE`` seconds between hosts, so proxied traffic flows while a page is read at the
+        host cap (about 70 ms of reading for 1,000 hosts)."""
         metrics = self._metrics
         metrics.expire_idle()  # what /metrics would show: no label past its ttl
         now = metrics.now()
@@ -190,10 +197,13 @@ class LivePage:
             seconds = max(now - max(start, self._started), 1.0)
         else:
             since, seconds = None, math.nan  # no rates since an unknown moment
-        hosts = [
-            host_view(host, stats, metrics.buckets, since, seconds)
-            for host, stats in metrics.hosts.items()
-        ]
+        hosts = []
+        deadline = perf_counter() + SLICE
+        for host, stats in list(metrics.hosts.items()):
+            hosts.append(host_view(host, stats, metrics.buckets, since, seconds))
+            if perf_counter() >= deadline:
+                await asyncio.sleep(0)
+                deadline = perf_counter() + SLICE
         hosts.sort(key=lambda h: (h.worst is None, -(h.worst or 0.0), h.host))
         return Snapshot(now, time.time(), window, seconds, hosts)
 
@@ -217,7 +227,7 @@ class LivePage:
 
     async def page(self, request: web.Request) -> web.Response:
         window = _window(request)
-        snap = self.snapshot(window)
+        snap = await self.snapshot(window)
         chosen = request.query.get("host") or (snap.hosts[0].host if snap.hosts else None)
         dots, slow = self.calls(chosen) if chosen is not None else ([], [])
         body = TEMPLATE.replace(
@@ -236,7 +246,7 @@ class LivePage:
         return web.Response(text=body, content_type="text/html", headers=HEADERS)
 
     async def api_hosts(self, request: web.Request) -> web.Response:
-        snap = self.snapshot(_window(request))
+        snap = await self.snapshot(_window(request))
         return _json(
             {
                 "now": snap.wall,
@@ -390,10 +400,11 @@ updated {_clock_text(snap.wall)} · numbers over: {windows}</p></header>
 def render_hosts(snap: Snapshot, chosen: str | None) -> str:
     if not snap.hosts:
         return '<p class="empty">No calls yet: send one through the proxy.</p>'
-    widest = max((sum(v for _, v in h.per_call()) for h in snap.hosts), default=0.0) or 1.0
+    shown = snap.hosts[:SHOWN_HOSTS]
+    widest = max((sum(v for _, v in h.per_call()) for h in shown), default=0.0) or 1.0
     head = "".join(f"<th>{name}</th>" for name in PHASE_ATTRS)
     rows = []
-    for h in snap.hosts:
+    for h in shown:
         cells = "".join(
             f'<td class="num">{_ms(p.p50)} / {_ms(p.p99)}</td>' for p in h.phases.values()
         )
@@ -407,10 +418,12 @@ def render_hosts(snap: Snapshot, chosen: str | None) -> str:
             f'<td class="num">{ratio}</td><td class="num">{h.requests}{tunnels}</td>{cells}'
             f'<td class="bar">{render_bar(h, widest)}</td></tr>'
         )
+    more = len(snap.hosts) - len(shown)
+    rest = f'<p class="empty">And {more} more hosts: /api/hosts lists them all.</p>' if more else ""
     return (
         '<table class="hosts"><thead><tr><th>host</th><th>req/s</th><th>errors</th>'
         f"<th>calls</th>{head}<th>where the time goes (per call)</th></tr></thead>"
-        f"<tbody>{''.join(rows)}</tbody></table>"
+        f"<tbody>{''.join(rows)}</tbody></table>{rest}"
     )
 
 
