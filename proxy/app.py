@@ -20,6 +20,7 @@ from proxy.observe import log
 from proxy.observe.exposition import Exposition
 from proxy.observe.metrics import Metrics
 from proxy.observe.outcome import Observer
+from proxy.observe.page import LivePage
 from proxy.observe.spans import SpanRecorder
 from proxy.observe.tracing import trace_config
 from proxy.rules import errors, headers, policy
@@ -501,8 +502,13 @@ def build_session(settings: Settings, check: policy.DestinationCheck) -> aiohttp
     )
 
 
-def build_admin_app(exposition: Exposition, lifecycle: Lifecycle) -> web.Application:
-    """The admin listener's app: only the local endpoints (off the request path)."""
+def build_admin_app(
+    exposition: Exposition, lifecycle: Lifecycle, page: LivePage | None = None
+) -> web.Application:
+    """The admin listener's app: the local endpoints (off the request path), and the live
+    page when it is on. The page is not a local endpoint: the proxy listener never serves it."""
     app = web.Application()
     LocalEndpoints(exposition, lifecycle).add_routes(app)
+    if page is not None:
+        page.add_routes(app)
     return app

@@ -22,6 +22,7 @@ from aiohttp.http import WebSocketReader
 from aiohttp.tracing import Trace
 from yarl import URL
 
+from proxy.observe.live import Call
 from proxy.observe.metrics import Metrics, exemplar_ids
 from proxy.observe.outcome import milliseconds
 from proxy.observe.spans import SpanRecorder
@@ -241,6 +242,21 @@ class TunnelObserver:
         if record.error is not None:
             error = record.error.error
             stats.errors[error] = stats.errors.get(error, 0) + 1
+            if stats.live is not None:  # the live page lists it with the failed calls
+                stats.live.keep(
+                    Call(
+                        stats.last_used,
+                        record.target.label,
+                        "CONNECT" if record.kind == "tunnel" else "GET",
+                        record.target.authority,  # a CONNECT's request target
+                        record.status,
+                        error,
+                        record.request_id,
+                        record.trace_id,
+                        record.duration,
+                        (None, t.dns, t.connect, None, None),
+                    )
+                )
         if relay is not None:
             self._metrics.tunnels_open -= 1
             sent, received = relay.received["client"], relay.received["upstream"]
