@@ -101,6 +101,7 @@ class HostStats:
         "dns_miss",
         "errors",
         "intercept_failures",
+        "intercept_splices",
         "last_used",
         "live",
         "queue",
@@ -137,6 +138,7 @@ class HostStats:
         self.bytes_received = 0
         self.tunnels: dict[str, int] = {}  # by outcome
         self.intercept_failures: dict[str, int] = {}  # client TLS handshakes failed, by reason
+        self.intercept_splices: dict[str, int] = {}  # intercepted CONNECTs spliced, by reason
         self.tunnel_seconds = Histogram(TUNNEL_BUCKETS)
         self.tunnel_bytes_sent = 0  # client -> upstream
         self.tunnel_bytes_received = 0  # upstream -> client
@@ -284,6 +286,7 @@ class Metrics:
         self.hosts: dict[str, HostStats] = {}
         self.host_overflow = 0  # acquisitions sent to OVERFLOW_HOST
         self.tunnels_open = 0
+        self.certificates_minted = 0  # leaves minted for intercepted hosts
         self.clients = ClientStats()
         self.denied = Refusals()  # proxy.app and proxy.wire.limits count here
         self._clock = clock
