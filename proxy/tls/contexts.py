@@ -16,17 +16,17 @@ import os
 import ssl
 import tempfile
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Final
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from proxy.tls.certs import CertificateAuthority, mint_leaf
+from proxy.tls.certs import CertificateAuthority, leaf_name, mint_leaf
 
 # aiohttp's client speaks HTTP/1.x only: upstream, offer nothing else unless the caller
-# carries HTTP/2 itself (proxy.h2.upstream). Towards clients, h2 is offered first when HTTP/2
-# serving is on (the server's order wins, tls-facts §4).
+# carries HTTP/2 itself (proxy.h2.upstream offers ALPN_H2). (The server side offers what the
+# proxy serves on an intercepted stream: ``ServerContexts``' ``alpn``.)
 ALPN: tuple[str, ...] = ("http/1.1",)
 ALPN_H2: tuple[str, ...] = ("h2", "http/1.1")
 # A leaf is reminted once less than this much of its validity is left.
@@ -56,19 +56,26 @@ def check_ca_file(path: str) -> None:
 
 
 class ServerContexts:
-    """``host -> SSLContext`` presenting a leaf for ``host``, bounded to ``max_hosts`` entries."""
+    """``host -> SSLContext`` presenting a leaf for ``host``, bounded to ``max_hosts`` entries.
+
+    Keyed by the name the leaf certifies, so every spelling of a host (``0:0::1``, ``::1``;
+    ``API.example.``, ``api.example``) shares one leaf. ``alpn`` is offered in the server's
+    order; ``on_mint`` hears of each leaf minted.
+    """
 
     def __init__(
         self,
         ca: CertificateAuthority,
+        alpn: Sequence[str] = ALPN,
         max_hosts: int = 1024,
         clock: Callable[[], datetime.datetime] | None = None,
-        alpn: tuple[str, ...] = ALPN,
+        on_mint: Callable[[], None] | None = None,
     ) -> None:
         self._ca = ca
         self._alpn = list(alpn)
         self._max = max_hosts
         self._clock = clock or (lambda: datetime.datetime.now(datetime.UTC))
+        self._on_mint = on_mint
         self._key = ec.generate_private_key(ec.SECP256R1())
         self._key_pem = self._key.private_bytes(
             serialization.Encoding.PEM,
@@ -79,16 +86,20 @@ class ServerContexts:
         self.minted = 0
 
     def __call__(self, host: str) -> ssl.SSLContext:
+        """The context for ``host``; raises ``CAError`` when the CA cannot sign (expired)."""
+        name = leaf_name(host)
         now = self._clock()
-        entry = self._cache.get(host)
+        entry = self._cache.get(name)
         if entry is not None and entry[1] - _RENEW_BEFORE > now:
-            self._cache.move_to_end(host)
+            self._cache.move_to_end(name)
             return entry[0]
-        leaf = mint_leaf(self._ca, host, self._key, now)
+        leaf = mint_leaf(self._ca, name, self._key, now)
         context = self._build(leaf.public_bytes(serialization.Encoding.PEM))
         self.minted += 1
-        self._cache[host] = (context, leaf.not_valid_after_utc)
-        self._cache.move_to_end(host)
+        if self._on_mint is not None:
+            self._on_mint()
+        self._cache[name] = (context, leaf.not_valid_after_utc)
+        self._cache.move_to_end(name)
         while len(self._cache) > self._max:
             self._cache.popitem(last=False)
         return context
