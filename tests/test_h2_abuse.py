@@ -1,0 +1,373 @@
+"""HTTP/2 abuse end to end: a raw h2 client through the proxy process, and a second client.
+
+Each abuse goes through a real ``python -m proxy`` (uvloop), over an intercepted TLS
+connection (ALPN h2) or h2c inside a CONNECT. For each: the abusive connection gets the
+GOAWAY Envoy would send, the proxy's resident memory stays bounded (printed, and held to a
+generous cap), a second client on its own connection gets its answers during and after, and
+the abuse is counted in ``proxy_client_http2_errors_total{reason}`` and logged once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import hpack
+import pytest
+import trustme
+from h2.errors import ErrorCodes
+from hyperframe.frame import (
+    ContinuationFrame,
+    DataFrame,
+    Frame,
+    GoAwayFrame,
+    HeadersFrame,
+    PingFrame,
+    PriorityFrame,
+    RstStreamFrame,
+    SettingsFrame,
+)
+from prometheus_client.parser import text_string_to_metric_families
+
+from benchmarks.procfs import rss_mb
+from proxy.config import Settings
+from tests import h2_client
+from tests.h2_client import H2TestClient
+from tests.h2_origin import H2Origin, h2_origin
+from tests.test_cli import start_cli
+from tests.test_intercept import CAFiles, ca_files
+from tests.test_limits import until
+
+__all__ = ["ca_files"]  # a fixture, used by name
+
+LIMIT = Settings().http2_max_concurrent_streams  # what the proxy advertises by default
+CHILD_LINES: list = []
+RSS_GROWTH_CAP_MB = 64.0  # far above what any abuse here costs (the figures are printed)
+
+
+@dataclass
+class Child:
+    """The proxy process, its log as it comes, and the two origins it reaches."""
+
+    process: asyncio.subprocess.Process
+    proxy_port: int
+    metrics: str
+    tls: H2Origin  # hypercorn over TLS (h2), reached through interception
+    clear: H2Origin  # hypercorn in the clear (h2c), reached through a CONNECT to its port
+    context: Any  # an SSLContext trusting the proxy's CA
+    lines: list[dict[str, Any]] = field(default_factory=list)
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [line for line in self.lines if line.get("event") == name]
+
+    async def sample(self, name: str, **labels: str) -> float | None:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(self.metrics, timeout=aiohttp.ClientTimeout(5)) as resp:
+                text = await resp.text()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and sample.labels == labels:
+                    return float(sample.value)
+        return None
+
+    async def wait_event(self, name: str, count: int = 1) -> list[dict[str, Any]]:
+        """The ``name`` lines once ``count`` have come (polled, at most 10 s)."""
+        for _ in range(500):
+            if len(self.events(name)) >= count:
+                return self.events(name)
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"expected {count} {name} lines, got {self.lines[-5:]}")
+
+
+@pytest.fixture
+async def tls_h2(tls_ca: trustme.CA) -> AsyncIterator[H2Origin]:
+    async with h2_origin(tls_ca) as origin:
+        yield origin
+
+
+@pytest.fixture
+async def clear_h2() -> AsyncIterator[H2Origin]:
+    async with h2_origin(None) as origin:
+        yield origin
+
+
+@pytest.fixture
+async def child(
+    ca_files: CAFiles, tls_ca_file: str, tls_h2: H2Origin, clear_h2: H2Origin
+) -> AsyncIterator[Child]:
+    """The proxy CLI intercepting the TLS origin and serving h2c towards the clear one."""
+    running = await start_cli(
+        "--intercept",
+        "localhost",
+        "--ca-cert",
+        ca_files.cert,
+        "--ca-key",
+        ca_files.key,
+        "--upstream-ca-file",
+        tls_ca_file,
+        "--connect-ports",
+        str(tls_h2.port),
+        "--connect-http-ports",
+        str(clear_h2.port),
+    )
+    port = int(running.proxy.rsplit(":", 1)[1])
+    it = Child(
+        running.process, port, running.metrics, tls_h2, clear_h2, ca_files.client_context()
+    )
+
+    async def read_log() -> None:
+        assert running.process.stdout is not None
+        async for line in running.process.stdout:
+            if line.endswith(b"\n"):  # a kill can cut the last one short
+                it.lines.append(json.loads(line))
+
+    CHILD_LINES[:] = []
+    it.lines = CHILD_LINES
+    reading = asyncio.ensure_future(read_log())
+    try:
+        yield it
+    finally:
+        process = running.process
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(process.wait(), 10)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+        await asyncio.wait_for(reading, 10)
+
+
+# -- the two ways in ---------------------------------------------------------------------------
+
+
+async def connect(child: Child, how: str) -> H2TestClient:
+    """An HTTP/2 connection through the proxy: intercepted TLS (``h2``) or ``h2c``."""
+    if how == "h2":
+        return await h2_client.connect(child.proxy_port, child.tls.authority, child.context)
+    return await h2_client.connect(child.proxy_port, child.clear.authority)
+
+
+def origin_of(child: Child, how: str) -> H2Origin:
+    return child.tls if how == "h2" else child.clear
+
+
+def scheme_of(how: str) -> str:
+    return "https" if how == "h2" else "http"
+
+
+# -- frames written by hand ----------------------------------------------------------------------
+
+
+class Frames:
+    """Request frames for one connection; its HPACK encoder keeps the peer's table in step."""
+
+    def __init__(self, authority: str, scheme: str) -> None:
+        self.authority = authority.encode()
+        self.scheme = scheme.encode()
+        self.encoder = hpack.Encoder()
+
+    def block(self, path: str, method: str = "GET", *extra: tuple[bytes, bytes]) -> bytes:
+        return bytes(
+            self.encoder.encode(
+                [
+                    (b":method", method.encode()),
+                    (b":scheme", self.scheme),
+                    (b":authority", self.authority),
+                    (b":path", path.encode()),
+                    *extra,
+                ]
+            )
+        )
+
+    def headers(self, stream_id: int, block: bytes, *, end_stream: bool = True) -> bytes:
+        frame = HeadersFrame(stream_id, data=block)
+        frame.flags.add("END_HEADERS")
+        if end_stream:
+            frame.flags.add("END_STREAM")
+        return frame.serialize()
+
+
+def rapid_reset(frames: Frames, count: int) -> Iterator[bytes]:
+    """HEADERS then RST_STREAM(CANCEL) for ``count`` streams (CVE-2023-44487)."""
+    for stream_id in range(1, 2 * count, 2):
+        yield frames.headers(stream_id, frames.block("/echo/reset"))
+        yield RstStreamFrame(stream_id, error_code=ErrorCodes.CANCEL).serialize()
+
+
+def continuation_flood(frames: Frames, count: int) -> Iterator[bytes]:
+    """A header block that never ends: HEADERS, then CONTINUATION frames of 1 KiB each."""
+    yield HeadersFrame(1, data=frames.block("/echo/cont")).serialize()  # no END_HEADERS
+    pad = frames.encoder.encode([(b"x-pad", b"p" * 1000)])
+    for _ in range(count):
+        yield ContinuationFrame(1, data=pad).serialize()
+
+
+def hpack_bomb(frames: Frames, count: int) -> Iterator[bytes]:
+    """One 3 KB field into the dynamic table, then a block naming it ``count`` times by index:
+    about ``count`` bytes on the wire, 3 KB each decoded."""
+    big = (b"x-big", b"b" * 3000)
+    yield frames.headers(1, frames.block("/echo/table", "GET", big))
+    encoded = frames.encoder.encode([big] * count)
+    yield frames.headers(3, frames.block("/echo/bomb") + bytes(encoded))
+
+
+def settings_flood(frames: Frames, count: int) -> Iterator[bytes]:
+    for _ in range(count):
+        yield SettingsFrame(0).serialize()
+
+
+def ping_flood(frames: Frames, count: int) -> Iterator[bytes]:
+    for n in range(count):
+        yield PingFrame(0, opaque_data=n.to_bytes(8, "big")).serialize()
+
+
+def priority_flood(frames: Frames, count: int) -> Iterator[bytes]:
+    for n in range(count):
+        yield PriorityFrame(2 * n + 1, depends_on=0, stream_weight=16).serialize()
+
+
+def empty_data_flood(frames: Frames, count: int) -> Iterator[bytes]:
+    """A POST whose body is ``count`` empty DATA frames that never end it."""
+    yield frames.headers(1, frames.block("/echo/empty", "POST"), end_stream=False)
+    for _ in range(count):
+        yield DataFrame(1, data=b"").serialize()
+
+
+def too_many_streams(frames: Frames, count: int) -> Iterator[bytes]:
+    """``count`` streams opened at once, each waiting 2 s for its answer, ignoring the
+    advertised SETTINGS_MAX_CONCURRENT_STREAMS."""
+    for stream_id in range(1, 2 * count, 2):
+        yield frames.headers(stream_id, frames.block("/grpc?head_ms=2000"))
+
+
+Abuse = Callable[[Frames, int], Iterator[bytes]]
+
+
+async def send_abuse(client: H2TestClient, frames: Iterator[bytes], batch: int = 200) -> int:
+    """Write the frames in batches, draining between them; the bytes written before the
+    proxy closed the connection."""
+    written = 0
+    pending: list[bytes] = []
+    with contextlib.suppress(ConnectionError):
+        for frame in frames:
+            pending.append(frame)
+            if len(pending) == batch:
+                data = b"".join(pending)
+                pending.clear()
+                client.writer.write(data)
+                await asyncio.wait_for(client.writer.drain(), 10)
+                written += len(data)
+                if client.writer.is_closing():
+                    break
+        if pending:
+            data = b"".join(pending)
+            client.writer.write(data)
+            await asyncio.wait_for(client.writer.drain(), 10)
+            written += len(data)
+    return written
+
+
+async def frames_until_closed(client: H2TestClient) -> list[Frame]:
+    """Every frame the proxy sends until it closes the connection (at most 10 s)."""
+    data = b""
+    async with asyncio.timeout(10):
+        with contextlib.suppress(ConnectionError):
+            while chunk := await client.reader.read(65536):
+                data += chunk
+    frames: list[Frame] = []
+    while len(data) >= 9:
+        frame, length = Frame.parse_frame_header(memoryview(data[:9]))
+        if len(data) < 9 + length:
+            break
+        frame.parse_body(memoryview(data[9 : 9 + length]))
+        frames.append(frame)
+        data = data[9 + length :]
+    return frames
+
+
+async def victim_fetches(client: H2TestClient, how: str, origin: H2Origin, count: int) -> None:
+    """``count`` requests on the second client's own connection, each answered 200."""
+    for n in range(count):
+        answer = await client.fetch(
+            h2_client.get(origin.authority, f"/echo/victim{n}", scheme_of(how))
+        )
+        assert answer.status == 200, answer
+
+
+def victim_lines(child: Child) -> list[dict[str, Any]]:
+    return [line for line in child.events("access") if "victim" in line["path"]]
+
+
+@pytest.mark.parametrize("how", ["h2", "h2c"])
+async def test_uvloop_transports_carry_http2_upstream(child: Child, how: str) -> None:
+    """On uvloop (the CLI's loop) an HTTP/2 stream goes upstream over HTTP/2 and is answered;
+    uvloop's transports are not ``asyncio.Transport`` subclasses."""
+    origin = origin_of(child, how)
+    client = await connect(child, how)
+    try:
+        answer = await client.fetch(h2_client.get(origin.authority, "/echo/loop", scheme_of(how)))
+    finally:
+        await client.close()
+    assert answer.status == 200, answer.header(b"proxy-status")
+    assert json.loads(answer.body)["version"] == "2"
+
+
+ABUSES: list[tuple[str, Abuse, int, str, ErrorCodes]] = [
+    # (transport, abuse, count, reason counted, GOAWAY code)
+    ("h2", rapid_reset, 5000, "rapid_reset", ErrorCodes.ENHANCE_YOUR_CALM),
+    ("h2c", rapid_reset, 5000, "rapid_reset", ErrorCodes.ENHANCE_YOUR_CALM),
+    ("h2", continuation_flood, 10_000, "continuation_flood", ErrorCodes.ENHANCE_YOUR_CALM),
+    ("h2c", hpack_bomb, 1000, "hpack_bomb", ErrorCodes.ENHANCE_YOUR_CALM),
+    ("h2", settings_flood, 10_000, "settings_flood", ErrorCodes.ENHANCE_YOUR_CALM),
+    ("h2c", ping_flood, 100_000, "ping_flood", ErrorCodes.ENHANCE_YOUR_CALM),
+    ("h2", priority_flood, 10_000, "priority_flood", ErrorCodes.ENHANCE_YOUR_CALM),
+    ("h2c", empty_data_flood, 10_000, "empty_data_flood", ErrorCodes.ENHANCE_YOUR_CALM),
+    ("h2", too_many_streams, 1000, "too_many_streams", ErrorCodes.PROTOCOL_ERROR),
+    ("h2c", too_many_streams, 1000, "too_many_streams", ErrorCodes.PROTOCOL_ERROR),
+]
+
+
+@pytest.mark.parametrize(
+    ("how", "abuse", "count", "reason", "code"),
+    ABUSES,
+    ids=[f"{how}-{abuse.__name__}" for how, abuse, *_ in ABUSES],
+)
+async def test_abuse_ends_its_connection_and_spares_the_others(
+    child: Child, how: str, abuse: Abuse, count: int, reason: str, code: ErrorCodes
+) -> None:
+    """The abusive connection gets GOAWAY with ``code``, counted and logged once under
+    ``reason``; memory stays bounded; a second client is served during and after."""
+    origin = origin_of(child, how)
+    victim = await connect(child, how)
+    attacker = await connect(child, how)
+    try:
+        await victim_fetches(victim, how, origin, 1)
+        before = rss_mb(child.process.pid)
+        frames = Frames(origin.authority, scheme_of(how))
+        written, _ = await asyncio.gather(
+            send_abuse(attacker, abuse(frames, count)), victim_fetches(victim, how, origin, 5)
+        )
+        got = await frames_until_closed(attacker)
+        await victim_fetches(victim, how, origin, 5)
+        after = rss_mb(child.process.pid)
+    finally:
+        await victim.close()
+        await attacker.close()
+    print(f"{how} {reason}: {written} bytes sent, RSS {before:.1f} -> {after:.1f} MiB")
+    goaways = [frame for frame in got if isinstance(frame, GoAwayFrame)]
+    assert [frame.error_code for frame in goaways] == [code]
+    assert after - before < RSS_GROWTH_CAP_MB
+    assert await child.sample("proxy_client_http2_errors_total", reason=reason) == 1
+    await child.wait_event("h2_connection_closed")
+    await until(lambda: len(victim_lines(child)) == 11)  # logged after the abuse was
+    assert [line["reason"] for line in child.events("h2_connection_closed")] == [reason]
+    if abuse is too_many_streams:
+        # The advertised limit held: no more streams than it reached the origin.
+        assert len(origin.versions) - len(victim_lines(child)) <= LIMIT
