@@ -47,7 +47,6 @@ from tests.test_limits import until
 __all__ = ["ca_files"]  # a fixture, used by name
 
 LIMIT = Settings().http2_max_concurrent_streams  # what the proxy advertises by default
-CHILD_LINES: list = []
 RSS_GROWTH_CAP_MB = 64.0  # far above what any abuse here costs (the figures are printed)
 
 
@@ -67,9 +66,11 @@ class Child:
         return [line for line in self.lines if line.get("event") == name]
 
     async def sample(self, name: str, **labels: str) -> float | None:
-        async with aiohttp.ClientSession() as session:
-            async with session.get(self.metrics, timeout=aiohttp.ClientTimeout(5)) as resp:
-                text = await resp.text()
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(self.metrics, timeout=aiohttp.ClientTimeout(5)) as resp,
+        ):
+            text = await resp.text()
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
                 if sample.name == name and sample.labels == labels:
@@ -117,9 +118,7 @@ async def child(
         str(clear_h2.port),
     )
     port = int(running.proxy.rsplit(":", 1)[1])
-    it = Child(
-        running.process, port, running.metrics, tls_h2, clear_h2, ca_files.client_context()
-    )
+    it = Child(running.process, port, running.metrics, tls_h2, clear_h2, ca_files.client_context())
 
     async def read_log() -> None:
         assert running.process.stdout is not None
@@ -127,8 +126,6 @@ async def child(
             if line.endswith(b"\n"):  # a kill can cut the last one short
                 it.lines.append(json.loads(line))
 
-    CHILD_LINES[:] = []
-    it.lines = CHILD_LINES
     reading = asyncio.ensure_future(read_log())
     try:
         yield it
@@ -214,8 +211,7 @@ def hpack_bomb(frames: Frames, count: int) -> Iterator[bytes]:
     about ``count`` bytes on the wire, 3 KB each decoded."""
     big = (b"x-big", b"b" * 3000)
     yield frames.headers(1, frames.block("/echo/table", "GET", big))
-    encoded = frames.encoder.encode([big] * count)
-    yield frames.headers(3, frames.block("/echo/bomb") + bytes(encoded))
+    yield frames.headers(3, frames.block("/echo/bomb", "GET", *[big] * count))
 
 
 def settings_flood(frames: Frames, count: int) -> Iterator[bytes]:
@@ -371,3 +367,22 @@ async def test_abuse_ends_its_connection_and_spares_the_others(
     if abuse is too_many_streams:
         # The advertised limit held: no more streams than it reached the origin.
         assert len(origin.versions) - len(victim_lines(child)) <= LIMIT
+
+
+async def test_goaway_is_not_lost_to_a_reset_while_the_client_still_writes(child: Child) -> None:
+    """h2c: the proxy half-closes after its GOAWAY and drops what still comes, so a client
+    in mid-flood reads the GOAWAY and a clean end, not a TCP reset that discards both."""
+    attacker = await connect(child, "h2c")
+    frames = Frames(child.clear.authority, "http")
+    try:
+        await send_abuse(attacker, ping_flood(frames, 100_000))
+        data = b""
+        async with asyncio.timeout(10):
+            while chunk := await attacker.reader.read(65536):
+                data += chunk
+    finally:
+        await attacker.close()
+    goaway = GoAwayFrame(0)
+    goaway.parse_body(memoryview(data[-8:]))  # the last frame: its 8-byte payload
+    assert data[-17:-8] == b"\x00\x00\x08\x07\x00\x00\x00\x00\x00"  # GOAWAY, 8 bytes, stream 0
+    assert goaway.error_code == ErrorCodes.ENHANCE_YOUR_CALM

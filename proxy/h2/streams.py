@@ -83,6 +83,7 @@ class H2Connection(asyncio.Protocol):
         self._windows: dict[int, asyncio.Future[None]] = {}  # stream -> waiting to send
         self.closed: asyncio.Future[None] = self._loop.create_future()
         self._readers = _WindowGoverned(self, self._loop)
+        self._linger: asyncio.TimerHandle | None = None  # half-closed after an error
 
     # -- transport events --------------------------------------------------------------
 
@@ -95,6 +96,8 @@ class H2Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         h2core = self.core
+        if h2core.error is not None:
+            return  # after our GOAWAY for an error: read and dropped (``_end``)
         for event in h2core.receive(data):
             if isinstance(event, core.Window):
                 self._wake(event.stream_id)
@@ -103,7 +106,30 @@ class H2Connection(asyncio.Protocol):
         self.flush()
         if h2core.error is not None:
             self.on_error(h2core.error)
+            self._end()
+
+    def _end(self) -> None:
+        """Close after the core's GOAWAY for an error, so that the peer gets to read it.
+
+        Closing a TCP socket with the peer's bytes still unread makes the kernel send RST,
+        and a peer that is still writing (a flood, by definition) then loses the GOAWAY
+        with the rest of its receive buffer (RFC 9113 §5.4.1 wants it sent). So, as
+        Envoy's delayed close does: half-close after the GOAWAY, drop what still comes, and
+        close when the peer does, or after ``LINGER`` seconds. A TLS transport cannot
+        half-close; its close sends close_notify and reads on until the peer's.
+        """
+        transport = self.transport
+        if transport is None:
+            return
+        if not transport.can_write_eof():
             self.close()
+            return
+        try:
+            transport.write_eof()
+        except OSError:  # asyncio lets shutdown()'s error out when the peer is gone
+            self.close()
+            return
+        self._linger = self._loop.call_later(LINGER, transport.close)
 
     def eof_received(self) -> bool | None:
         return False  # the peer is done: close our side too
@@ -123,6 +149,8 @@ class H2Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        if self._linger is not None:
+            self._linger.cancel()
         gone = StreamGone("the HTTP/2 connection closed")
         for waiter in self._windows.values():
             if not waiter.done():
@@ -149,13 +177,14 @@ class H2Connection(asyncio.Protocol):
 
     def flush(self) -> None:
         data = self.core.outbound()
-        if data and self.transport is not None:
+        if data and self.transport is not None and self._linger is None:
             self.transport.write(data)
 
     def close(self) -> None:
-        """Flush and close (aborts nothing: a GOAWAY queued last still leaves)."""
+        """Flush and close (aborts nothing: a GOAWAY queued last still leaves); while
+        lingering after an error, the timer closes."""
         self.flush()
-        if self.transport is not None:
+        if self.transport is not None and self._linger is None:
             self.transport.close()
 
     async def send_body(
@@ -223,6 +252,10 @@ class H2Connection(asyncio.Protocol):
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.core!r}>"
 
+
+# Seconds a connection ended for an error stays half-closed, reading and dropping what the
+# peer still sends (Envoy's delayed_close_timeout defaults to 1 s too).
+LINGER: Final = 1.0
 
 # Reader buffer limit: the windows bound what arrives; this only sizes aiohttp's bookkeeping.
 READER_LIMIT: Final = 2**16

@@ -273,6 +273,7 @@ class StreamTransport(asyncio.Transport):
         return self._transport.can_write_eof()
 
     def write_eof(self) -> None:
+        self._handover.ended("proxy")  # a half-close ends the stream from our side, as close()
         self._transport.write_eof()
 
     def get_write_buffer_size(self) -> int:
