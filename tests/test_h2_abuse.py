@@ -18,6 +18,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+import h2.config
+import h2.connection
+import h2.settings
 import hpack
 import pytest
 import trustme
@@ -37,6 +40,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.procfs import rss_mb
 from proxy.config import Settings
+from proxy.h2.core import PEER_STREAMS_ASSUMED, H2Core
 from tests import h2_client
 from tests.h2_client import H2TestClient
 from tests.h2_origin import H2Origin, h2_origin
@@ -48,6 +52,7 @@ __all__ = ["ca_files"]  # a fixture, used by name
 
 LIMIT = Settings().http2_max_concurrent_streams  # what the proxy advertises by default
 RSS_GROWTH_CAP_MB = 64.0  # far above what any abuse here costs (the figures are printed)
+HELD = "/grpc?head_ms=60000"  # the origin answers after a minute: longer than any test
 
 
 @dataclass
@@ -191,10 +196,11 @@ class Frames:
         return frame.serialize()
 
 
-def rapid_reset(frames: Frames, count: int) -> Iterator[bytes]:
-    """HEADERS then RST_STREAM(CANCEL) for ``count`` streams (CVE-2023-44487)."""
-    for stream_id in range(1, 2 * count, 2):
-        yield frames.headers(stream_id, frames.block("/echo/reset"))
+def rapid_reset(frames: Frames, count: int, first: int = 1) -> Iterator[bytes]:
+    """HEADERS then RST_STREAM(CANCEL) for ``count`` streams (CVE-2023-44487), each asking
+    for an answer the origin holds for a minute."""
+    for stream_id in range(first, first + 2 * count, 2):
+        yield frames.headers(stream_id, frames.block(HELD))
         yield RstStreamFrame(stream_id, error_code=ErrorCodes.CANCEL).serialize()
 
 
@@ -237,10 +243,10 @@ def empty_data_flood(frames: Frames, count: int) -> Iterator[bytes]:
 
 
 def too_many_streams(frames: Frames, count: int) -> Iterator[bytes]:
-    """``count`` streams opened at once, each waiting 2 s for its answer, ignoring the
-    advertised SETTINGS_MAX_CONCURRENT_STREAMS."""
+    """``count`` streams opened at once, ignoring the advertised
+    SETTINGS_MAX_CONCURRENT_STREAMS; the origin holds each answer for a minute."""
     for stream_id in range(1, 2 * count, 2):
-        yield frames.headers(stream_id, frames.block("/grpc?head_ms=2000"))
+        yield frames.headers(stream_id, frames.block(HELD))
 
 
 Abuse = Callable[[Frames, int], Iterator[bytes]]
@@ -270,21 +276,26 @@ async def send_abuse(client: H2TestClient, frames: Iterator[bytes], batch: int =
     return written
 
 
-async def frames_until_closed(client: H2TestClient) -> list[Frame]:
-    """Every frame the proxy sends until it closes the connection (at most 10 s)."""
+async def frames_until(
+    client: H2TestClient, last: Callable[[Frame], bool] = lambda frame: False
+) -> list[Frame]:
+    """The frames the proxy sends, up to the first ``last`` one or the end of the connection
+    (at most 10 s)."""
     data = b""
+    frames: list[Frame] = []
     async with asyncio.timeout(10):
         with contextlib.suppress(ConnectionError):
             while chunk := await client.reader.read(65536):
                 data += chunk
-    frames: list[Frame] = []
-    while len(data) >= 9:
-        frame, length = Frame.parse_frame_header(memoryview(data[:9]))
-        if len(data) < 9 + length:
-            break
-        frame.parse_body(memoryview(data[9 : 9 + length]))
-        frames.append(frame)
-        data = data[9 + length :]
+                while len(data) >= 9:
+                    frame, length = Frame.parse_frame_header(memoryview(data[:9]))
+                    if len(data) < 9 + length:
+                        break
+                    frame.parse_body(memoryview(data[9 : 9 + length]))
+                    frames.append(frame)
+                    data = data[9 + length :]
+                    if last(frame):
+                        return frames
     return frames
 
 
@@ -294,7 +305,16 @@ async def victim_fetches(client: H2TestClient, how: str, origin: H2Origin, count
         answer = await client.fetch(
             h2_client.get(origin.authority, f"/echo/victim{n}", scheme_of(how))
         )
-        assert answer.status == 200, answer
+        assert answer.status == 200, answer.header(b"proxy-status")
+
+
+async def until_sampled(child: Child, name: str, value: float) -> None:
+    """Until the proxy's /metrics shows ``value`` for ``name`` (polled, at most 10 s)."""
+    for _ in range(100):
+        if await child.sample(name) == value:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{name} is {await child.sample(name)}, not {value}")
 
 
 def victim_lines(child: Child) -> list[dict[str, Any]]:
@@ -350,7 +370,7 @@ async def test_abuse_ends_its_connection_and_spares_the_others(
         written, _ = await asyncio.gather(
             send_abuse(attacker, abuse(frames, count)), victim_fetches(victim, how, origin, 5)
         )
-        got = await frames_until_closed(attacker)
+        got = await frames_until(attacker)
         await victim_fetches(victim, how, origin, 5)
         after = rss_mb(child.process.pid)
     finally:
@@ -361,6 +381,7 @@ async def test_abuse_ends_its_connection_and_spares_the_others(
     assert [frame.error_code for frame in goaways] == [code]
     assert after - before < RSS_GROWTH_CAP_MB
     assert await child.sample("proxy_client_http2_errors_total", reason=reason) == 1
+    await until_sampled(child, "proxy_requests_in_flight", 0)  # no stream's work outlived it
     await child.wait_event("h2_connection_closed")
     await until(lambda: len(victim_lines(child)) == 11)  # logged after the abuse was
     assert [line["reason"] for line in child.events("h2_connection_closed")] == [reason]
@@ -386,3 +407,67 @@ async def test_goaway_is_not_lost_to_a_reset_while_the_client_still_writes(child
     goaway.parse_body(memoryview(data[-8:]))  # the last frame: its 8-byte payload
     assert data[-17:-8] == b"\x00\x00\x08\x07\x00\x00\x00\x00\x00"  # GOAWAY, 8 bytes, stream 0
     assert goaway.error_code == ErrorCodes.ENHANCE_YOUR_CALM
+
+
+async def test_rapid_reset_within_its_budget_leaves_no_upstream_request_running(
+    child: Child,
+) -> None:
+    """150 HEADERS+RST_STREAM pairs stay under the rapid_reset budget, so the connection
+    lives on; but a reset stream's request is abandoned, not forwarded and left running:
+    the client cannot hold more requests in flight than the streams it is allowed."""
+    attacker = await connect(child, "h2c")
+    frames = Frames(child.clear.authority, "http")
+    try:
+        await send_abuse(attacker, rapid_reset(frames, 150))
+        # The connection lives on: a PING after the resets is answered, no GOAWAY comes.
+        attacker.writer.write(PingFrame(0, opaque_data=b"still-on").serialize())
+        got = await frames_until(attacker, lambda f: isinstance(f, PingFrame))
+        assert not [frame for frame in got if isinstance(frame, GoAwayFrame)]
+        await until_sampled(child, "proxy_requests_in_flight", 0)
+    finally:
+        await attacker.close()
+    assert await child.sample("proxy_client_http2_errors_total", reason="rapid_reset") is None
+
+
+@pytest.mark.parametrize("how", ["h2", "h2c"])
+async def test_a_new_upstream_connection_opens_no_more_streams_than_the_origin_allows(
+    child: Child, how: str
+) -> None:
+    """200 streams from two clients at once, to an origin nobody has dialled yet: a new
+    upstream connection must not open more than the origin's 100 before its SETTINGS say so
+    (hypercorn, like h2, ends the whole connection at the 101st); each stream is answered."""
+    origin = origin_of(child, how)
+    clients = [await connect(child, how) for _ in range(2)]
+    try:
+        path = "/grpc?head_ms=500"
+        sids = [
+            (client, client.start(h2_client.get(origin.authority, path, scheme_of(how))))
+            for client in clients
+            for _ in range(LIMIT)
+        ]
+        answers = [await client.wait(sid) for client, sid in sids]
+    finally:
+        for client in clients:
+            await client.close()
+    assert [answer.status for answer in answers] == [200] * 2 * LIMIT, answers[-1].header(
+        b"proxy-status"
+    )
+
+
+def test_the_client_core_assumes_100_streams_until_the_peer_settings_come() -> None:
+    """Towards an origin: no more than 100 streams before its SETTINGS; then its own limit."""
+    ours = H2Core(client_side=True)
+    ours.start()
+    fields = h2_client.get("origin.test", "/", "https")
+    opened = 0
+    while ours.can_open() and opened < 1000:
+        ours.send_head(ours.next_stream_id(), fields, end=True)
+        opened += 1
+    assert opened == PEER_STREAMS_ASSUMED
+    origin = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    origin.local_settings = h2.settings.Settings(
+        client=False, initial_values={h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 250}
+    )
+    origin.initiate_connection()
+    ours.receive(origin.data_to_send())
+    assert ours.can_open()

@@ -45,6 +45,10 @@ _ACK: Final = 0x1  # SETTINGS, PING
 _END_HEADERS: Final = 0x4  # HEADERS, PUSH_PROMISE, CONTINUATION
 _FRAME_HEAD: Final = 9  # RFC 9113 §4.1: length (3), type, flags, stream identifier (4)
 PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"  # RFC 9113 §3.4
+# RFC 9113 §6.5.2: the peer's stream limit is unlimited until its SETTINGS come, and should
+# be no less than 100. Until then 100 is assumed, as Go's and nghttp2's clients do: h2-based
+# servers (hypercorn) end the whole connection at their 101st stream.
+PEER_STREAMS_ASSUMED: Final = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,6 +217,7 @@ class H2Core:
         self._last_stream_id = 2**31 - 1  # streams above it were opened after our GOAWAY
         self._extra = b""  # frames written by hand, and what h2 had queued before them
         self._buckets: dict[int, _Bucket] = {}
+        self._peer_settings = False  # the peer's first SETTINGS frame has come
         # Frame scanning state (RFC 9113 §4.1): bytes of the current frame still to skip,
         # a frame head split across reads, the header block being counted.
         self._skip = 0 if client_side else len(PREFACE)
@@ -318,8 +323,11 @@ class H2Core:
             if padding:
                 self.ack(sid, padding)  # padding is never passed on: return it at once
             return Data(sid, data) if data else None
-        if isinstance(e, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
-            return Window(sid)  # settings may change every window, or the stream limit: 0
+        if isinstance(e, h2.events.RemoteSettingsChanged):
+            self._peer_settings = True
+            return Window(0)  # settings may change every window, or the stream limit
+        if isinstance(e, h2.events.WindowUpdated):
+            return Window(sid)
         if isinstance(e, h2.events.StreamEnded):
             return End(sid)
         if isinstance(e, h2.events.RequestReceived | h2.events.ResponseReceived):
@@ -354,10 +362,10 @@ class H2Core:
     def can_open(self) -> bool:
         """Client side: the peer's SETTINGS_MAX_CONCURRENT_STREAMS allows one more stream."""
         h2c = self._h2
-        return (
-            not self.going_away
-            and h2c.open_outbound_streams < h2c.remote_settings.max_concurrent_streams
-        )
+        limit = h2c.remote_settings.max_concurrent_streams
+        if not self._peer_settings:
+            limit = min(limit, PEER_STREAMS_ASSUMED)
+        return not self.going_away and h2c.open_outbound_streams < limit
 
     @property
     def open_streams(self) -> int:
