@@ -471,3 +471,21 @@ def test_the_client_core_assumes_100_streams_until_the_peer_settings_come() -> N
     origin.initiate_connection()
     ours.receive(origin.data_to_send())
     assert ours.can_open()
+
+
+async def test_a_stream_reset_mid_request_is_cancelled_and_logged_as_the_clients_doing(
+    child: Child,
+) -> None:
+    """A stream reset while its request waits upstream: the request is abandoned at once
+    and its access line says 499 client_disconnected (not cut at shutdown)."""
+    client = await connect(child, "h2c")
+    try:
+        sid = client.start(h2_client.get(child.clear.authority, HELD, "http"))
+        await until(lambda: len(child.clear.versions) == 1)  # the origin holds it
+        client.h2.reset_stream(sid, ErrorCodes.CANCEL)
+        client.flush()
+        (line,) = await child.wait_event("access")
+        await until_sampled(child, "proxy_requests_in_flight", 0)
+    finally:
+        await client.close()
+    assert (line["path"], line["status"], line["error"]) == ("/grpc", 499, "client_disconnected")

@@ -121,6 +121,7 @@ class StreamTransport(asyncio.Transport):
         self._connection = connection
         self._stream_id = stream_id
         self.ended = False  # END_STREAM sent, or the stream was reset
+        self.cancelled_by_client = False  # its request was cancelled: the client reset or left
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         transport = self._connection.transport
@@ -253,6 +254,7 @@ class H2Server(H2Connection):
         self._inner = stream
         self._on_error = on_error
         self._streams: dict[int, _Stream] = {}
+        self._draining = False  # our GOAWAY for the shutdown's drain went out
         self._logger: FilteringBoundLogger = log.get_logger()
 
     # -- events ------------------------------------------------------------------------
@@ -307,19 +309,37 @@ class H2Server(H2Connection):
         finally:
             if not stream.transport.ended:
                 stream.transport.close()  # the handler returned without ending the stream
-            self._streams.pop(sid, None)
             self.flush()
-            if self.core.going_away and not self._streams:
-                self.close()
+            self._forget(sid)
 
     def _reset_by_client(self, sid: int) -> None:
         self.stream_gone(sid)
         stream = self._streams.get(sid)
-        if stream is None:
-            return
+        if stream is not None:
+            self._cancel(stream, ConnectionResetError("the client reset the stream"))
+            self._forget(sid)
+
+    def _cancel(self, stream: _Stream, exc: ConnectionError, *, by_client: bool = True) -> None:
+        """The stream's answer can no longer be given or is no longer wanted: its request is
+        cancelled (logged as the client's doing, or as cut at shutdown).
+
+        RST_STREAM means the stream is no longer needed (RFC 9113 §8.7); it must not leave
+        the request running: a reset stream no longer counts against the client's stream
+        limit, so the requests of reset streams would be unbounded (CVE-2023-44487). A
+        stream reset before its task first ran is never forwarded and leaves no access line.
+        """
         stream.transport.ended = True
         if not stream.body.is_eof():
-            stream.body.set_exception(ConnectionResetError("the client reset the stream"))
+            stream.body.set_exception(exc)
+        if stream.task is not None and not stream.task.done():
+            stream.transport.cancelled_by_client = by_client
+            stream.task.cancel()
+
+    def _forget(self, sid: int) -> None:
+        """The stream is over for this connection, which closes once its last is after a GOAWAY."""
+        self._streams.pop(sid, None)
+        if self.core.going_away and not self._streams:
+            self.close()
 
     # -- sending (for the stream writers) ----------------------------------------------
 
@@ -336,6 +356,7 @@ class H2Server(H2Connection):
 
     def go_away(self) -> bool:
         """Drain: a graceful GOAWAY; closes at once when no stream is open. True if idle."""
+        self._draining = True
         self.core.go_away()
         self.flush()
         if not self._streams:
@@ -353,11 +374,11 @@ class H2Server(H2Connection):
         )
 
     def on_lost(self, exc: Exception | None) -> None:
+        """No stream can be answered any more: every request still running is cancelled.
+        After our drain's GOAWAY, the connection is closed by the shutdown's backstop."""
         gone = ConnectionResetError("the HTTP/2 connection closed")
-        for stream in self._streams.values():
-            stream.transport.ended = True
-            if not stream.body.is_eof():
-                stream.body.set_exception(gone)
+        for stream in list(self._streams.values()):
+            self._cancel(stream, gone, by_client=not self._draining)
 
     def __repr__(self) -> str:
         return f"<H2Server {self._inner!r} streams={len(self._streams)} {self.core!r}>"

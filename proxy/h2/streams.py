@@ -122,12 +122,12 @@ class H2Connection(asyncio.Protocol):
         if transport is None:
             return
         if not transport.can_write_eof():
-            self.close()
+            transport.close()
             return
         try:
             transport.write_eof()
         except OSError:  # asyncio lets shutdown()'s error out when the peer is gone
-            self.close()
+            transport.close()
             return
         self._linger = self._loop.call_later(LINGER, transport.close)
 
@@ -181,10 +181,10 @@ class H2Connection(asyncio.Protocol):
             self.transport.write(data)
 
     def close(self) -> None:
-        """Flush and close (aborts nothing: a GOAWAY queued last still leaves); while
-        lingering after an error, the timer closes."""
+        """Flush and close (aborts nothing: a GOAWAY queued last still leaves). After an
+        error the connection is ``_end``'s to close."""
         self.flush()
-        if self.transport is not None and self._linger is None:
+        if self.transport is not None and self.core.error is None:
             self.transport.close()
 
     async def send_body(

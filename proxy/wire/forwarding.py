@@ -20,7 +20,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy.h2.core import Fields
-from proxy.h2.server import StreamWriter
+from proxy.h2.server import StreamTransport, StreamWriter
 from proxy.h2.upstream import HTTP1, H2Response, H2Upstream, Http1
 from proxy.observe import log
 from proxy.observe.outcome import Observer, Outcome
@@ -195,9 +195,14 @@ class Forwarder:
             response = await self._forward(request, target, outcome, expect)
         except asyncio.CancelledError as exc:
             # Shutdown cancels handlers still running after its backstop (the drain was
-            # skipped or timed out): whatever the client got is cut short.
+            # skipped or timed out): whatever the client got is cut short. An HTTP/2
+            # client cancels a stream's request by resetting the stream or leaving.
             outcome.timings.settle(perf_counter())
-            outcome.fail(errors.CUT_AT_SHUTDOWN, exc)
+            cancelled = request.transport
+            if isinstance(cancelled, StreamTransport) and cancelled.cancelled_by_client:
+                outcome.fail(errors.CLIENT_DISCONNECTED, exc)
+            else:
+                outcome.fail(errors.CUT_AT_SHUTDOWN, exc)
             raise
         finally:
             # A WebSocket's handshake ends at its 101: that is the request logged here.
