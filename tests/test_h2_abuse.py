@@ -243,10 +243,17 @@ def empty_data_flood(frames: Frames, count: int) -> Iterator[bytes]:
 
 
 def too_many_streams(frames: Frames, count: int) -> Iterator[bytes]:
-    """``count`` streams opened at once, ignoring the advertised
-    SETTINGS_MAX_CONCURRENT_STREAMS; the origin holds each answer for a minute."""
+    """``count`` streams opened at once by a client that has not acknowledged the proxy's
+    SETTINGS; the origin holds each answer for a minute."""
     for stream_id in range(1, 2 * count, 2):
         yield frames.headers(stream_id, frames.block(HELD))
+
+
+def too_many_streams_acknowledged(frames: Frames, count: int) -> Iterator[bytes]:
+    """The same after acknowledging both SETTINGS frames the proxy sends first: the
+    advertised SETTINGS_MAX_CONCURRENT_STREAMS knowingly ignored."""
+    yield SettingsFrame(0, flags=["ACK"]).serialize() * 2
+    yield from too_many_streams(frames, count)
 
 
 Abuse = Callable[[Frames, int], Iterator[bytes]]
@@ -345,8 +352,9 @@ ABUSES: list[tuple[str, Abuse, int, str, ErrorCodes]] = [
     ("h2c", ping_flood, 100_000, "ping_flood", ErrorCodes.ENHANCE_YOUR_CALM),
     ("h2", priority_flood, 10_000, "priority_flood", ErrorCodes.ENHANCE_YOUR_CALM),
     ("h2c", empty_data_flood, 10_000, "empty_data_flood", ErrorCodes.ENHANCE_YOUR_CALM),
-    ("h2", too_many_streams, 1000, "too_many_streams", ErrorCodes.PROTOCOL_ERROR),
-    ("h2c", too_many_streams, 1000, "too_many_streams", ErrorCodes.PROTOCOL_ERROR),
+    # Streams past a limit not yet acknowledged are refused, up to a budget (REFUSALS).
+    ("h2", too_many_streams, 1000, "too_many_streams", ErrorCodes.ENHANCE_YOUR_CALM),
+    ("h2c", too_many_streams_acknowledged, 1000, "too_many_streams", ErrorCodes.PROTOCOL_ERROR),
 ]
 
 
@@ -386,6 +394,10 @@ async def test_abuse_ends_its_connection_and_spares_the_others(
     await until(lambda: len(victim_lines(child)) == 11)  # logged after the abuse was
     assert [line["reason"] for line in child.events("h2_connection_closed")] == [reason]
     if abuse is too_many_streams:
+        refused = [f for f in got if isinstance(f, RstStreamFrame)]
+        assert refused
+        assert {f.error_code for f in refused} == {ErrorCodes.REFUSED_STREAM}
+    if abuse in (too_many_streams, too_many_streams_acknowledged):
         # The advertised limit held: no more streams than it reached the origin.
         assert len(origin.versions) - len(victim_lines(child)) <= LIMIT
 
@@ -489,3 +501,36 @@ async def test_a_stream_reset_mid_request_is_cancelled_and_logged_as_the_clients
     finally:
         await client.close()
     assert (line["path"], line["status"], line["error"]) == ("/grpc", 499, "client_disconnected")
+
+
+async def test_a_thousand_streams_within_the_advertised_limit_are_all_answered(
+    child: Child,
+) -> None:
+    """1,000 streams on one connection from a client that keeps to the 100 the proxy
+    advertises: each is answered, and the proxy's memory stays bounded (printed)."""
+    client = await connect(child, "h2")
+    authority = child.tls.authority
+    for _ in range(10):  # the proxy's SETTINGS: its stream limit comes in the second
+        if client.h2.remote_settings.max_concurrent_streams == LIMIT:
+            break
+        await client.pump()
+    assert client.h2.remote_settings.max_concurrent_streams == LIMIT
+    before = rss_mb(child.process.pid)
+    waiting, running, answered = 1000, set[int](), 0
+    try:
+        async with asyncio.timeout(120):
+            while waiting or running:
+                while waiting and len(running) < client.h2.remote_settings.max_concurrent_streams:
+                    running.add(client.start(h2_client.get(authority, f"/echo/{waiting}")))
+                    waiting -= 1
+                await client.pump()
+                done = running & client.ended
+                answered += sum(client.answers.pop(sid).status == 200 for sid in done)
+                running -= done
+                assert not client.closed
+    finally:
+        await client.close()
+    after = rss_mb(child.process.pid)
+    print(f"1,000 streams on one connection: RSS {before:.1f} -> {after:.1f} MiB")
+    assert answered == 1000
+    assert after - before < RSS_GROWTH_CAP_MB

@@ -249,11 +249,39 @@ def test_hpack_bomb_is_refused() -> None:
 
 
 def test_too_many_streams_is_refused() -> None:
-    """Past SETTINGS_MAX_CONCURRENT_STREAMS the connection ends, counted as too_many_streams."""
+    """Past an acknowledged SETTINGS_MAX_CONCURRENT_STREAMS the connection ends, counted as
+    too_many_streams (h2's connection error, as nghttp2's)."""
     server = raw_client(Limits(max_concurrent_streams=10))
+    server.receive(SettingsFrame(0, flags=["ACK"]).serialize() * 2)  # both our SETTINGS
     opened = b"".join(headers_frame(stream, end_stream=False) for stream in range(1, 25, 2))
     server.receive(opened)
     assert server.error == "too_many_streams"
+    goaway = _frames(server.outbound())[-1]
+    assert isinstance(goaway, GoAwayFrame)
+    assert goaway.error_code == ErrorCodes.PROTOCOL_ERROR
+
+
+def test_streams_past_a_limit_not_yet_acknowledged_are_refused() -> None:
+    """A client that has not seen our limit yet gets REFUSED_STREAM for the streams past it
+    (RFC 9113 §5.1.2), the connection lives; past the refusals' budget it ends."""
+    server = raw_client(Limits(max_concurrent_streams=10))
+    server.outbound()
+    opened = b"".join(headers_frame(stream, end_stream=False) for stream in range(1, 25, 2))
+    heads = [e for e in server.receive(opened) if isinstance(e, core.Head)]
+    assert [head.stream_id for head in heads] == list(range(1, 21, 2))
+    assert server.error is None
+    refused = [f for f in _frames(server.outbound()) if isinstance(f, RstStreamFrame)]
+    assert [(f.stream_id, f.error_code) for f in refused] == [
+        (21, ErrorCodes.REFUSED_STREAM),
+        (23, ErrorCodes.REFUSED_STREAM),
+    ]
+    budget = int(core.REFUSALS.burst)
+    flood = b"".join(headers_frame(s, end_stream=False) for s in range(25, 25 + 2 * budget, 2))
+    server.receive(flood)
+    assert server.error == "too_many_streams"
+    goaway = _frames(server.outbound())[-1]
+    assert isinstance(goaway, GoAwayFrame)
+    assert goaway.error_code == ErrorCodes.ENHANCE_YOUR_CALM
 
 
 def test_reasons_are_a_bounded_set() -> None:

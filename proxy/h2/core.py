@@ -94,6 +94,11 @@ BUDGETS: Final[dict[int, tuple[Budget, Callable[[int, int], bool]]]] = {
     DATA: (Budget("empty_data_flood", 200, 100), _empty_not_last),
 }
 CONTINUATION_FLOOD: Final = "continuation_flood"
+# Streams past SETTINGS_MAX_CONCURRENT_STREAMS before the client has acknowledged it are
+# refused (REFUSED_STREAM, RFC 9113 §5.1.2: it may not have seen the limit yet). Each costs a
+# header block decoded and a RST_STREAM written, as a rapid reset does: past this budget the
+# connection ends. After the acknowledgement, h2 ends it at the first one (too_many_streams).
+REFUSALS: Final = Budget("too_many_streams", 200, 100)
 
 # h2's refusals -> reason; the first matching class wins (subclasses first).
 _H2_ERRORS: Final[tuple[tuple[type[Exception], str], ...]] = (
@@ -106,7 +111,7 @@ _H2_ERRORS: Final[tuple[tuple[type[Exception], str], ...]] = (
 REASONS: Final = (
     *(budget.reason for budget, _ in BUDGETS.values()),
     CONTINUATION_FLOOD,
-    *(reason for _, reason in _H2_ERRORS),
+    *(reason for _, reason in _H2_ERRORS),  # too_many_streams: REFUSALS' reason too
 )
 
 
@@ -216,7 +221,8 @@ class H2Core:
         self.going_away = False  # GOAWAY sent or received: no new streams
         self._last_stream_id = 2**31 - 1  # streams above it were opened after our GOAWAY
         self._extra = b""  # frames written by hand, and what h2 had queued before them
-        self._buckets: dict[int, _Bucket] = {}
+        self._buckets: dict[Budget, _Bucket] = {}
+        self._refused: str | None = None  # set when refusals ran out of their budget
         self._peer_settings = False  # the peer's first SETTINGS frame has come
         # Frame scanning state (RFC 9113 §4.1): bytes of the current frame still to skip,
         # a frame head split across reads, the header block being counted.
@@ -232,7 +238,6 @@ class H2Core:
         h2c.local_settings = h2.settings.Settings(
             client=self.client_side,
             initial_values={
-                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: limits.max_concurrent_streams,
                 h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: limits.stream_window,
                 h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: limits.max_header_list,
                 h2.settings.SettingCodes.ENABLE_PUSH: 0,
@@ -242,6 +247,12 @@ class H2Core:
         # h2 only copies an acknowledged change to its decoder: the HPACK limit is set here.
         h2c.decoder.max_header_list_size = limits.max_header_list
         h2c.initiate_connection()
+        # The stream limit in a SETTINGS frame of its own: h2 enforces it (with a connection
+        # error) only once the peer has acknowledged it; until then ``_event`` refuses the
+        # streams past it.
+        h2c.update_settings(
+            {h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: limits.max_concurrent_streams}
+        )
         # The connection window starts at 65,535 whatever the settings (RFC 9113 §6.9.2).
         extra = limits.connection_window - 65_535
         if extra > 0:
@@ -262,8 +273,12 @@ class H2Core:
             self._ended(next(reason for cls, reason in _H2_ERRORS if isinstance(exc, cls)))
             return []
         events = [e for e in map(self._event, raw) if e is not None]
-        if over is not None:
-            self._calm(over[1])
+        refused = self._past_limit(raw)
+        if refused:
+            events = [e for e in events if getattr(e, "stream_id", 0) not in refused]
+        reason = over[1] if over is not None else self._refused
+        if reason is not None:
+            self._calm(reason)
         return events
 
     def _scan(self, data: bytes) -> tuple[int, str] | None:
@@ -296,12 +311,8 @@ class H2Core:
                 if rule is not None and rule[1](flags, length):
                     if now < 0.0:
                         now = self._clock()
-                    budget = rule[0]
-                    bucket = self._buckets.get(kind)
-                    if bucket is None:
-                        bucket = self._buckets[kind] = _Bucket(budget, now)
-                    if not bucket.take(budget, now):
-                        return max(pos - shift, 0), budget.reason
+                    if not self._take(rule[0], now):
+                        return max(pos - shift, 0), rule[0].reason
             pos += _FRAME_HEAD + length
         if pos >= size:
             self._skip = pos - size
@@ -309,6 +320,12 @@ class H2Core:
             self._skip = 0
             self._carry = bytes(view[pos:])
         return None
+
+    def _take(self, budget: Budget, now: float) -> bool:
+        bucket = self._buckets.get(budget)
+        if bucket is None:
+            bucket = self._buckets[budget] = _Bucket(budget, now)
+        return bucket.take(budget, now)
 
     def _event(self, e: h2.events.Event) -> Event | None:
         """Our event for h2's, None for what needs no action (h2 answers PINGs itself)."""
@@ -342,6 +359,27 @@ class H2Core:
             self.going_away = True
             return GoneAway(e.last_stream_id or 0, int(e.error_code or 0))
         return None
+
+    def _past_limit(self, raw: list[h2.events.Event]) -> set[int]:
+        """Refuse the streams opened in this read that are past the stream limit, newest
+        first (``REFUSALS``; only until the client has acknowledged it: after, h2 ends the
+        connection at the first). h2 has read the whole buffer by now, so its open count is
+        the one after it."""
+        opened = [e.stream_id for e in raw if isinstance(e, h2.events.RequestReceived)]
+        if not opened:
+            return set()
+        h2c = self._h2
+        excess = h2c.open_inbound_streams - self.limits.max_concurrent_streams
+        if excess <= 0:
+            return set()
+        # After open_inbound_streams, h2 holds only the streams still open: a stream the
+        # client opened and reset in this read takes no place.
+        refused = [sid for sid in opened if sid in h2c.streams][-excess:]
+        for sid in refused:
+            self.reset(sid, ErrorCodes.REFUSED_STREAM)
+            if not self._take(REFUSALS, self._clock()):
+                self._refused = REFUSALS.reason
+        return set(refused)
 
     def _ended(self, reason: str) -> None:
         self.error = reason
