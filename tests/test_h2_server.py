@@ -101,12 +101,21 @@ async def test_h2c_download_is_byte_exact(start_proxy: StartProxy, h2c_origin: H
     assert out == pattern(5 << 20)
 
 
-async def test_h2c_refused_when_http2_is_off(start_proxy: StartProxy, origin: Origin) -> None:
-    """With --http2 false the preface is not served: curl fails, nothing is forwarded."""
-    proxy = await h2c_proxy(start_proxy, origin, http2=False)
-    code, _, _ = await curl("--http2-prior-knowledge", "-p", "-x", proxy.url, origin.url("/echo"))
-    assert code != 0
-    assert proxy.sample("proxy_upstream_requests_total", host=origin.authority) is None
+async def test_h2c_with_http2_off_is_spliced(
+    start_proxy: StartProxy, h2c_origin: H2Origin, logs: LogCapture
+) -> None:
+    """With --http2 false curl's h2c preface is relayed untouched: the h2c origin answers it,
+    the proxy shows a tunnel, no request."""
+    proxy = await h2c_proxy(start_proxy, h2c_origin, http2=False)
+    url = f"http://127.0.0.1:{h2c_origin.port}/echo"
+    code, out, err = await curl("--http2-prior-knowledge", "-p", "-x", proxy.url, url)
+    assert code == 0, err
+    assert json.loads(out)["version"] == "2"
+    (line,) = await logs.wait_for("tunnel")
+    assert line["bytes_out"] > 0
+    assert logs.events("access") == []
+    host = f"127.0.0.1:{h2c_origin.port}"
+    assert proxy.sample("proxy_intercept_splices_total", host=host, reason="h2c") == 1
 
 
 async def test_httpx_http2_through_interception(

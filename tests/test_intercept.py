@@ -1286,17 +1286,23 @@ async def test_ca_that_expires_while_running_raises_a_traceback(
     assert [line["outcome"] for line in await logs.wait_for("tunnel", 2)] == ["closed"] * 2
 
 
-async def test_h2c_preface_is_refused_with_its_reason(
+async def test_h2c_preface_is_spliced_when_http2_is_off(
     start_proxy: StartProxy, origin: Origin, logs: LogCapture
 ) -> None:
     """HTTP/2 with prior knowledge inside a CONNECT, with no h2c server registered (HTTP/2
-    serving off): closed, nothing dialled, and the tunnel line says why."""
+    serving off): relayed to the target untouched (this origin, HTTP/1.1 only, answers it
+    itself), counted as a splice, nothing forwarded."""
     proxy = await start_proxy(connect_http_ports=(origin.port,), http2=False)
     answer = await _exchange_in_tunnel(proxy, origin.authority, H2_PREFACE)
-    assert answer == b""
+    # aiohttp's own answer to the preface, not one of ours:
+    assert answer.startswith(b"HTTP/1.0 400 Bad Request\r\n")
+    assert b"Pause on PRI/Upgrade" in answer
+    assert b"Proxy-Status" not in answer
     (line,) = await logs.wait_for("tunnel")
-    assert line["outcome"] == "refused"
-    assert "h2c" in line["details"]
+    assert (line["outcome"], line["bytes_in"]) == ("closed", len(H2_PREFACE))
+    host = origin.authority
+    assert proxy.sample("proxy_intercept_splices_total", host=host, reason="h2c") == 1
+    assert logs.events("access") == []
 
 
 class _Toy(asyncio.Protocol):
