@@ -308,3 +308,37 @@ async def test_insecure_grpc_with_http2_off_is_refused(
     host = f"localhost:{port}"
     assert proxy.sample("proxy_intercept_splices_total", host=host, reason="h2c") == 1
     assert logs.events("access") == []
+
+
+async def test_grpc_client_that_rejects_the_ca_without_an_alert_is_spliced_on_its_retry(
+    start_proxy: StartProxy,
+    ca_files: CAFiles,
+    tls_ca_file: str,
+    grpc_origin: GrpcOrigin,
+    logs: LogCapture,
+) -> None:
+    """A channel that trusts only the origin's CA hangs up on our leaf without an alert: its
+    first call fails, the rejection is counted, and its reconnect is spliced and works."""
+    port = grpc_origin.tls_port
+    proxy = await intercepting_proxy(start_proxy, ca_files, tls_ca_file, port)
+
+    def calls() -> tuple[grpc.StatusCode, bytes]:
+        with tls_channel(proxy, port, tls_ca_file) as channel:
+            unary = channel.unary_unary("/pkg.Svc/Unary")
+            try:
+                unary(b"first", timeout=10)
+                code = grpc.StatusCode.OK
+            except grpc.RpcError as exc:
+                code = exc.code()
+            # The channel reconnects after its backoff (about a second): wait for it.
+            return code, unary(b"again", timeout=20, wait_for_ready=True)
+
+    assert await in_thread(calls) == (grpc.StatusCode.UNAVAILABLE, b"hello again")
+    rejected, spliced = await logs.wait_for("tunnel", 2)
+    assert rejected["outcome"] == "tls_failed"
+    assert spliced["outcome"] == "closed"
+    assert spliced["bytes_out"] > 0
+    host = f"localhost:{port}"
+    # It checks our certificate before its Finished: it hangs up during our handshake.
+    assert proxy.sample("proxy_intercept_failures_total", host=host, reason="closed") == 1
+    assert logs.events("access") == []
