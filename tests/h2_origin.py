@@ -4,9 +4,10 @@ hypercorn speaks h2 (TLS, ALPN), h2c with prior knowledge and HTTP/1.1 on one bi
 
 - ``/echo``: JSON of the method, path, fields, body length and sha256, and HTTP version;
 - ``/stream?size=N``: N pattern bytes;
-- ``/grpc?status=S&messages=N&gap_ms=G&head_ms=H``: gRPC-shaped: head after H ms, N
-  messages G ms apart, then trailers ``grpc-status: S`` (sent only to a request with
-  ``te: trailers``, as hypercorn does).
+- ``/grpc?status=S&messages=N&gap_ms=G&head_ms=H``: gRPC-shaped: head after H ms (a client
+  that resets the stream meanwhile is counted in ``disconnects``), N messages G ms apart,
+  then trailers ``grpc-status: S`` (sent only to a request with ``te: trailers``, as
+  hypercorn does).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class H2Origin:
     port: int
     versions: list[str] = field(default_factory=list)  # HTTP version of each request
     peers: set[int] = field(default_factory=set)  # client ports: one per connection
+    disconnects: int = 0  # requests whose client went (reset the stream) while held
 
     @property
     def authority(self) -> str:
@@ -68,7 +70,14 @@ def _app(state: H2Origin) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
             await send({"type": "http.response.start", "status": 200, "headers": []})
             await send({"type": "http.response.body", "body": body})
         elif path == "/grpc":
-            await asyncio.sleep(int(query.get("head_ms", "0")) / 1000)
+            try:  # the head is held back, unless the client goes first
+                gone = await asyncio.wait_for(receive(), int(query.get("head_ms", "0")) / 1000)
+            except TimeoutError:
+                pass
+            else:
+                if gone["type"] == "http.disconnect":
+                    state.disconnects += 1
+                    return
             headers = [(b"content-type", b"application/grpc")]
             await send(
                 {"type": "http.response.start", "status": 200, "headers": headers, "trailers": True}

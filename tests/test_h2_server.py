@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 import trustme
+from h2.errors import ErrorCodes
 
 from tests import h2_client, test_intercept
 from tests.conftest import LogCapture, Origin, RunningProxy, pattern
@@ -20,6 +21,7 @@ from tests.test_limits import until
 from tests.tls import TLSOrigin
 
 StartProxy = Callable[..., Awaitable[RunningProxy]]
+TE_TRAILERS = (b"te", b"trailers")
 
 # The interception fixtures: a CA, a TLS origin, a proxy intercepting it.
 ca_files = test_intercept.ca_files
@@ -292,3 +294,28 @@ async def test_grpc_to_an_http1_only_origin_is_a_clear_502(
     assert b"error=http_protocol_error" in status
     (line,) = await logs.wait_for("access")
     assert line["error"] == "http_protocol_error"
+
+
+async def test_client_reset_before_the_answer_leaves_the_upstream_stream_waiting(
+    intercepting_h2: RunningProxy, ca_files: CAFiles, tls_h2_origin: H2Origin, logs: LogCapture
+) -> None:
+    """A client that resets its stream while the origin holds the head back: the upstream
+    stream is reset at once (the origin sees the client go) and the call is logged 499."""
+    client = await h2_client.connect(
+        intercepting_h2.server.proxy_address.port,  # type: ignore[union-attr]
+        tls_h2_origin.authority,
+        ca_files.client_context(),
+    )
+    try:
+        sid = client.start(
+            h2_client.get(tls_h2_origin.authority, "/grpc?head_ms=8000", "https", TE_TRAILERS)
+        )
+        await until(lambda: len(tls_h2_origin.versions) == 1)  # the origin holds it now
+        client.h2.reset_stream(sid, ErrorCodes.CANCEL)
+        client.flush()
+        (line,) = await logs.wait_for("access")
+        await until(lambda: tls_h2_origin.disconnects == 1)
+    finally:
+        await client.close()
+    assert (line["status"], line["error"]) == (499, "client_disconnected")
+    assert line["ttfb_ms"] is None

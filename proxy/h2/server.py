@@ -40,6 +40,9 @@ from proxy.observe import log
 from proxy.wire.inner import InnerStream
 
 HTTP2: Final = HttpVersion(2, 0)
+# What a stream's handler is cancelled with when its client resets the stream: the request
+# is over (RFC 9113 §8.1), so the forwarder stops, logs a 499 and resets its upstream stream.
+CLIENT_RESET: Final = "the client reset the stream"
 
 # RFC 9113 §8.2.2: connection-specific fields never appear in HTTP/2 (TE only as "trailers").
 CONNECTION_SPECIFIC: Final = frozenset(
@@ -314,12 +317,16 @@ class H2Server(H2Connection):
 
     def _reset_by_client(self, sid: int) -> None:
         self.stream_gone(sid)
-        stream = self._streams.get(sid)
+        stream = self._streams.pop(sid, None)
         if stream is None:
             return
         stream.transport.ended = True
         if not stream.body.is_eof():
-            stream.body.set_exception(ConnectionResetError("the client reset the stream"))
+            stream.body.set_exception(ConnectionResetError(CLIENT_RESET))
+        if stream.task is not None:
+            stream.task.cancel(CLIENT_RESET)  # (one not yet started never runs)
+        if self.core.going_away and not self._streams:
+            self.close()
 
     # -- sending (for the stream writers) ----------------------------------------------
 

@@ -20,7 +20,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy.h2.core import Fields
-from proxy.h2.server import StreamWriter
+from proxy.h2.server import CLIENT_RESET, StreamWriter
 from proxy.h2.upstream import HTTP1, H2Response, H2Upstream, Http1
 from proxy.observe import log
 from proxy.observe.outcome import Observer, Outcome
@@ -194,10 +194,12 @@ class Forwarder:
         try:
             response = await self._forward(request, target, outcome, expect)
         except asyncio.CancelledError as exc:
-            # Shutdown cancels handlers still running after its backstop (the drain was
-            # skipped or timed out): whatever the client got is cut short.
+            # An HTTP/2 client's RST_STREAM cancels its stream's handler. Otherwise shutdown
+            # cancels handlers still running after its backstop (the drain was skipped or
+            # timed out): whatever the client got is cut short.
             outcome.timings.settle(perf_counter())
-            outcome.fail(errors.CUT_AT_SHUTDOWN, exc)
+            reset = exc.args == (CLIENT_RESET,)
+            outcome.fail(errors.CLIENT_DISCONNECTED if reset else errors.CUT_AT_SHUTDOWN, exc)
             raise
         finally:
             # A WebSocket's handshake ends at its 101: that is the request logged here.
