@@ -23,9 +23,13 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs
 
+import h2.config
+import h2.connection
+import h2.events
 import trustme
 from hypercorn.asyncio import serve
 from hypercorn.config import Config
+from hyperframe.frame import GoAwayFrame
 
 from tests.conftest import pattern
 
@@ -151,3 +155,61 @@ def client_context(ca: trustme.CA) -> ssl.SSLContext:
     context = ssl.create_default_context()
     ca.configure_trust(context)
     return context
+
+
+@dataclass
+class GoAwayOrigin:
+    port: int
+    connections: int = 0
+
+    @property
+    def authority(self) -> str:
+        return f"localhost:{self.port}"
+
+
+@contextlib.asynccontextmanager
+async def goaway_origin(ca: trustme.CA) -> AsyncIterator[GoAwayOrigin]:
+    """An h2 origin (TLS, a leaf for ``localhost``) that shuts each connection down gracefully
+    in the middle of its first response: head, ``before ``, GOAWAY naming that stream (RFC
+    9113 §6.8), 100 ms, ``after`` and trailers ``grpc-status: 0``; then it closes."""
+    state = GoAwayOrigin(0)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost", "127.0.0.1").configure_cert(context)
+    context.set_alpn_protocols(["h2"])
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        state.connections += 1
+        config = h2.config.H2Configuration(client_side=False, header_encoding=None)
+        connection = h2.connection.H2Connection(config)
+        connection.initiate_connection()
+        writer.write(connection.data_to_send())
+        try:
+            while True:
+                data = await asyncio.wait_for(reader.read(65536), 10)
+                if not data:
+                    return
+                for event in connection.receive_data(data):
+                    if isinstance(event, h2.events.RequestReceived):
+                        sid = event.stream_id
+                        connection.send_headers(sid, [(b":status", b"200")])
+                        connection.send_data(sid, b"before ")
+                        writer.write(connection.data_to_send())
+                        # By hand: h2's own close_connection would end its state machine.
+                        writer.write(GoAwayFrame(0, last_stream_id=sid).serialize())
+                        await asyncio.sleep(0.1)
+                        connection.send_data(sid, b"after")
+                        connection.send_headers(sid, [(b"grpc-status", b"0")], end_stream=True)
+                        writer.write(connection.data_to_send())
+                        await writer.drain()
+                        return
+                writer.write(connection.data_to_send())
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=context)
+    state.port = server.sockets[0].getsockname()[1]
+    try:
+        yield state
+    finally:
+        server.close()
+        await asyncio.wait_for(server.wait_closed(), 5)

@@ -14,7 +14,7 @@ from h2.errors import ErrorCodes
 
 from tests import h2_client, test_intercept
 from tests.conftest import LogCapture, Origin, RunningProxy, pattern
-from tests.h2_origin import H2Origin, h2_origin
+from tests.h2_origin import H2Origin, goaway_origin, h2_origin
 from tests.test_forwarding import curl
 from tests.test_intercept import CAFiles
 from tests.test_limits import until
@@ -319,3 +319,36 @@ async def test_client_reset_before_the_answer_leaves_the_upstream_stream_waiting
         await client.close()
     assert (line["status"], line["error"]) == (499, "client_disconnected")
     assert line["ttfb_ms"] is None
+
+
+async def test_origin_goaway_kills_the_streams_it_promised_to_finish(
+    start_proxy: StartProxy, ca_files: CAFiles, tls_ca: trustme.CA, tls_ca_file: str
+) -> None:
+    """An origin's graceful GOAWAY in the middle of a response: that stream (named in it)
+    still ends whole, trailers included (RFC 9113 §6.8); the next request gets a new
+    connection."""
+    async with goaway_origin(tls_ca) as origin:
+        proxy = await start_proxy(
+            intercept=("localhost",),
+            ca_cert=ca_files.cert,
+            ca_key=ca_files.key,
+            upstream_ca_file=tls_ca_file,
+            connect_ports=(origin.port,),
+        )
+        client = await h2_client.connect(
+            proxy.server.proxy_address.port,  # type: ignore[union-attr]
+            origin.authority,
+            ca_files.client_context(),
+        )
+        try:
+            answers = [
+                await client.fetch(h2_client.get(origin.authority, "/", "https", TE_TRAILERS))
+                for _ in range(2)
+            ]
+        finally:
+            await client.close()
+    for answer in answers:
+        assert (answer.status, answer.reset) == (200, None)
+        assert answer.body == b"before after"
+        assert answer.trailers == [(b"grpc-status", b"0")]
+    assert origin.connections == 2

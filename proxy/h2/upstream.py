@@ -252,12 +252,23 @@ class H2Client(H2Connection):
         if pending is not None and pending.idle is not None:
             pending.idle.cancel()
         self.stream_gone(sid)
+        self._freed()
+        if self.core.going_away and not self._streams:
+            self.close()  # the origin's GOAWAY, and its last stream is done
+
+    def _freed(self) -> None:
+        """Wake whoever waits for a stream slot (or for this connection to stop counting)."""
         self.slot_freed.set()
         self.slot_freed = asyncio.Event()
 
     def _gone_away(self, last: int) -> None:
+        """RFC 9113 §6.8: streams up to ``last`` still finish here; those above it were not
+        processed; no new stream goes on this connection."""
         for sid in [sid for sid in self._streams if sid > last]:
             self._fail(sid, aiohttp.ServerDisconnectedError("the origin went away (GOAWAY)"))
+        self._freed()  # a waiter may dial a new connection now
+        if not self._streams:
+            self.close()
 
     def reset(self, sid: int, code: int) -> None:
         self.core.reset(sid, code)
