@@ -115,8 +115,9 @@ def _app(state: H2Origin) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
 
 
 @contextlib.asynccontextmanager
-async def h2_origin(ca: trustme.CA | None) -> AsyncIterator[H2Origin]:
-    """hypercorn on 127.0.0.1 (TLS with a ``localhost`` certificate from ``ca``, or plain)."""
+async def h2_origin(ca: trustme.CA | None, max_streams: int = 100) -> AsyncIterator[H2Origin]:
+    """hypercorn on 127.0.0.1 (TLS with a ``localhost`` certificate from ``ca``, or plain),
+    allowing ``max_streams`` concurrent streams per connection."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     state = H2Origin(sock.getsockname()[1])
@@ -125,6 +126,7 @@ async def h2_origin(ca: trustme.CA | None) -> AsyncIterator[H2Origin]:
     config.accesslog = None
     config.errorlog = None
     config.graceful_timeout = 0.5
+    config.h2_max_concurrent_streams = max_streams
     files: list[Any] = []
     if ca is not None:
         leaf = ca.issue_cert("localhost", "127.0.0.1")

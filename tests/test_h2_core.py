@@ -7,6 +7,7 @@ from collections.abc import Callable
 import h2.config
 import h2.connection
 import h2.events
+import h2.settings
 import pytest
 from h2.errors import ErrorCodes
 from hyperframe.frame import (
@@ -363,3 +364,22 @@ def test_goaway_inside_a_header_block_is_a_protocol_error() -> None:
     frame.flags.add("END_STREAM")
     server.receive(frame.serialize() + goaway(0))
     assert server.error == "protocol_error"
+
+
+def test_one_stream_until_the_peer_states_its_limit() -> None:
+    """Before the origin's first SETTINGS a client core opens one stream (h2 alone would
+    assume no limit); after it, the origin's SETTINGS_MAX_CONCURRENT_STREAMS."""
+    client = H2Core(client_side=True, clock=Clock())
+    client.start()
+    assert client.can_open()
+    client.send_head(client.next_stream_id(), REQUEST, end=True)
+    assert not client.can_open()
+    server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    server.local_settings = h2.settings.Settings(
+        client=False, initial_values={h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 2}
+    )
+    server.initiate_connection()
+    client.receive(server.data_to_send())
+    assert client.can_open()
+    client.send_head(client.next_stream_id(), REQUEST, end=True)
+    assert not client.can_open()

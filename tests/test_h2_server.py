@@ -352,3 +352,48 @@ async def test_origin_goaway_kills_the_streams_it_promised_to_finish(
         assert answer.body == b"before after"
         assert answer.trailers == [(b"grpc-status", b"0")]
     assert origin.connections == 2
+
+
+async def test_stream_waiting_for_a_slot_under_a_stream_limit_of_one_deadlocks(
+    start_proxy: StartProxy,
+    ca_files: CAFiles,
+    tls_ca: trustme.CA,
+    tls_ca_file: str,
+    logs: LogCapture,
+) -> None:
+    """The origin allows one stream at a time, the proxy one connection to it: a second call
+    waits for the first one's slot (not for a dial the pool limit forbids), and that wait is
+    its queue phase; it rides the same connection."""
+    async with h2_origin(tls_ca, max_streams=1) as origin:
+        proxy = await start_proxy(
+            intercept=("localhost",),
+            ca_cert=ca_files.cert,
+            ca_key=ca_files.key,
+            upstream_ca_file=tls_ca_file,
+            connect_ports=(origin.port,),
+            pool_limit_per_host=1,
+            pool_wait_timeout=5.0,
+        )
+        client = await h2_client.connect(
+            proxy.server.proxy_address.port,  # type: ignore[union-attr]
+            origin.authority,
+            ca_files.client_context(),
+        )
+        try:
+            held = client.start(
+                h2_client.get(origin.authority, "/grpc?head_ms=300", "https", TE_TRAILERS)
+            )
+            second = client.start(h2_client.get(origin.authority, "/grpc", "https", TE_TRAILERS))
+            answers = [await client.wait(held), await client.wait(second)]
+        finally:
+            await client.close()
+    assert [(a.status, a.trailers[:1]) for a in answers] == [(200, [(b"grpc-status", b"0")])] * 2
+    first, waited = await logs.wait_for("access", 2)  # in the order they ended
+    assert first["reused"] is False
+    assert waited["queue_ms"] >= 300  # the first held its head (and its slot) 300 ms
+    assert waited["reused"] is True
+    assert (waited["dns_ms"], waited["connect_ms"], waited["tls_ms"]) == (None, None, None)
+    assert len(origin.peers) == 1
+    queued = proxy.sample("proxy_upstream_queue_seconds_sum", host=origin.authority)
+    assert queued is not None
+    assert queued >= 0.3

@@ -212,6 +212,7 @@ class H2Core:
         self._clock = clock
         self.error: str | None = None  # why the connection was ended, once it was
         self.going_away = False  # GOAWAY sent or received: no new streams
+        self._settled = False  # the peer's first SETTINGS has come
         self._last_stream_id = _NO_GOAWAY  # streams above it were opened after our GOAWAY
         self._extra = b""  # frames written by hand, and what h2 had queued before them
         self._buckets: dict[int, _Bucket] = {}
@@ -353,8 +354,11 @@ class H2Core:
             if padding:
                 self.ack(sid, padding)  # padding is never passed on: return it at once
             return Data(sid, data) if data else None
-        if isinstance(e, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
-            return Window(sid)  # settings may change every window, or the stream limit: 0
+        if isinstance(e, h2.events.RemoteSettingsChanged):
+            self._settled = True
+            return Window(0)  # settings may change every window, or the stream limit
+        if isinstance(e, h2.events.WindowUpdated):
+            return Window(sid)
         if isinstance(e, h2.events.StreamEnded):
             return End(sid)
         if isinstance(e, h2.events.RequestReceived | h2.events.ResponseReceived):
@@ -384,12 +388,14 @@ class H2Core:
         return self._h2.get_next_available_stream_id()
 
     def can_open(self) -> bool:
-        """Client side: the peer's SETTINGS_MAX_CONCURRENT_STREAMS allows one more stream."""
+        """Client side: the peer's SETTINGS_MAX_CONCURRENT_STREAMS allows one more stream.
+
+        Until the peer's first SETTINGS has come, one stream: h2 would assume no limit, and a
+        peer allowing fewer than we open would refuse streams (RFC 9113 §5.1.2).
+        """
         h2c = self._h2
-        return (
-            not self.going_away
-            and h2c.open_outbound_streams < h2c.remote_settings.max_concurrent_streams
-        )
+        most = h2c.remote_settings.max_concurrent_streams if self._settled else 1
+        return not self.going_away and h2c.open_outbound_streams < most
 
     @property
     def open_streams(self) -> int:

@@ -97,8 +97,7 @@ class H2Connection(asyncio.Protocol):
         for event in h2core.receive(data):
             if isinstance(event, core.Window):
                 self._wake(event.stream_id)
-            else:
-                self.on_event(event)
+            self.on_event(event)
         self.flush()
         if h2core.error is not None:
             self.on_error(h2core.error)

@@ -43,8 +43,7 @@ from proxy.rules.errors import PoolWaitExceeded
 
 HTTP2: Final = HttpVersion(2, 0)
 _KEPT: Final = 4096  # origins whose ALPN answer is remembered at once
-# A new connection is dialled when every one is at the peer's stream limit, up to this many.
-_CONNECTIONS_PER_ORIGIN: Final = 8
+_CONNECTIONS_PER_ORIGIN: Final = 8  # at most (H2Upstream._most)
 # Requests are framed by HTTP/2 itself (RFC 9113 §8.2.2): these never go upstream.
 _NOT_FORWARDED: Final = frozenset({"host", "connection", "transfer-encoding", "te", "upgrade"})
 
@@ -202,6 +201,10 @@ class H2Client(H2Connection):
         if isinstance(event, core.GoneAway):
             self._gone_away(event.last_stream_id)
             return
+        if isinstance(event, core.Window):
+            if event.stream_id == 0:
+                self._freed()  # new SETTINGS may allow more streams
+            return
         if pending is None:
             if isinstance(event, core.Data):
                 self.core.ack(event.stream_id, len(event.data))
@@ -309,6 +312,11 @@ class H2Upstream:
         self._pool_wait = pool_wait_timeout
         self._remember = remember_seconds
         self._http1: dict[tuple[str, int], float] = {}  # origin -> until (its ALPN said no)
+        # Connections per origin: another is dialled when every one is at the peer's stream
+        # limit, up to this many; never more than the connector would let us hold, or the
+        # dial would wait for a slot only a connection of ours can give back.
+        per_host = session.connector.limit_per_host if session.connector is not None else 0
+        self._most = min(_CONNECTIONS_PER_ORIGIN, per_host or _CONNECTIONS_PER_ORIGIN)
         self._clients: dict[tuple[str, str, int], list[H2Client]] = {}
         self._dialling: dict[tuple[str, str, int], asyncio.Future[H2Client | Http1]] = {}
 
@@ -352,7 +360,9 @@ class H2Upstream:
         try:
             async with asyncio.timeout(self._pool_wait):
                 while True:
-                    clients = [c for c in self._clients.get(key, []) if c.usable]
+                    # Every open connection counts (one going away still holds its slot in
+                    # the connector); only those that may open a stream are chosen.
+                    clients = [c for c in self._clients.get(key, []) if c.transport is not None]
                     self._clients[key] = clients
                     for client in clients:
                         if client.can_open():
@@ -365,12 +375,9 @@ class H2Upstream:
                         if isinstance(await asyncio.shield(dialling), Http1):
                             return self._over_http1
                         continue
-                    if len(clients) >= _CONNECTIONS_PER_ORIGIN:  # wait for a stream slot
+                    if len(clients) >= self._most:
                         waited = True
-                        await asyncio.wait(
-                            [asyncio.ensure_future(c.slot_freed.wait()) for c in clients],
-                            return_when=asyncio.FIRST_COMPLETED,
-                        )
+                        await _first_freed(clients)
                         continue
                     if waited:
                         timings.queue += perf_counter() - started
@@ -453,6 +460,16 @@ class H2Upstream:
 
     def __repr__(self) -> str:
         return f"<H2Upstream origins={len(self._clients)} http1_only={len(self._http1)}>"
+
+
+async def _first_freed(clients: list[H2Client]) -> None:
+    """Until a stream slot frees on one of ``clients`` (or one closes or goes away)."""
+    waits = [asyncio.ensure_future(client.slot_freed.wait()) for client in clients]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
 
 
 def _request_fields(
