@@ -444,6 +444,7 @@ class ProxyHandler:
                 read_idle_timeout=settings.read_idle_timeout,
                 headers_timeout=settings.response_headers_timeout,
                 pool_wait_timeout=settings.pool_wait_timeout,
+                keepalive_timeout=settings.upstream_keepalive_timeout,
             )
             if settings.http2
             else None

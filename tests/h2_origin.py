@@ -160,9 +160,10 @@ def client_context(ca: trustme.CA) -> ssl.SSLContext:
 
 
 @dataclass
-class GoAwayOrigin:
+class RawH2Origin:
     port: int
-    connections: int = 0
+    connections: int = 0  # accepted
+    closed_by_client: int = 0  # ended by the client (EOF), not by the origin
 
     @property
     def authority(self) -> str:
@@ -170,11 +171,16 @@ class GoAwayOrigin:
 
 
 @contextlib.asynccontextmanager
-async def goaway_origin(ca: trustme.CA) -> AsyncIterator[GoAwayOrigin]:
-    """An h2 origin (TLS, a leaf for ``localhost``) that shuts each connection down gracefully
-    in the middle of its first response: head, ``before ``, GOAWAY naming that stream (RFC
-    9113 §6.8), 100 ms, ``after`` and trailers ``grpc-status: 0``; then it closes."""
-    state = GoAwayOrigin(0)
+async def raw_h2_origin(ca: trustme.CA, *, goaway: bool) -> AsyncIterator[RawH2Origin]:
+    """An h2 origin on h2 itself (TLS, a leaf for ``localhost``): each response is a head,
+    ``before ``, 100 ms, ``after`` and trailers ``grpc-status: 0``.
+
+    With ``goaway`` it shuts each connection down gracefully in the middle of its first
+    response: a GOAWAY naming that stream (RFC 9113 §6.8) goes out after ``before``, and
+    the connection closes once the response is done. Without, it serves until the client
+    closes (counted) or 10 s pass.
+    """
+    state = RawH2Origin(0)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert("localhost", "127.0.0.1").configure_cert(context)
     context.set_alpn_protocols(["h2"])
@@ -189,6 +195,7 @@ async def goaway_origin(ca: trustme.CA) -> AsyncIterator[GoAwayOrigin]:
             while True:
                 data = await asyncio.wait_for(reader.read(65536), 10)
                 if not data:
+                    state.closed_by_client += 1
                     return
                 for event in connection.receive_data(data):
                     if isinstance(event, h2.events.RequestReceived):
@@ -196,14 +203,16 @@ async def goaway_origin(ca: trustme.CA) -> AsyncIterator[GoAwayOrigin]:
                         connection.send_headers(sid, [(b":status", b"200")])
                         connection.send_data(sid, b"before ")
                         writer.write(connection.data_to_send())
-                        # By hand: h2's own close_connection would end its state machine.
-                        writer.write(GoAwayFrame(0, last_stream_id=sid).serialize())
+                        if goaway:
+                            # By hand: h2's close_connection would end its state machine.
+                            writer.write(GoAwayFrame(0, last_stream_id=sid).serialize())
                         await asyncio.sleep(0.1)
                         connection.send_data(sid, b"after")
                         connection.send_headers(sid, [(b"grpc-status", b"0")], end_stream=True)
                         writer.write(connection.data_to_send())
                         await writer.drain()
-                        return
+                        if goaway:
+                            return
                 writer.write(connection.data_to_send())
         finally:
             writer.close()

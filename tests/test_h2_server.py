@@ -14,7 +14,7 @@ from h2.errors import ErrorCodes
 
 from tests import h2_client, test_intercept
 from tests.conftest import LogCapture, Origin, RunningProxy, pattern
-from tests.h2_origin import H2Origin, goaway_origin, h2_origin
+from tests.h2_origin import H2Origin, h2_origin, raw_h2_origin
 from tests.test_forwarding import curl
 from tests.test_intercept import CAFiles
 from tests.test_limits import until
@@ -327,7 +327,7 @@ async def test_origin_goaway_kills_the_streams_it_promised_to_finish(
     """An origin's graceful GOAWAY in the middle of a response: that stream (named in it)
     still ends whole, trailers included (RFC 9113 §6.8); the next request gets a new
     connection."""
-    async with goaway_origin(tls_ca) as origin:
+    async with raw_h2_origin(tls_ca, goaway=True) as origin:
         proxy = await start_proxy(
             intercept=("localhost",),
             ca_cert=ca_files.cert,
@@ -397,3 +397,33 @@ async def test_stream_waiting_for_a_slot_under_a_stream_limit_of_one_deadlocks(
     queued = proxy.sample("proxy_upstream_queue_seconds_sum", host=origin.authority)
     assert queued is not None
     assert queued >= 0.3
+
+
+async def test_idle_upstream_http2_connection_is_kept_forever(
+    start_proxy: StartProxy, ca_files: CAFiles, tls_ca: trustme.CA, tls_ca_file: str
+) -> None:
+    """An upstream HTTP/2 connection with no stream is closed after
+    --upstream-keepalive-timeout, as an idle HTTP/1.1 one is: it holds a pool slot."""
+    async with raw_h2_origin(tls_ca, goaway=False) as origin:
+        proxy = await start_proxy(
+            intercept=("localhost",),
+            ca_cert=ca_files.cert,
+            ca_key=ca_files.key,
+            upstream_ca_file=tls_ca_file,
+            connect_ports=(origin.port,),
+            upstream_keepalive_timeout=0.3,
+        )
+        client = await h2_client.connect(
+            proxy.server.proxy_address.port,  # type: ignore[union-attr]
+            origin.authority,
+            ca_files.client_context(),
+        )
+        try:
+            answer = await client.fetch(h2_client.get(origin.authority, "/", "https", TE_TRAILERS))
+            assert answer.body == b"before after"
+            await until(lambda: origin.closed_by_client == 1)
+            again = await client.fetch(h2_client.get(origin.authority, "/", "https", TE_TRAILERS))
+        finally:
+            await client.close()
+    assert again.body == b"before after"
+    assert origin.connections == 2

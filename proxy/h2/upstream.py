@@ -129,14 +129,28 @@ class H2Client(H2Connection):
     """One multiplexed connection to an origin."""
 
     def __init__(
-        self, connection: Connection, old: asyncio.BaseProtocol, *, limits: Limits, idle: float
+        self,
+        connection: Connection,
+        old: asyncio.BaseProtocol,
+        *,
+        limits: Limits,
+        idle: float,
+        keepalive: float,
     ) -> None:
         super().__init__(H2Core(client_side=True, limits=limits))
         self._connection = connection  # holds the connector's slot until closed
         self._old = old  # aiohttp's protocol: told of the close, as the connector expects
         self._idle = idle  # --read-idle-timeout, between frames of one response
+        # --upstream-keepalive-timeout: with no stream for this long the connection closes
+        # (it holds a slot of the connector, as an idle pooled HTTP/1.1 connection does).
+        self._keepalive = keepalive
+        self._unused: asyncio.TimerHandle | None = None
         self._streams: dict[int, _Pending] = {}
         self.slot_freed: asyncio.Event = asyncio.Event()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._arm_unused()  # until its first stream (the dialler's, unless that one failed)
 
     @property
     def usable(self) -> bool:
@@ -155,6 +169,9 @@ class H2Client(H2Connection):
         core_ = self.core
         sid = core_.next_stream_id()
         pending = self._streams[sid] = _Pending(self._loop, self.body_reader(sid, READER_LIMIT))
+        if self._unused is not None:
+            self._unused.cancel()
+            self._unused = None
         try:
             core_.send_head(sid, fields, end=body is None)
             self.flush()
@@ -256,8 +273,23 @@ class H2Client(H2Connection):
             pending.idle.cancel()
         self.stream_gone(sid)
         self._freed()
-        if self.core.going_away and not self._streams:
+        if self._streams:
+            return
+        if self.core.going_away:
             self.close()  # the origin's GOAWAY, and its last stream is done
+        else:
+            self._arm_unused()
+
+    def _arm_unused(self) -> None:
+        if self._unused is None and self.transport is not None:
+            self._unused = self._loop.call_later(self._keepalive, self._retire)
+
+    def _retire(self) -> None:
+        """Unused for --upstream-keepalive-timeout: GOAWAY (RFC 9113 §6.8), then close."""
+        self._unused = None
+        if not self._streams:
+            self.core.go_away()
+            self.close()
 
     def _freed(self) -> None:
         """Wake whoever waits for a stream slot (or for this connection to stop counting)."""
@@ -279,6 +311,8 @@ class H2Client(H2Connection):
         self._finish(sid)
 
     def on_lost(self, exc: Exception | None) -> None:
+        if self._unused is not None:
+            self._unused.cancel()
         for sid in list(self._streams):
             self._fail(sid, aiohttp.ServerDisconnectedError("the HTTP/2 connection closed"))
         self._old.connection_lost(exc)
@@ -301,6 +335,7 @@ class H2Upstream:
         read_idle_timeout: float,
         headers_timeout: float,
         pool_wait_timeout: float,
+        keepalive_timeout: float,
         remember_seconds: float = 300.0,
     ) -> None:
         self._session = session
@@ -310,6 +345,7 @@ class H2Upstream:
         self._idle = read_idle_timeout
         self._headers_timeout = headers_timeout
         self._pool_wait = pool_wait_timeout
+        self._keepalive = keepalive_timeout
         self._remember = remember_seconds
         self._http1: dict[tuple[str, int], float] = {}  # origin -> until (its ALPN said no)
         # Connections per origin: another is dialled when every one is at the peer's stream
@@ -434,7 +470,9 @@ class H2Upstream:
                 connection.release()  # into the session's pool, for this request only
                 self._remember_http1(url)
                 return Http1(self._context, dialled=True)
-        client = H2Client(connection, old, limits=self._limits, idle=self._idle)
+        client = H2Client(
+            connection, old, limits=self._limits, idle=self._idle, keepalive=self._keepalive
+        )
         # No await since connect returned: what aiohttp read meanwhile is in its tail.
         tail: Any = bytes(old._tail)
         transport.set_protocol(client)
