@@ -17,13 +17,16 @@ from typing import Any, Final, TypeVar
 import grpc
 import pytest
 import trustme
+from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
-from tests import test_intercept
+from tests import otlp, test_intercept
 from tests.conftest import LogCapture, RunningProxy, pattern
+from tests.otlp import StartReceiver, attributes
 from tests.test_intercept import CAFiles
 
 StartProxy = Callable[..., Awaitable[RunningProxy]]
 ca_files = test_intercept.ca_files
+otlp_receiver = otlp.otlp_receiver
 T = TypeVar("T")
 
 BIG: Final = 4 << 20  # the issue's 4 MiB message
@@ -342,3 +345,57 @@ async def test_grpc_client_that_rejects_the_ca_without_an_alert_is_spliced_on_it
     # It checks our certificate before its Finished: it hangs up during our handshake.
     assert proxy.sample("proxy_intercept_failures_total", host=host, reason="closed") == 1
     assert logs.events("access") == []
+
+
+# -- spans -------------------------------------------------------------------------------------
+
+
+async def test_grpc_error_status_leaves_the_client_span_unset(
+    start_proxy: StartProxy,
+    otlp_receiver: StartReceiver,
+    ca_files: CAFiles,
+    tls_ca_file: str,
+    grpc_origin: GrpcOrigin,
+) -> None:
+    """Each call is a CLIENT span named service/method with the RPC attributes; a status
+    other than OK fails it with error.type the code's name (OTel gRPC client span)."""
+    receiver = await otlp_receiver()
+    port = grpc_origin.tls_port
+    proxy = await intercepting_proxy(
+        start_proxy,
+        ca_files,
+        tls_ca_file,
+        port,
+        otlp_endpoint=receiver.endpoint,
+        otlp_batch_size=1,
+    )
+
+    def calls() -> grpc.StatusCode:
+        with tls_channel(proxy, port, ca_files.cert) as channel:
+            unary = channel.unary_unary("/pkg.Svc/Unary")
+            assert unary(b"world", timeout=10) == b"hello world"
+            try:
+                unary(b"missing", timeout=10)
+            except grpc.RpcError as exc:
+                return exc.code()
+            return grpc.StatusCode.OK
+
+    assert await in_thread(calls) is grpc.StatusCode.NOT_FOUND
+    spans = [span for span in await receiver.wait_for_spans(2) if span.name != "CONNECT"]
+    assert [span.name for span in spans] == ["pkg.Svc/Unary"] * 2
+    ok, missing = spans
+    for span, code in ((ok, 0), (missing, 5)):
+        assert span.kind == Span.SPAN_KIND_CLIENT
+        got = attributes(span)
+        assert (got["rpc.system"], got["rpc.service"], got["rpc.method"]) == (
+            "grpc",
+            "pkg.Svc",
+            "Unary",
+        )
+        assert got["rpc.grpc.status_code"] == code
+        assert got["http.response.status_code"] == 200
+        assert "ttfb" in {event.name for event in span.events}
+    assert ok.status.code == Status.STATUS_CODE_UNSET
+    assert "error.type" not in attributes(ok)
+    assert missing.status.code == Status.STATUS_CODE_ERROR
+    assert attributes(missing)["error.type"] == "NOT_FOUND"
