@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -11,9 +13,10 @@ import httpx
 import pytest
 import trustme
 from h2.errors import ErrorCodes
+from yarl import URL
 
 from tests import h2_client, test_intercept
-from tests.conftest import LogCapture, Origin, RunningProxy, pattern
+from tests.conftest import LogCapture, Origin, RunningProxy, pattern, proxy_process
 from tests.h2_origin import H2Origin, h2_origin, raw_h2_origin
 from tests.test_forwarding import curl
 from tests.test_intercept import CAFiles
@@ -427,3 +430,71 @@ async def test_idle_upstream_http2_connection_is_kept_forever(
             await client.close()
     assert again.body == b"before after"
     assert origin.connections == 2
+
+
+async def test_sigterm_sends_goaway_finishes_streams_in_flight_and_refuses_new_ones(
+    ca_files: CAFiles, tls_ca_file: str, tls_h2_origin: H2Origin
+) -> None:
+    """SIGTERM to the CLI: each HTTP/2 client connection gets a graceful GOAWAY naming its
+    last stream; that stream (5 messages 100 ms apart) still ends whole, a stream opened
+    after the GOAWAY is refused (REFUSED_STREAM) without reaching the origin, and the proxy
+    exits 0 once the connection is done, well inside the drain timeout."""
+    origin = tls_h2_origin
+    async with proxy_process(
+        "--admin-listen",
+        "off",
+        *("--intercept", "localhost", "--ca-cert", ca_files.cert, "--ca-key", ca_files.key),
+        *("--upstream-ca-file", tls_ca_file, "--connect-ports", str(origin.port)),
+        *("--shutdown-grace", "0.2", "--drain-timeout", "30"),
+    ) as (process, proxy_url):
+        client = await h2_client.connect(
+            URL(proxy_url).port or 0, origin.authority, ca_files.client_context()
+        )
+        try:
+            path = "/grpc?head_ms=100&messages=5&gap_ms=100"
+            in_flight = client.start(h2_client.get(origin.authority, path, "https", TE_TRAILERS))
+            await until(lambda: len(origin.versions) == 1)  # it reached the origin
+            process.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(10):
+                while not client.goaways:
+                    await client.pump()
+            late = client.start(h2_client.get(origin.authority, "/echo"))
+            answer = await client.wait(in_flight)
+            refused = await client.wait(late)
+        finally:
+            await client.close()
+        assert await asyncio.wait_for(process.wait(), 20) == 0
+    assert client.goaways == [(in_flight, ErrorCodes.NO_ERROR)]
+    assert (answer.status, answer.reset) == (200, None)
+    assert answer.body == b"\x00\x00\x00\x00\x05hello" * 5
+    assert answer.trailers[0] == (b"grpc-status", b"0")
+    assert refused.reset == ErrorCodes.REFUSED_STREAM
+    assert origin.versions == ["2"]  # the refused stream never went upstream
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+async def test_http2_upstream_on_uvloop_is_a_502(
+    ca_files: CAFiles, tls_ca_file: str, tls_h2_origin: H2Origin, loop: str
+) -> None:
+    """The CLI on either event loop: curl --http2 through interception gets HTTP/2 from the h2
+    origin, over HTTP/2 both ways, and curl's h2c inside a CONNECT does too."""
+    origin = tls_h2_origin
+    async with (
+        h2_origin(None) as plain,
+        proxy_process(
+            *("--admin-listen", "off", "--event-loop", loop),
+            *("--intercept", "localhost", "--ca-cert", ca_files.cert, "--ca-key", ca_files.key),
+            *("--upstream-ca-file", tls_ca_file, "--connect-ports", str(origin.port)),
+            *("--connect-http-ports", str(plain.port)),
+        ) as (_, proxy_url),
+    ):
+        answers = [
+            await curl("--http2", "--cacert", ca_files.cert, "-x", proxy_url, origin.url("/echo")),
+            await curl(
+                *("--http2-prior-knowledge", "-p", "-x", proxy_url),
+                f"http://127.0.0.1:{plain.port}/echo",
+            ),
+        ]
+    for code, out, err in answers:
+        assert code == 0, err
+        assert json.loads(out)["version"] == "2", out

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Final
+from typing import Final, cast
 
 from aiohttp.base_protocol import BaseProtocol
 from aiohttp.streams import StreamReader
@@ -87,8 +87,8 @@ class H2Connection(asyncio.Protocol):
     # -- transport events --------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A cast, not a check: uvloop's transports are no asyncio.Transport subclasses.
+        self.transport = cast(asyncio.Transport, transport)
         self.core.start()
         self.flush()
 
