@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
+import aiohttp
 import grpc
 import pytest
 import trustme
@@ -23,6 +24,7 @@ from tests import otlp, test_intercept
 from tests.conftest import LogCapture, RunningProxy, pattern
 from tests.otlp import StartReceiver, attributes
 from tests.test_intercept import CAFiles
+from tests.tls import TLSOrigin
 
 StartProxy = Callable[..., Awaitable[RunningProxy]]
 ca_files = test_intercept.ca_files
@@ -399,3 +401,55 @@ async def test_grpc_error_status_leaves_the_client_span_unset(
     assert "error.type" not in attributes(ok)
     assert missing.status.code == Status.STATUS_CODE_ERROR
     assert attributes(missing)["error.type"] == "NOT_FOUND"
+
+
+# -- the issue's "done when", through the CLI (uvloop) -----------------------------------------
+
+
+async def test_grpcio_with_grpc_proxy_through_the_cli_is_seen_call_by_call(
+    ca_files: CAFiles,
+    tls_ca_file: str,
+    grpc_origin: GrpcOrigin,
+    otlp_receiver: StartReceiver,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """grpcio with ``grpc_proxy`` set (the variable it reads), its host intercepted and the CA
+    trusted, against ``python -m proxy``: it gets its answers, and each call is an access line
+    with its path, grpc_status and every phase, counts in the ttfb histogram, and is a span."""
+    receiver = await otlp_receiver()
+    port = grpc_origin.tls_port
+    async with test_intercept.intercepting_cli(
+        ca_files,
+        tls_ca_file,
+        TLSOrigin("127.0.0.1", port),
+        *("--otlp-endpoint", receiver.endpoint, "--otlp-batch-size", "1"),
+    ) as running:
+        monkeypatch.setenv("grpc_proxy", running.proxy)
+
+        def calls() -> tuple[bytes, list[bytes]]:
+            roots = grpc.ssl_channel_credentials(Path(ca_files.cert).read_bytes())
+            with grpc.secure_channel(f"localhost:{port}", roots) as channel:
+                unary = channel.unary_unary("/pkg.Svc/Unary")(b"world", timeout=10)
+                return unary, list(channel.unary_stream("/pkg.Svc/Stream")(b"", timeout=10))
+
+        assert await in_thread(calls) == (b"hello world", EVERY_ANSWER[2])
+        lines = await test_intercept._child_lines(running, "access", 2)
+        async with aiohttp.ClientSession() as session:
+            text = await (await session.get(running.metrics)).text()
+        spans = await receiver.wait_for_spans(2)
+    assert [(line["path"], line["grpc_status"]) for line in lines] == [
+        ("/pkg.Svc/Unary", 0),
+        ("/pkg.Svc/Stream", 0),
+    ]
+    first, second = lines
+    for phase in ("queue", "connect", "tls", "ttfb", "total"):
+        assert first[f"{phase}_ms"] is not None, first
+    assert first["reused"] is False
+    assert second["reused"] is True
+    assert second["total_ms"] - second["ttfb_ms"] >= 400  # 5 messages, 100 ms apart
+    host = f"localhost:{port}"
+    assert f'proxy_upstream_ttfb_seconds_count{{host="{host}"}} 2.0' in text
+    # The CONNECT looked the name up before its 200: the dial found it in the cache.
+    assert f'proxy_upstream_dns_cache_total{{host="{host}",result="hit"}} 1.0' in text
+    names = {span.name for span in spans}
+    assert {"pkg.Svc/Unary", "pkg.Svc/Stream"} <= names
