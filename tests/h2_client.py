@@ -24,6 +24,7 @@ class Answer:
     headers: Fields = field(default_factory=list)
     body: bytes = b""
     trailers: Fields = field(default_factory=list)
+    interim: list[Fields] = field(default_factory=list)  # 1xx heads, :status first
     reset: int | None = None  # RST_STREAM error code, when the stream was reset
 
     def header(self, name: bytes) -> bytes | None:
@@ -76,6 +77,8 @@ class H2TestClient:
                         answer.status = int(value)
                     else:
                         answer.headers.append((name, value))
+            elif isinstance(event, h2.events.InformationalResponseReceived) and answer:
+                answer.interim.append(list(event.headers))
             elif isinstance(event, h2.events.DataReceived) and answer is not None:
                 answer.body += event.data
                 self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)

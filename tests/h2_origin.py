@@ -159,6 +159,9 @@ def client_context(ca: trustme.CA) -> ssl.SSLContext:
     return context
 
 
+EARLY_HINT = (b"link", b"</style.css>; rel=preload; as=style")
+
+
 @dataclass
 class RawH2Origin:
     port: int
@@ -171,9 +174,12 @@ class RawH2Origin:
 
 
 @contextlib.asynccontextmanager
-async def raw_h2_origin(ca: trustme.CA, *, goaway: bool) -> AsyncIterator[RawH2Origin]:
+async def raw_h2_origin(
+    ca: trustme.CA, *, goaway: bool = False, hints: bool = False
+) -> AsyncIterator[RawH2Origin]:
     """An h2 origin on h2 itself (TLS, a leaf for ``localhost``): each response is a head,
-    ``before ``, 100 ms, ``after`` and trailers ``grpc-status: 0``.
+    ``before ``, 100 ms, ``after`` and trailers ``grpc-status: 0``; with ``hints``, a
+    ``103 Early Hints`` with a ``link`` field comes first (RFC 8297).
 
     With ``goaway`` it shuts each connection down gracefully in the middle of its first
     response: a GOAWAY naming that stream (RFC 9113 §6.8) goes out after ``before``, and
@@ -200,6 +206,8 @@ async def raw_h2_origin(ca: trustme.CA, *, goaway: bool) -> AsyncIterator[RawH2O
                 for event in connection.receive_data(data):
                     if isinstance(event, h2.events.RequestReceived):
                         sid = event.stream_id
+                        if hints:
+                            connection.send_headers(sid, [(b":status", b"103"), EARLY_HINT])
                         connection.send_headers(sid, [(b":status", b"200")])
                         connection.send_data(sid, b"before ")
                         writer.write(connection.data_to_send())

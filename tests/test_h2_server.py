@@ -17,7 +17,7 @@ from yarl import URL
 
 from tests import h2_client, test_intercept
 from tests.conftest import LogCapture, Origin, RunningProxy, pattern, proxy_process
-from tests.h2_origin import H2Origin, h2_origin, raw_h2_origin
+from tests.h2_origin import EARLY_HINT, H2Origin, h2_origin, raw_h2_origin
 from tests.test_forwarding import curl
 from tests.test_intercept import CAFiles
 from tests.test_limits import until
@@ -498,3 +498,29 @@ async def test_http2_upstream_on_uvloop_is_a_502(
     for code, out, err in answers:
         assert code == 0, err
         assert json.loads(out)["version"] == "2", out
+
+
+async def test_early_hints_from_an_http2_origin_are_dropped(
+    start_proxy: StartProxy, ca_files: CAFiles, tls_ca: trustme.CA, tls_ca_file: str
+) -> None:
+    """An h2 origin's 103 Early Hints reaches the HTTP/2 client ahead of the final response,
+    as an informational HEADERS with the origin's fields and our Via (RFC 9113 §8.1)."""
+    async with raw_h2_origin(tls_ca, hints=True) as origin:
+        proxy = await start_proxy(
+            intercept=("localhost",),
+            ca_cert=ca_files.cert,
+            ca_key=ca_files.key,
+            upstream_ca_file=tls_ca_file,
+            connect_ports=(origin.port,),
+        )
+        client = await h2_client.connect(
+            proxy.server.proxy_address.port,  # type: ignore[union-attr]
+            origin.authority,
+            ca_files.client_context(),
+        )
+        try:
+            answer = await client.fetch(h2_client.get(origin.authority, "/", "https", TE_TRAILERS))
+        finally:
+            await client.close()
+    assert answer.interim == [[(b":status", b"103"), EARLY_HINT, (b"via", b"2 tracing-proxy")]]
+    assert (answer.status, answer.body) == (200, b"before after")

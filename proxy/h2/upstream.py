@@ -29,7 +29,8 @@ from typing import Any, Final
 import aiohttp
 from aiohttp.client_reqrep import ClientRequest
 from aiohttp.connector import Connection
-from aiohttp.http import HttpVersion
+from aiohttp.http import HttpVersion, HttpVersion11
+from aiohttp.http_parser import RawResponseMessage
 from aiohttp.tracing import Trace
 from h2.errors import ErrorCodes
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -40,10 +41,12 @@ from proxy.h2.core import Fields, H2Core, Limits, StreamGone
 from proxy.h2.streams import READER_LIMIT, BodyReader, H2Connection
 from proxy.observe.tracing import Timings
 from proxy.rules.errors import PoolWaitExceeded
+from proxy.wire.interim import INTERIM_SINK
 
 HTTP2: Final = HttpVersion(2, 0)
 _KEPT: Final = 4096  # origins whose ALPN answer is remembered at once
 _CONNECTIONS_PER_ORIGIN: Final = 8  # at most (H2Upstream._most)
+_INTERIM_KEPT: Final = 8  # 1xx heads relayed per stream; more from an origin are dropped
 # Requests are framed by HTTP/2 itself (RFC 9113 §8.2.2): these never go upstream.
 _NOT_FORWARDED: Final = frozenset({"host", "connection", "transfer-encoding", "te", "upgrade"})
 
@@ -114,12 +117,18 @@ class H2Response:
 
 
 class _Pending:
-    """One stream's state; its events may all arrive before the caller resumes."""
+    """One stream's state; its events may all arrive before the caller resumes.
 
-    __slots__ = ("body", "head", "idle", "trailers")
+    ``heads`` has the 1xx heads (at most ``_INTERIM_KEPT``), then the final head, or the
+    failure that came instead of it.
+    """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, body: BodyReader) -> None:
-        self.head: asyncio.Future[core.Head] = loop.create_future()
+    __slots__ = ("body", "got_head", "heads", "idle", "interim", "trailers")
+
+    def __init__(self, body: BodyReader) -> None:
+        self.heads: asyncio.Queue[core.Head | core.Interim | Exception] = asyncio.Queue()
+        self.got_head = False  # the final head came (it may still wait in ``heads``)
+        self.interim = 0  # 1xx heads put in ``heads``
         self.body = body
         self.trailers: Fields = ()
         self.idle: asyncio.TimerHandle | None = None
@@ -168,7 +177,7 @@ class H2Client(H2Connection):
     ) -> H2Response:
         core_ = self.core
         sid = core_.next_stream_id()
-        pending = self._streams[sid] = _Pending(self._loop, self.body_reader(sid, READER_LIMIT))
+        pending = self._streams[sid] = _Pending(self.body_reader(sid, READER_LIMIT))
         if self._unused is not None:
             self._unused.cancel()
             self._unused = None
@@ -182,7 +191,7 @@ class H2Client(H2Connection):
         pump = asyncio.ensure_future(self._pump(sid, body)) if body is not None else None
         try:
             async with asyncio.timeout(headers_timeout):
-                head = await pending.head
+                head = await _final_head(pending)
         except TimeoutError as exc:
             self.reset(sid, ErrorCodes.CANCEL)
             raise aiohttp.SocketTimeoutError("no response headers in time") from exc
@@ -190,7 +199,7 @@ class H2Client(H2Connection):
             self.reset(sid, ErrorCodes.CANCEL)
             raise
         finally:
-            if pump is not None and not pending.head.done():
+            if pump is not None and not pending.got_head:
                 pump.cancel()
         timings.response_at = perf_counter()
         response = H2Response(self, sid, head, pending)
@@ -230,19 +239,23 @@ class H2Client(H2Connection):
             pending.body.feed_data(event.data)
             self._arm(event.stream_id, pending)
         elif isinstance(event, core.Head):
-            if not pending.head.done():
-                pending.head.set_result(event)
+            if not pending.got_head:
+                pending.got_head = True
+                pending.heads.put_nowait(event)
+        elif isinstance(event, core.Interim):
+            if not pending.got_head and pending.interim < _INTERIM_KEPT:
+                pending.interim += 1
+                pending.heads.put_nowait(event)
         elif isinstance(event, core.Trailers):
             pending.trailers = event.fields
         elif isinstance(event, core.End):
-            if pending.head.done() and not pending.body.is_eof():
+            if pending.got_head and not pending.body.is_eof():
                 pending.body.feed_eof()
             self._finish(event.stream_id)
         elif isinstance(event, core.Reset):
             self._fail(
                 event.stream_id, aiohttp.ServerDisconnectedError("the origin reset the stream")
             )
-        # Interim (1xx) responses are not relayed from an HTTP/2 origin.
 
     def _arm(self, sid: int, pending: _Pending) -> None:
         if pending.idle is not None:
@@ -257,8 +270,9 @@ class H2Client(H2Connection):
         pending = self._streams.get(sid)
         if pending is None:
             return
-        if not pending.head.done():
-            pending.head.set_exception(exc)
+        if not pending.got_head:
+            pending.got_head = True
+            pending.heads.put_nowait(exc)
         elif not pending.body.is_eof():
             pending.body.set_exception(
                 exc
@@ -498,6 +512,38 @@ class H2Upstream:
 
     def __repr__(self) -> str:
         return f"<H2Upstream origins={len(self._clients)} http1_only={len(self._http1)}>"
+
+
+async def _final_head(pending: _Pending) -> core.Head:
+    """The stream's final head; each 1xx before it goes to the request's ``INTERIM_SINK``
+    (the forwarder relays it to the client, RFC 9113 §8.1)."""
+    sink = INTERIM_SINK.get()
+    while True:
+        head = await pending.heads.get()
+        if isinstance(head, Exception):
+            raise head
+        if isinstance(head, core.Head):
+            return head
+        if sink is not None:
+            await sink(_interim_message(head))
+
+
+def _interim_message(head: core.Interim) -> RawResponseMessage:
+    """A 1xx as aiohttp's parser would give it; HTTP/1.1's field rules hold for it (h2 has
+    checked the framing and the pseudo-fields, as for a final head: ``check_upstream``)."""
+    status = 0
+    raw: list[tuple[bytes, bytes]] = []
+    for name, value in head.fields:
+        if name == b":status":
+            status = int(value)
+        elif name[:1] != b":":
+            raw.append((name, value))
+    fields = CIMultiDict(
+        (n.decode("latin-1"), v.decode("utf-8", "surrogateescape")) for n, v in raw
+    )
+    return RawResponseMessage(
+        HttpVersion11, status, "", CIMultiDictProxy(fields), tuple(raw), False, None, False, False
+    )
 
 
 async def _first_freed(clients: list[H2Client]) -> None:

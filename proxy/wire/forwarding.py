@@ -227,7 +227,8 @@ class Forwarder:
         if not outcome.trace.kept:
             fields.popall("tracestate", None)  # it belonged to the trace we replaced
         version = (request.version.major, request.version.minor)
-        fields.add("Via", self._via.get(version) or headers.via_value(version, self._pseudonym))
+        via = self._via.get(version) or headers.via_value(version, self._pseudonym)
+        fields.add("Via", via)
         self._stamp(fields, outcome)
         if target.websocket:
             fields.extend(headers.WEBSOCKET_UPGRADE)
@@ -247,7 +248,7 @@ class Forwarder:
             if length is not None:
                 fields["Content-Length"] = length  # keeps the client's framing choice
 
-        sink = INTERIM_SINK.set(InterimRelay(request, self._rid_key, self._via[(1, 1)]))
+        sink = INTERIM_SINK.set(InterimRelay(request, self._rid_key, via))
         try:
             with timing(outcome.timings):  # the connector's TLS clock finds it there
                 up: Upstream | None = None
