@@ -605,3 +605,46 @@ def test_a_host_only_tunnelled_exports_no_request_series() -> None:
     }
     assert 'proxy_upstream_queue_seconds_count{host="forwarded.example"} 0.0' in text
     assert 'proxy_upstream_connections_total{host="forwarded.example",kind="new"} 0.0' in text
+
+
+# -- negotiation ---------------------------------------------------------------------------------
+
+CLASSIC_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+OM_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
+PROMETHEUS_3_ACCEPT = (
+    "application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.6,"
+    "application/openmetrics-text;version=0.0.1;q=0.5,"
+    "text/plain;version=1.0.0;escaping=allow-utf-8;q=0.4,text/plain;version=0.0.4;q=0.3,*/*;q=0.2"
+)
+
+
+@pytest.mark.parametrize(
+    ("accept", "content_type"),
+    [
+        ("", CLASSIC_TYPE),
+        ("*/*", CLASSIC_TYPE),
+        ("application/openmetrics-text;q=0, text/plain", CLASSIC_TYPE),
+        ("application/openmetrics-text; q=0, */*", CLASSIC_TYPE),
+        ("text/*;q=0.1, application/openmetrics-text;q=0", CLASSIC_TYPE),
+        ("text/plain;q=0.5, application/openmetrics-text;q=0.4", CLASSIC_TYPE),
+        ("application/openmetrics-text;version=2.0.0", CLASSIC_TYPE),  # not written here
+        ("text/plain;version=1.0.0;escaping=allow-utf-8", CLASSIC_TYPE),
+        ("application/openmetrics-text", OM_TYPE),
+        ("Application/OpenMetrics-Text; Version=1.0.0", OM_TYPE),
+        ("application/*", OM_TYPE),
+        ("*/*;q=0.1, application/openmetrics-text;version=1.0.0;q=0.5", OM_TYPE),
+        (OM_ACCEPT, OM_TYPE),
+        (PROMETHEUS_3_ACCEPT, OM_TYPE),
+    ],
+)
+async def test_metrics_content_type_names_the_format_written(
+    proxy: RunningProxy, client: aiohttp.ClientSession, accept: str, content_type: str
+) -> None:
+    """Accept weights (q=0 refuses) pick the format; Content-Type and Vary say what was done."""
+    headers = {"Accept": accept, "Accept-Encoding": "identity"}
+    async with client.get(proxy.admin_url + "/metrics", headers=headers) as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"] == content_type
+        assert resp.headers["Vary"] == "Accept, Accept-Encoding"
+        text = (await resp.read()).decode()
+    assert text.endswith("# EOF\n") is (content_type == OM_TYPE)

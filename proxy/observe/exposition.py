@@ -20,6 +20,7 @@ without ``_total`` in ``# TYPE``, escapes ``"`` in help and ends with ``# EOF``.
 from __future__ import annotations
 
 import asyncio
+import re
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from typing import Any, Final, cast
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import choose_encoder, generate_latest
+from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.openmetrics import exposition as openmetrics
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
@@ -333,6 +334,53 @@ _Block = tuple[HostStats, int, list[str]]
 _PIECE: Final = 64 * 1024
 
 
+@dataclass(frozen=True, slots=True)
+class _Format:
+    """One representation of /metrics: its media type and the version written."""
+
+    media_type: str
+    version: str
+    openmetrics: bool
+
+    @property
+    def content_type(self) -> str:
+        return f"{self.media_type}; version={self.version}; charset=utf-8"
+
+    def quality(self, accept: str) -> float:
+        """The weight ``accept`` gives this format: that of its most specific matching range
+        (RFC 9110 §12.5.1); 0 when none matches. A range naming another ``version`` does
+        not match; other parameters (escaping, charset) do not matter here, as every name
+        written is a legacy one in UTF-8."""
+        kind = self.media_type.split("/")[0] + "/*"
+        best_rank, best_weight = -1, 0.0
+        for value, params, weight in weighted_items(accept):
+            if value == "*/*":
+                rank = 0
+            elif value == kind:
+                rank = 1
+            elif value != self.media_type:
+                continue
+            elif "version" not in params:
+                rank = 2
+            elif params["version"] == self.version:
+                rank = 3
+            else:
+                continue
+            if rank > best_rank or (rank == best_rank and weight > best_weight):
+                best_rank, best_weight = rank, weight
+        return best_weight
+
+
+CLASSIC: Final = _Format("text/plain", "0.0.4", openmetrics=False)
+OPENMETRICS: Final = _Format("application/openmetrics-text", "1.0.0", openmetrics=True)
+
+
+def negotiate(accept: str) -> _Format:
+    """OpenMetrics when ``accept`` weighs it above the classic text; else the classic text,
+    also when it accepts neither (RFC 9110 §12.5.1 lets a server disregard Accept)."""
+    return OPENMETRICS if OPENMETRICS.quality(accept) > CLASSIC.quality(accept) else CLASSIC
+
+
 class Exposition:
     """Renders the metrics in the classic text format or OpenMetrics, and serves ``/metrics``.
 
@@ -392,7 +440,8 @@ class Exposition:
             yield g.header(om) + g.lines(metrics, in_flight, om)
         yield extra
 
-    def _extra_text(self, encoder: Callable[[CollectorRegistry], bytes], om: bool) -> str:
+    def _extra_text(self, om: bool) -> str:
+        encoder = openmetrics.generate_latest if om else generate_latest
         text = encoder(self._others).decode()
         # The OpenMetrics encoder ends its output; ours goes on after it.
         return text.removesuffix("# EOF\n") + "# EOF\n" if om else text
@@ -401,17 +450,16 @@ class Exposition:
         """The whole body at once (tests, benchmarks, the registry view)."""
         *_, blocks = self._blocks(om)
         assert blocks is not None
-        encoder = openmetrics.generate_latest if om else generate_latest
-        return "".join(self._pieces(om, blocks, self._extra_text(encoder, om))).encode()
+        return "".join(self._pieces(om, blocks, self._extra_text(om))).encode()
 
     # -- serving ----------------------------------------------------------------------------
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         started = perf_counter()
-        encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
-        om = content_type.startswith("application/openmetrics-text")
+        fmt = negotiate(request.headers.get("Accept", ""))
+        om = fmt.openmetrics
         response = web.StreamResponse(
-            headers={"Content-Type": content_type, "Vary": "Accept-Encoding"}
+            headers={"Content-Type": fmt.content_type, "Vary": "Accept, Accept-Encoding"}
         )
         gzip = _gzip() if accepts_gzip(request.headers.get("Accept-Encoding", "")) else None
         if gzip is not None:
@@ -429,7 +477,7 @@ class Exposition:
         buffered: list[str] = []
         size = 0
         deadline = perf_counter() + self.slice_seconds
-        for piece in self._pieces(om, blocks, self._extra_text(encoder, om)):
+        for piece in self._pieces(om, blocks, self._extra_text(om)):
             buffered.append(piece)
             size += len(piece)
             if size >= _PIECE:
@@ -460,18 +508,29 @@ def _gzip() -> Any:
 
 def accepts_gzip(accept_encoding: str) -> bool:
     """RFC 9110 §12.5.3: gzip is listed and not refused with a weight of 0."""
-    for item in accept_encoding.split(","):
-        coding, _, params = item.partition(";")
-        if coding.strip().lower() != "gzip":
+    return any(
+        coding == "gzip" and weight > 0 for coding, _, weight in weighted_items(accept_encoding)
+    )
+
+
+# RFC 9110 §12.4.2: a weight is 0 to 1 with at most three decimals.
+_QVALUE: Final = re.compile(r"0(\.[0-9]{0,3})?|1(\.0{0,3})?")
+
+
+def weighted_items(header: str) -> Iterator[tuple[str, dict[str, str], float]]:
+    """The items of an Accept or Accept-Encoding list: the value in lower case, its other
+    parameters (names in lower case), and its weight; a malformed weight counts as 0."""
+    for item in header.split(","):
+        value, *fields = item.split(";")
+        value = value.strip().lower()
+        if not value:
             continue
-        name, _, weight = params.partition("=")
-        if name.strip().lower() != "q":
-            return True
-        try:
-            return float(weight) > 0
-        except ValueError:
-            return False
-    return False
+        params: dict[str, str] = {}
+        for field in fields:
+            name, _, text = field.partition("=")
+            params[name.strip().lower()] = text.strip().strip('"')
+        q = params.pop("q", "1")
+        yield value, params, float(q) if _QVALUE.fullmatch(q) else 0.0
 
 
 class RegistryView(Collector):
