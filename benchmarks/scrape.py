@@ -28,6 +28,7 @@ import contextlib
 import gzip
 import json
 import random
+import socket
 import statistics
 import subprocess
 import sys
@@ -195,7 +196,8 @@ class ReferenceCollector:
         yield build
         scrapes = HistogramMetricFamily(
             "proxy_scrape_duration_seconds",
-            "Time to answer each /metrics scrape, request received to last byte written.",
+            "Time to answer each /metrics scrape, request received to last byte written (or to "
+            "the scraper's disconnect).",
         )
         scrapes.add_metric([], _buckets(m.scrapes), m.scrapes.sum)
         yield scrapes
@@ -399,6 +401,30 @@ class _Live:
         before = cpu_seconds(self.pid)
         await asyncio.gather(*(client() for _ in range(clients)))
         return (cpu_seconds(self.pid) - before) / max(count, 1), count / seconds
+
+
+async def stalled_scrape(host: str, port: int) -> socket.socket:
+    """A scraper that sends GET /metrics (no Accept, no gzip), reads the head and the
+    body's first bytes (so the body has been rendered), and then nothing more."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    try:
+        await asyncio.wait_for(loop.sock_connect(sock, (host, port)), 10)
+        await loop.sock_sendall(sock, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        received = b""
+        while len(received) <= received.find(b"\r\n\r\n") + 4:
+            chunk = await asyncio.wait_for(loop.sock_recv(sock, 1024), 10)
+            if not chunk:
+                raise ConnectionError("closed before the body")
+            received += chunk
+        if not received.startswith(b"HTTP/1.1 200 OK\r\n"):
+            raise ConnectionError(f"not a scrape: {received[:40]!r}")
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def _quantile(ordered: list[float], q: float) -> float:

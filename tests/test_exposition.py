@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import logging
 import random
 import re
 import socket
+import struct
 import subprocess
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -16,7 +18,7 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families as parse_classic
 
-from benchmarks.scrape import fill, openmetrics_latest, reference_registry
+from benchmarks.scrape import fill, openmetrics_latest, reference_registry, stalled_scrape
 from proxy.config import DEFAULT_BUCKETS
 from proxy.observe.exposition import _PIECE, Exposition, accepts_gzip, go_float, number
 from proxy.observe.exposition import parse_openmetrics as parse_om
@@ -607,7 +609,7 @@ def test_a_host_only_tunnelled_exports_no_request_series() -> None:
     assert 'proxy_upstream_connections_total{host="forwarded.example",kind="new"} 0.0' in text
 
 
-# -- negotiation ---------------------------------------------------------------------------------
+# -- negotiation, and scrapers that stop reading ----------------------------------------------
 
 CLASSIC_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 OM_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
@@ -648,3 +650,33 @@ async def test_metrics_content_type_names_the_format_written(
         assert resp.headers["Vary"] == "Accept, Accept-Encoding"
         text = (await resp.read()).decode()
     assert text.endswith("# EOF\n") is (content_type == OM_TYPE)
+
+
+async def _scrapes_counted(proxy: RunningProxy, count: int) -> None:
+    """Wait (10 s at most) until ``count`` scrapes are in proxy_scrape_duration_seconds."""
+    scrapes = proxy.server.metrics.scrapes
+    for _ in range(1000):
+        if sum(scrapes.counts) >= count:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{sum(scrapes.counts)} scrapes counted, expected {count}")
+
+
+@pytest.mark.parametrize("listener", ["admin", "proxy"])
+async def test_a_scraper_that_disconnects_mid_body_is_counted_without_a_traceback(
+    proxy: RunningProxy,
+    logs: LogCapture,
+    caplog: pytest.LogCaptureFixture,
+    listener: str,
+) -> None:
+    """A scraper resets the connection mid-body: no ERROR, the scrape is counted and logged."""
+    fill(proxy.server.metrics, 1000)  # far more than the socket buffers hold
+    address = proxy.server.admin_address if listener == "admin" else proxy.server.proxy_address
+    assert address is not None
+    sock = await stalled_scrape(address.host, address.port)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()  # a reset, with the rest of the body unread
+    await _scrapes_counted(proxy, 1)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    [line] = logs.events("scrape_aborted")
+    assert line["reason"] == "client_disconnected"

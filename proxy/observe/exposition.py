@@ -36,8 +36,10 @@ from prometheus_client.openmetrics import exposition as openmetrics
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
+from structlog.typing import FilteringBoundLogger
 
 from proxy import __version__
+from proxy.observe import log
 from proxy.observe.metrics import (
     PHASES,
     Histogram,
@@ -320,7 +322,8 @@ GLOBAL_FAMILIES: Final = (
     _Global(
         "proxy_scrape_duration_seconds",
         "histogram",
-        "Time to answer each /metrics scrape, request received to last byte written.",
+        "Time to answer each /metrics scrape, request received to last byte written (or to "
+        "the scraper's disconnect).",
         lambda m, f: m.scrapes,
     ),
 )
@@ -402,6 +405,7 @@ class Exposition:
         # Blocks of the format scraped last only: Prometheus asks for one format, and two
         # caches would hold the text twice (up to 24 KB per host label).
         self._cache: dict[bool, dict[str, _Block]] = {}
+        self._logger: FilteringBoundLogger = log.get_logger()
 
     def __repr__(self) -> str:
         return f"<Exposition hosts={len(self._metrics.hosts)} slice={self.slice_seconds}s>"
@@ -457,7 +461,6 @@ class Exposition:
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         started = perf_counter()
         fmt = negotiate(request.headers.get("Accept", ""))
-        om = fmt.openmetrics
         response = web.StreamResponse(
             headers={"Content-Type": fmt.content_type, "Vary": "Accept, Accept-Encoding"}
         )
@@ -469,6 +472,14 @@ class Exposition:
             # A HEAD is an up-check (RFC 9110 §9.3.2): the head only, nothing rendered.
             await response.write_eof()
             return response
+        try:
+            await self._write_body(response, fmt.openmetrics, gzip)
+        except ConnectionError as exc:
+            self._aborted(request, exc, perf_counter() - started)
+        self._metrics.scrapes.observe(perf_counter() - started)
+        return response
+
+    async def _write_body(self, response: web.StreamResponse, om: bool, gzip: Any) -> None:
         blocks: list[list[str]] | None = None
         for blocks in self._blocks(om):
             if blocks is None:
@@ -493,8 +504,15 @@ class Exposition:
         if gzip is not None:
             await response.write(gzip.flush())
         await response.write_eof()
-        self._metrics.scrapes.observe(perf_counter() - started)
-        return response
+
+    def _aborted(self, request: web.BaseRequest, exc: BaseException, seconds: float) -> None:
+        """The scraper went away mid-body: one line, not aiohttp's traceback; still counted."""
+        self._logger.info(
+            "scrape_aborted",
+            client=request.remote,
+            reason="client_disconnected",
+            duration_ms=round(seconds * 1000.0, 3),
+        )
 
 
 def _gzip() -> Any:
