@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import logging
 import random
@@ -10,6 +11,7 @@ import re
 import socket
 import struct
 import subprocess
+import tracemalloc
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -680,3 +682,50 @@ async def test_a_scraper_that_disconnects_mid_body_is_counted_without_a_tracebac
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
     [line] = logs.events("scrape_aborted")
     assert line["reason"] == "client_disconnected"
+
+
+async def test_stalled_scrapers_pin_no_copy_of_the_body(
+    proxy: RunningProxy, client: aiohttp.ClientSession
+) -> None:
+    """Five scrapers stalled after every host moved hold far less than one body between them."""
+    metrics = proxy.server.metrics
+    fill(metrics, 1000)
+    assert proxy.server.admin_address is not None
+    address = proxy.server.admin_address
+    stalled: list[socket.socket] = []
+    tracemalloc.start()  # before the cache is filled, so that replacing its blocks nets out
+    try:
+        body = len(await scrape(client, proxy.admin_url))
+        before, _ = tracemalloc.get_traced_memory()
+        for _ in range(5):
+            for stats in metrics.hosts.values():
+                stats.version += 1  # traffic moved every host: each scrape renders anew
+            stalled.append(await stalled_scrape(address.host, address.port))
+        after, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        for sock in stalled:
+            sock.close()
+    assert after - before < body  # each used to pin its own rendering of every host
+
+
+async def test_a_stalled_scraper_is_cut_after_the_write_timeout(
+    proxy: RunningProxy, logs: LogCapture
+) -> None:
+    """A scraper that stops reading is disconnected once a write waits write_timeout."""
+    fill(proxy.server.metrics, 1000)
+    proxy.server.exposition.write_timeout = 0.3
+    assert proxy.server.admin_address is not None
+    address = proxy.server.admin_address
+    sock = await stalled_scrape(address.host, address.port)
+    try:
+        await _scrapes_counted(proxy, 1)
+        [line] = logs.events("scrape_aborted")
+        assert line["reason"] == "write_timeout"
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(ConnectionResetError):
+            async with asyncio.timeout(10):  # what was sent before the cut, then the end
+                while await loop.sock_recv(sock, 1 << 20):
+                    pass
+    finally:
+        sock.close()
