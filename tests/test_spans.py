@@ -251,6 +251,42 @@ async def test_log_query_puts_the_query_in_url_full(
     assert attributes(span)["url.full"] == origin.url("/echo?q=1")
 
 
+SIGNED_QUERY = (
+    "q=1&X-Goog-Signature=abc&sig=s%2Fv&Signature=z&AWSAccessKeyId=AKIA&X-Amz-Signature=f"
+    "&X-Amz-Credential=c&X-Amz-Security-Token=t&SIG=kept&signature=kept&X%2DGoog%2DSignature=x"
+)
+REDACTED_QUERY = (
+    "q=1&X-Goog-Signature=REDACTED&sig=REDACTED&Signature=REDACTED&AWSAccessKeyId=REDACTED"
+    "&X-Amz-Signature=REDACTED&X-Amz-Credential=REDACTED&X-Amz-Security-Token=REDACTED"
+    "&SIG=kept&signature=kept&X%2DGoog%2DSignature=REDACTED"
+)
+
+
+async def test_log_query_redacts_signature_values_in_url_full_and_the_access_line(
+    spans_proxy: StartTraced,
+    origin: Origin,
+    logs: LogCapture,
+) -> None:
+    """Values of the semconv's signing keys (case-sensitive) are REDACTED; upstream gets all."""
+    receiver, proxy = await spans_proxy(log_query=True)
+    head = (
+        f"GET {origin.url('/echo')}?{SIGNED_QUERY} HTTP/1.1\r\nHost: {origin.authority}\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode()
+    reader, writer = await proxy.connect()
+    try:
+        writer.write(head)
+        answer = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert f'"target": "/echo?{SIGNED_QUERY}"'.encode() in answer  # forwarded as it came
+    [span] = await receiver.wait_for_spans(1)
+    assert attributes(span)["url.full"] == origin.url(f"/echo?{REDACTED_QUERY}")
+    [line] = logs.events("access")
+    assert line["path"] == f"/echo?{REDACTED_QUERY}"
+
+
 async def test_connection_refused_502_is_an_error_span(
     spans_proxy: StartTraced,
     client: aiohttp.ClientSession,

@@ -33,6 +33,7 @@ from prometheus_client.registry import Collector
 
 from proxy import __version__
 from proxy.observe.metrics import method_label
+from proxy.rules.query import loggable
 
 if TYPE_CHECKING:
     from proxy.observe.outcome import Outcome
@@ -248,7 +249,7 @@ class SpanRecorder:
             "server.address": target.raw_host or "",
             "server.port": target.port or 80,
             "url.scheme": target.scheme,
-            "url.full": str(target if self._log_query else target.with_query(None)),
+            "url.full": str(loggable(target) if self._log_query else target.with_query(None)),
             self._rid_key: (outcome.request_id,),
         }
         if method != request.method:
