@@ -80,7 +80,10 @@ def random_metrics(seed: int, hosts: int = 60) -> Metrics:
             stats.tunnels[rng.choice(("closed", "failed", "reset"))] = rng.randrange(1, 9)
             stats.tunnel_seconds.observe(rng.uniform(0, 9000), exemplar_ids(None, "tunnel-1"))
             stats.tunnel_bytes_sent = rng.randrange(2**33)
+        if rng.random() < 0.2:
+            stats.intercept_splices[rng.choice(("alpn", "ca_invalid"))] = rng.randrange(1, 9)
     metrics.tunnels_open, metrics.host_overflow = rng.randrange(9), rng.randrange(9)
+    metrics.certificates_minted = rng.randrange(9)
     metrics.clients.open, metrics.clients.rejected = rng.randrange(9), rng.randrange(9)
     for reason in ("client_not_allowed", "client_not_allowed", 'we"ird'):
         metrics.denied(reason)
