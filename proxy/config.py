@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from proxy.rules.hostpatterns import PatternError, check_pattern
-from proxy.rules.policy import BUILTIN_DENIED, LOOPBACK, Credential, parse_rule
+from proxy.rules.policy import BUILTIN_DENIED, LOOPBACK, Credential, parse_network, parse_rule
 from proxy.tls.contexts import check_ca_file
 
 DEFAULT_BUCKETS = (
@@ -224,10 +224,10 @@ def parse_networks(text: str) -> tuple[str, ...]:
     for item in (part.strip() for part in text.split(",")):
         if not item:
             continue
-        try:
-            networks.append(str(ipaddress.ip_network(item, strict=False)))
-        except ValueError:
-            raise SettingError(f"expected CIDRs such as 10.0.0.0/8, got {item!r}") from None
+        network = parse_network(item)
+        if network is None:
+            raise SettingError(f"expected CIDRs such as 10.0.0.0/8, got {item!r}")
+        networks.append(str(network))
     return tuple(networks)
 
 
