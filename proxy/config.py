@@ -421,7 +421,10 @@ OPTIONS: tuple[Option, ...] = (
         "SECONDS",
     ),
     Option(
-        "dns_cache_ttl", parse_count, "seconds a DNS answer is cached (0 = no cache)", "SECONDS"
+        "dns_cache_ttl",
+        parse_count,
+        "seconds the proxy caches a DNS answer (0 = no cache of its own; see docs/settings.md)",
+        "SECONDS",
     ),
     Option(
         "dns_servers",
