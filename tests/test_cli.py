@@ -17,6 +17,7 @@ import aiohttp
 import pytest
 
 from benchmarks.processes import flags_only_environment, proxy_command
+from proxy import __version__
 from proxy.config import OPTIONS
 from tests.conftest import Origin
 
@@ -200,7 +201,78 @@ async def test_help_shows_each_default_once() -> None:
     assert not [option.flag for option in OPTIONS if "(default" in option.help]
 
 
+async def test_help_names_the_ca_command_and_version() -> None:
+    """--help shows the ca command beside the flags, and --version."""
+    code, out, _ = await _run("--help")
+    assert code == 0
+    assert "tracing-proxy ca DIR" in out
+    assert "--version" in out
+
+
+async def test_version_flag_prints_the_version() -> None:
+    """--version prints the name and version and exits 0."""
+    code, out, _ = await _run("--version")
+    assert (code, out) == (0, f"tracing-proxy {__version__}\n")
+
+
+@pytest.mark.parametrize(
+    ("argv", "suggested"),
+    [
+        (["--listn", "127.0.0.1:3129"], "--listen"),
+        (["--admin-lisen=off"], "--admin-listen"),
+        (["--upgrade-to-http", "api.example"], "--upgrade-to-https"),
+        (["--verison"], "--version"),
+    ],
+)
+async def test_mistyped_flag_exits_2_suggesting_the_closest(
+    argv: list[str], suggested: str
+) -> None:
+    """A flag no setting has exits 2 with one line naming it and the closest real flag."""
+    code, _, err = await _run(*argv)
+    assert code == 2
+    assert err.count("\n") == 1, err
+    assert argv[0].partition("=")[0] in err
+    assert f"did you mean {suggested}?" in err
+
+
+async def test_ca_files_without_intercept_warn_that_they_do_nothing(cli: list[Cli]) -> None:
+    """--ca-cert and --ca-key without --intercept each get a warning before the listening line."""
+    process = await asyncio.create_subprocess_exec(
+        *proxy_command("--ca-cert", "/nonexistent/ca.pem", "--admin-listen", "off"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**flags_only_environment(), "PROXY_CA_KEY": "/nonexistent/ca-key.pem"},
+    )
+    assert process.stdout is not None
+    cli.append(Cli(process, "", ""))
+    lines = [json.loads(await asyncio.wait_for(process.stdout.readline(), 30)) for _ in range(3)]
+    assert [line["event"] for line in lines] == ["ignored_setting", "ignored_setting", "listening"]
+    assert [line["setting"] for line in lines[:2]] == [
+        "--ca-cert (PROXY_CA_CERT)",
+        "--ca-key (PROXY_CA_KEY)",
+    ]
+    assert all("--intercept" in line["reason"] for line in lines[:2])
+
+
 # -- tracing-proxy ca DIR, and the CA settings -------------------------------------------------
+
+
+@pytest.mark.parametrize("argv", [["ca", "--help"], ["ca", "-h"]])
+async def test_ca_help_exits_0_with_its_usage(argv: list[str]) -> None:
+    """`tracing-proxy ca --help` explains the command and exits 0."""
+    code, out, _ = await _run(*argv)
+    assert code == 0
+    assert out.startswith("usage: tracing-proxy ca [-h] DIR")
+    assert "ca-key.pem" in out
+
+
+@pytest.mark.parametrize("argv", [["ca"], ["ca", "a", "b"], ["ca", "--force", "a"]])
+async def test_ca_with_bad_arguments_exits_2_with_one_line(argv: list[str]) -> None:
+    """`tracing-proxy ca` without exactly one DIR exits 2 with one line (ca --help has more)."""
+    code, _, err = await _run(*argv)
+    assert code == 2
+    assert err.count("\n") == 1, err
+    assert err.startswith("tracing-proxy ca: error:")
 
 
 async def test_ca_command_writes_a_ca_and_refuses_to_overwrite(tmp_path: Path) -> None:
@@ -227,6 +299,7 @@ async def test_ca_command_writes_a_ca_and_refuses_to_overwrite(tmp_path: Path) -
         ("key_unreadable", "--ca-key (PROXY_CA_KEY)"),
         ("cert_garbage", "--ca-cert (PROXY_CA_CERT)"),
         ("key_garbage", "--ca-key (PROXY_CA_KEY)"),
+        ("cert_and_key_swapped", "--ca-key (PROXY_CA_KEY)"),
     ],
 )
 async def test_intercept_with_a_bad_ca_exits_2_naming_the_setting(
@@ -248,9 +321,13 @@ async def test_intercept_with_a_bad_ca_exits_2_naming_the_setting(
         cert.write_text("garbage\n")
     elif fault == "key_garbage":
         key.write_bytes(secret.replace(b"\n", b"\n!", 2))
+    elif fault == "cert_and_key_swapped":
+        args = ["--intercept", "api.example", "--ca-cert", str(key), "--ca-key", str(cert)]
     code, _, err = await _run(*args)
     assert code == 2
     assert err.strip().count("\n") == 0
     assert flag in err
+    if fault != "key_world_readable":
+        assert "chmod" not in err
     for line in secret.splitlines()[1:-1]:
         assert line.decode()[:16] not in err
