@@ -381,7 +381,9 @@ def test_start_up_refuses_the_pure_python_parser(
 ) -> None:
     """Without the C parser the proxy exits 1 before listening, and says why."""
     monkeypatch.setattr(cli, "c_parser_in_use", lambda: False)
-    monkeypatch.setattr(sys, "argv", ["tracing-proxy", "--listen", "127.0.0.1:0"])
+    monkeypatch.setattr(
+        sys, "argv", ["tracing-proxy", "--listen", "127.0.0.1:0", "--admin-listen", "off"]
+    )
     with pytest.raises(SystemExit) as exited:
         cli.main()
     assert exited.value.code == 1

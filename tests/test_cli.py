@@ -16,8 +16,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from benchmarks.processes import flags_only_environment, proxy_command
-from proxy import __version__
+from benchmarks.processes import communicate, flags_only_environment, proxy_command, stop
+from proxy import __version__, config
 from proxy.config import OPTIONS
 from tests.conftest import Origin
 
@@ -36,7 +36,7 @@ class Cli:
 
 async def start_cli(*args: str) -> Cli:
     process = await asyncio.create_subprocess_exec(
-        *proxy_command("--admin-listen", "127.0.0.1:0", *args),
+        *proxy_command(*args),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         env=flags_only_environment(),
@@ -53,9 +53,20 @@ async def cli() -> AsyncIterator[list[Cli]]:
     started: list[Cli] = []
     yield started
     for running in started:
-        if running.process.returncode is None:
-            running.process.kill()
-            await running.process.wait()
+        await stop(running.process, signal.SIGKILL)
+
+
+@pytest.mark.parametrize(
+    "args", [(), ("--admin-listen", "off"), ("--event-loop", "asyncio")], ids=str
+)
+def test_test_proxies_bind_no_fixed_port(args: tuple[str, ...]) -> None:
+    """Every proxy a test starts as a subprocess listens on free ports, admin listener included.
+
+    A default (127.0.0.1:3128, :9901) would collide with a `make run` on the same machine.
+    """
+    settings = config.load(proxy_command(*args)[3:], {})
+    assert settings.listen.port == 0
+    assert settings.admin_listen is None or settings.admin_listen.port == 0
 
 
 async def test_cli_serves_and_exposes_metrics(cli: list[Cli], origin: Origin) -> None:
@@ -120,6 +131,7 @@ async def test_console_log_format(cli: list[Cli], origin: Origin) -> None:
         env=flags_only_environment(),
     )
     assert process.stdout is not None
+    cli.append(Cli(process, "", ""))
     line = (await asyncio.wait_for(process.stdout.readline(), 30)).decode()
     assert "listening" in line
     assert not line.startswith("{")
@@ -144,14 +156,21 @@ async def run_to_exit(*args: str, env: dict[str, str] | None = None) -> tuple[in
         stderr=asyncio.subprocess.PIPE,
         env=env if env is not None else flags_only_environment(),
     )
-    out, err = await asyncio.wait_for(process.communicate(), 30)
+    out, err = await communicate(process, 30)
     assert process.returncode is not None
     return process.returncode, out.decode(), err.decode()
 
 
 async def _run(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
-    """``python -m proxy ARGS`` until it exits: exit code, stdout, stderr."""
-    return await run_to_exit(sys.executable, "-m", "proxy", *args, env=env)
+    """``python -m proxy ARGS`` until it exits: exit code, stdout, stderr.
+
+    Flags go after free-port listeners, so a run that wrongly starts serving binds no fixed
+    port (and is killed at the bound); ``ca`` stays the first argument.
+    """
+    command = (
+        [sys.executable, "-m", "proxy", *args] if args[:1] == ("ca",) else proxy_command(*args)
+    )
+    return await run_to_exit(*command, env=env)
 
 
 @pytest.mark.parametrize(
@@ -163,9 +182,7 @@ async def test_port_in_use_exits_2_with_one_line_naming_the_listener(flag: str, 
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         address = f"127.0.0.1:{taken.getsockname()[1]}"
-        code, _, err = await run_to_exit(
-            *proxy_command("--admin-listen", "127.0.0.1:0", flag, address)
-        )
+        code, _, err = await run_to_exit(*proxy_command(flag, address))
     assert code == 2
     assert err.count("\n") == 1, err
     assert f"{flag} ({env}): cannot listen on {address}: address already in use" in err
@@ -191,12 +208,9 @@ async def test_mistyped_environment_variable_warns_with_the_closest_name(cli: li
 
 async def test_help_shows_each_default_once() -> None:
     """--help names every setting's default exactly once."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "--help", stdout=asyncio.subprocess.PIPE
-    )
-    out, _ = await asyncio.wait_for(process.communicate(), 30)
-    text = out.decode().split("options:", 1)[1]
-    assert process.returncode == 0
+    code, out, _ = await _run("--help")
+    text = out.split("options:", 1)[1]
+    assert code == 0
     assert " ".join(text.split()).count("(default: ") == len(OPTIONS)
     assert not [option.flag for option in OPTIONS if "(default" in option.help]
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.processes import communicate, stop
 from tests.conftest import LogCapture, Origin, RunningProxy, unavailable
 
 
@@ -130,7 +131,7 @@ async def run(argv: list[str], env: dict[str, str], cwd: Path | None = None) -> 
     process = await asyncio.create_subprocess_exec(
         *argv, env=env, cwd=cwd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
-    out, err = await asyncio.wait_for(process.communicate(), 120)
+    out, err = await communicate(process, 120)
     assert process.returncode == 0, (argv, out.decode(), err.decode())
     return out.decode()
 
@@ -257,8 +258,7 @@ async def test_git_clones_over_dumb_http_through_the_proxy(
             [git, "clone", "-q", url, str(tmp_path / "clone")], env | {"http_proxy": proxy.url}
         )
     finally:
-        server.terminate()
-        await server.wait()
+        await stop(server)
     paths = proxied_paths(logs)
     assert "/repo.git/info/refs" in paths
     assert (tmp_path / "clone" / ".git").is_dir()
@@ -289,6 +289,6 @@ async def test_apt_get_update_goes_through_the_proxy(
     process = await asyncio.create_subprocess_exec(
         *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
-    await asyncio.wait_for(process.communicate(), 120)
+    await communicate(process, 120)
     paths = proxied_paths(logs)
     assert "/echo/apt/./InRelease" in paths or "/echo/apt/InRelease" in paths, paths

@@ -19,6 +19,7 @@ import pytest
 import requests
 import trustme
 
+from benchmarks.processes import STOP_WAIT, stop
 from benchmarks.procfs import rss_mb
 from proxy.rules.connect import ConnectMode, Opening, classify_opening, connect_mode
 from proxy.rules.hostpatterns import HostPatterns
@@ -566,10 +567,8 @@ async def intercepting_cli(
     try:
         yield child
     finally:
-        if running.process.returncode is None:
-            running.process.kill()
-        await running.process.wait()
-        await reading
+        await stop(running.process, signal.SIGKILL)
+        await asyncio.wait_for(reading, STOP_WAIT)
 
 
 async def test_client_hello_with_the_connect_on_uvloop(

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from benchmarks.processes import communicate
 from tests.conftest import LogCapture, Origin, RunningProxy, unavailable
 from tests.test_intercept import CAFiles, ca_files, intercepting, secure_origin  # noqa: F401
 from tests.test_limits import until
@@ -45,7 +46,7 @@ async def run_client(kind: str, proxy: str, ca: str | None, *urls: str) -> list[
         stderr=asyncio.subprocess.PIPE,
         env={"PATH": os.environ["PATH"]},  # no NODE_EXTRA_CA_CERTS or proxy variables
     )
-    out, err = await asyncio.wait_for(process.communicate(), 60)
+    out, err = await communicate(process, 60)
     assert process.returncode == 0, err.decode()
     results: list[dict[str, Any]] = json.loads(out)
     return results
