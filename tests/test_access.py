@@ -293,7 +293,6 @@ async def test_denied_address_gets_403_in_any_spelling_and_is_not_dialled(
     assert proxy.sample("proxy_upstream_errors_total", host=line["host"], error=error) == 1
 
 
-@pytest.mark.parametrize("host", ["2130706433", "0x7f.1", "127.1"])
 @contextlib.asynccontextmanager
 async def trap_on(host: str) -> AsyncIterator[Trap]:
     """A ``Trap`` listening on ``host``."""
@@ -343,6 +342,7 @@ async def test_bracketed_ipv6_allow_rule_beats_the_deny_rule(start_proxy: StartP
     assert (answer.status, answer.body, allowed.connections) == (200, b"trap", 1)
 
 
+@pytest.mark.parametrize("host", ["2130706433", "0x7f.1", "127.1"])
 async def test_allowed_address_in_a_legacy_spelling_gets_400(
     proxy: RunningProxy, origin: Origin, host: str
 ) -> None:
