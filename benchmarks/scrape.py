@@ -132,6 +132,11 @@ _HOST_COUNTERS: Final = (
         ("direction",),
     ),
     (
+        "proxy_tunnel_sni_mismatches",
+        "Tunnels whose TLS server name was not their CONNECT host.",
+        (),
+    ),
+    (
         "proxy_intercept_failures",
         "Intercepted CONNECTs whose client TLS handshake failed (unknown_ca: CA not trusted).",
         ("reason",),
@@ -209,6 +214,7 @@ class ReferenceCollector:
             body,
             outcomes,
             tunnel_bytes,
+            sni_mismatches,
             intercept_failures,
         ) = (
             CounterMetricFamily(name, help_text, labels=["host", *labels])
@@ -217,6 +223,12 @@ class ReferenceCollector:
         seconds = HistogramMetricFamily(
             "proxy_tunnel_seconds",
             "Lifetime of each established tunnel, CONNECT received to both sides closed.",
+            labels=["host"],
+        )
+        ttfb = HistogramMetricFamily(
+            "proxy_tunnel_ttfb_seconds",
+            "Tunnels: each exchange's first byte, read from TLS record timing (TLS 1.3: the first "
+            "one estimated).",
             labels=["host"],
         )
         for host, s in items:
@@ -238,10 +250,13 @@ class ReferenceCollector:
                 seconds.add_metric([host], _buckets(s.tunnel_seconds), s.tunnel_seconds.sum)
                 tunnel_bytes.add_metric([host, "sent"], s.tunnel_bytes_sent)
                 tunnel_bytes.add_metric([host, "received"], s.tunnel_bytes_received)
+                sni_mismatches.add_metric([host], s.tunnel_sni_mismatches)
+            if any(s.tunnel_ttfb.counts):
+                ttfb.add_metric([host], _buckets(s.tunnel_ttfb), s.tunnel_ttfb.sum)
             for reason, n in sorted(s.intercept_failures.items()):
                 intercept_failures.add_metric([host, reason], n)
         yield from (requests, errors, connections, dns_cache, body, outcomes, seconds, tunnel_bytes)
-        yield intercept_failures
+        yield from (ttfb, sni_mismatches, intercept_failures)
 
 
 # prometheus-client's OpenMetrics encoder (untyped there).

@@ -175,7 +175,7 @@ def test_tls13_no_exchanges_when_the_client_may_speak_another_protocol(
     reads.append(Read("upstream", peers.send("upstream", ok()), 2.2))
     tls, heard = read_through(reads)
     assert tls.handshake == pytest.approx(0.1)
-    assert (tls.exchanges, tls.first_bytes, heard, tls.stopped) == (0, [], [], "unpaired")
+    assert (tls.counting, tls.exchanges, heard, tls.stopped) == (False, 0, [], "unpaired")
 
 
 # -- TLS 1.2 ---------------------------------------------------------------------------------
@@ -237,7 +237,7 @@ def test_five_requests_on_one_connection_are_five_exchanges(
         reads.append(Read("upstream", peers.send("upstream", ok(n * 500)), start + 0.1))
         peers.read("client")
     tls, heard = read_through(reads, step)
-    assert tls.exchanges == 5
+    assert (tls.counting, tls.exchanges) == (True, 5)
     assert tls.first_bytes == [pytest.approx(0.1)] * 5
     assert heard == [pytest.approx(0.1)] * 5
 
@@ -309,7 +309,7 @@ def test_early_data_leaves_the_exchanges_untold(ca: trustme.CA) -> None:
     reads.insert(1, Read("client", early, 1.0))
     tls, heard = read_through(reads)
     assert tls.handshake == pytest.approx(0.3)
-    assert (tls.exchanges, heard, tls.stopped) == (0, [], "unpaired")
+    assert (tls.counting, tls.exchanges, heard, tls.stopped) == (False, 0, [], "unpaired")
 
 
 def test_an_alert_instead_of_a_server_hello_measures_nothing(ca: trustme.CA) -> None:

@@ -155,9 +155,9 @@ class TunnelTls:
 
     ``on_first_byte`` hears each exchange's first byte (seconds) as soon as it is known.
     ``finish`` ends the reading when the tunnel ends. What was measured: ``client_hello``,
-    ``server_hello``, ``handshake`` (seconds), ``exchanges``, ``first_bytes`` (the first
-    ``FIRST_BYTES_KEPT`` exchanges, ``None`` where it cannot be told) and ``stopped`` (why
-    the reading ended early, for the curious).
+    ``server_hello``, ``handshake`` (seconds), ``counting`` (whether exchanges are told
+    here), ``exchanges``, ``first_bytes`` (the first ``FIRST_BYTES_KEPT`` exchanges, ``None``
+    where it cannot be told) and ``stopped`` (why the reading ended, for the curious).
     """
 
     __slots__ = (
@@ -174,6 +174,7 @@ class TunnelTls:
         "_server",
         "_tickets",
         "client_hello",
+        "counting",
         "exchanges",
         "first_bytes",
         "handshake",
@@ -197,6 +198,7 @@ class TunnelTls:
         self.client_hello: ClientHello | None = None
         self.server_hello: ServerHello | None = None
         self.handshake: float | None = None
+        self.counting = False
         self.exchanges = 0
         self.first_bytes: list[float | None] = []
         self.stopped: str | None = None
@@ -305,6 +307,7 @@ class TunnelTls:
             return self._stop("unpaired")
         if server.version == TLS_1_2:
             self._phase = _EXCHANGES
+            self.counting = True
             return None
         sizes = TLS13_SUITES.get(server.cipher)
         if server.version != TLS_1_3 or sizes is None:
@@ -398,6 +401,7 @@ class TunnelTls:
             if client:
                 if length == self._finished:
                     self._phase = _EXCHANGES
+                    self.counting = True
                 else:
                     self._client_records += 1
                     if self._client_records >= MAX_CLIENT_FLIGHT:
