@@ -142,12 +142,15 @@ _DONE: Final = 5  # nothing more to learn from the bytes
 class _Direction:
     """One direction's reading position: its hello reader, then the record walk."""
 
-    __slots__ = ("head", "hello", "skip")
+    __slots__ = ("deaf", "head", "hello", "skip")
 
     def __init__(self) -> None:
         self.hello: HandshakeReader | None = HandshakeReader()
         self.skip = 0  # bytes of the current record still to come
         self.head = b""  # the start of a record header that a read cut short
+        # Its application-data records cannot change anything until the other side's next
+        # one (the rest of a request, or of an answer): they are walked, not looked at.
+        self.deaf = False
 
 
 class TunnelTls:
@@ -322,62 +325,38 @@ class TunnelTls:
     # -- the records ----------------------------------------------------------------------
 
     def _walk(self, client: bool, direction: _Direction, data: bytes, now: float) -> None:
-        """Record headers in ``data``, which continues ``direction``'s stream."""
+        """Record headers in ``data``, which continues ``direction``'s stream; bodies are
+        skipped, not copied."""
         at = direction.skip
-        if at >= len(data):
-            direction.skip = at - len(data)
-            return
-        if direction.head:
-            cut = len(direction.head)
-            if self._awaits_hello(client):
-                # Rare (a retried handshake): join the cut header to this read and go on.
-                data, at = direction.head + data, 0
-            else:
-                # A header cut by the last read: complete it with the first bytes of this one.
-                header = direction.head + data[: RECORD_HEADER - cut]
-                if len(header) < RECORD_HEADER:
-                    direction.head = header
-                    return
-                at = self._headers(client, direction, header, 0, now) - cut
-                if self.stopped is not None:
-                    return
-            direction.head = b""
-        at = self._headers(client, direction, data, at, now)
-        if at < 0:
-            return
-        if at < len(data):
-            direction.head = data[at:]
-            direction.skip = 0
-        else:
-            direction.skip = at - len(data)
-
-    def _headers(
-        self, client: bool, direction: _Direction, data: bytes, at: int, now: float
-    ) -> int:
-        """Walk the records whose headers start in ``data`` from ``at``.
-
-        Returns where the record after them starts (at or past the end of ``data``, or
-        within its last 4 bytes when a header is cut), or -1 when the walk has handed over
-        to a hello reader or stopped.
-        """
         size = len(data)
+        if at >= size:
+            direction.skip = at - size
+            return
+        if direction.head:  # a header the last read cut: rare, so a copy is fine here
+            data = direction.head + data
+            direction.head = b""
+            size = len(data)
         while at + RECORD_HEADER <= size:
             kind = data[at]
             length = data[at + 3] << 8 | data[at + 4]
             if kind not in CONTENT_TYPES or data[at + 1] != 3 or length > MAX_RECORD:
-                self._stop("unreadable_record")
-                return -1
+                return self._stop("unreadable_record")
             if kind == APPLICATION_DATA:
-                self._record(client, length, now)
-                if self.stopped is not None:
-                    return -1
+                if not direction.deaf:
+                    self._record(client, length, now)
+                    if self.stopped is not None:
+                        return None
             elif kind == HANDSHAKE and self._awaits_hello(client):
                 # After a HelloRetryRequest: the next hello, read from its header on.
                 direction.hello = HandshakeReader()
-                self._read_hello(client, direction, data[at:], now)
-                return -1
+                return self._read_hello(client, direction, data[at:], now)
             at += RECORD_HEADER + length
-        return at
+        if at < size:
+            direction.head = data[at:]
+            direction.skip = 0
+        else:
+            direction.skip = at - size
+        return None
 
     def _record(self, client: bool, length: int, now: float) -> None:
         """An application-data record of ``length`` bytes began in the read at ``now``."""
@@ -394,7 +373,9 @@ class TunnelTls:
                 self._tickets(length, now, request_at is not None)
             if request_at is not None and not self._answered:
                 self._answered = True
+                self._client.deaf = False
                 if self._tickets is None:
+                    self._server.deaf = True
                     self._keep(now - request_at)
             return
         if phase == _FINISHED:
@@ -416,6 +397,8 @@ class TunnelTls:
         self.exchanges += 1
         self._request_at = now
         self._answered = False
+        self._client.deaf = True
+        self._server.deaf = False
 
     def _close_first_exchange(self) -> None:
         assert self._tickets is not None
