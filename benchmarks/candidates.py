@@ -315,6 +315,11 @@ def ours_at(ref: str, observe: bool = True) -> Candidate:
 # Named with --only; not in the default set.
 EXTRA_CANDIDATES: Final[tuple[Candidate, ...]] = (
     Candidate("bare-app", "bare behind web.Application: the framework's cost", _bare(False, True)),
+    Candidate(
+        "ours-nopage",
+        "tracing-proxy --live-page false: no rings or counter history",
+        _ours(True, "--live-page", "false"),
+    ),
 )
 
 

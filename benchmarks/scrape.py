@@ -82,6 +82,7 @@ def fill(metrics: Metrics, hosts: int, *, exemplars: bool = True, seed: int = 0)
         stats.tunnel_bytes_sent, stats.tunnel_bytes_received = rng.randrange(10**6), 7
         if n % 3 == 0:
             stats.intercept_failures["unknown_ca"] = rng.randrange(1, 10)
+            stats.intercept_splices["alpn"] = rng.randrange(1, 10)
         for hist in (*(getattr(stats, attr) for _, attr, _ in PHASES), stats.tunnel_seconds):
             for bound in (*hist.bounds, hist.bounds[-1] * 2):
                 ids = None
@@ -141,6 +142,12 @@ _HOST_COUNTERS: Final = (
         "Intercepted CONNECTs whose client TLS handshake failed (unknown_ca: CA not trusted).",
         ("reason",),
     ),
+    (
+        "proxy_intercept_splices",
+        "Intercepted CONNECTs relayed untouched after their ClientHello (alpn: no protocol "
+        "the proxy serves; ca_invalid: no certificate could be minted).",
+        ("reason",),
+    ),
 )
 
 
@@ -166,6 +173,11 @@ class ReferenceCollector:
         g, c = GaugeMetricFamily, CounterMetricFamily
         yield g("proxy_requests_in_flight", "Requests being served.", value=self._in_flight())
         yield g("proxy_tunnels_open", "Open CONNECT tunnels.", value=m.tunnels_open)
+        yield c(
+            "proxy_intercept_certificates_minted",
+            "Certificates minted for intercepted hosts (one per host, reminted before expiry).",
+            value=m.certificates_minted,
+        )
         yield g(
             "proxy_client_connections_open",
             "Client connections open on the proxy listener.",
@@ -216,6 +228,7 @@ class ReferenceCollector:
             tunnel_bytes,
             sni_mismatches,
             intercept_failures,
+            intercept_splices,
         ) = (
             CounterMetricFamily(name, help_text, labels=["host", *labels])
             for name, help_text, labels in _HOST_COUNTERS
@@ -255,8 +268,10 @@ class ReferenceCollector:
                 ttfb.add_metric([host], _buckets(s.tunnel_ttfb), s.tunnel_ttfb.sum)
             for reason, n in sorted(s.intercept_failures.items()):
                 intercept_failures.add_metric([host, reason], n)
+            for reason, n in sorted(s.intercept_splices.items()):
+                intercept_splices.add_metric([host, reason], n)
         yield from (requests, errors, connections, dns_cache, body, outcomes, seconds, tunnel_bytes)
-        yield from (ttfb, sni_mismatches, intercept_failures)
+        yield from (ttfb, sni_mismatches, intercept_failures, intercept_splices)
 
 
 # prometheus-client's OpenMetrics encoder (untyped there).

@@ -20,17 +20,18 @@ from proxy.observe import log
 from proxy.observe.exposition import Exposition
 from proxy.observe.metrics import Metrics
 from proxy.observe.outcome import Observer
+from proxy.observe.page import LivePage
 from proxy.observe.spans import SpanRecorder
 from proxy.observe.tracing import trace_config
 from proxy.rules import errors, headers, policy
-from proxy.rules.connect import ConnectMode
+from proxy.rules.connect import HTTP1, ConnectMode
 from proxy.rules.errors import ProxyError
 from proxy.rules.hostpatterns import HostPatterns
 from proxy.rules.request_id import new_request_id
 from proxy.rules.target import TargetError, absolute_target, forward_target, inner_target
 from proxy.tls.certs import CertificateAuthority
-from proxy.tls.contexts import ServerContexts, upstream_context
-from proxy.tls.intercept import Inspector, InterceptPolicy
+from proxy.tls.contexts import upstream_context
+from proxy.tls.intercept import Inspector, InterceptPolicy, StreamServer, serve_http1
 from proxy.wire import obs_text
 from proxy.wire.forwarding import SKIP_AUTO_HEADERS, Forwarder, strip_added_defaults
 from proxy.wire.guard import CheckedConnector, CheckedResolver, ClientGate, Denial
@@ -91,10 +92,21 @@ NOT_A_PROXY_REQUEST: Final = ProxyError(
 BAD_TARGET: Final = ProxyError(400, "http_request_error", "")
 SHUTTING_DOWN: Final = ProxyError(503, "proxy_internal_response", "the proxy is shutting down")
 ORIGIN_FORM: Final = "origin_form"  # the proxy_denied_total reason of NOT_A_PROXY_REQUEST
+# RFC 9110 §9.3.6: CONNECT asks a proxy for a tunnel and carries no content. On the stream
+# inside a CONNECT the proxy serves the origin's side: a tunnel in a tunnel is not forwarded.
+NESTED_CONNECT: Final = ProxyError(
+    403,
+    "http_request_denied",
+    "CONNECT is not forwarded inside a CONNECT; send it to the proxy on a connection of its own",
+)
 # RFC 9110 §10.1.1: a server may answer 417 to an expectation it does not support.
 EXPECTATION_FAILED: Final = ProxyError(
     417, "http_request_error", "only Expect: 100-continue is supported"
 )
+
+# What serves the stream inside a CONNECT, by protocol id, in the order the proxy prefers:
+# an intercepted client is offered these in ALPN (proxy.rules.connect.alpn_offer).
+STREAM_SERVERS: Final[dict[str, StreamServer]] = {HTTP1: serve_http1}
 
 # -- local endpoints: the same handlers on the admin listener and the proxy listener ----------
 
@@ -194,9 +206,10 @@ class ProxyHandler:
             splice_seconds=settings.intercept_splice_seconds,
         )
         self.inspector = Inspector(
-            ServerContexts(ca) if ca is not None else None,
+            ca,
             self.intercept,
             metrics,
+            servers=STREAM_SERVERS,
             head_limit=settings.max_request_target_length + _REQUEST_LINE_FRAME,
             head_timeout=settings.request_header_timeout,
         )
@@ -260,6 +273,9 @@ class ProxyHandler:
                 if endpoint is not None:
                     return await endpoint(request)
             return self._reject(request, NOT_A_PROXY_REQUEST, ORIGIN_FORM)
+        if stream is not None and request.method == "CONNECT":
+            # Closed: what follows a CONNECT is not HTTP.
+            return self._reject(request, NESTED_CONNECT, "nested_connect", close=True)
         lifecycle = self.lifecycle
         if lifecycle.refusing:
             return self._reject(request, SHUTTING_DOWN, "shutting_down", close=True)
@@ -353,12 +369,12 @@ class ProxyHandler:
 
         async def inspect(
             request: web.BaseRequest, record: TunnelRecord, mode: ConnectMode
-        ) -> None:
+        ) -> bytes | None:
             lifecycle.leave()
             try:
-                await inspector(request, record, mode)
+                return await inspector(request, record, mode)
             finally:
-                lifecycle.enter()
+                lifecycle.enter()  # a splice that follows is in flight, as a tunnel is
 
         return inspect
 
@@ -486,8 +502,13 @@ def build_session(settings: Settings, check: policy.DestinationCheck) -> aiohttp
     )
 
 
-def build_admin_app(exposition: Exposition, lifecycle: Lifecycle) -> web.Application:
-    """The admin listener's app: only the local endpoints (off the request path)."""
+def build_admin_app(
+    exposition: Exposition, lifecycle: Lifecycle, page: LivePage | None = None
+) -> web.Application:
+    """The admin listener's app: the local endpoints (off the request path), and the live
+    page when it is on. The page is not a local endpoint: the proxy listener never serves it."""
     app = web.Application()
     LocalEndpoints(exposition, lifecycle).add_routes(app)
+    if page is not None:
+        page.add_routes(app)
     return app

@@ -73,6 +73,7 @@ class Settings:
     log_query: bool = False
     observe: bool = True
     exemplars: bool = True
+    live_page: bool = True
     event_loop: str = "uvloop"
     shutdown_grace: float = 5.0
     drain_timeout: float = 30.0
@@ -407,7 +408,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "admin_listen",
         parse_optional_address,
-        "admin listener for /metrics, /healthz, /readyz ('off' to disable)",
+        "admin listener for /metrics, /healthz, /readyz and the live page ('off' to disable)",
         "HOST:PORT",
     ),
     Option("pool_limit", parse_count, "upstream connections in total (0 = unlimited)", "N"),
@@ -471,6 +472,12 @@ OPTIONS: tuple[Option, ...] = (
         "exemplars",
         parse_bool,
         "trace and request id of the latest observation per histogram bucket (OpenMetrics)",
+        "BOOL",
+    ),
+    Option(
+        "live_page",
+        parse_bool,
+        "the live page on the admin listener (/, /api/*) and the rings of recent calls it shows",
         "BOOL",
     ),
     Option("event_loop", choice("uvloop", "asyncio"), "event loop: uvloop or asyncio", "LOOP"),

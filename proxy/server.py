@@ -20,6 +20,7 @@ from proxy.config import Address, Settings
 from proxy.observe import log
 from proxy.observe.exposition import Exposition, RegistryView
 from proxy.observe.metrics import HostLabelLimits, Metrics
+from proxy.observe.page import LivePage
 from proxy.observe.spans import SpanQueue, SpanRecorder, TraceIdRatio
 from proxy.rules.hostpatterns import HostPatterns
 from proxy.rules.policy import OwnAddresses
@@ -54,17 +55,21 @@ class ProxyServer:
         self.settings = settings
         self.registry = registry if registry is not None else CollectorRegistry()
         self.lifecycle = Lifecycle()
+        # The live page lives on the admin listener: without one, no rings are kept for it.
+        live = settings.live_page and settings.admin_listen is not None
         self.metrics = Metrics(
             settings.histogram_buckets,
             HostLabelLimits(
                 settings.max_hosts, HostPatterns(settings.track_hosts), settings.host_label_ttl
             ),
+            live=live,
         )
         # Collectors other than ours (process, span export): prometheus-client encodes
         # them into /metrics after our families. The registry holds both.
         self.others = CollectorRegistry()
         ProcessCollector(registry=self.others)
         self.exposition = Exposition(self.metrics, self._in_flight, self.others)
+        self.page = LivePage(self.metrics, self._in_flight) if live else None
         self._runners: list[web.BaseRunner] = []
         self._handler: ProxyHandler | None = None
         self.proxy_address: Address | None = None
@@ -129,7 +134,7 @@ class ProxyServer:
             self.proxy_address = await self._listen(proxy_runner, "listen", settings.listen)
             if settings.admin_listen is not None:
                 admin_runner = web.AppRunner(
-                    build_admin_app(self.exposition, self.lifecycle),
+                    build_admin_app(self.exposition, self.lifecycle, self.page),
                     handle_signals=False,
                     access_log=None,
                     shutdown_timeout=_FINAL_SHUTDOWN_TIMEOUT,

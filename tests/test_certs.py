@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from proxy.tls.certs import (
+    CA_DAYS,
     CAError,
     CertificateAuthority,
     mint_leaf,
@@ -125,11 +126,36 @@ def test_another_ca_is_not_trusted(ca: CertificateAuthority) -> None:
         handshake(strict_client(CertificateAuthority.create()), ServerContexts(ca)("h"), "h")
 
 
-def test_server_offers_http11_only(ca: CertificateAuthority) -> None:
-    """ALPN: a client offering h2 and http/1.1 gets http/1.1 (aiohttp serves no HTTP/2)."""
+@pytest.mark.parametrize(
+    ("served", "offered", "selected"),
+    [
+        (("http/1.1",), ["h2", "http/1.1"], "http/1.1"),  # aiohttp's server: HTTP/1.1 only
+        (("h2", "http/1.1"), ["http/1.1", "h2"], "h2"),  # the server's order wins
+        (("http/1.1",), ["h2"], None),  # no overlap: OpenSSL agrees on nothing, silently
+    ],
+)
+def test_server_offers_what_it_serves(
+    ca: CertificateAuthority, served: tuple[str, ...], offered: list[str], selected: str | None
+) -> None:
+    """ALPN: the server context offers the protocols it was given, in its order."""
     client = strict_client(ca)
-    client.set_alpn_protocols(["h2", "http/1.1"])
-    assert handshake(client, ServerContexts(ca)("h"), "h").selected_alpn_protocol() == "http/1.1"
+    client.set_alpn_protocols(offered)
+    context = ServerContexts(ca, alpn=served)("h")
+    assert handshake(client, context, "h").selected_alpn_protocol() == selected
+
+
+def test_each_spelling_of_a_host_mints_its_own_leaf(ca: CertificateAuthority) -> None:
+    """Spellings of one IP or name share one leaf: the cache is keyed by what the leaf names."""
+    contexts = ServerContexts(ca)
+    loopback = ["::1", "[::1]", "0::1", "0:0::1", "::0001", "0:0:0:0:0:0:0:1", "0000::0:1"]
+    names = ["api.example", "API.example", "api.example.", "Api.Example."]
+    for spelling in loopback:
+        assert contexts(spelling) is contexts("::1")
+    for spelling in names:
+        assert contexts(spelling) is contexts("api.example")
+    assert contexts.minted == 2
+    client = strict_client(ca)
+    handshake(client, contexts("0:0::1"), "[::1]")  # the leaf names IP ::1
 
 
 def test_contexts_are_cached_and_bounded(ca: CertificateAuthority) -> None:
@@ -145,6 +171,17 @@ def test_contexts_are_cached_and_bounded(ca: CertificateAuthority) -> None:
     assert contexts("a") is a
     contexts("b")
     assert contexts.minted == 4
+
+
+def test_ca_expired_while_running_mints_a_leaf_that_cannot_verify(
+    ca: CertificateAuthority,
+) -> None:
+    """Past the CA's notAfter, minting raises CAError naming the expiry, not a bare ValueError."""
+    later = ca.cert.not_valid_after_utc + datetime.timedelta(seconds=1)
+    contexts = ServerContexts(ca, clock=lambda: later)
+    with pytest.raises(CAError, match="expired on"):
+        contexts("api.example")
+    assert contexts.minted == 0
 
 
 def test_leaf_is_reminted_near_its_expiry(ca: CertificateAuthority) -> None:
@@ -174,6 +211,13 @@ def test_write_ca_refuses_to_overwrite(tmp_path: Path) -> None:
     assert key_path.read_bytes() == before
 
 
+def _dated_ca(days_ago: int) -> CertificateAuthority:
+    """A CA created ``days_ago`` days ago (negative: in the future)."""
+    return CertificateAuthority.create(
+        now=datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=days_ago)
+    )
+
+
 def _ca_files(tmp_path: Path) -> tuple[Path, Path]:
     return write_ca(str(tmp_path / "ca"))
 
@@ -189,6 +233,8 @@ def _ca_files(tmp_path: Path) -> tuple[Path, Path]:
         ("key_garbage", "ca_key", "no unencrypted PEM private key"),
         ("key_of_another_ca", "ca_key", "does not belong"),
         ("cert_is_a_leaf", "ca_cert", "not a CA"),
+        ("cert_expired", "ca_cert", "expired on"),
+        ("cert_not_yet_valid", "ca_cert", "not valid before"),
     ],
 )
 def test_bad_ca_names_the_setting_and_hides_the_key(
@@ -218,6 +264,10 @@ def test_bad_ca_names_the_setting_and_hides_the_key(
         ca = CertificateAuthority.load(str(cert_path), str(key_path))
         leaf = mint_leaf(ca, "h", ca.key)
         cert_path.write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    elif fault in ("cert_expired", "cert_not_yet_valid"):
+        days = CA_DAYS + 1 if fault == "cert_expired" else -1
+        cert_path, key_path = write_ca(str(tmp_path / "dated"), _dated_ca(days_ago=days))
+        secret = key_path.read_bytes()
     with pytest.raises(CAError) as info:
         CertificateAuthority.load(str(cert_path), str(key_path))
     assert info.value.setting == setting

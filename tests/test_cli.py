@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import os
 import signal
@@ -18,6 +19,7 @@ import pytest
 
 from benchmarks.processes import flags_only_environment, proxy_command
 from proxy.config import OPTIONS
+from proxy.tls.certs import CA_DAYS, CertificateAuthority
 from tests.conftest import Origin
 
 
@@ -227,6 +229,7 @@ async def test_ca_command_writes_a_ca_and_refuses_to_overwrite(tmp_path: Path) -
         ("key_unreadable", "--ca-key (PROXY_CA_KEY)"),
         ("cert_garbage", "--ca-cert (PROXY_CA_CERT)"),
         ("key_garbage", "--ca-key (PROXY_CA_KEY)"),
+        ("cert_expired", "--ca-cert (PROXY_CA_CERT)"),
     ],
 )
 async def test_intercept_with_a_bad_ca_exits_2_naming_the_setting(
@@ -248,6 +251,12 @@ async def test_intercept_with_a_bad_ca_exits_2_naming_the_setting(
         cert.write_text("garbage\n")
     elif fault == "key_garbage":
         key.write_bytes(secret.replace(b"\n", b"\n!", 2))
+    elif fault == "cert_expired":
+        expired = CertificateAuthority.create(
+            now=datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=CA_DAYS + 1)
+        )
+        cert.write_bytes(expired.cert_pem())
+        key.write_bytes(expired.key_pem())
     code, _, err = await _run(*args)
     assert code == 2
     assert err.strip().count("\n") == 0

@@ -79,7 +79,10 @@ def random_metrics(seed: int, hosts: int = 60) -> Metrics:
             stats.tunnel_sni_mismatches = rng.randrange(3)
             for _ in range(rng.randrange(3)):
                 stats.tunnel_ttfb.observe(rng.expovariate(5.0), exemplar_ids(None, "tunnel-2"))
+        if rng.random() < 0.2:
+            stats.intercept_splices[rng.choice(("alpn", "ca_invalid"))] = rng.randrange(1, 9)
     metrics.tunnels_open, metrics.host_overflow = rng.randrange(9), rng.randrange(9)
+    metrics.certificates_minted = rng.randrange(9)
     metrics.clients.open, metrics.clients.rejected = rng.randrange(9), rng.randrange(9)
     for reason in ("client_not_allowed", "client_not_allowed", 'we"ird'):
         metrics.denied(reason)

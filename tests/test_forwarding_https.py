@@ -436,8 +436,14 @@ async def test_cli_on_uvloop_originates_tls(
     tls_ca_file: str, secure_origin: TLSOrigin, client: aiohttp.ClientSession
 ) -> None:
     """python -m proxy, on its default uvloop, upgrades a host given by flag and verifies it."""
+    # No admin listener: its default port may be held by another proxy on this machine.
     async with proxy_process(
-        "--upstream-ca-file", tls_ca_file, "--upgrade-to-https", "localhost"
+        "--admin-listen",
+        "off",
+        "--upstream-ca-file",
+        tls_ca_file,
+        "--upgrade-to-https",
+        "localhost",
     ) as (_, url):
         target = f"http://localhost:{secure_origin.port}/echo"
         async with client.get(target, proxy=url) as resp:

@@ -4,26 +4,41 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import hashlib
 import json
 import signal
+import socket
 import ssl
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import httpx
 import pytest
 import requests
 import trustme
+import websockets
+import websockets.asyncio.client
+import websockets.asyncio.server
 
 from benchmarks.procfs import rss_mb
-from proxy.rules.connect import ConnectMode, Opening, classify_opening, connect_mode
+from proxy.app import STREAM_SERVERS
+from proxy.rules.connect import (
+    H2_PREFACE,
+    ConnectMode,
+    Opening,
+    alpn_choice,
+    alpn_offer,
+    classify_opening,
+    connect_mode,
+)
 from proxy.rules.hostpatterns import HostPatterns
-from proxy.tls.certs import CertificateAuthority, write_ca
-from proxy.tls.intercept import InterceptPolicy, failure_reason
+from proxy.tls.certs import CA_DAYS, CertificateAuthority, write_ca
+from proxy.tls.intercept import InterceptPolicy, StreamServer, failure_reason
 from proxy.wire.tunnelling import tunnel_target
 from tests.conftest import LogCapture, Origin, RunningProxy, pattern, read_head
 from tests.test_cli import start_cli
@@ -477,7 +492,11 @@ def test_connect_mode_table(intercepted: bool, port: int, mode: ConnectMode) -> 
         (b"GET / HTTP/1.1\r\n", Opening.HTTP),
         (b"POST http://h/x HTTP/1.0\n", Opening.HTTP),
         (b"GET / HTTP/2.0\r\n", Opening.OTHER),
-        (b"PRI * HTTP/2.0\r\n", Opening.OTHER),
+        (b"PRI * HTTP/2.0\r\n", None),  # the start of the h2c preface
+        (H2_PREFACE, Opening.H2C),
+        (H2_PREFACE + b"\x00\x00\x12\x04\x00", Opening.H2C),  # SETTINGS follows at once
+        (b"PRI * HTTP/2.0\r\n\r\nXX\r\n\r\n", Opening.OTHER),
+        (b"PRI * HTTP/1.1\r\n", Opening.HTTP),  # PRI is a token like any method
         (b"GET  / HTTP/1.1\r\n", Opening.OTHER),
         (b"SSH-2.0-OpenSSH\r\n", Opening.OTHER),
         (b"\x00\x00\x00", Opening.OTHER),
@@ -487,6 +506,27 @@ def test_connect_mode_table(intercepted: bool, port: int, mode: ConnectMode) -> 
 def test_classify_opening(data: bytes, opening: Opening | None) -> None:
     """A ClientHello record, an HTTP/1.x request line, something else, or not yet known."""
     assert classify_opening(data, limit=100) is opening
+
+
+@pytest.mark.parametrize(
+    ("offered", "served", "offer", "choice"),
+    [
+        ((), ("http/1.1",), ("http/1.1",), "http/1.1"),  # no ALPN: HTTP/1.1
+        (("h2", "http/1.1"), ("http/1.1",), ("http/1.1",), "http/1.1"),
+        (("h2",), ("http/1.1",), ("http/1.1",), None),  # grpcio: nothing in common
+        (("h2",), ("h2", "http/1.1", "h2c"), ("h2", "http/1.1"), "h2"),
+        (("http/1.1", "h2"), ("h2", "http/1.1"), ("h2", "http/1.1"), "h2"),  # our order wins
+        (("h2c",), ("h2c", "http/1.1"), ("http/1.1",), None),  # h2c is never TLS ALPN
+        (("spdy/3",), ("http/1.1",), ("http/1.1",), None),
+        ((), ("h2",), ("h2",), None),  # no ALPN, and no HTTP/1.1 served
+    ],
+)
+def test_alpn_offer_and_choice(
+    offered: tuple[str, ...], served: tuple[str, ...], offer: tuple[str, ...], choice: str | None
+) -> None:
+    """The server offers what it serves (h2c left out); the choice follows the server's order."""
+    assert alpn_offer(served) == offer
+    assert alpn_choice(offered, served) == choice
 
 
 @pytest.mark.parametrize(
@@ -764,3 +804,538 @@ async def test_drain_closes_an_idle_intercepted_connection_at_once(
     finally:
         draining.cancel()
         tunnel.writer.close()
+
+
+# -- every way a stream inside a CONNECT ends, ends the CONNECT --------------------------------
+
+
+async def _echo_until_bye(connection: websockets.asyncio.server.ServerConnection) -> None:
+    """Echo each message; on "bye" the origin closes the WebSocket itself."""
+    async for message in connection:
+        if message == "bye":
+            await connection.close()
+            return
+        await connection.send(message)
+
+
+@contextlib.asynccontextmanager
+async def ws_server(context: ssl.SSLContext | None = None) -> AsyncIterator[int]:
+    """A WebSocket origin (the websockets library), over TLS with ``context``; yields its port."""
+    async with websockets.asyncio.server.serve(
+        _echo_until_bye, "127.0.0.1", 0, compression=None, ssl=context
+    ) as server:
+        yield next(iter(server.sockets)).getsockname()[1]
+
+
+# How a WebSocket inside a CONNECT can end.
+WS_ENDINGS = ["client_closes", "origin_closes", "client_resets"]
+
+
+async def _websocket_once(
+    url: str, proxy_url: str, ending: str, context: ssl.SSLContext | None = None
+) -> None:
+    """One WebSocket through the proxy: an echo, then the end named by ``ending``."""
+    async with websockets.asyncio.client.connect(
+        url, proxy=proxy_url, ssl=context, compression=None, open_timeout=10, close_timeout=2
+    ) as ws:
+        await ws.send("hello")
+        assert await asyncio.wait_for(ws.recv(), 10) == "hello"
+        if ending == "origin_closes":
+            await ws.send("bye")
+            with pytest.raises(websockets.ConnectionClosed):
+                await asyncio.wait_for(ws.recv(), 10)
+        elif ending == "client_resets":
+            sock = ws.transport.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            ws.transport.abort()
+
+
+@pytest.mark.parametrize("ending", WS_ENDINGS)
+async def test_websocket_inside_connect_never_releases_the_connect(
+    start_proxy: StartProxy, logs: LogCapture, ending: str
+) -> None:
+    """Four ws:// WebSockets in turn through CONNECT host:port (--max-client-connections 3):
+    each end writes the CONNECT's tunnel line and gives its connection back."""
+    async with ws_server() as port:
+        proxy = await start_proxy(connect_http_ports=(port,), max_client_connections=3)
+        for count in range(1, 5):
+            await _websocket_once(f"ws://127.0.0.1:{port}/", proxy.url, ending)
+            await logs.wait_for("tunnel", count)
+        await until(lambda: proxy.sample("proxy_client_connections_open") == 0)
+    assert [line["outcome"] for line in logs.events("tunnel")] == ["http"] * 4
+    assert len(logs.events("websocket")) == 4
+    assert proxy.sample("proxy_client_connections_rejected_total") == 0
+
+
+@pytest.mark.parametrize("ending", WS_ENDINGS)
+async def test_intercepted_websocket_never_releases_the_connect(
+    start_proxy: StartProxy,
+    ca_files: CAFiles,
+    tls_ca: trustme.CA,
+    tls_ca_file: str,
+    logs: LogCapture,
+    ending: str,
+) -> None:
+    """Four wss:// WebSockets in turn through interception (--max-client-connections 3): each
+    end writes the CONNECT's tunnel line and gives its connection back."""
+    async with ws_server(server_context(tls_ca, "localhost")) as port:
+        proxy = await start_proxy(
+            intercept=("localhost",),
+            ca_cert=ca_files.cert,
+            ca_key=ca_files.key,
+            upstream_ca_file=tls_ca_file,
+            connect_ports=(port,),
+            max_client_connections=3,
+        )
+        for count in range(1, 5):
+            await _websocket_once(
+                f"wss://localhost:{port}/", proxy.url, ending, ca_files.client_context()
+            )
+            await logs.wait_for("tunnel", count)
+        await until(lambda: proxy.sample("proxy_client_connections_open") == 0)
+    assert [line["outcome"] for line in logs.events("tunnel")] == ["intercepted"] * 4
+    assert len(logs.events("websocket")) == 4
+    assert proxy.sample("proxy_client_connections_rejected_total") == 0
+
+
+async def _read_response(reader: asyncio.StreamReader) -> bytes:
+    """One response with a Content-Length body, head and body as they came."""
+    head = await asyncio.wait_for(read_head(reader), 10)
+    length = next(
+        int(line.partition(b":")[2])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    return head + await asyncio.wait_for(reader.readexactly(length), 30)
+
+
+@pytest.mark.parametrize("closer", ["client", "proxy"])
+@pytest.mark.parametrize("scheme", ["https", "http"])
+async def test_served_connect_line_shows_no_bytes_and_no_closer(
+    start_proxy: StartProxy,
+    ca_files: CAFiles,
+    tls_ca_file: str,
+    secure_origin: TLSOrigin,
+    origin: Origin,
+    logs: LogCapture,
+    scheme: str,
+    closer: str,
+) -> None:
+    """5 MiB up and 5 MiB down inside an intercepted (or plain HTTP) CONNECT: its tunnel line
+    counts every byte the client sent and received on the stream, and names who closed."""
+    authority = secure_origin.authority if scheme == "https" else origin.authority
+    proxy = await start_proxy(
+        intercept=("127.0.0.1",),
+        ca_cert=ca_files.cert,
+        ca_key=ca_files.key,
+        upstream_ca_file=tls_ca_file,
+        connect_ports=(secure_origin.port,),
+        connect_http_ports=(origin.port,),
+    )
+    tunnel = await open_tunnel(proxy.url, authority)
+    if scheme == "https":
+        await tunnel.writer.start_tls(ca_files.client_context(), server_hostname="127.0.0.1")
+    body = pattern(5 * MIB, seed=9)
+    upload = (
+        f"POST /echo HTTP/1.1\r\nHost: {authority}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    # Connection: close on the last request: the proxy ends the stream after its answer.
+    download = _get(authority, f"/stream?size={5 * MIB}&cl=1", close=closer == "proxy")
+    tunnel.writer.write(upload)
+    received = await _read_response(tunnel.reader)
+    tunnel.writer.write(download)
+    received += await _read_response(tunnel.reader)
+    if closer == "proxy":
+        assert await asyncio.wait_for(tunnel.reader.read(), 10) == b""
+    tunnel.writer.close()
+    (line,) = await logs.wait_for("tunnel")
+    assert line["outcome"] == ("intercepted" if scheme == "https" else "http")
+    assert (line["bytes_in"], line["bytes_out"]) == (len(upload) + len(download), len(received))
+    assert line["closed_by"] == closer
+
+
+async def _child_lines(child: Child, event: str, count: int = 1) -> list[dict[str, Any]]:
+    """The child proxy's ``event`` lines once ``count`` have come (its log comes in batches)."""
+    for _ in range(1000):
+        found = [line for line in child.lines if line.get("event") == event]
+        if len(found) >= count:
+            return found
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"expected {count} {event} lines, got {child.lines}")
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+async def test_origin_closing_an_intercepted_websocket_logs_a_traceback(
+    ca_files: CAFiles, tls_ca: trustme.CA, tls_ca_file: str, loop: str
+) -> None:
+    """A wss origin ends an intercepted WebSocket: TLS has no half-close, so the client side is
+    closed; the relay ends as closed by the upstream, and nothing is logged as an error."""
+    async with (
+        ws_server(server_context(tls_ca, "localhost")) as port,
+        intercepting_cli(
+            ca_files, tls_ca_file, TLSOrigin("127.0.0.1", port), "--event-loop", loop
+        ) as running,
+    ):
+        url = f"wss://localhost:{port}/"
+        await _websocket_once(url, running.proxy, "origin_closes", ca_files.client_context())
+        (relayed,) = await _child_lines(running, "websocket")
+        await _child_lines(running, "tunnel")
+    assert (relayed["outcome"], relayed["closed_by"]) == ("closed", "upstream")
+    assert [line for line in running.lines if line.get("level") == "error"] == []
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+async def test_stalled_handshake_is_counted_as_closed(
+    ca_files: CAFiles, tls_ca_file: str, secure_origin: TLSOrigin, loop: str
+) -> None:
+    """A client that sends its ClientHello and then nothing: at --request-header-timeout the
+    handshake is given up, counted and logged as a timeout."""
+    async with (
+        intercepting_cli(
+            ca_files,
+            tls_ca_file,
+            secure_origin,
+            "--event-loop",
+            loop,
+            "--request-header-timeout",
+            "0.5",
+        ) as running,
+        aiohttp.ClientSession() as session,
+    ):
+        authority = f"localhost:{secure_origin.port}"
+        tunnel = await open_tunnel(running.proxy, authority)
+        assert tunnel.status == 200
+        tunnel.writer.write(MemoryTLS(ca_files.client_context(), "localhost").client_hello())
+        while await asyncio.wait_for(tunnel.reader.read(65536), 10):
+            pass  # the server's flight, unanswered; then the proxy gives up
+        tunnel.writer.close()
+        (line,) = await _child_lines(running, "tunnel")
+        text = await (await session.get(running.metrics)).text()
+    assert line["outcome"] == "tls_failed"
+    failures = f'proxy_intercept_failures_total{{host="{authority}",reason="timeout"}} 1.0'
+    assert failures in text, [x for x in text.splitlines() if "intercept_failures" in x]
+    assert [line for line in running.lines if line.get("level") == "error"] == []
+
+
+async def test_connect_inside_a_stream_is_forwarded_and_pooled(
+    start_proxy: StartProxy, raw_origin: Any, logs: LogCapture
+) -> None:
+    """A CONNECT sent on the stream of a CONNECT carries no content (RFC 9110 §9.3.6) and is
+    not forwarded: 403 with Proxy-Status, counted, logged, the stream closed, nothing dialled."""
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+    async def answer_all(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, state: Any
+    ) -> None:
+        while data := await reader.read(65536):
+            state.received.append(data)
+            writer.write(ok)
+
+    target = await raw_origin(answer_all)
+    proxy = await start_proxy(connect_http_ports=(target.port,))
+    authority = f"127.0.0.1:{target.port}"
+    nested = f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode()
+    answer = await _exchange_in_tunnel(proxy, authority, nested + b"tunnel bytes")
+    head = answer.partition(b"\r\n\r\n")[0].decode("latin-1")
+    assert head.startswith("HTTP/1.1 403 Forbidden\r\n")
+    assert "Proxy-Status: tracing-proxy; error=http_request_denied" in head
+    assert "Connection: close" in head
+    assert target.connections == 0
+    assert proxy.sample("proxy_denied_total", reason="nested_connect") == 1
+    (line,) = logs.events("rejected")
+    assert (line["method"], line["refused"], line["status"]) == ("CONNECT", "nested_connect", 403)
+
+
+# -- the decision after a whole ClientHello: intercept, splice, or refuse ----------------------
+
+
+@contextlib.asynccontextmanager
+async def alpn_origin(context: ssl.SSLContext) -> AsyncIterator[int]:
+    """A TLS origin that writes the ALPN protocol it agreed on, then closes; yields its port."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        ssl_object = writer.get_extra_info("ssl_object")
+        writer.write((ssl_object.selected_alpn_protocol() or "none").encode())
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=context)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def _intercepting_proxy(
+    start_proxy: StartProxy, ca_files: CAFiles, tls_ca_file: str, port: int, **changes: Any
+) -> RunningProxy:
+    return await start_proxy(
+        intercept=("localhost",),
+        ca_cert=ca_files.cert,
+        ca_key=ca_files.key,
+        upstream_ca_file=tls_ca_file,
+        connect_ports=(port,),
+        **changes,
+    )
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+async def test_h2_only_client_gets_no_alpn_and_hangs_up(
+    ca_files: CAFiles, tls_ca: trustme.CA, tls_ca_file: str, loop: str
+) -> None:
+    """A client offering only h2 (grpcio's ClientHello) is spliced: it reaches the TLS origin
+    itself, agrees on h2 with it, and the proxy counts the splice and mints nothing."""
+    context = server_context(tls_ca, "localhost")
+    context.set_alpn_protocols(["h2", "http/1.1"])
+    async with (
+        alpn_origin(context) as port,
+        intercepting_cli(
+            ca_files, tls_ca_file, TLSOrigin("127.0.0.1", port), "--event-loop", loop
+        ) as running,
+        aiohttp.ClientSession() as session,
+    ):
+        client = ssl.create_default_context(cafile=tls_ca_file)  # the origin's CA, not ours
+        client.set_alpn_protocols(["h2"])
+        tunnel = await open_tunnel(running.proxy, f"localhost:{port}")
+        assert tunnel.status == 200
+        await tunnel.writer.start_tls(client, server_hostname="localhost")
+        agreed = tunnel.writer.get_extra_info("ssl_object").selected_alpn_protocol()
+        said = await asyncio.wait_for(tunnel.reader.read(), 10)
+        tunnel.writer.close()
+        (line,) = await _child_lines(running, "tunnel")
+        text = await (await session.get(running.metrics)).text()
+    assert (agreed, said) == ("h2", b"h2")
+    assert f'proxy_intercept_splices_total{{host="localhost:{port}",reason="alpn"}} 1.0' in text
+    assert "proxy_intercept_certificates_minted_total 0.0" in text
+    assert line["outcome"] == "closed"
+    assert line["bytes_out"] > 0  # the origin's own handshake came through the relay
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+@pytest.mark.parametrize("when", ["during_handshake", "after_handshake"])
+async def test_client_that_hangs_up_without_an_alert_is_never_spliced(
+    ca_files: CAFiles, tls_ca_file: str, secure_origin: TLSOrigin, when: str, loop: str
+) -> None:
+    """A client that closes during our handshake, or right after it without a byte of a
+    request (grpcio, with no alert), has refused us: counted, and its retry is spliced."""
+    authority = f"localhost:{secure_origin.port}"
+    async with (
+        intercepting_cli(ca_files, tls_ca_file, secure_origin, "--event-loop", loop) as running,
+        aiohttp.ClientSession() as session,
+    ):
+        tls = MemoryTLS(ca_files.client_context(), "localhost")
+        tunnel = await open_tunnel(running.proxy, authority, early=tls.client_hello())
+        assert tunnel.status == 200
+        if when == "after_handshake":
+            await tls.finish(tunnel.reader, tunnel.writer)
+        tunnel.writer.close()
+        (line,) = await _child_lines(running, "tunnel")
+        text = await (await session.get(running.metrics)).text()
+        # The retry trusts only the origin's CA: it works because it is spliced.
+        url = f"https://{authority}/echo"
+        code, out, err = await curl("--cacert", tls_ca_file, "-x", running.proxy, url)
+    assert line["outcome"] == "tls_failed"  # never "intercepted": it carried no request
+    reason = "closed" if when == "during_handshake" else "closed_before_request"
+    assert f'proxy_intercept_failures_total{{host="{authority}",reason="{reason}"}} 1.0' in text
+    assert code == 0, err
+    assert json.loads(out)["target"] == "/echo"
+
+
+async def test_two_tls_bytes_mint_a_leaf(
+    intercepting: RunningProxy, ca_files: CAFiles, secure_origin: TLSOrigin, logs: LogCapture
+) -> None:
+    """Bytes that only start like TLS mint nothing: a leaf waits for a whole ClientHello."""
+    authority = f"localhost:{secure_origin.port}"
+    for opening in (b"\x16\x03", b"\x16\x03\x01\x00\x05hello", b"\x16\x03\x01\x00\x02\x01\x00"):
+        tunnel = await open_tunnel(intercepting.url, authority, early=opening)
+        assert tunnel.status == 200
+        tunnel.writer.write_eof()
+        assert await asyncio.wait_for(tunnel.reader.read(), 10) == b""
+        tunnel.writer.close()
+    await logs.wait_for("tunnel", 3)
+    assert intercepting.sample("proxy_intercept_certificates_minted_total") == 0
+    answer = await _exchange_in_tls(intercepting, ca_files, authority, lambda hello: [hello])
+    assert answer.startswith(b"HTTP/1.1 200")
+    assert intercepting.sample("proxy_intercept_certificates_minted_total") == 1
+
+
+async def _exchange_in_tls(
+    proxy: RunningProxy, ca_files: CAFiles, authority: str, writes: Callable[[bytes], list[bytes]]
+) -> bytes:
+    """One GET on an intercepted stream, the ClientHello sent as ``writes`` cuts it."""
+    tls = MemoryTLS(ca_files.client_context(), authority.rpartition(":")[0])
+    tunnel = await open_tunnel(proxy.url, authority)
+    assert tunnel.status == 200
+    for piece in writes(tls.client_hello()):
+        tunnel.writer.write(piece)
+        await asyncio.sleep(0.02)  # a read of its own for each
+    await tls.finish(tunnel.reader, tunnel.writer)
+    answer = await tls.request(tunnel.reader, tunnel.writer, _get(authority, "/echo", close=True))
+    tunnel.writer.close()
+    return answer
+
+
+def _recut(hello: bytes, sizes: tuple[int, ...]) -> list[bytes]:
+    """The ClientHello's handshake message re-cut into records of ``sizes`` bytes (the last takes
+    the rest), each record then split in two writes (RFC 8446 §5.1 allows both)."""
+    assert hello[0] == 0x16  # one handshake record
+    assert int.from_bytes(hello[3:5], "big") == len(hello) - 5
+    message, version = hello[5:], hello[1:3]
+    writes: list[bytes] = []
+    for size in (*sizes, len(message)):
+        fragment, message = message[:size], message[size:]
+        if fragment:
+            record = b"\x16" + version + len(fragment).to_bytes(2, "big") + fragment
+            writes += [record[:3], record[3:]]
+    return writes
+
+
+async def test_client_hello_over_several_records_and_reads_is_intercepted(
+    intercepting: RunningProxy, ca_files: CAFiles, secure_origin: TLSOrigin
+) -> None:
+    """A ClientHello in three records over six writes is read whole, then intercepted."""
+    authority = f"localhost:{secure_origin.port}"
+    answer = await _exchange_in_tls(
+        intercepting, ca_files, authority, lambda hello: _recut(hello, (100, 200))
+    )
+    assert answer.startswith(b"HTTP/1.1 200")
+    assert b'"target": "/echo"' in answer
+
+
+async def test_client_hello_past_the_bound_is_refused_unminted(
+    intercepting: RunningProxy, secure_origin: TLSOrigin, logs: LogCapture
+) -> None:
+    """A ClientHello that says it is 1 MiB is refused at its header: counted, nothing minted."""
+    authority = f"localhost:{secure_origin.port}"
+    start = b"\x01" + (1 << 20).to_bytes(3, "big") + b"\x00" * 100  # ClientHello, 1 MiB long
+    record = b"\x16\x03\x01" + len(start).to_bytes(2, "big") + start
+    tunnel = await open_tunnel(intercepting.url, authority, early=record)
+    assert tunnel.status == 200
+    assert await asyncio.wait_for(tunnel.reader.read(), 10) == b""
+    tunnel.writer.close()
+    (line,) = await logs.wait_for("tunnel")
+    assert line["outcome"] == "tls_failed"
+    assert "too_large" in line["details"]
+    failures = intercepting.sample(
+        "proxy_intercept_failures_total", host=authority, reason="tls_protocol_error"
+    )
+    assert failures == 1
+    assert intercepting.sample("proxy_intercept_certificates_minted_total") == 0
+
+
+async def test_spellings_of_one_address_each_mint_a_leaf(
+    start_proxy: StartProxy, ca_files: CAFiles
+) -> None:
+    """CONNECTs to [::1], [0:0::1], [0000::0001]...: one leaf serves them all, minted once."""
+    proxy = await start_proxy(
+        intercept=("[::1]",),
+        ca_cert=ca_files.cert,
+        ca_key=ca_files.key,
+        connect_ports=(8443,),
+        intercept_splice_seconds=0,  # each closes after its handshake: no splice meanwhile
+    )
+    spellings = ["::1", "0::1", "0:0::1", "0000::0001", "0:0:0:0:0:0:0:1", "::0:1", "0::0:1"]
+    for spelling in spellings:
+        tls = MemoryTLS(ca_files.client_context(), "::1")
+        tunnel = await open_tunnel(proxy.url, f"[{spelling}]:8443", early=tls.client_hello())
+        assert tunnel.status == 200
+        await tls.finish(tunnel.reader, tunnel.writer)  # the leaf names IP ::1: it verifies
+        tunnel.writer.close()
+    assert proxy.sample("proxy_intercept_certificates_minted_total") == 1
+
+
+async def test_ca_that_expires_while_running_raises_a_traceback(
+    start_proxy: StartProxy,
+    tmp_path: Path,
+    tls_ca_file: str,
+    secure_origin: TLSOrigin,
+    logs: LogCapture,
+) -> None:
+    """A CA that expires while the proxy runs: the next intercepted CONNECT is counted, logged
+    once, and spliced, so the client reaches the origin; no traceback."""
+    lifetime = datetime.timedelta(days=CA_DAYS) - datetime.timedelta(seconds=2)
+    ca = CertificateAuthority.create(now=datetime.datetime.now(datetime.UTC) - lifetime)
+    cert, key = write_ca(str(tmp_path / "expiring"), ca)
+    proxy = await start_proxy(
+        intercept=("localhost",),
+        ca_cert=str(cert),
+        ca_key=str(key),
+        upstream_ca_file=tls_ca_file,
+        connect_ports=(secure_origin.port,),
+    )
+    left = ca.cert.not_valid_after_utc - datetime.datetime.now(datetime.UTC)
+    await asyncio.sleep(max(left.total_seconds(), 0) + 0.1)  # two seconds at most
+    url = f"https://localhost:{secure_origin.port}/echo"
+    for _ in range(2):  # the first is spliced at once, the second as a spliced host
+        code, out, err = await curl("--cacert", tls_ca_file, "-x", proxy.url, url)
+        assert code == 0, err
+        assert json.loads(out)["target"] == "/echo"
+    host = f"localhost:{secure_origin.port}"
+    assert proxy.sample("proxy_intercept_failures_total", host=host, reason="ca_invalid") == 1
+    assert proxy.sample("proxy_intercept_splices_total", host=host, reason="ca_invalid") == 1
+    (failed,) = logs.events("intercept_failed")
+    assert (failed["reason"], failed["level"]) == ("ca_invalid", "error")
+    assert "expired on" in failed["details"]
+    assert [line for line in logs.lines() if line["level"] == "error"] == [failed]
+    assert [line["outcome"] for line in await logs.wait_for("tunnel", 2)] == ["closed"] * 2
+
+
+async def test_h2c_preface_is_refused_with_its_reason(
+    start_proxy: StartProxy, origin: Origin, logs: LogCapture
+) -> None:
+    """HTTP/2 with prior knowledge inside a CONNECT, with no h2c server registered: closed,
+    nothing dialled, and the tunnel line says why."""
+    proxy = await start_proxy(connect_http_ports=(origin.port,))
+    answer = await _exchange_in_tunnel(proxy, origin.authority, H2_PREFACE)
+    assert answer == b""
+    (line,) = await logs.wait_for("tunnel")
+    assert line["outcome"] == "refused"
+    assert "h2c" in line["details"]
+
+
+class _Toy(asyncio.Protocol):
+    """A stand-in server for a protocol id: answers "<id>:" and the first bytes, then closes."""
+
+    def __init__(self, protocol: str) -> None:
+        self._protocol = protocol
+        self._transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        assert self._transport is not None
+        self._transport.write(self._protocol.encode() + b":" + data)
+        self._transport.close()
+
+
+def _toy(protocol: str) -> StreamServer:
+    return lambda server_protocol, stream: _Toy(protocol)
+
+
+async def test_registered_stream_servers_get_their_streams(
+    start_proxy: StartProxy,
+    ca_files: CAFiles,
+    tls_ca_file: str,
+    secure_origin: TLSOrigin,
+    origin: Origin,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The plug-in point: a server registered for "h2" is offered in ALPN and gets an h2-only
+    client's stream; one registered for "h2c" gets the prior-knowledge preface."""
+    monkeypatch.setitem(STREAM_SERVERS, "h2", _toy("h2"))
+    monkeypatch.setitem(STREAM_SERVERS, "h2c", _toy("h2c"))
+    proxy = await _intercepting_proxy(
+        start_proxy, ca_files, tls_ca_file, secure_origin.port, connect_http_ports=(origin.port,)
+    )
+    client = ca_files.client_context()
+    client.set_alpn_protocols(["h2"])
+    tunnel = await open_tunnel(proxy.url, f"localhost:{secure_origin.port}")
+    await tunnel.writer.start_tls(client, server_hostname="localhost")
+    assert tunnel.writer.get_extra_info("ssl_object").selected_alpn_protocol() == "h2"
+    tunnel.writer.write(H2_PREFACE)
+    assert await asyncio.wait_for(tunnel.reader.read(), 10) == b"h2:" + H2_PREFACE
+    tunnel.writer.close()
+    answer = await _exchange_in_tunnel(proxy, origin.authority, H2_PREFACE)
+    assert answer == b"h2c:" + H2_PREFACE

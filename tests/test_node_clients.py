@@ -12,11 +12,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 
 from tests.conftest import LogCapture, Origin, RunningProxy, unavailable
-from tests.test_intercept import CAFiles, ca_files, intercepting, secure_origin  # noqa: F401
+from tests.test_intercept import (  # noqa: F401
+    CAFiles,
+    ca_files,
+    intercepting,
+    secure_origin,
+    ws_server,
+)
 from tests.test_limits import until
-from tests.tls import TLSOrigin
+from tests.tls import TLSOrigin, server_context
 
 StartProxy = Callable[..., Awaitable[RunningProxy]]
 NODE_DIR = Path(__file__).parent / "node"
@@ -83,3 +90,35 @@ async def test_node_https_call_through_interception(
     assert json.loads(results[0]["body"])["target"] == "/echo/node"
     await until(lambda: len(logs.events("access")) == 1)
     assert logs.events("access")[0]["scheme"] == "https"
+
+
+@pytest.mark.parametrize("scheme", ["ws", "wss"])
+async def test_node_websockets_inside_connect_never_release_it(
+    scheme: str,
+    start_proxy: StartProxy,
+    ca_files: CAFiles,  # noqa: F811
+    tls_ca: trustme.CA,
+    tls_ca_file: str,
+    logs: LogCapture,
+) -> None:
+    """ws with https-proxy-agent, four WebSockets in turn under --max-client-connections 3
+    (ws:// as plain HTTP inside CONNECT, wss:// intercepted): each echoes and ends its CONNECT."""
+    context = server_context(tls_ca, "localhost") if scheme == "wss" else None
+    async with ws_server(context) as port:
+        proxy = await start_proxy(
+            intercept=("localhost",),
+            ca_cert=ca_files.cert,
+            ca_key=ca_files.key,
+            upstream_ca_file=tls_ca_file,
+            connect_ports=(port,) if scheme == "wss" else (),
+            connect_http_ports=(port,) if scheme == "ws" else (),
+            max_client_connections=3,
+        )
+        url = f"{scheme}://localhost:{port}/"
+        results = await run_client("ws", proxy.url, ca_files.cert, *[url] * 4)
+        await logs.wait_for("tunnel", 4)
+        await until(lambda: proxy.sample("proxy_client_connections_open") == 0)
+    assert [(r["status"], r["body"]) for r in results] == [(1005, "hello")] * 4
+    served = "intercepted" if scheme == "wss" else "http"
+    assert [line["outcome"] for line in logs.events("tunnel")] == [served] * 4
+    assert proxy.sample("proxy_client_connections_rejected_total") == 0

@@ -10,6 +10,7 @@ import signal
 import socket
 from pathlib import Path
 
+import aiohttp
 from prometheus_client import CollectorRegistry
 
 from proxy.config import OPTIONS
@@ -118,6 +119,12 @@ async def test_quick_start_runs_as_written() -> None:
         )
         out, _ = await asyncio.wait_for(client.communicate(), 60)
         assert client.returncode == 0
+        # Last, the page the Quick start opens: the call's host, its phases, the call.
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session,
+            session.get(f"http://127.0.0.1:{admin_port}/") as response,
+        ):
+            page = await response.text()
     finally:
         for process in (proxy, origin):
             os.killpg(
@@ -126,6 +133,13 @@ async def test_quick_start_runs_as_written() -> None:
             await process.wait()
     text = out.decode()
     assert text.splitlines()[0] == "200"
+    hosts = re.search(r'<table class="hosts">.*?</table>', page, re.S)
+    assert hosts is not None
+    assert f">127.0.0.2:{origin_port}</a>" in hosts.group(0)
+    assert 'class="seg ttfb"' in hosts.group(0)
+    slow = re.search(r'<section id="slow">.*?</section>', page, re.S)
+    assert slow is not None
+    assert '<td>GET</td><td class="path">/</td><td class="num">200</td>' in slow.group(0)
     assert f'proxy_upstream_ttfb_seconds_count{{host="127.0.0.2:{origin_port}"}} 1.0' in text
     assert proxy.stdout is not None
     log = (await proxy.stdout.read()).decode()

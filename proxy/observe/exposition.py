@@ -251,6 +251,13 @@ HOST_FAMILIES: Final[tuple[_HostFamily, ...]] = (
         ("reason",),
         lambda s: (((r,), n) for r, n in sorted(s.intercept_failures.items())),
     ),
+    _HostCounter(
+        "proxy_intercept_splices",
+        "Intercepted CONNECTs relayed untouched after their ClientHello (alpn: no protocol "
+        "the proxy serves; ca_invalid: no certificate could be minted).",
+        ("reason",),
+        lambda s: (((r,), n) for r, n in sorted(s.intercept_splices.items())),
+    ),
 )
 
 
@@ -289,6 +296,12 @@ class _Global:
 GLOBAL_FAMILIES: Final = (
     _Global("proxy_requests_in_flight", "gauge", "Requests being served.", lambda m, f: f),
     _Global("proxy_tunnels_open", "gauge", "Open CONNECT tunnels.", lambda m, f: m.tunnels_open),
+    _Global(
+        "proxy_intercept_certificates_minted",
+        "counter",
+        "Certificates minted for intercepted hosts (one per host, reminted before expiry).",
+        lambda m, f: m.certificates_minted,
+    ),
     _Global(
         "proxy_client_connections_open",
         "gauge",

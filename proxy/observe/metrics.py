@@ -7,12 +7,14 @@ is scraped.
 
 from __future__ import annotations
 
+from array import array
 from bisect import bisect_left
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from time import monotonic, time
 from typing import Final
 
+from proxy.observe.live import Counts, Live
 from proxy.rules.hostpatterns import HostPatterns
 
 # Methods outside this set are counted as "_OTHER" (an unbounded label otherwise);
@@ -99,7 +101,9 @@ class HostStats:
         "dns_miss",
         "errors",
         "intercept_failures",
+        "intercept_splices",
         "last_used",
+        "live",
         "queue",
         "requests",
         "tls",
@@ -114,7 +118,7 @@ class HostStats:
         "version",
     )
 
-    def __init__(self, bounds: Sequence[float], *, capped: bool = True) -> None:
+    def __init__(self, bounds: Sequence[float], *, capped: bool = True, live: bool = False) -> None:
         # Bumped each time the stats are handed out for an update: the exposition
         # re-renders a host only when this moved.
         self.version = 0
@@ -136,6 +140,7 @@ class HostStats:
         self.bytes_received = 0
         self.tunnels: dict[str, int] = {}  # by outcome
         self.intercept_failures: dict[str, int] = {}  # client TLS handshakes failed, by reason
+        self.intercept_splices: dict[str, int] = {}  # intercepted CONNECTs spliced, by reason
         self.tunnel_seconds = Histogram(TUNNEL_BUCKETS)
         self.tunnel_bytes_sent = 0  # client -> upstream
         self.tunnel_bytes_received = 0  # upstream -> client
@@ -143,6 +148,18 @@ class HostStats:
         # first byte, and tunnels whose SNI was not their CONNECT host.
         self.tunnel_ttfb = Histogram(bounds)
         self.tunnel_sni_mismatches = 0
+        self.live = Live() if live else None  # the live page's history and rings
+
+    def counts(self) -> Counts:
+        """The counters and phase histograms the live page rates and windows."""
+        histograms = [getattr(self, attr) for attr in PHASE_ATTRS]
+        return Counts(
+            sum(self.requests.values()),
+            sum(self.tunnels.values()),
+            sum(self.errors.values()),
+            array("q", [count for h in histograms for count in h.counts]),
+            array("d", [h.sum for h in histograms]),
+        )
 
     def observe_dial(
         self,
@@ -192,6 +209,8 @@ PHASES: Final = (
     ),
 )
 
+
+PHASE_ATTRS: Final = tuple(attr for _, attr, _ in PHASES)
 
 # The phases a CONNECT tunnel fills too. A host reached only through tunnels exports these and
 # no request-side series (queue, tls, ttfb, request, connections, bytes): a row of count-0
@@ -264,12 +283,17 @@ class Metrics:
         buckets: Sequence[float],
         limits: HostLabelLimits | None = None,
         clock: Callable[[], float] = monotonic,
+        *,
+        live: bool = False,
     ) -> None:
+        """``live``: each host keeps the live page's history and rings (``proxy.observe.live``)."""
         self.buckets = tuple(buckets)
+        self.live = live
         self.limits = limits if limits is not None else HostLabelLimits()
         self.hosts: dict[str, HostStats] = {}
         self.host_overflow = 0  # acquisitions sent to OVERFLOW_HOST
         self.tunnels_open = 0
+        self.certificates_minted = 0  # leaves minted for intercepted hosts
         self.clients = ClientStats()
         self.denied = Refusals()  # proxy.app and proxy.wire.limits count here
         self._clock = clock
@@ -282,9 +306,16 @@ class Metrics:
         stats = self.hosts.get(label)
         if stats is None:
             stats = self._admit(label)
-        stats.last_used = self._clock()
+        now = stats.last_used = self._clock()
         stats.version += 1
+        live = stats.live
+        if live is not None and now >= live.next_snapshot:
+            live.snapshot(now, stats.counts())  # before the caller moves the counters
         return stats
+
+    def now(self) -> float:
+        """The clock ``HostStats.last_used`` and the live rings are stamped with."""
+        return self._clock()
 
     def _admit(self, label: str) -> HostStats:
         limits = self.limits
@@ -298,7 +329,7 @@ class Metrics:
                 stats = self.hosts.get(label)
                 if stats is not None:
                     return stats
-        stats = self.hosts[label] = HostStats(self.buckets, capped=capped)
+        stats = self.hosts[label] = HostStats(self.buckets, capped=capped, live=self.live)
         self._capped += capped
         return stats
 

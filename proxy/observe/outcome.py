@@ -7,6 +7,7 @@ from typing import Any
 from aiohttp import web
 from yarl import URL
 
+from proxy.observe.live import Call
 from proxy.observe.metrics import Metrics, exemplar_ids, method_label
 from proxy.observe.tracing import Timings
 from proxy.rules.errors import ProxyError
@@ -107,6 +108,22 @@ class Observer:
             stats.errors[error] = stats.errors.get(error, 0) + 1
         stats.bytes_sent += outcome.bytes_in
         stats.bytes_received += outcome.bytes_out
+        live = stats.live
+        if live is not None and live.add(stats.last_used, outcome.total, outcome.status, error):
+            live.keep(
+                Call(
+                    stats.last_used,
+                    outcome.host,
+                    request.method,
+                    outcome.target.raw_path,  # never the query: the page shows no query string
+                    outcome.status,
+                    error,
+                    outcome.request_id,
+                    outcome.trace.trace_id,
+                    outcome.total,
+                    (t.queue if waited else None, t.dns, t.connect, t.tls, ttfb),
+                )
+            )
 
         self._logger.info(
             "access",

@@ -2,17 +2,21 @@
 
 A CONNECT (RFC 9110 §9.3.6) is opaque by default. Two cases are opened up:
 - a host in ``--intercept``: the proxy answers 200 itself and reads the stream: a TLS
-  ClientHello is terminated with a minted certificate, an HTTP/1.x request line is served
-  as plain forwarded requests;
+  ClientHello is terminated with a minted certificate when the client offers a protocol the
+  proxy serves (else the stream is spliced to the target untouched), an HTTP/1.x request
+  line is served as plain forwarded requests;
 - a port in ``--connect-http-ports`` (default 80) but not in ``--connect-ports``: the stream
   may carry plain HTTP only, which is no riskier than forwarding ``http://`` to that port;
   anything else on it is closed.
+
+The HTTP/2 prior-knowledge preface (h2c) is an opening of its own; it is served only where an
+HTTP/2 server is registered for ``"h2c"``.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Iterable, Sequence
 from enum import Enum
 from typing import Final
 
@@ -42,11 +46,40 @@ def connect_mode(
 class Opening(Enum):
     TLS = "tls"
     HTTP = "http"
+    H2C = "h2c"  # HTTP/2 with prior knowledge, in the clear
     OTHER = "other"
+
+
+# Protocol ids (RFC 7301 §6) that servers of a stream are registered under.
+HTTP1: Final = "http/1.1"
+# RFC 9113 §3.1: "h2c" names HTTP/2 over cleartext TCP; it is never offered in TLS ALPN.
+H2C: Final = "h2c"
+# The protocol a cleartext opening speaks.
+CLEARTEXT_PROTOCOLS: Final = {Opening.HTTP: HTTP1, Opening.H2C: H2C}
+_NOT_OVER_TLS: Final = frozenset({H2C})
+
+
+def alpn_offer(served: Iterable[str]) -> tuple[str, ...]:
+    """What the proxy's TLS server offers in ALPN: the protocols it serves, in its order."""
+    return tuple(protocol for protocol in served if protocol not in _NOT_OVER_TLS)
+
+
+def alpn_choice(offered: Sequence[str], served: Iterable[str]) -> str | None:
+    """The protocol a handshake will agree on, None when there is none to agree on.
+
+    RFC 7301 §3.2: the server picks one of the client's protocols; OpenSSL picks by the
+    server's order. A client that sends no ALPN speaks HTTP/1.1 (RFC 9112 over TLS).
+    """
+    ours = alpn_offer(served)
+    if not offered:
+        return HTTP1 if HTTP1 in ours else None
+    return next((protocol for protocol in ours if protocol in offered), None)
 
 
 # RFC 8446 §5.1: a record of type handshake (22), then a 3.x legacy record version.
 _TLS_HANDSHAKE: Final = 0x16
+# RFC 9113 §3.4: the client connection preface of HTTP/2 with prior knowledge.
+H2_PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 # RFC 9112 §3: method SP request-target SP HTTP-version; methods are tokens (RFC 9110 §9.1).
 _REQUEST_LINE: Final = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ [\x21-\x7e]+ HTTP/1\.[01]\r?\n")
 # What a request line may look like before its end has arrived (a loose superset).
@@ -67,6 +100,8 @@ def classify_opening(data: bytes, limit: int) -> Opening | None:
         if len(data) < 2:
             return None
         return Opening.TLS if data[1] == 3 else Opening.OTHER
+    if H2_PREFACE.startswith(data[: len(H2_PREFACE)]):
+        return Opening.H2C if len(data) >= len(H2_PREFACE) else None
     line_end = data.find(b"\n")
     if line_end >= 0:
         return Opening.HTTP if _REQUEST_LINE.fullmatch(data[: line_end + 1]) else Opening.OTHER

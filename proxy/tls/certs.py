@@ -94,8 +94,10 @@ class CertificateAuthority:
         return cls(cert, key)
 
     @classmethod
-    def load(cls, cert_path: str, key_path: str) -> CertificateAuthority:
-        """Read and check a CA; raises ``CAError`` naming the file at fault."""
+    def load(
+        cls, cert_path: str, key_path: str, now: datetime.datetime | None = None
+    ) -> CertificateAuthority:
+        """Read and check a CA (valid at ``now``); raises ``CAError`` naming the file at fault."""
         _check_private(key_path)
         cert_pem = _read("ca_cert", cert_path)
         key_pem = _read("ca_key", key_path)
@@ -118,7 +120,21 @@ class CertificateAuthority:
             constraints = None
         if constraints is None or not constraints.ca:
             raise CAError("ca_cert", f"{cert_path} is not a CA certificate")
-        return cls(cert, key)
+        ca = cls(cert, key)
+        ca.check_valid(now or _now(), cert_path)
+        return ca
+
+    def check_valid(self, now: datetime.datetime, name: str = "the CA") -> None:
+        """Raise ``CAError`` unless ``now`` lies within the CA's validity (RFC 5280 §4.1.2.5):
+        a leaf it signs outside it verifies nowhere."""
+        if now >= self.cert.not_valid_after_utc:
+            when = f"{self.cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC"
+            raise CAError(
+                "ca_cert", f"{name} expired on {when}; make a new one (tracing-proxy ca DIR)"
+            )
+        if now < self.cert.not_valid_before_utc:
+            when = f"{self.cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC"
+            raise CAError("ca_cert", f"{name} is not valid before {when}")
 
     def cert_pem(self) -> bytes:
         return self.cert.public_bytes(serialization.Encoding.PEM)
@@ -195,14 +211,24 @@ def subject_alt_name(host: str) -> x509.GeneralName:
         return x509.DNSName(host.rstrip(".").lower())
 
 
+def leaf_name(host: str) -> str:
+    """``host`` as its leaf names it: an IP address in its compressed form (``[0:0::1]`` is
+    ``::1``), a name in lower case without a trailing dot. One leaf serves every spelling."""
+    return str(subject_alt_name(host).value)
+
+
 def mint_leaf(
     ca: CertificateAuthority,
     host: str,
     key: ec.EllipticCurvePrivateKey,
     now: datetime.datetime | None = None,
 ) -> x509.Certificate:
-    """A server certificate for ``host`` signed by ``ca``; ``key`` may be shared by leaves."""
+    """A server certificate for ``host`` signed by ``ca``; ``key`` may be shared by leaves.
+
+    Raises ``CAError`` when ``ca`` is not valid at ``now`` (it expired while running).
+    """
     now = now or _now()
+    ca.check_valid(now)
     not_after = min(now + datetime.timedelta(days=LEAF_DAYS), ca.cert.not_valid_after_utc)
     # The subject is informative only; RFC 6125 §6.4.4: names are matched in the SAN.
     common_name = host.strip("[]")[:64]

@@ -16,16 +16,16 @@ import os
 import ssl
 import tempfile
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Final
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from proxy.tls.certs import CertificateAuthority, mint_leaf
+from proxy.tls.certs import CertificateAuthority, leaf_name, mint_leaf
 
-# aiohttp's server and client speak HTTP/1.x only: offer nothing else (offering h2 to a
-# client made curl send HTTP/2 and fail).
+# aiohttp's client speaks HTTP/1.x only: offer nothing else upstream. (The server side
+# offers what the proxy serves on an intercepted stream: ``ServerContexts``' ``alpn``.)
 ALPN: tuple[str, ...] = ("http/1.1",)
 # A leaf is reminted once less than this much of its validity is left.
 _RENEW_BEFORE: Final = datetime.timedelta(days=1)
@@ -54,17 +54,26 @@ def check_ca_file(path: str) -> None:
 
 
 class ServerContexts:
-    """``host -> SSLContext`` presenting a leaf for ``host``, bounded to ``max_hosts`` entries."""
+    """``host -> SSLContext`` presenting a leaf for ``host``, bounded to ``max_hosts`` entries.
+
+    Keyed by the name the leaf certifies, so every spelling of a host (``0:0::1``, ``::1``;
+    ``API.example.``, ``api.example``) shares one leaf. ``alpn`` is offered in the server's
+    order; ``on_mint`` hears of each leaf minted.
+    """
 
     def __init__(
         self,
         ca: CertificateAuthority,
+        alpn: Sequence[str] = ALPN,
         max_hosts: int = 1024,
         clock: Callable[[], datetime.datetime] | None = None,
+        on_mint: Callable[[], None] | None = None,
     ) -> None:
         self._ca = ca
+        self._alpn = list(alpn)
         self._max = max_hosts
         self._clock = clock or (lambda: datetime.datetime.now(datetime.UTC))
+        self._on_mint = on_mint
         self._key = ec.generate_private_key(ec.SECP256R1())
         self._key_pem = self._key.private_bytes(
             serialization.Encoding.PEM,
@@ -75,16 +84,20 @@ class ServerContexts:
         self.minted = 0
 
     def __call__(self, host: str) -> ssl.SSLContext:
+        """The context for ``host``; raises ``CAError`` when the CA cannot sign (expired)."""
+        name = leaf_name(host)
         now = self._clock()
-        entry = self._cache.get(host)
+        entry = self._cache.get(name)
         if entry is not None and entry[1] - _RENEW_BEFORE > now:
-            self._cache.move_to_end(host)
+            self._cache.move_to_end(name)
             return entry[0]
-        leaf = mint_leaf(self._ca, host, self._key, now)
+        leaf = mint_leaf(self._ca, name, self._key, now)
         context = self._build(leaf.public_bytes(serialization.Encoding.PEM))
         self.minted += 1
-        self._cache[host] = (context, leaf.not_valid_after_utc)
-        self._cache.move_to_end(host)
+        if self._on_mint is not None:
+            self._on_mint()
+        self._cache[name] = (context, leaf.not_valid_after_utc)
+        self._cache.move_to_end(name)
         while len(self._cache) > self._max:
             self._cache.popitem(last=False)
         return context
@@ -92,7 +105,7 @@ class ServerContexts:
     def _build(self, leaf_pem: bytes) -> ssl.SSLContext:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
-        context.set_alpn_protocols(list(ALPN))
+        context.set_alpn_protocols(self._alpn)
         # load_cert_chain takes only paths: a private directory, removed at once.
         with tempfile.TemporaryDirectory(prefix="tracing-proxy-") as folder:
             chain = os.path.join(folder, "chain.pem")

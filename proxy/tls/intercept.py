@@ -1,30 +1,47 @@
-"""The stream of a CONNECT the proxy answered itself: TLS terminated, or plain HTTP served.
+"""The stream of a CONNECT the proxy answered itself: TLS terminated, plain HTTP served, or
+given back to be spliced.
 
 ``InterceptPolicy`` decides per CONNECT (``proxy.rules.connect``), remembering hosts whose
 clients rejected a minted certificate: like Squid's splice after a failed bump, their next
 CONNECTs are plain tunnels for ``--intercept-splice-seconds``, so a client that pins or does
-not trust the CA recovers on retry instead of failing until the operator steps in.
+not trust the CA recovers on retry instead of failing until the operator steps in. A client
+that closes during our handshake, or right after it without a byte of a request (grpcio
+does, with no alert), counts as such a rejection too.
 
-``Inspector`` reads the first bytes; an HTTP/1.x request line is served on the raw stream,
-a ClientHello for an intercepted host is answered by ``loop.start_tls(server_side=True)``
-with a leaf for the CONNECT host (SNI is not consulted: the certificate names what is
-dialled), and each request on either stream goes through the forwarder as usual.
+``Inspector`` reads the first bytes: an HTTP/1.x request line (or the h2c preface, where a
+server is registered for it) is served on the raw stream. A ClientHello for an intercepted
+host is read whole first; when the client offers no protocol the proxy serves, or no leaf
+can be minted, the stream goes back to the tunneller to be spliced to the target untouched.
+Otherwise ``loop.start_tls(server_side=True)`` answers it with a leaf for the CONNECT host
+(SNI is not consulted: the certificate names what is dialled), and the protocol the
+handshake agreed on serves the stream: each request goes through the forwarder as usual.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from time import monotonic
 from typing import Any, Final
 
 from aiohttp import web
 
+from proxy.observe import log
 from proxy.observe.metrics import Metrics
-from proxy.rules.connect import ConnectMode, Opening, connect_mode
+from proxy.rules.connect import (
+    CLEARTEXT_PROTOCOLS,
+    HTTP1,
+    ConnectMode,
+    Opening,
+    alpn_choice,
+    alpn_offer,
+    connect_mode,
+)
 from proxy.rules.hostpatterns import HostPatterns
 from proxy.rules.target import connect_origin
+from proxy.rules.tls_hello import ClientHello, HelloError
+from proxy.tls.certs import CAError, CertificateAuthority
 from proxy.tls.contexts import ServerContexts
 from proxy.wire.inner import HandOver, InnerStream, Opener
 from proxy.wire.limits import GuardedRequestHandler
@@ -37,9 +54,17 @@ _REJECTIONS: Final = {
     "ALERT_CERTIFICATE_UNKNOWN": "certificate_unknown",
     "ALERT_UNSUPPORTED_CERTIFICATE": "unsupported_certificate",
 }
-REJECTION_REASONS: Final = frozenset(_REJECTIONS.values())
+# Reasons that start a splice of the host: the client refused what we presented (an alert,
+# or a close without one during or right after our handshake), or no leaf can be minted.
+REJECTION_REASONS: Final = frozenset(
+    {*_REJECTIONS.values(), "closed", "closed_before_request", "ca_invalid"}
+)
+# The most bytes read for a ClientHello (records, reads): big post-quantum hellos are ~2 KB.
+HELLO_LIMIT: Final = 1 << 16
 # Loop turns to wait for start_tls to swap its protocol in: it does so on its first step.
 _SWAP_WAIT_STEPS: Final = 8
+# Seconds past --request-header-timeout before the loop's own handshake timer would fire.
+_HANDSHAKE_BACKSTOP: Final = 1.0
 _SPLICED_KEPT: Final = 4096  # hosts remembered at once; a scan of names cannot grow it further
 
 
@@ -89,7 +114,8 @@ class InterceptPolicy:
         )
 
     def rejected(self, target: TunnelTarget) -> None:
-        """A client refused the minted certificate for ``target``: splice it for a while."""
+        """A client refused what we presented for ``target`` (or nothing could be minted):
+        splice the host for a while."""
         if self._splice_seconds <= 0:
             return
         if len(self._spliced) >= _SPLICED_KEPT:
@@ -112,33 +138,61 @@ class InterceptPolicy:
         return f"<InterceptPolicy {self._intercept!r} spliced={len(self._spliced)}>"
 
 
+# Serves the stream inside a CONNECT once its protocol is known: given the CONNECT's handler
+# and the stream, the protocol that reads it. Registered by protocol id (``proxy.rules.connect``:
+# "http/1.1", "h2", "h2c"); the TLS server offers the ids registered, in their order.
+StreamServer = Callable[[GuardedRequestHandler, InnerStream], asyncio.Protocol]
+
+
+def serve_http1(server_protocol: GuardedRequestHandler, stream: InnerStream) -> asyncio.Protocol:
+    """HTTP/1.x on the stream: aiohttp's handler, with the listener's app and limits."""
+    return server_protocol.open_inner(stream)
+
+
+class NotServed(Exception):
+    """A stream in a protocol no server is registered for; closed, the reason logged."""
+
+
 class Inspector:
-    """Serves the stream of a CONNECT answered without dialling (``Tunneller``'s inspector)."""
+    """Serves the stream of a CONNECT answered without dialling (``Tunneller``'s inspector).
+
+    ``servers`` maps protocol ids to what serves them; without a ``ca`` nothing is
+    intercepted. The call returns the bytes read so far when the stream is to be spliced
+    to the target after all, None when it has been served (or closed) here.
+    """
 
     def __init__(
         self,
-        contexts: ServerContexts | None,
+        ca: CertificateAuthority | None,
         policy: InterceptPolicy,
         metrics: Metrics,
         *,
+        servers: Mapping[str, StreamServer],
         head_limit: int,
         head_timeout: float,
     ) -> None:
-        self._contexts = contexts
+        self._servers = dict(servers)
+        self._contexts = (
+            ServerContexts(ca, alpn=alpn_offer(self._servers), on_mint=self._minted)
+            if ca is not None
+            else None
+        )
         self._policy = policy
         self._metrics = metrics
         self._head_limit = head_limit
         self._head_timeout = head_timeout
+        self._logger = log.get_logger()
 
     async def __call__(
         self, request: web.BaseRequest, record: TunnelRecord, mode: ConnectMode
-    ) -> None:
+    ) -> bytes | None:
         transport = request.transport
         server_protocol = request.protocol
         if transport is None or not isinstance(server_protocol, GuardedRequestHandler):
             record.served = "closed"
-            return
-        opener = Opener(transport, self._head_limit)
+            return None
+        intercepting = mode is ConnectMode.INSPECT and self._contexts is not None
+        opener = Opener(transport, self._head_limit, HELLO_LIMIT if intercepting else 0)
         opener.take_over(server_protocol)
         try:
             try:
@@ -147,21 +201,23 @@ class Inspector:
             except TimeoutError:
                 opening = None
             early = bytes(opener.data)
-            target = record.target
-            if opening is Opening.HTTP:
-                origin = connect_origin("http", target.host, target.port)
-                await self._serve(server_protocol, transport, origin, record, early)
+            if opening is Opening.TLS and intercepting:
+                return await self._tls(server_protocol, transport, opener, record, early)
+            protocol = CLEARTEXT_PROTOCOLS.get(opening) if opening is not None else None
+            server = self._servers.get(protocol) if protocol is not None else None
+            if server is not None:
+                origin = connect_origin("http", record.target.host, record.target.port)
+                stream = InnerStream(origin, record.request_id)
+                inner = server(server_protocol, stream)
+                await self._serve(server_protocol, inner, transport, record, early)
                 record.served = "http"
-            elif (
-                opening is Opening.TLS
-                and mode is ConnectMode.INSPECT
-                and self._contexts is not None
-            ):
-                await self._intercept(server_protocol, transport, opener, record, early)
             else:
                 # Not a protocol this CONNECT may carry: close, nothing was dialled.
                 record.served = "timeout" if opening is None else "refused"
+                if protocol is not None:
+                    record.exc = NotServed(f"no server for {protocol} is registered")
                 transport.close()
+            return None
         except BaseException:
             transport.abort()
             raise
@@ -169,17 +225,51 @@ class Inspector:
     async def _serve(
         self,
         server_protocol: GuardedRequestHandler,
+        inner: asyncio.Protocol,
         transport: asyncio.Transport,
-        origin: Any,
         record: TunnelRecord,
         early: bytes,
     ) -> None:
         handover = HandOver(server_protocol)
         transport.set_protocol(handover)
-        inner = server_protocol.open_inner(InnerStream(origin, record.request_id))
         handover.attach(inner, transport, early)
         transport.resume_reading()
-        await handover.closed
+        await _served(handover, record)
+
+    async def _tls(
+        self,
+        server_protocol: GuardedRequestHandler,
+        transport: asyncio.Transport,
+        opener: Opener,
+        record: TunnelRecord,
+        early: bytes,
+    ) -> bytes | None:
+        """A whole ClientHello has come: intercept it, or give the stream back to be spliced."""
+        assert self._contexts is not None
+        hello = opener.hello
+        if not isinstance(hello, ClientHello):
+            # It started like TLS but is no ClientHello: as a handshake that failed.
+            self._failed(record, "tls_protocol_error", hello or HelloError("truncated"))
+            transport.abort()
+            return None
+        if alpn_choice(hello.alpn, self._servers) is None:
+            # grpcio offers only h2: a handshake agreeing on nothing would break it, and a
+            # plain tunnel keeps it working (as Squid splices what it cannot bump).
+            return self._splice(record, "alpn", early)
+        try:
+            context = self._contexts(record.target.host)
+        except CAError as exc:  # the CA expired while the proxy ran
+            self._count_failure(record, "ca_invalid")
+            self._logger.error(
+                "intercept_failed",
+                request_id=record.request_id,
+                host=record.target.label,
+                reason="ca_invalid",
+                details=str(exc),
+            )
+            return self._splice(record, "ca_invalid", early)
+        await self._intercept(server_protocol, transport, opener, record, early, context)
+        return None
 
     async def _intercept(
         self,
@@ -188,8 +278,8 @@ class Inspector:
         opener: Opener,
         record: TunnelRecord,
         early: bytes,
+        context: ssl.SSLContext,
     ) -> None:
-        assert self._contexts is not None
         target = record.target
         loop = asyncio.get_running_loop()
         handover = HandOver(server_protocol)
@@ -197,40 +287,71 @@ class Inspector:
             loop.start_tls(
                 transport,
                 handover,
-                self._contexts(target.host),
+                context,
                 server_side=True,
-                ssl_handshake_timeout=self._head_timeout,
+                # A backstop only: its ConnectionAbortedError does not say it was a timeout.
+                ssl_handshake_timeout=self._head_timeout + _HANDSHAKE_BACKSTOP,
             )
         )
         try:
-            await _replay(transport, opener, early, start)
-            tls = await start
+            async with asyncio.timeout(self._head_timeout):
+                await _replay(transport, opener, early, start)
+                tls = await start
             assert tls is not None  # None only for a transport that has no TLS to start
         except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
-            self._rejected(record, exc)
+            self._failed(record, failure_reason(exc), exc)
             transport.abort()
             handover.connection_lost(exc if isinstance(exc, Exception) else None)
             return
         finally:
             if not start.done():
                 start.cancel()
-        origin = connect_origin("https", target.host, target.port)
-        inner = server_protocol.open_inner(InnerStream(origin, record.request_id))
-        handover.attach(inner, tls, b"")
+        ssl_object = tls.get_extra_info("ssl_object")
+        # No ALPN from the client: HTTP/1.1 (alpn_choice made sure it is served then).
+        protocol = (ssl_object.selected_alpn_protocol() if ssl_object else None) or HTTP1
+        stream = InnerStream(connect_origin("https", target.host, target.port), record.request_id)
+        handover.attach(self._servers[protocol](server_protocol, stream), tls, b"")
         record.served = "intercepted"
-        await handover.closed
+        await _served(handover, record)
+        if handover.received == 0:
+            # Not a byte of a request: no intercepted call happened. A client that hung up
+            # refused what we presented (grpcio does so without an alert).
+            if handover.closed_by == "client":
+                closed = ConnectionResetError("closed after the handshake, before a request")
+                self._failed(record, "closed_before_request", closed)
+            else:
+                record.served = "timeout"
 
-    def _rejected(self, record: TunnelRecord, exc: BaseException) -> None:
-        reason = failure_reason(exc)
+    def _count_failure(self, record: TunnelRecord, reason: str) -> None:
         stats = self._metrics.host(record.target.label)
         stats.intercept_failures[reason] = stats.intercept_failures.get(reason, 0) + 1
         if reason in REJECTION_REASONS:
             self._policy.rejected(record.target)
+
+    def _failed(self, record: TunnelRecord, reason: str, exc: BaseException) -> None:
+        self._count_failure(record, reason)
         record.served = "tls_failed"
         record.exc = exc  # the tunnel line at the end says why, once per connection
 
+    def _splice(self, record: TunnelRecord, reason: str, early: bytes) -> bytes:
+        stats = self._metrics.host(record.target.label)
+        stats.intercept_splices[reason] = stats.intercept_splices.get(reason, 0) + 1
+        return early
+
+    def _minted(self) -> None:
+        self._metrics.certificates_minted += 1
+
     def __repr__(self) -> str:
-        return f"<Inspector {self._contexts!r} {self._policy!r}>"
+        return f"<Inspector {sorted(self._servers)} {self._contexts!r} {self._policy!r}>"
+
+
+async def _served(handover: HandOver, record: TunnelRecord) -> None:
+    """Wait for the end of a stream the proxy serves; its bytes and closer go on the record."""
+    try:
+        await handover.closed
+    finally:
+        record.bytes_in, record.bytes_out = handover.received, handover.sent
+        record.closed_by = handover.closed_by
 
 
 async def _replay(

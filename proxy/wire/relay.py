@@ -1,5 +1,7 @@
 """The byte relay inside a CONNECT tunnel: two transports, flow control, half-close, resets.
 
+A side whose transport cannot half-close (TLS) is closed when the other side sends EOF.
+
 It works at the asyncio protocol level. Bytes read from one side are written straight into
 the other side's transport; when a transport's write buffer passes its high-water mark,
 asyncio's flow-control callbacks pause reading on the other side until the buffer drains.
@@ -138,8 +140,14 @@ class Relay:
             transport.pause_reading()
 
     def _pass_eof(self, to: Side) -> None:
+        transport = self._transports[to]
+        if not transport.can_write_eof():
+            # TLS (an intercepted client, a wss upstream) has no half-close in asyncio or
+            # uvloop: write_eof raises. Close that side once its buffer is out instead.
+            transport.close()
+            return
         try:
-            self._transports[to].write_eof()
+            transport.write_eof()
         except OSError as exc:  # asyncio lets shutdown()'s error out when the peer is gone
             self.lost(to, exc)
 

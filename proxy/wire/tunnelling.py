@@ -22,6 +22,7 @@ from aiohttp.http import WebSocketReader
 from aiohttp.tracing import Trace
 from yarl import URL
 
+from proxy.observe.live import Call
 from proxy.observe.metrics import ExemplarIds, Metrics, exemplar_ids
 from proxy.observe.outcome import milliseconds
 from proxy.observe.spans import SpanRecorder
@@ -146,7 +147,10 @@ class TunnelRecord:
     """What happened to one CONNECT; filled in by the tunneller as it goes."""
 
     __slots__ = (
+        "bytes_in",
+        "bytes_out",
         "client",
+        "closed_by",
         "duration",
         "error",
         "exc",
@@ -187,6 +191,10 @@ class TunnelRecord:
         self.exc: BaseException | None = None
         self.relay: Relay | None = None  # set once the 200 is out
         self.served: str | None = None  # the outcome of a stream the proxy read itself
+        # A stream the proxy served itself: what the client sent and received on it, who ended it.
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.closed_by: str | None = None
         self.duration = 0.0
         self.trace = trace  # only when spans are exported
         self.peer: tuple[str, int] | None = None  # the address dialled, for the span
@@ -249,15 +257,31 @@ class TunnelObserver:
         outcome = record.outcome
         stats.tunnels[outcome] = stats.tunnels.get(outcome, 0) + 1
         relay = record.relay
-        sent = received = 0
+        sent, received, closed_by = record.bytes_in, record.bytes_out, record.closed_by
         error: str | None = None
         exc = record.exc
         if record.error is not None:
             error = record.error.error
             stats.errors[error] = stats.errors.get(error, 0) + 1
+            if stats.live is not None:  # the live page lists it with the failed calls
+                stats.live.keep(
+                    Call(
+                        stats.last_used,
+                        record.target.label,
+                        "CONNECT" if record.kind == "tunnel" else "GET",
+                        record.target.authority,  # a CONNECT's request target
+                        record.status,
+                        error,
+                        record.request_id,
+                        record.trace_id,
+                        record.duration,
+                        (None, t.dns, t.connect, None, None),
+                    )
+                )
         if relay is not None:
             self._metrics.tunnels_open -= 1
             sent, received = relay.received["client"], relay.received["upstream"]
+            closed_by = relay.closed_by
             stats.tunnel_seconds.observe(record.duration, ids)
             stats.tunnel_bytes_sent += sent
             stats.tunnel_bytes_received += received
@@ -280,7 +304,7 @@ class TunnelObserver:
             target=record.target.authority,
             status=record.status,
             outcome=outcome,
-            closed_by=relay.closed_by if relay is not None else None,
+            closed_by=closed_by,
             dns_ms=milliseconds(t.dns),
             connect_ms=milliseconds(t.connect),
             duration_ms=milliseconds(record.duration),
@@ -357,10 +381,13 @@ class Relays:
         transport: asyncio.Transport,
         relay: Relay,
         record: TunnelRecord,
+        early: bytes | None = None,
     ) -> None:
         """Hand the client connection over to ``relay`` and wait until the relay ends.
 
-        The response that switched the connection (200, 101) is already out.
+        The response that switched the connection (200, 101) is already out. ``early``: the
+        client's first bytes, for a stream that was read already (a splice after inspection);
+        otherwise the bytes aiohttp kept behind the request head go first.
         """
         try:
             # From aiohttp to the relay with no await in between: no bytes slip by.
@@ -371,9 +398,14 @@ class Relays:
             protocol = ClientProtocol(relay, request.protocol)
             transport.set_protocol(protocol)  # first, so flow control already reaches the relay
             relay.start(transport)
-            # The bytes that came behind the request head (aiohttp keeps them) go upstream first.
-            # set_parser is typed for aiohttp's WebSocket reader; it only calls feed_data/feed_eof.
-            request.protocol.set_parser(cast(WebSocketReader, protocol))
+            if early is None:
+                # The bytes that came behind the request head (aiohttp keeps them) go upstream
+                # first. set_parser is typed for aiohttp's WebSocket reader; it only calls
+                # feed_data/feed_eof.
+                request.protocol.set_parser(cast(WebSocketReader, protocol))
+            else:
+                relay.feed("client", early)
+                transport.resume_reading()  # the inspector stopped reading at its verdict
             # Shielded: a cancelled handler must not cancel ``done``; it closes the relay.
             await asyncio.shield(relay.done)
         except asyncio.CancelledError:
@@ -394,8 +426,9 @@ class Relays:
         return f"<Relays open={len(self._open)}>"
 
 
-# Reads the stream of a CONNECT the proxy answered itself (``proxy.tls.intercept``).
-StreamInspector = Callable[[web.BaseRequest, TunnelRecord, ConnectMode], Awaitable[None]]
+# Reads the stream of a CONNECT the proxy answered itself (``proxy.tls.intercept``); returns
+# the bytes it read when the stream is to be spliced to the target after all.
+StreamInspector = Callable[[web.BaseRequest, TunnelRecord, ConnectMode], Awaitable[bytes | None]]
 
 
 class Tunneller:
@@ -403,7 +436,8 @@ class Tunneller:
 
     In ``ConnectMode.TUNNEL`` it dials, answers 200 and relays bytes. In the other modes it
     checks the destination the same way (the name's every address), answers 200 without
-    dialling, and gives the stream to the ``inspector``.
+    dialling, and gives the stream to the ``inspector``; a stream the inspector gives back
+    is spliced: it dials those addresses then, and relays the bytes read so far first.
     """
 
     def __init__(
@@ -483,7 +517,7 @@ class Tunneller:
             record.timings.settle(perf_counter())  # a failed lookup is timed too
             return self._fail(record, errors.classify(exc, errors.LOOKUP), exc)
         if mode is not ConnectMode.TUNNEL and self._inspector is not None:
-            return await self._answer_and_inspect(request, record, mode)
+            return await self._answer_and_inspect(request, record, mode, addresses)
         relay = Relay(self._idle_timeout, self._relays.watch(record))
         try:
             record.peer = await self._dial(addresses, relay, record.timings)
@@ -508,14 +542,45 @@ class Tunneller:
         return response, transport
 
     async def _answer_and_inspect(
-        self, request: web.BaseRequest, record: TunnelRecord, mode: ConnectMode
+        self,
+        request: web.BaseRequest,
+        record: TunnelRecord,
+        mode: ConnectMode,
+        addresses: list[ResolveResult],
     ) -> web.StreamResponse:
         assert self._inspector is not None
         answered = await self._answer(request, record)
         if isinstance(answered, web.Response):
             return answered
-        await self._inspector(request, record, mode)
-        return answered[0]
+        response, transport = answered
+        early = await self._inspector(request, record, mode)
+        if early is not None:
+            await self._splice(request, transport, addresses, record, early)
+        return response
+
+    async def _splice(
+        self,
+        request: web.BaseRequest,
+        transport: asyncio.Transport,
+        addresses: list[ResolveResult],
+        record: TunnelRecord,
+        early: bytes,
+    ) -> None:
+        """Dial the checked addresses now and relay, ``early`` first. The 200 is out already:
+        a failure can only close the client connection."""
+        relay = Relay(self._idle_timeout)
+        try:
+            record.peer = await self._dial(addresses, relay, record.timings)
+        except Exception as exc:
+            record.error, record.exc = errors.classify(exc, errors.DIAL), exc
+            transport.abort()
+            return
+        if transport.is_closing():  # the client left while the target was dialled
+            gone = ConnectionResetError("the client has gone")
+            record.error, record.exc = errors.CLIENT_DISCONNECTED, gone
+            relay.close("error")
+            return
+        await self._relays.run(request, transport, relay, record, early)
 
     async def _answer_and_relay(
         self, request: web.BaseRequest, relay: Relay, record: TunnelRecord
