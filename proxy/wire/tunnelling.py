@@ -568,7 +568,7 @@ class Tunneller:
     ) -> None:
         """Dial the checked addresses now and relay, ``early`` first. The 200 is out already:
         a failure can only close the client connection."""
-        relay = Relay(self._idle_timeout)
+        relay = Relay(self._idle_timeout, self._relays.watch(record))
         try:
             record.peer = await self._dial(addresses, relay, record.timings)
         except Exception as exc:
