@@ -80,10 +80,12 @@ def fill(metrics: Metrics, hosts: int, *, exemplars: bool = True, seed: int = 0)
         stats.bytes_sent, stats.bytes_received = rng.randrange(10**9), rng.randrange(10**9)
         stats.tunnels["closed"] = rng.randrange(1, 100)
         stats.tunnel_bytes_sent, stats.tunnel_bytes_received = rng.randrange(10**6), 7
+        stats.tunnel_sni_mismatches = rng.randrange(3)
         if n % 3 == 0:
             stats.intercept_failures["unknown_ca"] = rng.randrange(1, 10)
             stats.intercept_splices["alpn"] = rng.randrange(1, 10)
-        for hist in (*(getattr(stats, attr) for _, attr, _ in PHASES), stats.tunnel_seconds):
+        tunnel_histograms = (stats.tunnel_seconds, stats.tunnel_ttfb)
+        for hist in (*(getattr(stats, attr) for _, attr, _ in PHASES), *tunnel_histograms):
             for bound in (*hist.bounds, hist.bounds[-1] * 2):
                 ids = None
                 if exemplars:
