@@ -25,6 +25,7 @@ import websockets
 import websockets.asyncio.client
 import websockets.asyncio.server
 
+from benchmarks.processes import STOP_WAIT, stop
 from benchmarks.procfs import rss_mb
 from proxy.app import STREAM_SERVERS
 from proxy.rules.connect import (
@@ -606,10 +607,8 @@ async def intercepting_cli(
     try:
         yield child
     finally:
-        if running.process.returncode is None:
-            running.process.kill()
-        await running.process.wait()
-        await reading
+        await stop(running.process, signal.SIGKILL)
+        await asyncio.wait_for(reading, STOP_WAIT)
 
 
 async def test_client_hello_with_the_connect_on_uvloop(

@@ -40,8 +40,11 @@ def server_context(ca: trustme.CA, *names: str) -> ssl.SSLContext:
 
 
 @contextlib.asynccontextmanager
-async def tls_origin(context: ssl.SSLContext, host: str = "127.0.0.1") -> AsyncIterator[TLSOrigin]:
-    """Serve the shared origin app over TLS on ``host``; torn down on exit."""
+async def tls_origin(
+    context: ssl.SSLContext | None, host: str = "127.0.0.1"
+) -> AsyncIterator[TLSOrigin]:
+    """Serve the shared origin app over TLS on ``host`` (no context: in the clear); torn down
+    on exit."""
     state = TLSOrigin(host, 0)
 
     @web.middleware
