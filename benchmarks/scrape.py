@@ -83,10 +83,12 @@ def fill(metrics: Metrics, hosts: int, *, exemplars: bool = True, seed: int = 0)
         stats.bytes_sent, stats.bytes_received = rng.randrange(10**9), rng.randrange(10**9)
         stats.tunnels["closed"] = rng.randrange(1, 100)
         stats.tunnel_bytes_sent, stats.tunnel_bytes_received = rng.randrange(10**6), 7
+        stats.tunnel_sni_mismatches = rng.randrange(3)
         if n % 3 == 0:
             stats.intercept_failures["unknown_ca"] = rng.randrange(1, 10)
             stats.intercept_splices["alpn"] = rng.randrange(1, 10)
-        for hist in (*(getattr(stats, attr) for _, attr, _ in PHASES), stats.tunnel_seconds):
+        tunnel_histograms = (stats.tunnel_seconds, stats.tunnel_ttfb)
+        for hist in (*(getattr(stats, attr) for _, attr, _ in PHASES), *tunnel_histograms):
             for bound in (*hist.bounds, hist.bounds[-1] * 2):
                 ids = None
                 if exemplars:
@@ -134,6 +136,11 @@ _HOST_COUNTERS: Final = (
         "proxy_tunnel_bytes",
         "Bytes relayed through tunnels: sent is client to upstream, received the reverse.",
         ("direction",),
+    ),
+    (
+        "proxy_tunnel_sni_mismatches",
+        "Tunnels whose TLS server name was not their CONNECT host.",
+        (),
     ),
     (
         "proxy_intercept_failures",
@@ -225,6 +232,7 @@ class ReferenceCollector:
             body,
             outcomes,
             tunnel_bytes,
+            sni_mismatches,
             intercept_failures,
             intercept_splices,
         ) = (
@@ -234,6 +242,12 @@ class ReferenceCollector:
         seconds = HistogramMetricFamily(
             "proxy_tunnel_seconds",
             "Lifetime of each established tunnel, CONNECT received to both sides closed.",
+            labels=["host"],
+        )
+        ttfb = HistogramMetricFamily(
+            "proxy_tunnel_ttfb_seconds",
+            "Tunnels: each exchange's first byte, read from TLS record timing (TLS 1.3: the first "
+            "one estimated).",
             labels=["host"],
         )
         for host, s in items:
@@ -255,12 +269,15 @@ class ReferenceCollector:
                 seconds.add_metric([host], _buckets(s.tunnel_seconds), s.tunnel_seconds.sum)
                 tunnel_bytes.add_metric([host, "sent"], s.tunnel_bytes_sent)
                 tunnel_bytes.add_metric([host, "received"], s.tunnel_bytes_received)
+                sni_mismatches.add_metric([host], s.tunnel_sni_mismatches)
+            if any(s.tunnel_ttfb.counts):
+                ttfb.add_metric([host], _buckets(s.tunnel_ttfb), s.tunnel_ttfb.sum)
             for reason, n in sorted(s.intercept_failures.items()):
                 intercept_failures.add_metric([host, reason], n)
             for reason, n in sorted(s.intercept_splices.items()):
                 intercept_splices.add_metric([host, reason], n)
         yield from (requests, errors, connections, dns_cache, body, outcomes, seconds, tunnel_bytes)
-        yield from (intercept_failures, intercept_splices)
+        yield from (ttfb, sni_mismatches, intercept_failures, intercept_splices)
 
 
 # prometheus-client's OpenMetrics encoder (untyped there).

@@ -80,6 +80,9 @@ def random_metrics(seed: int, hosts: int = 60) -> Metrics:
             stats.tunnels[rng.choice(("closed", "failed", "reset"))] = rng.randrange(1, 9)
             stats.tunnel_seconds.observe(rng.uniform(0, 9000), exemplar_ids(None, "tunnel-1"))
             stats.tunnel_bytes_sent = rng.randrange(2**33)
+            stats.tunnel_sni_mismatches = rng.randrange(3)
+            for _ in range(rng.randrange(3)):
+                stats.tunnel_ttfb.observe(rng.expovariate(5.0), exemplar_ids(None, "tunnel-2"))
         if rng.random() < 0.2:
             stats.intercept_splices[rng.choice(("alpn", "ca_invalid"))] = rng.randrange(1, 9)
     metrics.tunnels_open, metrics.host_overflow = rng.randrange(9), rng.randrange(9)
@@ -211,7 +214,8 @@ def test_promtool_accepts_the_classic_text_at_the_cap() -> None:
     """1,000 hosts, every histogram filled, exemplars everywhere: promtool accepts the text."""
     metrics = capped_metrics()
     body = Exposition(metrics, lambda: 0).render(om=False)
-    assert body.count(b'le="+Inf"') == 1000 * (len(PHASES) + 1) + 1
+    # Per host: the phases, the tunnel lifetime and first byte; then the scrape histogram.
+    assert body.count(b'le="+Inf"') == 1000 * (len(PHASES) + 2) + 1
     promtool_check(body)
 
 
@@ -609,9 +613,26 @@ def test_a_host_only_tunnelled_exports_no_request_series() -> None:
         "proxy_tunnel_seconds_count",
         "proxy_tunnel_seconds_sum",
         "proxy_tunnel_bytes_total",
+        "proxy_tunnel_sni_mismatches_total",
     }
     assert 'proxy_upstream_queue_seconds_count{host="forwarded.example"} 0.0' in text
     assert 'proxy_upstream_connections_total{host="forwarded.example",kind="new"} 0.0' in text
+
+
+def test_a_tunnel_whose_tls_was_timed_adds_its_tls_phase_and_first_bytes() -> None:
+    """TLS read from a tunnel's bytes exports the tls phase and the tunnel's first bytes, and
+    still no count-0 request series."""
+    metrics = Metrics((0.01, 1.0), HostLabelLimits(max_hosts=10))
+    tunnelled = metrics.host("tunnelled.example")
+    tunnelled.tunnels["closed"] = 1
+    tunnelled.connect.observe(0.003)
+    tunnelled.tls.observe(0.3)
+    tunnelled.tunnel_ttfb.observe(0.2)
+    text = Exposition(metrics, lambda: 0).render(om=False).decode()
+    assert 'proxy_upstream_tls_seconds_count{host="tunnelled.example"} 1.0' in text
+    assert 'proxy_tunnel_ttfb_seconds_count{host="tunnelled.example"} 1.0' in text
+    assert "proxy_upstream_queue_seconds_count{" not in text
+    assert "proxy_upstream_ttfb_seconds_count{" not in text
 
 
 # -- negotiation, and scrapers that stop reading ----------------------------------------------

@@ -1109,6 +1109,14 @@ async def test_h2_only_client_gets_no_alpn_and_hangs_up(
     assert "proxy_intercept_certificates_minted_total 0.0" in text
     assert line["outcome"] == "closed"
     assert line["bytes_out"] > 0  # the origin's own handshake came through the relay
+    # A splice is a tunnel: its TLS is read from the bytes, its hello passed on after the dial.
+    assert (line["sni"], line["alpn_offered"], line["tls_version"]) == (
+        "localhost",
+        ["h2"],
+        "TLSv1.3",
+    )
+    assert line["tls_ms"] > 0
+    assert line["exchanges"] is None  # h2: not counted
 
 
 @pytest.mark.parametrize("loop", ["uvloop", "asyncio"])

@@ -240,6 +240,18 @@ HOST_FAMILIES: Final[tuple[_HostFamily, ...]] = (
         ("direction",),
         _tunnel_bytes,
     ),
+    _HostHistogram(
+        "proxy_tunnel_ttfb_seconds",
+        "Tunnels: each exchange's first byte, read from TLS record timing (TLS 1.3: the first "
+        "one estimated).",
+        lambda s: s.tunnel_ttfb if any(s.tunnel_ttfb.counts) else None,
+    ),
+    _HostCounter(
+        "proxy_tunnel_sni_mismatches",
+        "Tunnels whose TLS server name was not their CONNECT host.",
+        (),
+        lambda s: (((), s.tunnel_sni_mismatches),) if s.tunnels else (),
+    ),
     _HostCounter(
         "proxy_intercept_failures",
         "Intercepted CONNECTs whose client TLS handshake failed (unknown_ca: CA not trusted).",
