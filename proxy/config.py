@@ -465,7 +465,12 @@ OPTIONS: tuple[Option, ...] = (
         "debug, info, warning or error (access lines are info)",
         "LEVEL",
     ),
-    Option("log_query", parse_bool, "log the query string with the path", "BOOL"),
+    Option(
+        "log_query",
+        parse_bool,
+        "log the query string with the path (signing values redacted)",
+        "BOOL",
+    ),
     Option(
         "observe",
         parse_bool,
