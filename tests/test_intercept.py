@@ -25,6 +25,7 @@ import websockets
 import websockets.asyncio.client
 import websockets.asyncio.server
 
+from benchmarks.processes import STOP_WAIT, stop
 from benchmarks.procfs import rss_mb
 from proxy.app import STREAM_SERVERS
 from proxy.rules.connect import (
@@ -607,10 +608,8 @@ async def intercepting_cli(
     try:
         yield child
     finally:
-        if running.process.returncode is None:
-            running.process.kill()
-        await running.process.wait()
-        await reading
+        await stop(running.process, signal.SIGKILL)
+        await asyncio.wait_for(reading, STOP_WAIT)
 
 
 async def test_client_hello_with_the_connect_on_uvloop(
@@ -1115,6 +1114,14 @@ async def test_h2_only_client_gets_no_alpn_and_hangs_up(
     assert "proxy_intercept_certificates_minted_total 0.0" in text
     assert line["outcome"] == "closed"
     assert line["bytes_out"] > 0  # the origin's own handshake came through the relay
+    # A splice is a tunnel: its TLS is read from the bytes, its hello passed on after the dial.
+    assert (line["sni"], line["alpn_offered"], line["tls_version"]) == (
+        "localhost",
+        ["h2"],
+        "TLSv1.3",
+    )
+    assert line["tls_ms"] > 0
+    assert line["exchanges"] is None  # h2: not counted
 
 
 @pytest.mark.parametrize("loop", ["uvloop", "asyncio"])

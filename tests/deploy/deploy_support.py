@@ -42,6 +42,8 @@ PER_HOST_METRICS = frozenset(
         "proxy_tunnels_total",
         "proxy_tunnel_seconds",
         "proxy_tunnel_bytes_total",
+        "proxy_tunnel_ttfb_seconds",
+        "proxy_tunnel_sni_mismatches_total",
     }
 )
 

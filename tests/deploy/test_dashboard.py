@@ -180,6 +180,7 @@ def test_promised_panels_are_there() -> None:
         "proxy_upstream_tls_seconds_bucket",
         "proxy_upstream_ttfb_seconds_bucket",
         "proxy_upstream_request_seconds_bucket",
+        "proxy_tunnel_ttfb_seconds_bucket",
     ):
         for quantile in ("0.5", "0.99"):
             assert f"histogram_quantile({quantile}, sum by (host, le) (rate({metric}{{" in text, (
@@ -195,6 +196,7 @@ def test_promised_panels_are_there() -> None:
         "proxy_tunnel_bytes_total{",
         "sum by (reason) (rate(proxy_denied_total{",
         "sum by (host) (rate(proxy_upstream_tls_seconds_count{",
+        "sum by (host) (rate(proxy_tunnel_sni_mismatches_total{",
         'error=~"tls_.*"',
         "sum by (host, code) (rate(proxy_upstream_grpc_total{",
         'code!="OK"',

@@ -287,6 +287,10 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
     loop = LoopThread()
     process: subprocess.Popen[bytes] | None = None
     state: dict[str, Any] = {}
+    # The refused host's port stays bound, never listening, for the whole scenario: a port
+    # only looked up and released was once taken by another job's server on this shared
+    # machine before the scenario's requests to it, which then got 200.
+    refused = socket.socket()
 
     async def start() -> None:
         app = web.Application()
@@ -353,7 +357,8 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
 
         wait_for("prometheus to be ready", ready, prom)
 
-        refused_port = free_port()
+        refused.bind(("127.0.0.1", 0))
+        refused_port = refused.getsockname()[1]
         scenario = Scenario(
             prometheus=prom,
             ip_host=f"127.0.0.1:{origin_port}",
@@ -407,6 +412,7 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
             loop.run(stop())
         finally:
             loop.close()
+            refused.close()
 
 
 def test_pod_job_scrapes_only_the_sidecar_metrics_port(scenario: Scenario) -> None:
