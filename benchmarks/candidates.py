@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from benchmarks import installs
-from benchmarks.processes import flags_only_environment, proxy_command, ready_process
+from benchmarks.processes import flags_only_environment, proxy_command, ready_process, stop_sync
 
 # The proxy under test gets core 0 to itself; wrk and the origin share core 1.
 PROXY_CORE: Final = "0"
@@ -86,12 +86,7 @@ def _stopped_at_exit(proc: subprocess.Popen[bytes]) -> Iterator[subprocess.Popen
     try:
         yield proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=15)
+        stop_sync(proc)
 
 
 @contextlib.contextmanager

@@ -329,7 +329,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         tunnel = tunnel_throughput()
         print("\nCONNECT tunnel throughput (MB/s)")
         for key, value in tunnel.items():
-            print(f"  {key:<34}{value:>10.1f}")
+            print(f"  {key:<50}{value:>10.1f}")
 
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(

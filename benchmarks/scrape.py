@@ -15,7 +15,9 @@ exemplar on every bucket:
   CPU time divided by the requests 50 clients send in 15 s (measured CPU per request);
 - the proxy's CPU per request at 50 clients with ``--exemplars`` true and false;
 - the cost of one histogram observation with and without an exemplar;
-- in this process, the longest wait between event-loop turns while a scrape is served.
+- in this process, the longest wait between event-loop turns while a scrape is served;
+- a live proxy's resident memory with scrapers that stop reading, every host moved before
+  each (issue 20: each used to pin a rendering of every host).
 
 ``figures()`` returns the same numbers as a dict (``make bench`` wires it in).
 """
@@ -28,6 +30,7 @@ import contextlib
 import gzip
 import json
 import random
+import socket
 import statistics
 import subprocess
 import sys
@@ -50,7 +53,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.openmetrics import exposition as openmetrics
 
 from benchmarks.processes import proxy_command, ready_process
-from benchmarks.procfs import cpu_seconds
+from benchmarks.procfs import cpu_seconds, rss_mb
 from benchmarks.scenarios import Bench, Measurement, Study, StudyResult
 from proxy import __version__
 from proxy.config import DEFAULT_BUCKETS
@@ -80,10 +83,13 @@ def fill(metrics: Metrics, hosts: int, *, exemplars: bool = True, seed: int = 0)
         stats.bytes_sent, stats.bytes_received = rng.randrange(10**9), rng.randrange(10**9)
         stats.tunnels["closed"] = rng.randrange(1, 100)
         stats.tunnel_bytes_sent, stats.tunnel_bytes_received = rng.randrange(10**6), 7
+        stats.tunnel_sni_mismatches = rng.randrange(3)
+        stats.grpc["OK"], stats.grpc["NOT_FOUND"] = rng.randrange(1, 1000), rng.randrange(10)
         if n % 3 == 0:
             stats.intercept_failures["unknown_ca"] = rng.randrange(1, 10)
             stats.intercept_splices["alpn"] = rng.randrange(1, 10)
-        for hist in (*(getattr(stats, attr) for _, attr, _ in PHASES), stats.tunnel_seconds):
+        tunnel_histograms = (stats.tunnel_seconds, stats.tunnel_ttfb)
+        for hist in (*(getattr(stats, attr) for _, attr, _ in PHASES), *tunnel_histograms):
             for bound in (*hist.bounds, hist.bounds[-1] * 2):
                 ids = None
                 if exemplars:
@@ -136,6 +142,11 @@ _HOST_COUNTERS: Final = (
         "proxy_tunnel_bytes",
         "Bytes relayed through tunnels: sent is client to upstream, received the reverse.",
         ("direction",),
+    ),
+    (
+        "proxy_tunnel_sni_mismatches",
+        "Tunnels whose TLS server name was not their CONNECT host.",
+        (),
     ),
     (
         "proxy_intercept_failures",
@@ -221,7 +232,8 @@ class ReferenceCollector:
         yield build
         scrapes = HistogramMetricFamily(
             "proxy_scrape_duration_seconds",
-            "Time to answer each /metrics scrape, request received to last byte written.",
+            "Time to answer each /metrics scrape, request received to last byte written (or to "
+            "the scraper's disconnect or the write timeout).",
         )
         scrapes.add_metric([], _buckets(m.scrapes), m.scrapes.sum)
         yield scrapes
@@ -236,6 +248,7 @@ class ReferenceCollector:
             body,
             outcomes,
             tunnel_bytes,
+            sni_mismatches,
             intercept_failures,
             intercept_splices,
         ) = (
@@ -245,6 +258,12 @@ class ReferenceCollector:
         seconds = HistogramMetricFamily(
             "proxy_tunnel_seconds",
             "Lifetime of each established tunnel, CONNECT received to both sides closed.",
+            labels=["host"],
+        )
+        ttfb = HistogramMetricFamily(
+            "proxy_tunnel_ttfb_seconds",
+            "Tunnels: each exchange's first byte, read from TLS record timing (TLS 1.3: the first "
+            "one estimated).",
             labels=["host"],
         )
         for host, s in items:
@@ -268,12 +287,15 @@ class ReferenceCollector:
                 seconds.add_metric([host], _buckets(s.tunnel_seconds), s.tunnel_seconds.sum)
                 tunnel_bytes.add_metric([host, "sent"], s.tunnel_bytes_sent)
                 tunnel_bytes.add_metric([host, "received"], s.tunnel_bytes_received)
+                sni_mismatches.add_metric([host], s.tunnel_sni_mismatches)
+            if any(s.tunnel_ttfb.counts):
+                ttfb.add_metric([host], _buckets(s.tunnel_ttfb), s.tunnel_ttfb.sum)
             for reason, n in sorted(s.intercept_failures.items()):
                 intercept_failures.add_metric([host, reason], n)
             for reason, n in sorted(s.intercept_splices.items()):
                 intercept_splices.add_metric([host, reason], n)
         yield from (requests, errors, grpc, connections, dns_cache, body, outcomes, seconds)
-        yield from (tunnel_bytes, intercept_failures, intercept_splices)
+        yield from (tunnel_bytes, ttfb, sni_mismatches, intercept_failures, intercept_splices)
 
 
 # prometheus-client's OpenMetrics encoder (untyped there).
@@ -433,6 +455,64 @@ class _Live:
         return (cpu_seconds(self.pid) - before) / max(count, 1), count / seconds
 
 
+async def stalled_scrape(host: str, port: int) -> socket.socket:
+    """A scraper that sends GET /metrics (no Accept, no gzip), reads the head and the
+    body's first bytes (so the body has been rendered), and then nothing more."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    try:
+        await asyncio.wait_for(loop.sock_connect(sock, (host, port)), 10)
+        await loop.sock_sendall(sock, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        received = b""
+        while len(received) <= received.find(b"\r\n\r\n") + 4:
+            chunk = await asyncio.wait_for(loop.sock_recv(sock, 1024), 10)
+            if not chunk:
+                raise ConnectionError("closed before the body")
+            received += chunk
+        if not received.startswith(b"HTTP/1.1 200 OK\r\n"):
+            raise ConnectionError(f"not a scrape: {received[:40]!r}")
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def _stalled(live: _Live, urls: list[str], readers: int) -> dict[str, Any]:
+    await live.touch(urls)
+    await live.scrape("*/*")  # every host rendered and cached
+    before = rss_mb(live.pid)
+    host, port = live.metrics.split("//")[1].split("/")[0].rsplit(":", 1)
+    stalled: list[socket.socket] = []
+    started = time.perf_counter()
+    try:
+        for _ in range(readers):
+            await live.touch(urls)  # traffic moved every host since the last scrape
+            stalled.append(await stalled_scrape(host, int(port)))
+        seconds = time.perf_counter() - started
+        during = rss_mb(live.pid)
+    finally:
+        for sock in stalled:
+            sock.close()
+    return {
+        "readers": readers,
+        "rss_before_mb": round(before, 1),
+        "rss_with_readers_mb": round(during, 1),
+        "per_reader_mb": round((during - before) / readers, 2),
+        "seconds_to_open_them": round(seconds, 1),  # each must still be open: under 10 s
+    }
+
+
+def stalled_figures(hosts: int, readers: int = 10) -> dict[str, Any]:
+    """A live proxy's RSS before and with ``readers`` scrapers that stopped reading."""
+    with ready_process([sys.executable, "-m", "benchmarks.ports_origin", str(hosts)]) as (_, line):
+        urls = [f"http://127.0.0.1:{port}/" for port in json.loads(line)]
+        with _proxy("--max-hosts", str(hosts)) as (pid, ready):
+            out = asyncio.run(_session_run(pid, ready, lambda live: _stalled(live, urls, readers)))
+    return {"hosts": hosts, **out}
+
+
 def _quantile(ordered: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
 
@@ -586,6 +666,7 @@ def figures(
         "render": [render_figures(n, repeat) for n in hosts],
         "loop": [loop_stall_figures(n, rounds) for n in hosts],
         "live": [live_figures(n, rounds) for n in hosts],
+        "stalled": stalled_figures(max(hosts)),
         "exemplars_cpu": exemplar_cpu(exemplar_rounds, exemplar_seconds),
     }
 

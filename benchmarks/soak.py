@@ -28,7 +28,6 @@ import asyncio
 import hashlib
 import json
 import random
-import signal
 import sys
 import time
 from collections import Counter
@@ -38,7 +37,7 @@ from dataclasses import dataclass, field
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from benchmarks.processes import flags_only_environment
+from benchmarks.processes import STOP_WAIT, flags_only_environment, stop
 from benchmarks.procfs import open_fds, peak_rss_mb, rss_mb
 from benchmarks.resets import reset
 from benchmarks.soak_origin import body, digest
@@ -420,8 +419,7 @@ async def soak(plan: Plan) -> Report:
         ports = json.loads(origin_line)
         return await _soak_proxy(plan, ports["http"], ports["echo"])
     finally:
-        origin.terminate()
-        await origin.wait()
+        await stop(origin)
 
 
 async def _soak_proxy(plan: Plan, origin_port: int, echo_port: int) -> Report:
@@ -453,9 +451,8 @@ async def _soak_proxy(plan: Plan, origin_port: int, echo_port: int) -> Report:
         report.rss_after_mb = rss_mb(proxy.pid)
         totals = await _scrape(ends.metrics)
     finally:
-        proxy.send_signal(signal.SIGTERM)
-        await proxy.wait()
-    events = await log_lines
+        await stop(proxy)
+    events = await asyncio.wait_for(log_lines, STOP_WAIT)
     report.in_flight = totals["proxy_requests_in_flight"]
     report.tunnels_open = totals["proxy_tunnels_open"]
     # The warm-up's traffic is in the proxy's totals too.

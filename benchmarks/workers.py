@@ -17,7 +17,7 @@ import sys
 from collections.abc import Iterator
 
 from benchmarks.candidates import free_port, wait_listening
-from benchmarks.processes import flags_only_environment, ready_process
+from benchmarks.processes import flags_only_environment, ready_process, stop_sync
 from benchmarks.procfs import tree_cpu_seconds
 from benchmarks.scenarios import run_wrk
 
@@ -54,9 +54,7 @@ def workers(count: int, port: int) -> Iterator[list[int]]:
         yield [p.pid for p in procs]
     finally:
         for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            proc.wait(timeout=30)
+            stop_sync(proc)
 
 
 def main() -> None:

@@ -31,6 +31,8 @@ async def serve(settings: Settings) -> int:
 
     for name, closest in config.unknown_environment(os.environ):
         logger.warning("unknown_setting", variable=name, did_you_mean=closest)
+    for setting, reason in config.ignored_settings(settings):
+        logger.warning("ignored_setting", setting=setting, reason=reason)
     server = ProxyServer(settings)
     try:
         await server.start()
@@ -71,11 +73,10 @@ async def serve(settings: Settings) -> int:
 
 def make_ca(args: list[str]) -> int:
     """``tracing-proxy ca DIR``: a new interception CA in DIR; never overwrites one."""
-    if len(args) != 1 or args[0].startswith("-"):
-        print("usage: tracing-proxy ca DIR", file=sys.stderr)
-        return 2
+    parser = config.build_ca_parser()
+    directory: str = parser.parse_args(args).directory  # --help exits 0, a bad call 2
     try:
-        cert_path, key_path = write_ca(args[0])
+        cert_path, key_path = write_ca(directory)
     except OSError as exc:
         print(f"tracing-proxy: error: {exc}", file=sys.stderr)
         return 1

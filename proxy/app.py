@@ -356,7 +356,7 @@ class ProxyHandler:
             if stream is None:
                 target = forward_target(url, self.upgrade, websocket=websocket)
             else:
-                target = inner_target(stream.origin, url, websocket=websocket)
+                target = inner_target(stream.origin, url, self.upgrade, websocket=websocket)
         except TargetError as exc:
             return self._reject(request, BAD_TARGET.with_text(str(exc)), exc.reason)
         assert self._forwarder is not None, "start() first"
@@ -444,6 +444,7 @@ class ProxyHandler:
                 read_idle_timeout=settings.read_idle_timeout,
                 headers_timeout=settings.response_headers_timeout,
                 pool_wait_timeout=settings.pool_wait_timeout,
+                keepalive_timeout=settings.upstream_keepalive_timeout,
             )
             if settings.http2
             else None

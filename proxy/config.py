@@ -19,8 +19,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
+from proxy import __version__
 from proxy.rules.hostpatterns import PatternError, check_pattern
-from proxy.rules.policy import BUILTIN_DENIED, LOOPBACK, Credential, parse_rule
+from proxy.rules.policy import BUILTIN_DENIED, LOOPBACK, Credential, parse_network, parse_rule
 from proxy.tls.contexts import check_ca_file
 
 DEFAULT_BUCKETS = (
@@ -227,10 +228,10 @@ def parse_networks(text: str) -> tuple[str, ...]:
     for item in (part.strip() for part in text.split(",")):
         if not item:
             continue
-        try:
-            networks.append(str(ipaddress.ip_network(item, strict=False)))
-        except ValueError:
-            raise SettingError(f"expected CIDRs such as 10.0.0.0/8, got {item!r}") from None
+        network = parse_network(item)
+        if network is None:
+            raise SettingError(f"expected CIDRs such as 10.0.0.0/8, got {item!r}")
+        networks.append(str(network))
     return tuple(networks)
 
 
@@ -424,7 +425,10 @@ OPTIONS: tuple[Option, ...] = (
         "SECONDS",
     ),
     Option(
-        "dns_cache_ttl", parse_count, "seconds a DNS answer is cached (0 = no cache)", "SECONDS"
+        "dns_cache_ttl",
+        parse_count,
+        "seconds the proxy caches a DNS answer (0 = no cache of its own; see docs/settings.md)",
+        "SECONDS",
     ),
     Option(
         "dns_servers",
@@ -463,7 +467,12 @@ OPTIONS: tuple[Option, ...] = (
         "debug, info, warning or error (access lines are info)",
         "LEVEL",
     ),
-    Option("log_query", parse_bool, "log the query string with the path", "BOOL"),
+    Option(
+        "log_query",
+        parse_bool,
+        "log the query string with the path (signing values redacted)",
+        "BOOL",
+    ),
     Option(
         "observe",
         parse_bool,
@@ -691,12 +700,30 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+USAGE = """tracing-proxy [--FLAG VALUE ...]
+       tracing-proxy ca DIR
+       tracing-proxy --version"""
+
+COMMANDS = """commands:
+  tracing-proxy ca DIR  write a new interception CA into DIR, for --intercept
+                        (tracing-proxy ca --help)
+
+Every flag has an environment twin, shown in brackets; the flag wins.
+Flags are spelled in full, as their twins are."""
+
+
 def build_parser() -> argparse.ArgumentParser:
+    # No abbreviations: a prefix that works today would change meaning with a new flag, and a
+    # typo such as --upgrade-to-http would pass unnoticed; unknown flags get a suggestion.
     parser = _Parser(
         prog="tracing-proxy",
+        usage=USAGE,
         description="Forward HTTP proxy with per-host timing histograms on /metrics.",
-        epilog="Every flag has an environment twin, shown in brackets; the flag wins.",
+        epilog=COMMANDS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
+    parser.add_argument("--version", action="version", version=f"tracing-proxy {__version__}")
     for option in OPTIONS:
         parser.add_argument(
             option.flag,
@@ -708,10 +735,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def build_ca_parser() -> argparse.ArgumentParser:
+    """``tracing-proxy ca DIR``: its own usage, --help and one-line errors."""
+    parser = _Parser(
+        prog="tracing-proxy ca",
+        description="Write a new interception CA for --intercept: DIR/ca.pem, the certificate "
+        "to give to clients, and DIR/ca-key.pem, its private key (mode 0600). DIR is created "
+        "(mode 0700) if missing; existing files are never overwritten.",
+        allow_abbrev=False,
+    )
+    parser.add_argument("directory", metavar="DIR", help="where to write the two files")
+    return parser
+
+
+def unknown_flags_message(extras: Sequence[str]) -> str:
+    """argparse's complaint about ``extras``, with the closest real flag for each unknown one.
+
+    As ``unknown_environment`` does for ``PROXY_*`` variables: a typo names its fix.
+    """
+    known = ["--version", "--help", *(option.flag for option in OPTIONS)]
+    hints = []
+    for extra in extras:
+        name = extra.partition("=")[0]
+        if name.startswith("--"):
+            closest = difflib.get_close_matches(name, known, n=1)
+            if closest:
+                hints.append(f"{name}: did you mean {closest[0]}?")
+    message = f"unrecognized arguments: {' '.join(extras)}"
+    return f"{message} ({'; '.join(hints)})" if hints else message
+
+
 def load(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
     """Settings from argv and environ; on a bad value print one line and exit 2."""
     parser = build_parser()
-    namespace = parser.parse_args(list(argv))
+    namespace, extras = parser.parse_known_args(list(argv))
+    if extras:
+        parser.error(unknown_flags_message(extras))
     values: dict[str, Any] = {}
     for option in OPTIONS:
         raw = getattr(namespace, option.field)
@@ -747,6 +806,17 @@ def error_line(field: str, message: str) -> str:
 
 def load_from_process() -> Settings:
     return load(sys.argv[1:], os.environ)
+
+
+def ignored_settings(settings: Settings) -> list[tuple[str, str]]:
+    """Settings that were given but take no effect, each with why (flag and twin, reason)."""
+    if settings.intercept:
+        return []
+    return [
+        (f"{row.flag} ({row.env})", "takes effect only with --intercept (PROXY_INTERCEPT)")
+        for row in map(option, ("ca_cert", "ca_key"))
+        if getattr(settings, row.field)
+    ]
 
 
 def unknown_environment(environ: Mapping[str, str]) -> list[tuple[str, str | None]]:

@@ -9,6 +9,7 @@ import hashlib
 import io
 import json
 import os
+import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
@@ -22,7 +23,7 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis.database import DirectoryBasedExampleDatabase
 from prometheus_client import CollectorRegistry
 
-from benchmarks.processes import flags_only_environment, proxy_command
+from benchmarks.processes import STOP_WAIT, flags_only_environment, proxy_command, stop
 from proxy import config
 from proxy.config import Address, Settings
 from proxy.observe import log
@@ -364,15 +365,16 @@ async def proxy_process(
         env=flags_only_environment(),
     )
     assert process.stdout is not None
-    listening = json.loads(await asyncio.wait_for(process.stdout.readline(), 30))
-    rest = asyncio.ensure_future(process.stdout.read())
     try:
-        yield process, str(listening["proxy"])
+        listening = json.loads(await asyncio.wait_for(process.stdout.readline(), 30))
+        rest = asyncio.ensure_future(process.stdout.read())
+        try:
+            yield process, str(listening["proxy"])
+        finally:
+            await stop(process)
+            await asyncio.wait_for(rest, STOP_WAIT)
     finally:
-        if process.returncode is None:
-            process.terminate()
-        await process.wait()
-        await rest
+        await stop(process, signal.SIGKILL)  # when it never said it was listening
 
 
 def promtool_or_skip() -> str:

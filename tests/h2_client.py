@@ -24,6 +24,7 @@ class Answer:
     headers: Fields = field(default_factory=list)
     body: bytes = b""
     trailers: Fields = field(default_factory=list)
+    interim: list[Fields] = field(default_factory=list)  # 1xx heads, :status first
     reset: int | None = None  # RST_STREAM error code, when the stream was reset
 
     def header(self, name: bytes) -> bytes | None:
@@ -42,8 +43,9 @@ class H2TestClient:
         self.h2.initiate_connection()
         self.answers: dict[int, Answer] = {}
         self.ended: set[int] = set()
-        self.goaway: h2.events.ConnectionTerminated | None = None
+        self.goaways: list[tuple[int, int]] = []  # (last_stream_id, error code) of each GOAWAY
         self.closed = False
+        self._partial = b""  # the start of a frame not yet whole
         self.flush()
 
     def flush(self) -> None:
@@ -66,7 +68,7 @@ class H2TestClient:
         if not data:
             self.closed = True
             return
-        for event in self.h2.receive_data(data):
+        for event in self.h2.receive_data(self._without_goaway(data)):
             sid = getattr(event, "stream_id", None)
             answer = self.answers.get(sid) if sid is not None else None
             if isinstance(event, h2.events.ResponseReceived) and answer is not None:
@@ -75,6 +77,8 @@ class H2TestClient:
                         answer.status = int(value)
                     else:
                         answer.headers.append((name, value))
+            elif isinstance(event, h2.events.InformationalResponseReceived) and answer:
+                answer.interim.append(list(event.headers))
             elif isinstance(event, h2.events.DataReceived) and answer is not None:
                 answer.body += event.data
                 self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
@@ -85,9 +89,27 @@ class H2TestClient:
             elif isinstance(event, h2.events.StreamReset) and answer is not None:
                 answer.reset = event.error_code
                 self.ended.add(event.stream_id)
-            elif isinstance(event, h2.events.ConnectionTerminated):
-                self.goaway = event
         self.flush()
+
+    def _without_goaway(self, data: bytes) -> bytes:
+        """The whole frames in what came, GOAWAYs kept aside: h2 ends its state machine on a
+        GOAWAY, after which it could not read the streams the proxy still finishes."""
+        buffer = self._partial + data
+        frames: list[bytes] = []
+        at = 0
+        while len(buffer) - at >= 9:
+            end = at + 9 + int.from_bytes(buffer[at : at + 3], "big")
+            if end > len(buffer):
+                break
+            if buffer[at + 3] == 7:  # GOAWAY (RFC 9113 §6.8)
+                payload = buffer[at + 9 : end]
+                last = int.from_bytes(payload[:4], "big") & 0x7FFF_FFFF
+                self.goaways.append((last, int.from_bytes(payload[4:8], "big")))
+            else:
+                frames.append(buffer[at:end])
+            at = end
+        self._partial = buffer[at:]
+        return b"".join(frames)
 
     async def wait(self, sid: int) -> Answer:
         """The answer on ``sid`` once the stream has ended (at most 10 s)."""

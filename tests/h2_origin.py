@@ -4,9 +4,10 @@ hypercorn speaks h2 (TLS, ALPN), h2c with prior knowledge and HTTP/1.1 on one bi
 
 - ``/echo``: JSON of the method, path, fields, body length and sha256, and HTTP version;
 - ``/stream?size=N``: N pattern bytes;
-- ``/grpc?status=S&messages=N&gap_ms=G&head_ms=H``: gRPC-shaped: head after H ms, N
-  messages G ms apart, then trailers ``grpc-status: S`` (sent only to a request with
-  ``te: trailers``, as hypercorn does).
+- ``/grpc?status=S&messages=N&gap_ms=G&head_ms=H``: gRPC-shaped: head after H ms (a client
+  that resets the stream meanwhile is counted in ``disconnects``), N messages G ms apart,
+  then trailers ``grpc-status: S`` (sent only to a request with ``te: trailers``, as
+  hypercorn does).
 """
 
 from __future__ import annotations
@@ -22,9 +23,13 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs
 
+import h2.config
+import h2.connection
+import h2.events
 import trustme
 from hypercorn.asyncio import serve
 from hypercorn.config import Config
+from hyperframe.frame import GoAwayFrame
 
 from tests.conftest import pattern
 
@@ -38,6 +43,7 @@ class H2Origin:
     port: int
     versions: list[str] = field(default_factory=list)  # HTTP version of each request
     peers: set[int] = field(default_factory=set)  # client ports: one per connection
+    disconnects: int = 0  # requests whose client went (reset the stream) while held
 
     @property
     def authority(self) -> str:
@@ -68,7 +74,14 @@ def _app(state: H2Origin) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
             await send({"type": "http.response.start", "status": 200, "headers": []})
             await send({"type": "http.response.body", "body": body})
         elif path == "/grpc":
-            await asyncio.sleep(int(query.get("head_ms", "0")) / 1000)
+            try:  # the head is held back, unless the client goes first
+                gone = await asyncio.wait_for(receive(), int(query.get("head_ms", "0")) / 1000)
+            except TimeoutError:
+                pass
+            else:
+                if gone["type"] == "http.disconnect":
+                    state.disconnects += 1
+                    return
             headers = [(b"content-type", b"application/grpc")]
             await send(
                 {"type": "http.response.start", "status": 200, "headers": headers, "trailers": True}
@@ -102,8 +115,9 @@ def _app(state: H2Origin) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
 
 
 @contextlib.asynccontextmanager
-async def h2_origin(ca: trustme.CA | None) -> AsyncIterator[H2Origin]:
-    """hypercorn on 127.0.0.1 (TLS with a ``localhost`` certificate from ``ca``, or plain)."""
+async def h2_origin(ca: trustme.CA | None, max_streams: int = 100) -> AsyncIterator[H2Origin]:
+    """hypercorn on 127.0.0.1 (TLS with a ``localhost`` certificate from ``ca``, or plain),
+    allowing ``max_streams`` concurrent streams per connection."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     state = H2Origin(sock.getsockname()[1])
@@ -112,6 +126,7 @@ async def h2_origin(ca: trustme.CA | None) -> AsyncIterator[H2Origin]:
     config.accesslog = None
     config.errorlog = None
     config.graceful_timeout = 0.5
+    config.h2_max_concurrent_streams = max_streams
     files: list[Any] = []
     if ca is not None:
         leaf = ca.issue_cert("localhost", "127.0.0.1")
@@ -142,3 +157,78 @@ def client_context(ca: trustme.CA) -> ssl.SSLContext:
     context = ssl.create_default_context()
     ca.configure_trust(context)
     return context
+
+
+EARLY_HINT = (b"link", b"</style.css>; rel=preload; as=style")
+
+
+@dataclass
+class RawH2Origin:
+    port: int
+    connections: int = 0  # accepted
+    closed_by_client: int = 0  # ended by the client (EOF), not by the origin
+
+    @property
+    def authority(self) -> str:
+        return f"localhost:{self.port}"
+
+
+@contextlib.asynccontextmanager
+async def raw_h2_origin(
+    ca: trustme.CA, *, goaway: bool = False, hints: bool = False
+) -> AsyncIterator[RawH2Origin]:
+    """An h2 origin on h2 itself (TLS, a leaf for ``localhost``): each response is a head,
+    ``before ``, 100 ms, ``after`` and trailers ``grpc-status: 0``; with ``hints``, a
+    ``103 Early Hints`` with a ``link`` field comes first (RFC 8297).
+
+    With ``goaway`` it shuts each connection down gracefully in the middle of its first
+    response: a GOAWAY naming that stream (RFC 9113 §6.8) goes out after ``before``, and
+    the connection closes once the response is done. Without, it serves until the client
+    closes (counted) or 10 s pass.
+    """
+    state = RawH2Origin(0)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost", "127.0.0.1").configure_cert(context)
+    context.set_alpn_protocols(["h2"])
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        state.connections += 1
+        config = h2.config.H2Configuration(client_side=False, header_encoding=None)
+        connection = h2.connection.H2Connection(config)
+        connection.initiate_connection()
+        writer.write(connection.data_to_send())
+        try:
+            while True:
+                data = await asyncio.wait_for(reader.read(65536), 10)
+                if not data:
+                    state.closed_by_client += 1
+                    return
+                for event in connection.receive_data(data):
+                    if isinstance(event, h2.events.RequestReceived):
+                        sid = event.stream_id
+                        if hints:
+                            connection.send_headers(sid, [(b":status", b"103"), EARLY_HINT])
+                        connection.send_headers(sid, [(b":status", b"200")])
+                        connection.send_data(sid, b"before ")
+                        writer.write(connection.data_to_send())
+                        if goaway:
+                            # By hand: h2's close_connection would end its state machine.
+                            writer.write(GoAwayFrame(0, last_stream_id=sid).serialize())
+                        await asyncio.sleep(0.1)
+                        connection.send_data(sid, b"after")
+                        connection.send_headers(sid, [(b"grpc-status", b"0")], end_stream=True)
+                        writer.write(connection.data_to_send())
+                        await writer.drain()
+                        if goaway:
+                            return
+                writer.write(connection.data_to_send())
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=context)
+    state.port = server.sockets[0].getsockname()[1]
+    try:
+        yield state
+    finally:
+        server.close()
+        await asyncio.wait_for(server.wait_closed(), 5)

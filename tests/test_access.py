@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -290,6 +291,55 @@ async def test_denied_address_gets_403_in_any_spelling_and_is_not_dialled(
     assert (line["status"], line["error"]) == (403, "destination_ip_prohibited")
     error = "destination_ip_prohibited"
     assert proxy.sample("proxy_upstream_errors_total", host=line["host"], error=error) == 1
+
+
+@contextlib.asynccontextmanager
+async def trap_on(host: str) -> AsyncIterator[Trap]:
+    """A ``Trap`` listening on ``host``."""
+    state = Trap(host)
+    state.server = await asyncio.start_server(state.handle, host, 0)
+    state.port = state.server.sockets[0].getsockname()[1]
+    try:
+        yield state
+    finally:
+        state.server.close()
+        await state.server.wait_closed()
+
+
+@pytest.mark.parametrize(
+    ("rule", "listening", "target"),
+    [
+        ("[::1]", "::1", "[::1]"),
+        ("[0:0::1]", "::1", "[::1]"),
+        ("::1", "::1", "[0:0::1]"),
+        ("[::ffff:127.0.0.2]", DENIED_HOST, DENIED_HOST),
+        ("[::ffff:127.0.0.2]", DENIED_HOST, "[::ffff:7f00:2]"),
+    ],
+)
+async def test_bracketed_or_unusual_ipv6_deny_rule_is_not_dialled(
+    start_proxy: StartProxy, rule: str, listening: str, target: str
+) -> None:
+    """--deny-destinations "[::1]" (any IPv6 spelling) denies that address in any spelling."""
+    settings = config.load(["--deny-destinations", rule], {})
+    async with trap_on(listening) as denied:
+        proxy = await start_proxy(deny_destinations=settings.deny_destinations)
+        answer = await ask(proxy, http_request("GET", f"http://{target}:{denied.port}/x"))
+        assert (answer.status, denied.connections) == (403, 0)
+        assert answer.fields["proxy-status"].startswith(
+            "tracing-proxy; error=destination_ip_prohibited"
+        )
+
+
+async def test_bracketed_ipv6_allow_rule_beats_the_deny_rule(start_proxy: StartProxy) -> None:
+    """--allow-destinations "[0:0::1]" lets [::1] through a deny rule on it."""
+    settings = config.load(["--deny-destinations", "::1", "--allow-destinations", "[0:0::1]"], {})
+    async with trap_on("::1") as allowed:
+        proxy = await start_proxy(
+            deny_destinations=settings.deny_destinations,
+            allow_destinations=settings.allow_destinations,
+        )
+        answer = await ask(proxy, http_request("GET", f"http://[::1]:{allowed.port}/x"))
+    assert (answer.status, answer.body, allowed.connections) == (200, b"trap", 1)
 
 
 @pytest.mark.parametrize("host", ["2130706433", "0x7f.1", "127.1"])

@@ -39,3 +39,20 @@ def test_feature_cost_is_cpu_with_over_without(feature: str, with_it: str, witho
 def test_feature_cost_left_out_without_both_rows() -> None:
     """A feature whose candidates did not both run has no ratio."""
     assert feature_costs({"small-50": {"ours": Measurement(cpu_us_per_request=300.0)}}) == []
+
+
+def test_the_tunnel_benchmarks_tls_framing_keeps_the_proxys_reader_walking() -> None:
+    """The "in TLS records" transfer reads as TLS 1.2 with http/1.1 to the tunnel's reader,
+    so its figures include walking every record header, not a reader that gave up."""
+    from benchmarks.sink import FRAMED_BLOCK, SERVER_HELLO, record
+    from benchmarks.tunnel import CLIENT_HELLO
+    from proxy.rules.tls_timing import TunnelTls
+
+    tls = TunnelTls()
+    for side, data in [
+        ("client", CLIENT_HELLO),
+        ("upstream", SERVER_HELLO),
+        ("client", record(0x17, b"U") + FRAMED_BLOCK * 2),
+    ]:
+        assert tls(side, data, 0.0)
+    assert (tls.version, tls.counting, tls.exchanges, tls.stopped) == ("TLSv1.2", True, 1, None)

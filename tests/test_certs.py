@@ -225,7 +225,7 @@ def _ca_files(tmp_path: Path) -> tuple[Path, Path]:
 @pytest.mark.parametrize(
     ("fault", "setting", "message"),
     [
-        ("key_group_readable", "ca_key", "readable by others"),
+        ("key_group_readable", "ca_key", "readable by group"),
         ("key_world_readable", "ca_key", "readable by others"),
         ("key_missing", "ca_key", "cannot read"),
         ("cert_missing", "ca_cert", "cannot read"),
@@ -275,6 +275,37 @@ def test_bad_ca_names_the_setting_and_hides_the_key(
     body = b"".join(secret.splitlines()[1:-1]).decode()
     assert body[:20] not in str(info.value)
     assert "PRIVATE KEY" not in str(info.value)
+
+
+def test_swapped_cert_and_key_say_swapped_not_chmod(tmp_path: Path) -> None:
+    """--ca-cert and --ca-key given the other way round: the error says so, and no chmod advice.
+
+    The certificate (0644) in the key's place must not be mistaken for a key readable by others.
+    """
+    cert_path, key_path = _ca_files(tmp_path)
+    with pytest.raises(CAError) as info:
+        CertificateAuthority.load(str(key_path), str(cert_path))
+    assert info.value.setting == "ca_key"
+    message = str(info.value)
+    assert "holds a certificate, not a private key" in message
+    assert "swapped" in message
+    assert "chmod" not in message
+
+
+def test_key_of_a_foreign_group_says_group_not_others(tmp_path: Path) -> None:
+    """A 0440 key of another group is refused for that group's access, named as such."""
+    if os.geteuid() != 0:
+        unavailable("needs root to give the key another group")
+    cert_path, key_path = _ca_files(tmp_path)
+    key_path.chmod(0o440)
+    foreign = os.getegid() + 1
+    os.chown(key_path, -1, foreign)
+    with pytest.raises(CAError) as info:
+        CertificateAuthority.load(str(cert_path), str(key_path))
+    message = str(info.value)
+    assert "others" not in message
+    assert f"readable by group {foreign} (mode 440)" in message
+    assert f"not the proxy's group {os.getegid()}" in message
 
 
 def test_key_readable_by_our_own_group_is_accepted(tmp_path: Path) -> None:

@@ -17,7 +17,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from benchmarks.processes import flags_only_environment, proxy_command
+from benchmarks.processes import communicate, flags_only_environment, proxy_command, stop
+from proxy import __version__, config
 from proxy.config import OPTIONS
 from proxy.tls.certs import CA_DAYS, CertificateAuthority
 from tests.conftest import Origin
@@ -37,7 +38,7 @@ class Cli:
 
 async def start_cli(*args: str) -> Cli:
     process = await asyncio.create_subprocess_exec(
-        *proxy_command("--admin-listen", "127.0.0.1:0", *args),
+        *proxy_command(*args),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         env=flags_only_environment(),
@@ -54,9 +55,20 @@ async def cli() -> AsyncIterator[list[Cli]]:
     started: list[Cli] = []
     yield started
     for running in started:
-        if running.process.returncode is None:
-            running.process.kill()
-            await running.process.wait()
+        await stop(running.process, signal.SIGKILL)
+
+
+@pytest.mark.parametrize(
+    "args", [(), ("--admin-listen", "off"), ("--event-loop", "asyncio")], ids=str
+)
+def test_test_proxies_bind_no_fixed_port(args: tuple[str, ...]) -> None:
+    """Every proxy a test starts as a subprocess listens on free ports, admin listener included.
+
+    A default (127.0.0.1:3128, :9901) would collide with a `make run` on the same machine.
+    """
+    settings = config.load(proxy_command(*args)[3:], {})
+    assert settings.listen.port == 0
+    assert settings.admin_listen is None or settings.admin_listen.port == 0
 
 
 async def test_cli_serves_and_exposes_metrics(cli: list[Cli], origin: Origin) -> None:
@@ -121,6 +133,7 @@ async def test_console_log_format(cli: list[Cli], origin: Origin) -> None:
         env=flags_only_environment(),
     )
     assert process.stdout is not None
+    cli.append(Cli(process, "", ""))
     line = (await asyncio.wait_for(process.stdout.readline(), 30)).decode()
     assert "listening" in line
     assert not line.startswith("{")
@@ -145,14 +158,21 @@ async def run_to_exit(*args: str, env: dict[str, str] | None = None) -> tuple[in
         stderr=asyncio.subprocess.PIPE,
         env=env if env is not None else flags_only_environment(),
     )
-    out, err = await asyncio.wait_for(process.communicate(), 30)
+    out, err = await communicate(process, 30)
     assert process.returncode is not None
     return process.returncode, out.decode(), err.decode()
 
 
 async def _run(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
-    """``python -m proxy ARGS`` until it exits: exit code, stdout, stderr."""
-    return await run_to_exit(sys.executable, "-m", "proxy", *args, env=env)
+    """``python -m proxy ARGS`` until it exits: exit code, stdout, stderr.
+
+    Flags go after free-port listeners, so a run that wrongly starts serving binds no fixed
+    port (and is killed at the bound); ``ca`` stays the first argument.
+    """
+    command = (
+        [sys.executable, "-m", "proxy", *args] if args[:1] == ("ca",) else proxy_command(*args)
+    )
+    return await run_to_exit(*command, env=env)
 
 
 @pytest.mark.parametrize(
@@ -164,9 +184,7 @@ async def test_port_in_use_exits_2_with_one_line_naming_the_listener(flag: str, 
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         address = f"127.0.0.1:{taken.getsockname()[1]}"
-        code, _, err = await run_to_exit(
-            *proxy_command("--admin-listen", "127.0.0.1:0", flag, address)
-        )
+        code, _, err = await run_to_exit(*proxy_command(flag, address))
     assert code == 2
     assert err.count("\n") == 1, err
     assert f"{flag} ({env}): cannot listen on {address}: address already in use" in err
@@ -192,17 +210,85 @@ async def test_mistyped_environment_variable_warns_with_the_closest_name(cli: li
 
 async def test_help_shows_each_default_once() -> None:
     """--help names every setting's default exactly once."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "--help", stdout=asyncio.subprocess.PIPE
-    )
-    out, _ = await asyncio.wait_for(process.communicate(), 30)
-    text = out.decode().split("options:", 1)[1]
-    assert process.returncode == 0
+    code, out, _ = await _run("--help")
+    text = out.split("options:", 1)[1]
+    assert code == 0
     assert " ".join(text.split()).count("(default: ") == len(OPTIONS)
     assert not [option.flag for option in OPTIONS if "(default" in option.help]
 
 
+async def test_help_names_the_ca_command_and_version() -> None:
+    """--help shows the ca command beside the flags, and --version."""
+    code, out, _ = await _run("--help")
+    assert code == 0
+    assert "tracing-proxy ca DIR" in out
+    assert "--version" in out
+
+
+async def test_version_flag_prints_the_version() -> None:
+    """--version prints the name and version and exits 0."""
+    code, out, _ = await _run("--version")
+    assert (code, out) == (0, f"tracing-proxy {__version__}\n")
+
+
+@pytest.mark.parametrize(
+    ("argv", "suggested"),
+    [
+        (["--listn", "127.0.0.1:3129"], "--listen"),
+        (["--admin-lisen=off"], "--admin-listen"),
+        (["--upgrade-to-http", "api.example"], "--upgrade-to-https"),
+        (["--verison"], "--version"),
+    ],
+)
+async def test_mistyped_flag_exits_2_suggesting_the_closest(
+    argv: list[str], suggested: str
+) -> None:
+    """A flag no setting has exits 2 with one line naming it and the closest real flag."""
+    code, _, err = await _run(*argv)
+    assert code == 2
+    assert err.count("\n") == 1, err
+    assert argv[0].partition("=")[0] in err
+    assert f"did you mean {suggested}?" in err
+
+
+async def test_ca_files_without_intercept_warn_that_they_do_nothing(cli: list[Cli]) -> None:
+    """--ca-cert and --ca-key without --intercept each get a warning before the listening line."""
+    process = await asyncio.create_subprocess_exec(
+        *proxy_command("--ca-cert", "/nonexistent/ca.pem", "--admin-listen", "off"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**flags_only_environment(), "PROXY_CA_KEY": "/nonexistent/ca-key.pem"},
+    )
+    assert process.stdout is not None
+    cli.append(Cli(process, "", ""))
+    lines = [json.loads(await asyncio.wait_for(process.stdout.readline(), 30)) for _ in range(3)]
+    assert [line["event"] for line in lines] == ["ignored_setting", "ignored_setting", "listening"]
+    assert [line["setting"] for line in lines[:2]] == [
+        "--ca-cert (PROXY_CA_CERT)",
+        "--ca-key (PROXY_CA_KEY)",
+    ]
+    assert all("--intercept" in line["reason"] for line in lines[:2])
+
+
 # -- tracing-proxy ca DIR, and the CA settings -------------------------------------------------
+
+
+@pytest.mark.parametrize("argv", [["ca", "--help"], ["ca", "-h"]])
+async def test_ca_help_exits_0_with_its_usage(argv: list[str]) -> None:
+    """`tracing-proxy ca --help` explains the command and exits 0."""
+    code, out, _ = await _run(*argv)
+    assert code == 0
+    assert out.startswith("usage: tracing-proxy ca [-h] DIR")
+    assert "ca-key.pem" in out
+
+
+@pytest.mark.parametrize("argv", [["ca"], ["ca", "a", "b"], ["ca", "--force", "a"]])
+async def test_ca_with_bad_arguments_exits_2_with_one_line(argv: list[str]) -> None:
+    """`tracing-proxy ca` without exactly one DIR exits 2 with one line (ca --help has more)."""
+    code, _, err = await _run(*argv)
+    assert code == 2
+    assert err.count("\n") == 1, err
+    assert err.startswith("tracing-proxy ca: error:")
 
 
 async def test_ca_command_writes_a_ca_and_refuses_to_overwrite(tmp_path: Path) -> None:
@@ -230,6 +316,7 @@ async def test_ca_command_writes_a_ca_and_refuses_to_overwrite(tmp_path: Path) -
         ("cert_garbage", "--ca-cert (PROXY_CA_CERT)"),
         ("key_garbage", "--ca-key (PROXY_CA_KEY)"),
         ("cert_expired", "--ca-cert (PROXY_CA_CERT)"),
+        ("cert_and_key_swapped", "--ca-key (PROXY_CA_KEY)"),
     ],
 )
 async def test_intercept_with_a_bad_ca_exits_2_naming_the_setting(
@@ -257,9 +344,13 @@ async def test_intercept_with_a_bad_ca_exits_2_naming_the_setting(
         )
         cert.write_bytes(expired.cert_pem())
         key.write_bytes(expired.key_pem())
+    elif fault == "cert_and_key_swapped":
+        args = ["--intercept", "api.example", "--ca-cert", str(key), "--ca-key", str(cert)]
     code, _, err = await _run(*args)
     assert code == 2
     assert err.strip().count("\n") == 0
     assert flag in err
+    if fault != "key_world_readable":
+        assert "chmod" not in err
     for line in secret.splitlines()[1:-1]:
         assert line.decode()[:16] not in err

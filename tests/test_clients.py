@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.processes import communicate, stop
 from tests.conftest import LogCapture, Origin, RunningProxy, unavailable
+from tests.test_failures import closed_port
 
 
 @dataclass(frozen=True)
@@ -130,7 +132,7 @@ async def run(argv: list[str], env: dict[str, str], cwd: Path | None = None) -> 
     process = await asyncio.create_subprocess_exec(
         *argv, env=env, cwd=cwd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
-    out, err = await asyncio.wait_for(process.communicate(), 120)
+    out, err = await communicate(process, 120)
     assert process.returncode == 0, (argv, out.decode(), err.decode())
     return out.decode()
 
@@ -257,8 +259,7 @@ async def test_git_clones_over_dumb_http_through_the_proxy(
             [git, "clone", "-q", url, str(tmp_path / "clone")], env | {"http_proxy": proxy.url}
         )
     finally:
-        server.terminate()
-        await server.wait()
+        await stop(server)
     paths = proxied_paths(logs)
     assert "/repo.git/info/refs" in paths
     assert (tmp_path / "clone" / ".git").is_dir()
@@ -289,6 +290,88 @@ async def test_apt_get_update_goes_through_the_proxy(
     process = await asyncio.create_subprocess_exec(
         *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
-    await asyncio.wait_for(process.communicate(), 120)
+    await communicate(process, 120)
     paths = proxied_paths(logs)
     assert "/echo/apt/./InRelease" in paths or "/echo/apt/InRelease" in paths, paths
+
+
+# -- which spelling of the proxy variable each client reads (the README's claim) ---------------
+
+GRPC_SERVER = """
+import sys
+from concurrent import futures
+import grpc
+handler = grpc.method_handlers_generic_handler(
+    "t.T", {"Echo": grpc.unary_unary_rpc_method_handler(lambda request, context: request)}
+)
+server = grpc.server(futures.ThreadPoolExecutor(2), handlers=[handler])
+print(server.add_insecure_port("127.0.0.1:0"), flush=True)
+server.start()
+sys.stdin.read()  # until the test closes stdin
+"""
+
+GRPC_CLIENT = """
+import sys
+import grpc
+with grpc.insecure_channel(sys.argv[1]) as channel:
+    echo = channel.unary_unary("/t.T/Echo")
+    assert echo(b"hi", timeout=10) == b"hi"
+"""
+
+# Each client, asked to read a proxy variable that names a closed port: it fails if it reads
+# that spelling, and reaches the origin directly if it does not.
+READS_LOWER_ONLY = ("curl", "wget", "grpcio")
+READS_BOTH = ("requests", "httpx", "urllib", "aiohttp")
+
+
+def spelling_command(name: str, url: str, grpc_target: str) -> list[str]:
+    if name == "grpcio":
+        return [sys.executable, "-c", GRPC_CLIENT, grpc_target]
+    (client,) = [c for c in CLIENTS if c.name == name]
+    require(client.tool)
+    return client.command({"url": url})
+
+
+@pytest.mark.parametrize(
+    ("name", "variable"),
+    [(name, v) for name in READS_LOWER_ONLY + READS_BOTH for v in ("http_proxy", "HTTP_PROXY")],
+)
+async def test_each_client_reads_the_proxy_variable_spelling_the_readme_names(
+    origin: Origin, name: str, variable: str
+) -> None:
+    """curl, wget and grpcio read only the lower-case variable; the Python clients read both."""
+    dead = f"http://127.0.0.1:{closed_port()}"
+    server = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        GRPC_SERVER,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert server.stdout is not None
+        grpc_port = int(await asyncio.wait_for(server.stdout.readline(), 30))
+        argv = spelling_command(name, origin.url("/echo"), f"127.0.0.1:{grpc_port}")
+        env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root")}
+        # grpcio reads https_proxy (and grpc_proxy) before http_proxy: the same spelling each.
+        variables = (variable, variable.replace("http", "https", 1)) if name == "grpcio" else ()
+        process = await asyncio.create_subprocess_exec(
+            *argv,
+            env=env | {variable: dead} | dict.fromkeys(variables, dead),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        await communicate(process, 60)
+    finally:
+        await stop(server)
+    reads = variable == "http_proxy" or name in READS_BOTH
+    assert (process.returncode != 0) is reads, (name, variable, process.returncode)
+
+
+def test_readme_names_the_clients_that_read_only_lower_case() -> None:
+    """The README's advice on both spellings names exactly the clients tested above."""
+    readme = " ".join((Path(__file__).parent.parent / "README.md").read_text().split())
+    claim = readme.split("Set both spellings:", 1)[1].split(".", 1)[0]
+    lower, _, both = claim.partition(";")
+    assert [n for n in READS_LOWER_ONLY + READS_BOTH if n in lower] == list(READS_LOWER_ONLY)
+    assert [n for n in READS_LOWER_ONLY + READS_BOTH if n in both] == list(READS_BOTH)

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
+import logging
 import random
 import re
 import socket
+import struct
 import subprocess
+import tracemalloc
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -16,7 +20,7 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families as parse_classic
 
-from benchmarks.scrape import fill, openmetrics_latest, reference_registry
+from benchmarks.scrape import fill, openmetrics_latest, reference_registry, stalled_scrape
 from proxy.config import DEFAULT_BUCKETS
 from proxy.observe.exposition import _PIECE, Exposition, accepts_gzip, go_float, number
 from proxy.observe.exposition import parse_openmetrics as parse_om
@@ -78,6 +82,9 @@ def random_metrics(seed: int, hosts: int = 60) -> Metrics:
             stats.tunnels[rng.choice(("closed", "failed", "reset"))] = rng.randrange(1, 9)
             stats.tunnel_seconds.observe(rng.uniform(0, 9000), exemplar_ids(None, "tunnel-1"))
             stats.tunnel_bytes_sent = rng.randrange(2**33)
+            stats.tunnel_sni_mismatches = rng.randrange(3)
+            for _ in range(rng.randrange(3)):
+                stats.tunnel_ttfb.observe(rng.expovariate(5.0), exemplar_ids(None, "tunnel-2"))
         if rng.random() < 0.2:
             stats.intercept_splices[rng.choice(("alpn", "ca_invalid"))] = rng.randrange(1, 9)
     metrics.tunnels_open, metrics.host_overflow = rng.randrange(9), rng.randrange(9)
@@ -210,7 +217,8 @@ def test_promtool_accepts_the_classic_text_at_the_cap() -> None:
     """1,000 hosts, every histogram filled, exemplars everywhere: promtool accepts the text."""
     metrics = capped_metrics()
     body = Exposition(metrics, lambda: 0).render(om=False)
-    assert body.count(b'le="+Inf"') == 1000 * (len(PHASES) + 1) + 1
+    # Per host: the phases, the tunnel lifetime and first byte; then the scrape histogram.
+    assert body.count(b'le="+Inf"') == 1000 * (len(PHASES) + 2) + 1
     promtool_check(body)
 
 
@@ -608,6 +616,143 @@ def test_a_host_only_tunnelled_exports_no_request_series() -> None:
         "proxy_tunnel_seconds_count",
         "proxy_tunnel_seconds_sum",
         "proxy_tunnel_bytes_total",
+        "proxy_tunnel_sni_mismatches_total",
     }
     assert 'proxy_upstream_queue_seconds_count{host="forwarded.example"} 0.0' in text
     assert 'proxy_upstream_connections_total{host="forwarded.example",kind="new"} 0.0' in text
+
+
+def test_a_tunnel_whose_tls_was_timed_adds_its_tls_phase_and_first_bytes() -> None:
+    """TLS read from a tunnel's bytes exports the tls phase and the tunnel's first bytes, and
+    still no count-0 request series."""
+    metrics = Metrics((0.01, 1.0), HostLabelLimits(max_hosts=10))
+    tunnelled = metrics.host("tunnelled.example")
+    tunnelled.tunnels["closed"] = 1
+    tunnelled.connect.observe(0.003)
+    tunnelled.tls.observe(0.3)
+    tunnelled.tunnel_ttfb.observe(0.2)
+    text = Exposition(metrics, lambda: 0).render(om=False).decode()
+    assert 'proxy_upstream_tls_seconds_count{host="tunnelled.example"} 1.0' in text
+    assert 'proxy_tunnel_ttfb_seconds_count{host="tunnelled.example"} 1.0' in text
+    assert "proxy_upstream_queue_seconds_count{" not in text
+    assert "proxy_upstream_ttfb_seconds_count{" not in text
+
+
+# -- negotiation, and scrapers that stop reading ----------------------------------------------
+
+CLASSIC_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+OM_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
+PROMETHEUS_3_ACCEPT = (
+    "application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.6,"
+    "application/openmetrics-text;version=0.0.1;q=0.5,"
+    "text/plain;version=1.0.0;escaping=allow-utf-8;q=0.4,text/plain;version=0.0.4;q=0.3,*/*;q=0.2"
+)
+
+
+@pytest.mark.parametrize(
+    ("accept", "content_type"),
+    [
+        ("", CLASSIC_TYPE),
+        ("*/*", CLASSIC_TYPE),
+        ("application/openmetrics-text;q=0, text/plain", CLASSIC_TYPE),
+        ("application/openmetrics-text; q=0, */*", CLASSIC_TYPE),
+        ("text/*;q=0.1, application/openmetrics-text;q=0", CLASSIC_TYPE),
+        ("text/plain;q=0.5, application/openmetrics-text;q=0.4", CLASSIC_TYPE),
+        ("application/openmetrics-text;version=2.0.0", CLASSIC_TYPE),  # not written here
+        ("text/plain;version=1.0.0;escaping=allow-utf-8", CLASSIC_TYPE),
+        ("application/openmetrics-text", OM_TYPE),
+        ("Application/OpenMetrics-Text; Version=1.0.0", OM_TYPE),
+        ("application/*", OM_TYPE),
+        ("*/*;q=0.1, application/openmetrics-text;version=1.0.0;q=0.5", OM_TYPE),
+        (OM_ACCEPT, OM_TYPE),
+        (PROMETHEUS_3_ACCEPT, OM_TYPE),
+    ],
+)
+async def test_metrics_content_type_names_the_format_written(
+    proxy: RunningProxy, client: aiohttp.ClientSession, accept: str, content_type: str
+) -> None:
+    """Accept weights (q=0 refuses) pick the format; Content-Type and Vary say what was done."""
+    headers = {"Accept": accept, "Accept-Encoding": "identity"}
+    async with client.get(proxy.admin_url + "/metrics", headers=headers) as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"] == content_type
+        assert resp.headers["Vary"] == "Accept, Accept-Encoding"
+        text = (await resp.read()).decode()
+    assert text.endswith("# EOF\n") is (content_type == OM_TYPE)
+
+
+async def _scrapes_counted(proxy: RunningProxy, count: int) -> None:
+    """Wait (10 s at most) until ``count`` scrapes are in proxy_scrape_duration_seconds."""
+    scrapes = proxy.server.metrics.scrapes
+    for _ in range(1000):
+        if sum(scrapes.counts) >= count:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{sum(scrapes.counts)} scrapes counted, expected {count}")
+
+
+@pytest.mark.parametrize("listener", ["admin", "proxy"])
+async def test_a_scraper_that_disconnects_mid_body_is_counted_without_a_traceback(
+    proxy: RunningProxy,
+    logs: LogCapture,
+    caplog: pytest.LogCaptureFixture,
+    listener: str,
+) -> None:
+    """A scraper resets the connection mid-body: no ERROR, the scrape is counted and logged."""
+    fill(proxy.server.metrics, 1000)  # far more than the socket buffers hold
+    address = proxy.server.admin_address if listener == "admin" else proxy.server.proxy_address
+    assert address is not None
+    sock = await stalled_scrape(address.host, address.port)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()  # a reset, with the rest of the body unread
+    await _scrapes_counted(proxy, 1)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    [line] = logs.events("scrape_aborted")
+    assert line["reason"] == "client_disconnected"
+
+
+async def test_stalled_scrapers_pin_no_copy_of_the_body(
+    proxy: RunningProxy, client: aiohttp.ClientSession
+) -> None:
+    """Five scrapers stalled after every host moved hold far less than one body between them."""
+    metrics = proxy.server.metrics
+    fill(metrics, 1000)
+    assert proxy.server.admin_address is not None
+    address = proxy.server.admin_address
+    stalled: list[socket.socket] = []
+    tracemalloc.start()  # before the cache is filled, so that replacing its blocks nets out
+    try:
+        body = len(await scrape(client, proxy.admin_url))
+        before, _ = tracemalloc.get_traced_memory()
+        for _ in range(5):
+            for stats in metrics.hosts.values():
+                stats.version += 1  # traffic moved every host: each scrape renders anew
+            stalled.append(await stalled_scrape(address.host, address.port))
+        after, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        for sock in stalled:
+            sock.close()
+    assert after - before < body  # each used to pin its own rendering of every host
+
+
+async def test_a_stalled_scraper_is_cut_after_the_write_timeout(
+    proxy: RunningProxy, logs: LogCapture
+) -> None:
+    """A scraper that stops reading is disconnected once a write waits write_timeout."""
+    fill(proxy.server.metrics, 1000)
+    proxy.server.exposition.write_timeout = 0.3
+    assert proxy.server.admin_address is not None
+    address = proxy.server.admin_address
+    sock = await stalled_scrape(address.host, address.port)
+    try:
+        await _scrapes_counted(proxy, 1)
+        [line] = logs.events("scrape_aborted")
+        assert line["reason"] == "write_timeout"
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(ConnectionResetError):
+            async with asyncio.timeout(10):  # what was sent before the cut, then the end
+                while await loop.sock_recv(sock, 1 << 20):
+                    pass
+    finally:
+        sock.close()

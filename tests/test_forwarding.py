@@ -13,6 +13,7 @@ import httpx
 import pytest
 import requests
 
+from benchmarks.processes import communicate
 from tests.conftest import (
     GZIP_BODY,
     Origin,
@@ -47,7 +48,7 @@ async def curl(*args: str) -> tuple[int, bytes, bytes]:
         stderr=asyncio.subprocess.PIPE,
         env={"PATH": os.environ["PATH"]},
     )
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    out, err = await communicate(proc, 60)
     assert proc.returncode is not None
     return proc.returncode, out, err
 

@@ -18,9 +18,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
-import h2.config
-import h2.connection
-import h2.settings
 import hpack
 import pytest
 import trustme
@@ -40,7 +37,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.procfs import rss_mb
 from proxy.config import Settings
-from proxy.h2.core import PEER_STREAMS_ASSUMED, H2Core
 from tests import h2_client
 from tests.h2_client import H2TestClient
 from tests.h2_origin import H2Origin, h2_origin
@@ -464,25 +460,6 @@ async def test_a_new_upstream_connection_opens_no_more_streams_than_the_origin_a
     assert [answer.status for answer in answers] == [200] * 2 * LIMIT, answers[-1].header(
         b"proxy-status"
     )
-
-
-def test_the_client_core_assumes_100_streams_until_the_peer_settings_come() -> None:
-    """Towards an origin: no more than 100 streams before its SETTINGS; then its own limit."""
-    ours = H2Core(client_side=True)
-    ours.start()
-    fields = h2_client.get("origin.test", "/", "https")
-    opened = 0
-    while ours.can_open() and opened < 1000:
-        ours.send_head(ours.next_stream_id(), fields, end=True)
-        opened += 1
-    assert opened == PEER_STREAMS_ASSUMED
-    origin = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
-    origin.local_settings = h2.settings.Settings(
-        client=False, initial_values={h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 250}
-    )
-    origin.initiate_connection()
-    ours.receive(origin.data_to_send())
-    assert ours.can_open()
 
 
 async def test_a_stream_reset_mid_request_is_cancelled_and_logged_as_the_clients_doing(

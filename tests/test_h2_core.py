@@ -7,6 +7,7 @@ from collections.abc import Callable
 import h2.config
 import h2.connection
 import h2.events
+import h2.settings
 import pytest
 from h2.errors import ErrorCodes
 from hyperframe.frame import (
@@ -318,3 +319,95 @@ def test_graceful_goaway_keeps_streams_in_flight_and_refuses_new_ones() -> None:
     assert isinstance(_frames(late.outbound())[-1], RstStreamFrame)
     server.send_head(1, [(b":status", b"200")], end=True)  # stream 1 is still served
     assert server.error is None
+
+
+def origin_pair() -> tuple[H2Core, h2.connection.H2Connection]:
+    """Our client core and an h2 server (an origin), prefaces exchanged, stream 1 answered."""
+    client = H2Core(client_side=True, clock=Clock())
+    client.start()
+    server = h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=False, header_encoding=None)
+    )
+    server.initiate_connection()
+    server.receive_data(client.outbound())
+    client.receive(server.data_to_send())
+    server.receive_data(client.outbound())  # the SETTINGS ack
+    client.send_head(1, REQUEST, end=True)
+    server.receive_data(client.outbound())
+    server.send_headers(1, [(b":status", b"200")])
+    return client, server
+
+
+def goaway(last: int, *, stream: int = 0, length: int = 8) -> bytes:
+    """A GOAWAY (NO_ERROR) written by hand: it may break the rules hyperframe keeps."""
+    payload = (last.to_bytes(4, "big") + bytes(4))[:length]
+    head = length.to_bytes(3, "big") + bytes([core.GOAWAY, 0]) + stream.to_bytes(4, "big")
+    return head + payload
+
+
+@pytest.mark.parametrize("cut", [None, 1, 5, 9, 12])
+def test_origin_goaway_ends_the_state_machine(cut: int | None) -> None:
+    """A graceful GOAWAY naming stream 1, then the rest of stream 1: the data and trailers
+    still come through (RFC 9113 §6.8), with or without the GOAWAY split across reads."""
+    client, server = origin_pair()
+    server.send_data(1, b"before ")
+    wire = server.data_to_send() + goaway(1)
+    server.send_data(1, b"after")
+    server.send_headers(1, [(b"grpc-status", b"0")], end_stream=True)
+    wire += server.data_to_send()
+    at = len(wire) if cut is None else wire.index(goaway(1)) + cut
+    events = client.receive(wire[:at]) + client.receive(wire[at:])
+    assert [e for e in events if not isinstance(e, core.Window)] == [
+        core.Head(1, [(b":status", b"200")], False),
+        core.Data(1, b"before "),
+        core.GoneAway(1, ErrorCodes.NO_ERROR),
+        core.Data(1, b"after"),
+        core.Trailers(1, [(b"grpc-status", b"0")]),
+        core.End(1),
+    ]
+    assert client.going_away
+    assert not client.can_open()
+    assert client.error is None
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        goaway(1, stream=1),  # GOAWAY belongs to the connection (stream 0)
+        goaway(1, length=4),  # too short to say anything (RFC 9113 §6.8: 8 bytes at least)
+    ],
+    ids=["on_a_stream", "short"],
+)
+def test_malformed_goaway_is_a_protocol_error(bad: bytes) -> None:
+    """A GOAWAY the core does not act on goes to h2, which ends the connection for it."""
+    client, server = origin_pair()
+    assert client.receive(server.data_to_send() + bad)[:1] == []
+    assert client.error == "protocol_error"
+
+
+def test_goaway_inside_a_header_block_is_a_protocol_error() -> None:
+    """Between HEADERS and its CONTINUATION nothing else may come (RFC 9113 §6.10)."""
+    server = raw_client()
+    frame = HeadersFrame(1, data=b"\x82\x84")
+    frame.flags.add("END_STREAM")
+    server.receive(frame.serialize() + goaway(0))
+    assert server.error == "protocol_error"
+
+
+def test_one_stream_until_the_peer_states_its_limit() -> None:
+    """Before the origin's first SETTINGS a client core opens one stream (h2 alone would
+    assume no limit); after it, the origin's SETTINGS_MAX_CONCURRENT_STREAMS."""
+    client = H2Core(client_side=True, clock=Clock())
+    client.start()
+    assert client.can_open()
+    client.send_head(client.next_stream_id(), REQUEST, end=True)
+    assert not client.can_open()
+    server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    server.local_settings = h2.settings.Settings(
+        client=False, initial_values={h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 2}
+    )
+    server.initiate_connection()
+    client.receive(server.data_to_send())
+    assert client.can_open()
+    client.send_head(client.next_stream_id(), REQUEST, end=True)
+    assert not client.can_open()

@@ -2,24 +2,29 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import httpx
 import pytest
 import trustme
+from h2.errors import ErrorCodes
+from yarl import URL
 
 from tests import h2_client, test_intercept
-from tests.conftest import LogCapture, Origin, RunningProxy, pattern
-from tests.h2_origin import H2Origin, h2_origin
+from tests.conftest import LogCapture, Origin, RunningProxy, pattern, proxy_process
+from tests.h2_origin import EARLY_HINT, H2Origin, h2_origin, raw_h2_origin
 from tests.test_forwarding import curl
 from tests.test_intercept import CAFiles
 from tests.test_limits import until
 from tests.tls import TLSOrigin
 
 StartProxy = Callable[..., Awaitable[RunningProxy]]
+TE_TRAILERS = (b"te", b"trailers")
 
 # The interception fixtures: a CA, a TLS origin, a proxy intercepting it.
 ca_files = test_intercept.ca_files
@@ -101,12 +106,21 @@ async def test_h2c_download_is_byte_exact(start_proxy: StartProxy, h2c_origin: H
     assert out == pattern(5 << 20)
 
 
-async def test_h2c_refused_when_http2_is_off(start_proxy: StartProxy, origin: Origin) -> None:
-    """With --http2 false the preface is not served: curl fails, nothing is forwarded."""
-    proxy = await h2c_proxy(start_proxy, origin, http2=False)
-    code, _, _ = await curl("--http2-prior-knowledge", "-p", "-x", proxy.url, origin.url("/echo"))
-    assert code != 0
-    assert proxy.sample("proxy_upstream_requests_total", host=origin.authority) is None
+async def test_h2c_with_http2_off_is_spliced(
+    start_proxy: StartProxy, h2c_origin: H2Origin, logs: LogCapture
+) -> None:
+    """With --http2 false curl's h2c preface is relayed untouched: the h2c origin answers it,
+    the proxy shows a tunnel, no request."""
+    proxy = await h2c_proxy(start_proxy, h2c_origin, http2=False)
+    url = f"http://127.0.0.1:{h2c_origin.port}/echo"
+    code, out, err = await curl("--http2-prior-knowledge", "-p", "-x", proxy.url, url)
+    assert code == 0, err
+    assert json.loads(out)["version"] == "2"
+    (line,) = await logs.wait_for("tunnel")
+    assert line["bytes_out"] > 0
+    assert logs.events("access") == []
+    host = f"127.0.0.1:{h2c_origin.port}"
+    assert proxy.sample("proxy_intercept_splices_total", host=host, reason="h2c") == 1
 
 
 async def test_httpx_http2_through_interception(
@@ -283,3 +297,230 @@ async def test_grpc_to_an_http1_only_origin_is_a_clear_502(
     assert b"error=http_protocol_error" in status
     (line,) = await logs.wait_for("access")
     assert line["error"] == "http_protocol_error"
+
+
+async def test_client_reset_before_the_answer_leaves_the_upstream_stream_waiting(
+    intercepting_h2: RunningProxy, ca_files: CAFiles, tls_h2_origin: H2Origin, logs: LogCapture
+) -> None:
+    """A client that resets its stream while the origin holds the head back: the upstream
+    stream is reset at once (the origin sees the client go) and the call is logged 499."""
+    client = await h2_client.connect(
+        intercepting_h2.server.proxy_address.port,  # type: ignore[union-attr]
+        tls_h2_origin.authority,
+        ca_files.client_context(),
+    )
+    try:
+        sid = client.start(
+            h2_client.get(tls_h2_origin.authority, "/grpc?head_ms=8000", "https", TE_TRAILERS)
+        )
+        await until(lambda: len(tls_h2_origin.versions) == 1)  # the origin holds it now
+        client.h2.reset_stream(sid, ErrorCodes.CANCEL)
+        client.flush()
+        (line,) = await logs.wait_for("access")
+        await until(lambda: tls_h2_origin.disconnects == 1)
+    finally:
+        await client.close()
+    assert (line["status"], line["error"]) == (499, "client_disconnected")
+    assert line["ttfb_ms"] is None
+
+
+async def test_origin_goaway_kills_the_streams_it_promised_to_finish(
+    start_proxy: StartProxy, ca_files: CAFiles, tls_ca: trustme.CA, tls_ca_file: str
+) -> None:
+    """An origin's graceful GOAWAY in the middle of a response: that stream (named in it)
+    still ends whole, trailers included (RFC 9113 §6.8); the next request gets a new
+    connection."""
+    async with raw_h2_origin(tls_ca, goaway=True) as origin:
+        proxy = await start_proxy(
+            intercept=("localhost",),
+            ca_cert=ca_files.cert,
+            ca_key=ca_files.key,
+            upstream_ca_file=tls_ca_file,
+            connect_ports=(origin.port,),
+        )
+        client = await h2_client.connect(
+            proxy.server.proxy_address.port,  # type: ignore[union-attr]
+            origin.authority,
+            ca_files.client_context(),
+        )
+        try:
+            answers = [
+                await client.fetch(h2_client.get(origin.authority, "/", "https", TE_TRAILERS))
+                for _ in range(2)
+            ]
+        finally:
+            await client.close()
+    for answer in answers:
+        assert (answer.status, answer.reset) == (200, None)
+        assert answer.body == b"before after"
+        assert answer.trailers == [(b"grpc-status", b"0")]
+    assert origin.connections == 2
+
+
+async def test_stream_waiting_for_a_slot_under_a_stream_limit_of_one_deadlocks(
+    start_proxy: StartProxy,
+    ca_files: CAFiles,
+    tls_ca: trustme.CA,
+    tls_ca_file: str,
+    logs: LogCapture,
+) -> None:
+    """The origin allows one stream at a time, the proxy one connection to it: a second call
+    waits for the first one's slot (not for a dial the pool limit forbids), and that wait is
+    its queue phase; it rides the same connection."""
+    async with h2_origin(tls_ca, max_streams=1) as origin:
+        proxy = await start_proxy(
+            intercept=("localhost",),
+            ca_cert=ca_files.cert,
+            ca_key=ca_files.key,
+            upstream_ca_file=tls_ca_file,
+            connect_ports=(origin.port,),
+            pool_limit_per_host=1,
+            pool_wait_timeout=5.0,
+        )
+        client = await h2_client.connect(
+            proxy.server.proxy_address.port,  # type: ignore[union-attr]
+            origin.authority,
+            ca_files.client_context(),
+        )
+        try:
+            held = client.start(
+                h2_client.get(origin.authority, "/grpc?head_ms=300", "https", TE_TRAILERS)
+            )
+            second = client.start(h2_client.get(origin.authority, "/grpc", "https", TE_TRAILERS))
+            answers = [await client.wait(held), await client.wait(second)]
+        finally:
+            await client.close()
+    assert [(a.status, a.trailers[:1]) for a in answers] == [(200, [(b"grpc-status", b"0")])] * 2
+    first, waited = await logs.wait_for("access", 2)  # in the order they ended
+    assert first["reused"] is False
+    assert waited["queue_ms"] >= 300  # the first held its head (and its slot) 300 ms
+    assert waited["reused"] is True
+    assert (waited["dns_ms"], waited["connect_ms"], waited["tls_ms"]) == (None, None, None)
+    assert len(origin.peers) == 1
+    queued = proxy.sample("proxy_upstream_queue_seconds_sum", host=origin.authority)
+    assert queued is not None
+    assert queued >= 0.3
+
+
+async def test_idle_upstream_http2_connection_is_kept_forever(
+    start_proxy: StartProxy, ca_files: CAFiles, tls_ca: trustme.CA, tls_ca_file: str
+) -> None:
+    """An upstream HTTP/2 connection with no stream is closed after
+    --upstream-keepalive-timeout, as an idle HTTP/1.1 one is: it holds a pool slot."""
+    async with raw_h2_origin(tls_ca, goaway=False) as origin:
+        proxy = await start_proxy(
+            intercept=("localhost",),
+            ca_cert=ca_files.cert,
+            ca_key=ca_files.key,
+            upstream_ca_file=tls_ca_file,
+            connect_ports=(origin.port,),
+            upstream_keepalive_timeout=0.3,
+        )
+        client = await h2_client.connect(
+            proxy.server.proxy_address.port,  # type: ignore[union-attr]
+            origin.authority,
+            ca_files.client_context(),
+        )
+        try:
+            answer = await client.fetch(h2_client.get(origin.authority, "/", "https", TE_TRAILERS))
+            assert answer.body == b"before after"
+            await until(lambda: origin.closed_by_client == 1)
+            again = await client.fetch(h2_client.get(origin.authority, "/", "https", TE_TRAILERS))
+        finally:
+            await client.close()
+    assert again.body == b"before after"
+    assert origin.connections == 2
+
+
+async def test_sigterm_sends_goaway_finishes_streams_in_flight_and_refuses_new_ones(
+    ca_files: CAFiles, tls_ca_file: str, tls_h2_origin: H2Origin
+) -> None:
+    """SIGTERM to the CLI: each HTTP/2 client connection gets a graceful GOAWAY naming its
+    last stream; that stream (5 messages 100 ms apart) still ends whole, a stream opened
+    after the GOAWAY is refused (REFUSED_STREAM) without reaching the origin, and the proxy
+    exits 0 once the connection is done, well inside the drain timeout."""
+    origin = tls_h2_origin
+    async with proxy_process(
+        "--admin-listen",
+        "off",
+        *("--intercept", "localhost", "--ca-cert", ca_files.cert, "--ca-key", ca_files.key),
+        *("--upstream-ca-file", tls_ca_file, "--connect-ports", str(origin.port)),
+        *("--shutdown-grace", "0.2", "--drain-timeout", "30"),
+    ) as (process, proxy_url):
+        client = await h2_client.connect(
+            URL(proxy_url).port or 0, origin.authority, ca_files.client_context()
+        )
+        try:
+            path = "/grpc?head_ms=100&messages=5&gap_ms=100"
+            in_flight = client.start(h2_client.get(origin.authority, path, "https", TE_TRAILERS))
+            await until(lambda: len(origin.versions) == 1)  # it reached the origin
+            process.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(10):
+                while not client.goaways:
+                    await client.pump()
+            late = client.start(h2_client.get(origin.authority, "/echo"))
+            answer = await client.wait(in_flight)
+            refused = await client.wait(late)
+        finally:
+            await client.close()
+        assert await asyncio.wait_for(process.wait(), 20) == 0
+    assert client.goaways == [(in_flight, ErrorCodes.NO_ERROR)]
+    assert (answer.status, answer.reset) == (200, None)
+    assert answer.body == b"\x00\x00\x00\x00\x05hello" * 5
+    assert answer.trailers[0] == (b"grpc-status", b"0")
+    assert refused.reset == ErrorCodes.REFUSED_STREAM
+    assert origin.versions == ["2"]  # the refused stream never went upstream
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+async def test_http2_upstream_on_uvloop_is_a_502(
+    ca_files: CAFiles, tls_ca_file: str, tls_h2_origin: H2Origin, loop: str
+) -> None:
+    """The CLI on either event loop: curl --http2 through interception gets HTTP/2 from the h2
+    origin, over HTTP/2 both ways, and curl's h2c inside a CONNECT does too."""
+    origin = tls_h2_origin
+    async with (
+        h2_origin(None) as plain,
+        proxy_process(
+            *("--admin-listen", "off", "--event-loop", loop),
+            *("--intercept", "localhost", "--ca-cert", ca_files.cert, "--ca-key", ca_files.key),
+            *("--upstream-ca-file", tls_ca_file, "--connect-ports", str(origin.port)),
+            *("--connect-http-ports", str(plain.port)),
+        ) as (_, proxy_url),
+    ):
+        answers = [
+            await curl("--http2", "--cacert", ca_files.cert, "-x", proxy_url, origin.url("/echo")),
+            await curl(
+                *("--http2-prior-knowledge", "-p", "-x", proxy_url),
+                f"http://127.0.0.1:{plain.port}/echo",
+            ),
+        ]
+    for code, out, err in answers:
+        assert code == 0, err
+        assert json.loads(out)["version"] == "2", out
+
+
+async def test_early_hints_from_an_http2_origin_are_dropped(
+    start_proxy: StartProxy, ca_files: CAFiles, tls_ca: trustme.CA, tls_ca_file: str
+) -> None:
+    """An h2 origin's 103 Early Hints reaches the HTTP/2 client ahead of the final response,
+    as an informational HEADERS with the origin's fields and our Via (RFC 9113 §8.1)."""
+    async with raw_h2_origin(tls_ca, hints=True) as origin:
+        proxy = await start_proxy(
+            intercept=("localhost",),
+            ca_cert=ca_files.cert,
+            ca_key=ca_files.key,
+            upstream_ca_file=tls_ca_file,
+            connect_ports=(origin.port,),
+        )
+        client = await h2_client.connect(
+            proxy.server.proxy_address.port,  # type: ignore[union-attr]
+            origin.authority,
+            ca_files.client_context(),
+        )
+        try:
+            answer = await client.fetch(h2_client.get(origin.authority, "/", "https", TE_TRAILERS))
+        finally:
+            await client.close()
+    assert answer.interim == [[(b":status", b"103"), EARLY_HINT, (b"via", b"2 tracing-proxy")]]
+    assert (answer.status, answer.body) == (200, b"before after")

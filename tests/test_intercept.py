@@ -25,6 +25,7 @@ import websockets
 import websockets.asyncio.client
 import websockets.asyncio.server
 
+from benchmarks.processes import STOP_WAIT, stop
 from benchmarks.procfs import rss_mb
 from proxy.app import STREAM_SERVERS
 from proxy.rules.connect import (
@@ -607,10 +608,8 @@ async def intercepting_cli(
     try:
         yield child
     finally:
-        if running.process.returncode is None:
-            running.process.kill()
-        await running.process.wait()
-        await reading
+        await stop(running.process, signal.SIGKILL)
+        await asyncio.wait_for(reading, STOP_WAIT)
 
 
 async def test_client_hello_with_the_connect_on_uvloop(
@@ -1115,6 +1114,14 @@ async def test_h2_only_client_gets_no_alpn_and_hangs_up(
     assert "proxy_intercept_certificates_minted_total 0.0" in text
     assert line["outcome"] == "closed"
     assert line["bytes_out"] > 0  # the origin's own handshake came through the relay
+    # A splice is a tunnel: its TLS is read from the bytes, its hello passed on after the dial.
+    assert (line["sni"], line["alpn_offered"], line["tls_version"]) == (
+        "localhost",
+        ["h2"],
+        "TLSv1.3",
+    )
+    assert line["tls_ms"] > 0
+    assert line["exchanges"] is None  # h2: not counted
 
 
 @pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
@@ -1286,17 +1293,23 @@ async def test_ca_that_expires_while_running_raises_a_traceback(
     assert [line["outcome"] for line in await logs.wait_for("tunnel", 2)] == ["closed"] * 2
 
 
-async def test_h2c_preface_is_refused_with_its_reason(
+async def test_h2c_preface_is_spliced_when_http2_is_off(
     start_proxy: StartProxy, origin: Origin, logs: LogCapture
 ) -> None:
     """HTTP/2 with prior knowledge inside a CONNECT, with no h2c server registered (HTTP/2
-    serving off): closed, nothing dialled, and the tunnel line says why."""
+    serving off): relayed to the target untouched (this origin, HTTP/1.1 only, answers it
+    itself), counted as a splice, nothing forwarded."""
     proxy = await start_proxy(connect_http_ports=(origin.port,), http2=False)
     answer = await _exchange_in_tunnel(proxy, origin.authority, H2_PREFACE)
-    assert answer == b""
+    # aiohttp's own answer to the preface, not one of ours:
+    assert answer.startswith(b"HTTP/1.0 400 Bad Request\r\n")
+    assert b"Pause on PRI/Upgrade" in answer
+    assert b"Proxy-Status" not in answer
     (line,) = await logs.wait_for("tunnel")
-    assert line["outcome"] == "refused"
-    assert "h2c" in line["details"]
+    assert (line["outcome"], line["bytes_in"]) == ("closed", len(H2_PREFACE))
+    host = origin.authority
+    assert proxy.sample("proxy_intercept_splices_total", host=host, reason="h2c") == 1
+    assert logs.events("access") == []
 
 
 class _Toy(asyncio.Protocol):

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from benchmarks.processes import communicate
 from tests.conftest import proxy_process, unavailable
 
 # A client run inside the namespace: send the request bytes, print the status code and
@@ -47,23 +48,27 @@ def netns() -> Iterator[str]:
     if shutil.which("ip") is None:
         problem = "iproute2 (ip) is not installed"
     else:
-        added = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
+        added = subprocess.run(
+            ["ip", "netns", "add", name], capture_output=True, text=True, timeout=30
+        )
         if added.returncode != 0:
             problem = f"cannot create a network namespace: {added.stderr.strip()}"
     if problem is not None:
         # The only tests that try non-loopback destinations: never silently skipped in CI.
         unavailable(problem)
     try:
-        subprocess.run(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"], check=True)
+        subprocess.run(
+            ["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"], check=True, timeout=30
+        )
         yield name
     finally:
-        subprocess.run(["ip", "netns", "delete", name], check=False)
+        subprocess.run(["ip", "netns", "delete", name], check=False, timeout=30)
 
 
 async def ask_in(netns: str, proxy: str, request: str) -> dict[str, object]:
     command = ("ip", "netns", "exec", netns, sys.executable, "-c", CLIENT, proxy, request)
     process = await asyncio.create_subprocess_exec(*command, stdout=asyncio.subprocess.PIPE)
-    out, _ = await asyncio.wait_for(process.communicate(), 30)
+    out, _ = await communicate(process, 30)
     assert process.returncode == 0
     answer: dict[str, object] = json.loads(out)
     return answer

@@ -265,6 +265,12 @@ def test_deny_and_allow_rules(
         ("FD00:EC2::254", "fd00:ec2::254/128"),
         ("*.Internal", "*.internal"),
         ("metadata.google.internal", "metadata.google.internal"),
+        ("[::1]", "::1/128"),
+        ("[0:0::1]", "::1/128"),
+        ("::ffff:127.0.0.1", "127.0.0.1/32"),  # IPv4-mapped: the IPv4 address it reaches
+        ("[::ffff:169.254.169.254]", "169.254.169.254/32"),
+        ("::ffff:10.0.0.0/104", "10.0.0.0/8"),
+        ("127.1", "127.0.0.1/32"),
     ],
 )
 def test_rules_are_normalised(text: str, normal: str) -> None:
@@ -272,11 +278,37 @@ def test_rules_are_normalised(text: str, normal: str) -> None:
     assert policy.parse_rule(text) == normal
 
 
-@pytest.mark.parametrize("text", ["", "*", "a..b", "10.0.0.0/33", "http://x", "*.*.x", "a b"])
+@pytest.mark.parametrize(
+    "text", ["", "*", "a..b", "10.0.0.0/33", "http://x", "*.*.x", "a b", "[::g]", "[10.0.0.1]"]
+)
 def test_bad_rules_are_refused(text: str) -> None:
     """Anything that is neither a CIDR nor a host pattern is a ValueError."""
     with pytest.raises(ValueError, match="expected"):
         policy.parse_rule(text)
+
+
+@pytest.mark.parametrize(
+    ("rule", "host"),
+    [
+        ("[::1]", "::1"),
+        ("[::1]", "[0:0::1]"),
+        ("[0:0::1]", "[::1]"),
+        ("0:0:0:0:0:0:0:1", "[::1]"),
+        ("[::ffff:127.0.0.2]", "127.0.0.2"),
+        ("[::ffff:127.0.0.2]", "[::ffff:127.0.0.2]"),
+        ("::ffff:7f00:2", "[::ffff:7f00:2]"),
+        ("::ffff:127.0.0.0/120", "127.0.0.9"),
+        ("127.0.0.2", "[::ffff:127.0.0.2]"),
+        ("127.2", "127.0.0.2"),
+    ],
+)
+def test_ip_literal_rule_matches_every_spelling_of_the_destination(rule: str, host: str) -> None:
+    """A rule in any IP spelling matches the address in any spelling, as deny and as allow."""
+    denied = Destinations(Rules.parse([rule]), Rules.parse(()))
+    with pytest.raises(DestinationDenied):
+        DestinationCheck(denied, OwnAddresses()).host(host, 80)
+    allowed = Destinations(Rules.parse(["0.0.0.0/0", "::/0"]), Rules.parse([rule]))
+    DestinationCheck(allowed, OwnAddresses()).host(host, 80)
 
 
 @pytest.mark.parametrize(
@@ -398,6 +430,14 @@ def test_default_clients_are_loopback(address: str | None, permitted: bool) -> N
         ([], {}, "allow_clients", ("127.0.0.0/8", "::1/128")),
         (["--allow-clients", "10.0.0.0/8, ::1"], {}, "allow_clients", ("10.0.0.0/8", "::1/128")),
         ([], {"PROXY_ALLOW_CLIENTS": "192.168.1.7"}, "allow_clients", ("192.168.1.7/32",)),
+        (["--allow-clients", "[0:0::1]"], {}, "allow_clients", ("::1/128",)),
+        (["--allow-clients", "::ffff:10.0.0.0/104"], {}, "allow_clients", ("10.0.0.0/8",)),
+        (
+            ["--deny-destinations", "[::1],[::ffff:127.0.0.2]"],
+            {},
+            "deny_destinations",
+            (*policy.BUILTIN_DENIED, "::1/128", "127.0.0.2/32"),
+        ),
         (
             ["--deny-destinations", "10.0.0.0/8,*.Internal"],
             {},

@@ -6,13 +6,13 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import signal
 import socket
 from pathlib import Path
 
 import aiohttp
 from prometheus_client import CollectorRegistry
 
+from benchmarks.processes import STOP_WAIT, communicate, stop
 from proxy.config import OPTIONS
 from proxy.observe.exposition import RegistryView
 from proxy.observe.metrics import Metrics
@@ -99,6 +99,7 @@ async def test_quick_start_runs_as_written() -> None:
     env |= {
         "PROXY_LISTEN": f"127.0.0.1:{proxy_port}",
         "PROXY_ADMIN_LISTEN": f"127.0.0.1:{admin_port}",
+        "PROXY_SHUTDOWN_GRACE": "0",  # SIGTERM ends it at once, as Ctrl-C would
     }
     proxy = await asyncio.create_subprocess_shell(
         moved(lines[0]), cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE, start_new_session=True
@@ -117,7 +118,7 @@ async def test_quick_start_runs_as_written() -> None:
         client = await asyncio.create_subprocess_exec(
             "bash", "-c", script, env=env, stdout=asyncio.subprocess.PIPE
         )
-        out, _ = await asyncio.wait_for(client.communicate(), 60)
+        out, _ = await communicate(client, 60)
         assert client.returncode == 0
         # Last, the page the Quick start opens: the call's host, its phases, the call.
         async with (
@@ -126,11 +127,10 @@ async def test_quick_start_runs_as_written() -> None:
         ):
             page = await response.text()
     finally:
+        # SIGTERM to the sessions started here: a suite started in the background from a
+        # script has SIGINT ignored, and so have these children (http.server then never ends).
         for process in (proxy, origin):
-            os.killpg(
-                process.pid, signal.SIGINT
-            )  # the sessions started here; SIGINT skips the grace
-            await process.wait()
+            await stop(process, group=True)
     text = out.decode()
     assert text.splitlines()[0] == "200"
     hosts = re.search(r'<table class="hosts">.*?</table>', page, re.S)
@@ -142,6 +142,6 @@ async def test_quick_start_runs_as_written() -> None:
     assert '<td>GET</td><td class="path">/</td><td class="num">200</td>' in slow.group(0)
     assert f'proxy_upstream_ttfb_seconds_count{{host="127.0.0.2:{origin_port}"}} 1.0' in text
     assert proxy.stdout is not None
-    log = (await proxy.stdout.read()).decode()
+    log = (await asyncio.wait_for(proxy.stdout.read(), STOP_WAIT)).decode()
     assert '"event": "access"' in log
     assert f'"host": "127.0.0.2:{origin_port}"' in log

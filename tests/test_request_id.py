@@ -143,7 +143,8 @@ def _never(trace_id: str) -> bool:
         # Participant: a sampled caller is followed whatever the ratio says.
         (VALID_TP, _never, True, True, "01"),
         (f"00-{_TRACE}-{_PARENT}-00", _always, True, False, "00"),  # unsampled: passed through
-        (f"01-{_TRACE}-{_PARENT}-03-future", _always, True, True, "03"),  # other flag bits kept
+        (f"01-{_TRACE}-{_PARENT}-03-future", _always, True, True, "01"),  # only the sampled bit
+        (f"00-{_TRACE}-{_PARENT}-03", None, True, False, "03"),  # passed through: as it came
         (None, _always, False, True, "01"),
         (None, _never, False, False, "00"),
         ("garbage", _always, False, True, "01"),
@@ -175,3 +176,21 @@ def test_participant_trace_context(
         assert context.parent_id is None
         if kept:
             assert context.traceparent == incoming
+
+
+@pytest.mark.parametrize(
+    ("incoming", "sent_flags"),
+    [
+        (f"00-{_TRACE}-{_PARENT}-ff", "01"),
+        (f"00-{_TRACE}-{_PARENT}-03", "01"),
+        (f"00-{_TRACE}-{_PARENT}-81", "01"),
+        (f"01-{_TRACE}-{_PARENT}-ff-future", "01"),
+    ],
+)
+def test_recorded_traceparent_with_reserved_flag_bits_goes_out_with_them_zero(
+    incoming: str, sent_flags: str
+) -> None:
+    """A version-00 traceparent the proxy writes has only the sampled bit (W3C §3.2.2.5)."""
+    context = choose_trace_context(incoming, _always)
+    assert context.span_id is not None
+    assert context.traceparent == f"00-{_TRACE}-{context.span_id}-{sent_flags}"

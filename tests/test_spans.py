@@ -251,6 +251,42 @@ async def test_log_query_puts_the_query_in_url_full(
     assert attributes(span)["url.full"] == origin.url("/echo?q=1")
 
 
+SIGNED_QUERY = (
+    "q=1&X-Goog-Signature=abc&sig=s%2Fv&Signature=z&AWSAccessKeyId=AKIA&X-Amz-Signature=f"
+    "&X-Amz-Credential=c&X-Amz-Security-Token=t&SIG=kept&signature=kept&X%2DGoog%2DSignature=x"
+)
+REDACTED_QUERY = (
+    "q=1&X-Goog-Signature=REDACTED&sig=REDACTED&Signature=REDACTED&AWSAccessKeyId=REDACTED"
+    "&X-Amz-Signature=REDACTED&X-Amz-Credential=REDACTED&X-Amz-Security-Token=REDACTED"
+    "&SIG=kept&signature=kept&X%2DGoog%2DSignature=REDACTED"
+)
+
+
+async def test_log_query_redacts_signature_values_in_url_full_and_the_access_line(
+    spans_proxy: StartTraced,
+    origin: Origin,
+    logs: LogCapture,
+) -> None:
+    """Values of the semconv's signing keys (case-sensitive) are REDACTED; upstream gets all."""
+    receiver, proxy = await spans_proxy(log_query=True)
+    head = (
+        f"GET {origin.url('/echo')}?{SIGNED_QUERY} HTTP/1.1\r\nHost: {origin.authority}\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode()
+    reader, writer = await proxy.connect()
+    try:
+        writer.write(head)
+        answer = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert f'"target": "/echo?{SIGNED_QUERY}"'.encode() in answer  # forwarded as it came
+    [span] = await receiver.wait_for_spans(1)
+    assert attributes(span)["url.full"] == origin.url(f"/echo?{REDACTED_QUERY}")
+    [line] = logs.events("access")
+    assert line["path"] == f"/echo?{REDACTED_QUERY}"
+
+
 async def test_connection_refused_502_is_an_error_span(
     spans_proxy: StartTraced,
     client: aiohttp.ClientSession,
@@ -336,6 +372,62 @@ async def test_denied_destinations_do_not_stop_the_exporter(
     assert status == 403
     [span] = await receiver.wait_for_spans(1)
     assert attributes(span)["error.type"] == "destination_ip_prohibited"
+
+
+async def _send_raw(proxy: RunningProxy, head: bytes) -> bytes:
+    """One request written byte for byte to the proxy listener; its status line back."""
+    reader, writer = await proxy.connect()
+    try:
+        writer.write(head)
+        return (await asyncio.wait_for(read_head(reader), 10)).split(b"\r\n")[0]
+    finally:
+        writer.close()
+
+
+async def test_tracestate_that_is_not_utf8_does_not_stop_span_export(
+    spans_proxy: StartTraced,
+    origin: Origin,
+    client: aiohttp.ClientSession,
+    logs: LogCapture,
+) -> None:
+    """tracestate: vendor=\\xff is left out of its span; that span and the next are exported."""
+    receiver, proxy = await spans_proxy()
+    head = (
+        f"GET {origin.url('/echo')} HTTP/1.1\r\nHost: {origin.authority}\r\n"
+        f"traceparent: {SAMPLED_TP}\r\ntracestate: vendor=\xff\r\nConnection: close\r\n\r\n"
+    ).encode("latin-1")
+    for _ in range(2):
+        assert await _send_raw(proxy, head) == b"HTTP/1.1 200 OK"
+    status, _ = await _get(client, proxy, origin.url("/echo"), traceparent=SAMPLED_TP)
+    assert status == 200
+    first, second, third = await receiver.wait_for_spans(3)
+    assert (first.trace_state, second.trace_state) == ("", "")  # W3C: printable ASCII only
+    assert third.trace_state == ""  # none was sent
+    assert proxy.sample("proxy_spans_cleaned_total") == 2
+    [line] = logs.events("span_cleaned")  # once, however many follow
+    assert line["level"] == "warning"
+    assert line["trace_id"] == CALLER_TRACE
+
+
+async def test_a_record_that_cannot_be_encoded_is_dropped_alone_and_counted(
+    traced_proxy: StartTraced,  # noqa: F811
+    logs: LogCapture,
+) -> None:
+    """A record protobuf refuses even when cleaned is dropped; the rest of its batch goes out."""
+    receiver, proxy = await traced_proxy(otlp_export_interval=3600.0)
+    assert proxy.server.spans is not None
+    assert proxy.server.span_exporter is not None
+    queue = proxy.server.spans.queue
+    good = SpanRecord("GET", CALLER_TRACE, "1" * 16, None, 0.0, 1.0, {}, [])
+    unencodable = SpanRecord("GET", "not hex" * 5, "2" * 16, None, 0.0, 1.0, {}, [])
+    for record in (good, unencodable, good):
+        queue.add(record)
+    await proxy.server.span_exporter.export_batch()
+    assert [span.span_id.hex() for span in receiver.spans()] == ["1" * 16] * 2
+    assert proxy.sample("proxy_spans_dropped_total", reason="unencodable") == 1
+    assert proxy.sample("proxy_span_exports_total", result="success") == 1
+    [line] = logs.events("span_dropped")
+    assert line["level"] == "warning"
 
 
 def _reachable(root: object) -> list[object]:

@@ -179,3 +179,30 @@ def test_inner_target_refuses_another_target(target: str) -> None:
     """A request inside a CONNECT to h:80 may not name another host, another port, or '*'."""
     with pytest.raises(TargetError):
         inner_target(URL("http://h:80"), URL(target))
+
+
+@pytest.mark.parametrize(
+    ("origin", "target", "upstream"),
+    [
+        # CONNECT api.example.com:80, then GET /x: the same request as GET http://api.example.com/x
+        ("http://api.example.com:80", "/x?q", "https://api.example.com/x?q"),
+        ("http://api.example.com:80", "http://api.example.com/x", "https://api.example.com/x"),
+        ("http://api.example.com:8080", "/x", "https://api.example.com:8080/x"),
+        ("http://[::1]:80", "/", "https://[::1]/"),
+        ("http://other.example:80", "/x", "http://other.example/x"),
+        ("https://api.example.com:443", "/x", "https://api.example.com/x"),
+    ],
+)
+def test_upgrade_to_https_applies_inside_a_connect(origin: str, target: str, upstream: str) -> None:
+    """--upgrade-to-https holds for plain HTTP inside CONNECT host:80 as for absolute-form."""
+    url = (
+        URL(target)
+        if "://" in target
+        else URL.build(
+            path=target.partition("?")[0], query_string=target.partition("?")[2], encoded=True
+        )
+    )
+    result = inner_target(URL(origin), url, UPGRADE)
+    assert str(result.url) == upstream
+    assert result.url.port == URL(upstream).port
+    assert result.host == forward_target(URL(upstream)).host

@@ -6,8 +6,10 @@ import asyncio
 from typing import Any
 
 import aiohttp
+import trustme
 
 from tests.conftest import LogCapture, Origin, RunningProxy
+from tests.tls import TLSOrigin, delayed_handshake, server_context
 
 
 def hist(proxy: RunningProxy, phase: str, host: str, suffix: str = "sum") -> float:
@@ -116,3 +118,42 @@ async def test_counters_and_bytes_follow_each_request(
     line = logs.events("access")[0]
     assert (line["bytes_in"], line["bytes_out"]) == (1000, len(body))
     assert proxy.sample("proxy_requests_in_flight") == 0
+
+
+async def test_retry_after_a_handshake_then_close_gives_no_negative_connect(
+    start_proxy: Any,
+    tls_ca: trustme.CA,
+    tls_ca_file: str,
+    client: aiohttp.ClientSession,
+    logs: LogCapture,
+) -> None:
+    """An origin that completes TLS then closes is dialled twice; every phase stays >= 0."""
+    dials = 0
+
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal dials
+        dials += 1
+        writer.close()  # as an h2-only server does to an HTTP/1.1 client
+
+    server = await asyncio.start_server(
+        hang_up, "127.0.0.1", 0, ssl=server_context(tls_ca, "localhost")
+    )
+    target = TLSOrigin("127.0.0.1", server.sockets[0].getsockname()[1])
+    proxy = await start_proxy(upstream_ca_file=tls_ca_file, upgrade_to_https=("localhost",))
+    try:
+        # Each handshake held 100 ms: far longer than a loopback TCP connect.
+        async with delayed_handshake(target, 0.1) as port:
+            url = f"http://localhost:{port}/"  # goes upstream as https
+            async with client.get(url, proxy=proxy.url) as resp:
+                assert resp.status == 502
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert dials == 2  # aiohttp retried the idempotent GET once on a fresh connection
+    (line,) = logs.events("access")
+    assert line["connect_ms"] >= 0
+    assert line["tls_ms"] >= 200  # both handshakes: where the time went
+    host = f"localhost:{port}"
+    for phase in ("dns", "connect", "tls"):
+        assert hist(proxy, phase, host, "count") == 1  # one request, counted once
+        assert round(hist(proxy, phase, host) * 1000, 3) == line[f"{phase}_ms"] >= 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import signal
 import socket
 import ssl
 import struct
@@ -19,6 +20,7 @@ import requests
 import trustme
 from aiohttp import web
 
+from benchmarks.processes import stop
 from proxy import config
 from proxy.config import SettingError
 from proxy.rules import errors
@@ -365,8 +367,7 @@ async def test_100_mib_each_way_byte_exact_with_bounded_memory(raw_origin: Start
         peak_kb = peak_rss_kb(cli.process.pid)
         assert peak_kb * 1024 < 100_000_000, f"proxy peak RSS {peak_kb} kB"
     finally:
-        cli.process.kill()
-        await cli.process.wait()
+        await stop(cli.process, signal.SIGKILL)
 
 
 # -- refusals and failures ---------------------------------------------------------------------

@@ -44,11 +44,9 @@ _END_STREAM: Final = 0x1  # DATA, HEADERS
 _ACK: Final = 0x1  # SETTINGS, PING
 _END_HEADERS: Final = 0x4  # HEADERS, PUSH_PROMISE, CONTINUATION
 _FRAME_HEAD: Final = 9  # RFC 9113 §4.1: length (3), type, flags, stream identifier (4)
+_STREAM_ID: Final = 0x7FFF_FFFF  # a stream identifier is 31 bits after a reserved bit
+_NO_GOAWAY: Final = _STREAM_ID  # our last_stream_id until we send a GOAWAY
 PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"  # RFC 9113 §3.4
-# RFC 9113 §6.5.2: the peer's stream limit is unlimited until its SETTINGS come, and should
-# be no less than 100. Until then 100 is assumed, as Go's and nghttp2's clients do: h2-based
-# servers (hypercorn) end the whole connection at their 101st stream.
-PEER_STREAMS_ASSUMED: Final = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,17 +217,18 @@ class H2Core:
         self._clock = clock
         self.error: str | None = None  # why the connection was ended, once it was
         self.going_away = False  # GOAWAY sent or received: no new streams
-        self._last_stream_id = 2**31 - 1  # streams above it were opened after our GOAWAY
+        self._settled = False  # the peer's first SETTINGS has come
+        self._last_stream_id = _NO_GOAWAY  # streams above it were opened after our GOAWAY
         self._extra = b""  # frames written by hand, and what h2 had queued before them
         self._buckets: dict[Budget, _Bucket] = {}
         self._refused: str | None = None  # set when refusals ran out of their budget
-        self._peer_settings = False  # the peer's first SETTINGS frame has come
-        # Frame scanning state (RFC 9113 §4.1): bytes of the current frame still to skip,
-        # a frame head split across reads, the header block being counted.
+        # Frame scanning state (RFC 9113 §4.1): bytes of the current frame still to pass,
+        # a frame head (or a GOAWAY) split across reads, the header block being counted.
         self._skip = 0 if client_side else len(PREFACE)
-        self._carry = b""
+        self._held = b""
         self._block_bytes = 0
         self._block_frames = 0
+        self._in_block = False  # a HEADERS without END_HEADERS: CONTINUATION must follow
 
     def start(self) -> None:
         """Queue the connection preface (RFC 9113 §3.4) with our settings and windows."""
@@ -248,8 +247,8 @@ class H2Core:
         h2c.decoder.max_header_list_size = limits.max_header_list
         h2c.initiate_connection()
         # The stream limit in a SETTINGS frame of its own: h2 enforces it (with a connection
-        # error) only once the peer has acknowledged it; until then ``_event`` refuses the
-        # streams past it.
+        # error) only once the peer has acknowledged it; until then ``_past_limit`` refuses
+        # the streams past it.
         h2c.update_settings(
             {h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: limits.max_concurrent_streams}
         )
@@ -261,65 +260,98 @@ class H2Core:
     # -- input -------------------------------------------------------------------------
 
     def receive(self, data: bytes) -> list[Event]:
-        """The events ``data`` carries; past a budget, those before the offending frame."""
+        """The events ``data`` carries; past a budget, those before the offending frame.
+
+        A GOAWAY is taken out before h2 sees it and becomes our ``GoneAway``: h2 ends its
+        state machine on any GOAWAY (h2/connection.py: RECV_GOAWAY leads to CLOSED, where
+        every later frame is a ProtocolError), so the streams the peer promised to finish
+        (RFC 9113 §6.8) could not.
+        """
         if self.error is not None:
             return []
-        over = self._scan(data)
-        if over is not None:
-            data = data[: over[0]]
-        try:
-            raw = self._h2.receive_data(data) if data else []
-        except h2.exceptions.ProtocolError as exc:  # h2 has queued its GOAWAY
-            self._ended(next(reason for cls, reason in _H2_ERRORS if isinstance(exc, cls)))
-            return []
-        events = [e for e in map(self._event, raw) if e is not None]
-        refused = self._past_limit(raw)
-        if refused:
-            events = [e for e in events if getattr(e, "stream_id", 0) not in refused]
-        reason = over[1] if over is not None else self._refused
+        pieces, over = self._scan(data)
+        events: list[Event] = []
+        for piece in pieces:
+            if isinstance(piece, GoneAway):
+                self.going_away = True
+                events.append(piece)
+                continue
+            try:
+                raw = self._h2.receive_data(piece) if piece else []
+            except h2.exceptions.ProtocolError as exc:  # h2 has queued its GOAWAY
+                self._ended(next(reason for cls, reason in _H2_ERRORS if isinstance(exc, cls)))
+                return []
+            ours = [e for e in map(self._event, raw) if e is not None]
+            refused = self._past_limit(raw)
+            if refused:
+                ours = [e for e in ours if getattr(e, "stream_id", 0) not in refused]
+            events += ours
+        reason = over if over is not None else self._refused
         if reason is not None:
             self._calm(reason)
         return events
 
-    def _scan(self, data: bytes) -> tuple[int, str] | None:
-        """Charge every frame that starts in ``data``; (offset, reason) of the first one over."""
-        view = data
-        shift = 0  # view offset of data[0]
-        if self._carry:
-            view = self._carry + data
-            shift = len(self._carry)
-            self._carry = b""
+    def _scan(self, data: bytes) -> tuple[list[bytes | GoneAway], str | None]:
+        """Charge every frame that starts in ``data`` and take the GOAWAYs out.
+
+        Returns, in their order, the bytes h2 gets (up to the first frame over a budget, and
+        no further than the last whole frame head: a head split across reads is held until
+        its end comes) and the GOAWAYs between them; and the reason of the frame over a
+        budget, if one was.
+        """
+        view = self._held + data if self._held else data
+        self._held = b""
         size = len(view)
-        pos = self._skip
+        pos = self._skip  # the first frame head: after the rest of a frame begun earlier
+        pieces: list[bytes | GoneAway] = []
+        start = 0  # view[start:pos] goes to h2 after the pieces
+        over: str | None = None
         now = -1.0
         while pos + _FRAME_HEAD <= size:
             length = int.from_bytes(view[pos : pos + 3])
             kind, flags = view[pos + 3], view[pos + 4]
+            end = pos + _FRAME_HEAD + length
+            if kind == GOAWAY and self._graceful(view, pos, length):
+                if end > size:
+                    break  # held, with what follows, until its payload is whole
+                payload = view[pos + _FRAME_HEAD : end]
+                last = int.from_bytes(payload[:4]) & _STREAM_ID
+                pieces += (view[start:pos], GoneAway(last, int.from_bytes(payload[4:8])))
+                start = pos = end
+                continue
             if kind in (HEADERS, PUSH_PROMISE, CONTINUATION):
                 if kind == CONTINUATION:
                     self._block_bytes += length
                     self._block_frames += 1
                 else:
                     self._block_bytes, self._block_frames = length, 1
+                self._in_block = not flags & _END_HEADERS
                 if (
                     self._block_bytes > self.limits.max_header_block
                     or self._block_frames > self.limits.max_header_frames
                 ):
-                    return max(pos - shift, 0), CONTINUATION_FLOOD
+                    over = CONTINUATION_FLOOD
+                    break
             else:
                 rule = BUDGETS.get(kind)
                 if rule is not None and rule[1](flags, length):
                     if now < 0.0:
                         now = self._clock()
                     if not self._take(rule[0], now):
-                        return max(pos - shift, 0), rule[0].reason
-            pos += _FRAME_HEAD + length
-        if pos >= size:
-            self._skip = pos - size
-        else:
-            self._skip = 0
-            self._carry = bytes(view[pos:])
-        return None
+                        over = rule[0].reason
+                        break
+            pos = end
+        if over is None and pos < size:
+            self._held = view[pos:]  # a frame head (or a GOAWAY) not yet whole
+        self._skip = max(pos - size, 0)
+        pieces.append(view[start : min(pos, size)])
+        return pieces, over
+
+    def _graceful(self, view: bytes, pos: int, length: int) -> bool:
+        """A GOAWAY we act on ourselves (RFC 9113 §6.8): on stream 0, of a valid size, not
+        inside a header block. h2 gets any other, and ends the connection for it."""
+        stream = int.from_bytes(view[pos + 5 : pos + _FRAME_HEAD]) & _STREAM_ID
+        return stream == 0 and 8 <= length <= self._h2.max_inbound_frame_size and not self._in_block
 
     def _take(self, budget: Budget, now: float) -> bool:
         bucket = self._buckets.get(budget)
@@ -341,7 +373,7 @@ class H2Core:
                 self.ack(sid, padding)  # padding is never passed on: return it at once
             return Data(sid, data) if data else None
         if isinstance(e, h2.events.RemoteSettingsChanged):
-            self._peer_settings = True
+            self._settled = True
             return Window(0)  # settings may change every window, or the stream limit
         if isinstance(e, h2.events.WindowUpdated):
             return Window(sid)
@@ -355,15 +387,12 @@ class H2Core:
             return Interim(sid, _fields(e.headers))
         if isinstance(e, h2.events.StreamReset):
             return Reset(sid, int(e.error_code or 0))
-        if isinstance(e, h2.events.ConnectionTerminated):
-            self.going_away = True
-            return GoneAway(e.last_stream_id or 0, int(e.error_code or 0))
         return None
 
     def _past_limit(self, raw: list[h2.events.Event]) -> set[int]:
         """Refuse the streams opened in this read that are past the stream limit, newest
         first (``REFUSALS``; only until the client has acknowledged it: after, h2 ends the
-        connection at the first). h2 has read the whole buffer by now, so its open count is
+        connection at the first). h2 has read the whole piece by now, so its open count is
         the one after it."""
         opened = [e.stream_id for e in raw if isinstance(e, h2.events.RequestReceived)]
         if not opened:
@@ -398,12 +427,14 @@ class H2Core:
         return self._h2.get_next_available_stream_id()
 
     def can_open(self) -> bool:
-        """Client side: the peer's SETTINGS_MAX_CONCURRENT_STREAMS allows one more stream."""
+        """Client side: the peer's SETTINGS_MAX_CONCURRENT_STREAMS allows one more stream.
+
+        Until the peer's first SETTINGS has come, one stream: h2 would assume no limit, and a
+        peer allowing fewer than we open would refuse streams (RFC 9113 §5.1.2).
+        """
         h2c = self._h2
-        limit = h2c.remote_settings.max_concurrent_streams
-        if not self._peer_settings:
-            limit = min(limit, PEER_STREAMS_ASSUMED)
-        return not self.going_away and h2c.open_outbound_streams < limit
+        most = h2c.remote_settings.max_concurrent_streams if self._settled else 1
+        return not self.going_away and h2c.open_outbound_streams < most
 
     @property
     def open_streams(self) -> int:
@@ -474,7 +505,7 @@ class H2Core:
         Written by hand: h2's ``close_connection`` ends its state machine, after which not
         even the streams in flight could send another frame.
         """
-        if self.going_away:
+        if self._last_stream_id != _NO_GOAWAY:
             return
         self.going_away = True
         self._last_stream_id = self._h2.highest_inbound_stream_id

@@ -40,6 +40,10 @@ from proxy.observe import log
 from proxy.wire.inner import InnerStream
 
 HTTP2: Final = HttpVersion(2, 0)
+# What a stream's handler is cancelled with when its client resets the stream or its
+# connection is lost: the request is over (RFC 9113 §8.1), so the forwarder stops, logs a 499
+# and resets its upstream stream.
+CLIENT_RESET: Final = "the client reset the stream"
 
 # RFC 9113 §8.2.2: connection-specific fields never appear in HTTP/2 (TE only as "trailers").
 CONNECTION_SPECIFIC: Final = frozenset(
@@ -121,7 +125,6 @@ class StreamTransport(asyncio.Transport):
         self._connection = connection
         self._stream_id = stream_id
         self.ended = False  # END_STREAM sent, or the stream was reset
-        self.cancelled_by_client = False  # its request was cancelled: the client reset or left
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         transport = self._connection.transport
@@ -316,12 +319,12 @@ class H2Server(H2Connection):
         self.stream_gone(sid)
         stream = self._streams.get(sid)
         if stream is not None:
-            self._cancel(stream, ConnectionResetError("the client reset the stream"))
+            self._cancel(stream, ConnectionResetError(CLIENT_RESET))
             self._forget(sid)
 
     def _cancel(self, stream: _Stream, exc: ConnectionError, *, by_client: bool = True) -> None:
         """The stream's answer can no longer be given or is no longer wanted: its request is
-        cancelled (logged as the client's doing, or as cut at shutdown).
+        cancelled, with ``CLIENT_RESET`` when the client did it (else it is cut at shutdown).
 
         RST_STREAM means the stream is no longer needed (RFC 9113 §8.7); it must not leave
         the request running: a reset stream no longer counts against the client's stream
@@ -332,8 +335,7 @@ class H2Server(H2Connection):
         if not stream.body.is_eof():
             stream.body.set_exception(exc)
         if stream.task is not None and not stream.task.done():
-            stream.transport.cancelled_by_client = by_client
-            stream.task.cancel()
+            stream.task.cancel(CLIENT_RESET if by_client else None)
 
     def _forget(self, sid: int) -> None:
         """The stream is over for this connection, which closes once its last is after a GOAWAY."""

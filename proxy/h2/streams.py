@@ -88,8 +88,7 @@ class H2Connection(asyncio.Protocol):
     # -- transport events --------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # No isinstance check: uvloop's transports (TCP and TLS) are not asyncio.Transport
-        # subclasses, though they have its methods.
+        # A cast, not a check: uvloop's transports are no asyncio.Transport subclasses.
         self.transport = cast(asyncio.Transport, transport)
         self.core.start()
         self.flush()
@@ -101,8 +100,7 @@ class H2Connection(asyncio.Protocol):
         for event in h2core.receive(data):
             if isinstance(event, core.Window):
                 self._wake(event.stream_id)
-            else:
-                self.on_event(event)
+            self.on_event(event)
         self.flush()
         if h2core.error is not None:
             self.on_error(h2core.error)

@@ -29,7 +29,8 @@ from typing import Any, Final
 import aiohttp
 from aiohttp.client_reqrep import ClientRequest
 from aiohttp.connector import Connection
-from aiohttp.http import HttpVersion
+from aiohttp.http import HttpVersion, HttpVersion11
+from aiohttp.http_parser import RawResponseMessage
 from aiohttp.tracing import Trace
 from h2.errors import ErrorCodes
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -40,11 +41,12 @@ from proxy.h2.core import Fields, H2Core, Limits, StreamGone
 from proxy.h2.streams import READER_LIMIT, BodyReader, H2Connection
 from proxy.observe.tracing import Timings
 from proxy.rules.errors import PoolWaitExceeded
+from proxy.wire.interim import INTERIM_SINK
 
 HTTP2: Final = HttpVersion(2, 0)
 _KEPT: Final = 4096  # origins whose ALPN answer is remembered at once
-# A new connection is dialled when every one is at the peer's stream limit, up to this many.
-_CONNECTIONS_PER_ORIGIN: Final = 8
+_CONNECTIONS_PER_ORIGIN: Final = 8  # at most (H2Upstream._most)
+_INTERIM_KEPT: Final = 8  # 1xx heads relayed per stream; more from an origin are dropped
 # Requests are framed by HTTP/2 itself (RFC 9113 §8.2.2): these never go upstream.
 _NOT_FORWARDED: Final = frozenset({"host", "connection", "transfer-encoding", "te", "upgrade"})
 
@@ -115,12 +117,18 @@ class H2Response:
 
 
 class _Pending:
-    """One stream's state; its events may all arrive before the caller resumes."""
+    """One stream's state; its events may all arrive before the caller resumes.
 
-    __slots__ = ("body", "head", "idle", "trailers")
+    ``heads`` has the 1xx heads (at most ``_INTERIM_KEPT``), then the final head, or the
+    failure that came instead of it.
+    """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, body: BodyReader) -> None:
-        self.head: asyncio.Future[core.Head] = loop.create_future()
+    __slots__ = ("body", "got_head", "heads", "idle", "interim", "trailers")
+
+    def __init__(self, body: BodyReader) -> None:
+        self.heads: asyncio.Queue[core.Head | core.Interim | Exception] = asyncio.Queue()
+        self.got_head = False  # the final head came (it may still wait in ``heads``)
+        self.interim = 0  # 1xx heads put in ``heads``
         self.body = body
         self.trailers: Fields = ()
         self.idle: asyncio.TimerHandle | None = None
@@ -130,14 +138,28 @@ class H2Client(H2Connection):
     """One multiplexed connection to an origin."""
 
     def __init__(
-        self, connection: Connection, old: asyncio.BaseProtocol, *, limits: Limits, idle: float
+        self,
+        connection: Connection,
+        old: asyncio.BaseProtocol,
+        *,
+        limits: Limits,
+        idle: float,
+        keepalive: float,
     ) -> None:
         super().__init__(H2Core(client_side=True, limits=limits))
         self._connection = connection  # holds the connector's slot until closed
         self._old = old  # aiohttp's protocol: told of the close, as the connector expects
         self._idle = idle  # --read-idle-timeout, between frames of one response
+        # --upstream-keepalive-timeout: with no stream for this long the connection closes
+        # (it holds a slot of the connector, as an idle pooled HTTP/1.1 connection does).
+        self._keepalive = keepalive
+        self._unused: asyncio.TimerHandle | None = None
         self._streams: dict[int, _Pending] = {}
         self.slot_freed: asyncio.Event = asyncio.Event()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._arm_unused()  # until its first stream (the dialler's, unless that one failed)
 
     @property
     def usable(self) -> bool:
@@ -155,7 +177,10 @@ class H2Client(H2Connection):
     ) -> H2Response:
         core_ = self.core
         sid = core_.next_stream_id()
-        pending = self._streams[sid] = _Pending(self._loop, self.body_reader(sid, READER_LIMIT))
+        pending = self._streams[sid] = _Pending(self.body_reader(sid, READER_LIMIT))
+        if self._unused is not None:
+            self._unused.cancel()
+            self._unused = None
         try:
             core_.send_head(sid, fields, end=body is None)
             self.flush()
@@ -166,7 +191,7 @@ class H2Client(H2Connection):
         pump = asyncio.ensure_future(self._pump(sid, body)) if body is not None else None
         try:
             async with asyncio.timeout(headers_timeout):
-                head = await pending.head
+                head = await _final_head(pending)
         except TimeoutError as exc:
             self.reset(sid, ErrorCodes.CANCEL)
             raise aiohttp.SocketTimeoutError("no response headers in time") from exc
@@ -174,7 +199,7 @@ class H2Client(H2Connection):
             self.reset(sid, ErrorCodes.CANCEL)
             raise
         finally:
-            if pump is not None and not pending.head.done():
+            if pump is not None and not pending.got_head:
                 pump.cancel()
         timings.response_at = perf_counter()
         response = H2Response(self, sid, head, pending)
@@ -202,6 +227,10 @@ class H2Client(H2Connection):
         if isinstance(event, core.GoneAway):
             self._gone_away(event.last_stream_id)
             return
+        if isinstance(event, core.Window):
+            if event.stream_id == 0:
+                self._freed()  # new SETTINGS may allow more streams
+            return
         if pending is None:
             if isinstance(event, core.Data):
                 self.core.ack(event.stream_id, len(event.data))
@@ -210,19 +239,23 @@ class H2Client(H2Connection):
             pending.body.feed_data(event.data)
             self._arm(event.stream_id, pending)
         elif isinstance(event, core.Head):
-            if not pending.head.done():
-                pending.head.set_result(event)
+            if not pending.got_head:
+                pending.got_head = True
+                pending.heads.put_nowait(event)
+        elif isinstance(event, core.Interim):
+            if not pending.got_head and pending.interim < _INTERIM_KEPT:
+                pending.interim += 1
+                pending.heads.put_nowait(event)
         elif isinstance(event, core.Trailers):
             pending.trailers = event.fields
         elif isinstance(event, core.End):
-            if pending.head.done() and not pending.body.is_eof():
+            if pending.got_head and not pending.body.is_eof():
                 pending.body.feed_eof()
             self._finish(event.stream_id)
         elif isinstance(event, core.Reset):
             self._fail(
                 event.stream_id, aiohttp.ServerDisconnectedError("the origin reset the stream")
             )
-        # Interim (1xx) responses are not relayed from an HTTP/2 origin.
 
     def _arm(self, sid: int, pending: _Pending) -> None:
         if pending.idle is not None:
@@ -237,8 +270,9 @@ class H2Client(H2Connection):
         pending = self._streams.get(sid)
         if pending is None:
             return
-        if not pending.head.done():
-            pending.head.set_exception(exc)
+        if not pending.got_head:
+            pending.got_head = True
+            pending.heads.put_nowait(exc)
         elif not pending.body.is_eof():
             pending.body.set_exception(
                 exc
@@ -252,12 +286,38 @@ class H2Client(H2Connection):
         if pending is not None and pending.idle is not None:
             pending.idle.cancel()
         self.stream_gone(sid)
+        self._freed()
+        if self._streams:
+            return
+        if self.core.going_away:
+            self.close()  # the origin's GOAWAY, and its last stream is done
+        else:
+            self._arm_unused()
+
+    def _arm_unused(self) -> None:
+        if self._unused is None and self.transport is not None:
+            self._unused = self._loop.call_later(self._keepalive, self._retire)
+
+    def _retire(self) -> None:
+        """Unused for --upstream-keepalive-timeout: GOAWAY (RFC 9113 §6.8), then close."""
+        self._unused = None
+        if not self._streams:
+            self.core.go_away()
+            self.close()
+
+    def _freed(self) -> None:
+        """Wake whoever waits for a stream slot (or for this connection to stop counting)."""
         self.slot_freed.set()
         self.slot_freed = asyncio.Event()
 
     def _gone_away(self, last: int) -> None:
+        """RFC 9113 §6.8: streams up to ``last`` still finish here; those above it were not
+        processed; no new stream goes on this connection."""
         for sid in [sid for sid in self._streams if sid > last]:
             self._fail(sid, aiohttp.ServerDisconnectedError("the origin went away (GOAWAY)"))
+        self._freed()  # a waiter may dial a new connection now
+        if not self._streams:
+            self.close()
 
     def reset(self, sid: int, code: int) -> None:
         self.core.reset(sid, code)
@@ -265,6 +325,8 @@ class H2Client(H2Connection):
         self._finish(sid)
 
     def on_lost(self, exc: Exception | None) -> None:
+        if self._unused is not None:
+            self._unused.cancel()
         for sid in list(self._streams):
             self._fail(sid, aiohttp.ServerDisconnectedError("the HTTP/2 connection closed"))
         self._old.connection_lost(exc)
@@ -287,6 +349,7 @@ class H2Upstream:
         read_idle_timeout: float,
         headers_timeout: float,
         pool_wait_timeout: float,
+        keepalive_timeout: float,
         remember_seconds: float = 300.0,
     ) -> None:
         self._session = session
@@ -296,8 +359,14 @@ class H2Upstream:
         self._idle = read_idle_timeout
         self._headers_timeout = headers_timeout
         self._pool_wait = pool_wait_timeout
+        self._keepalive = keepalive_timeout
         self._remember = remember_seconds
         self._http1: dict[tuple[str, int], float] = {}  # origin -> until (its ALPN said no)
+        # Connections per origin: another is dialled when every one is at the peer's stream
+        # limit, up to this many; never more than the connector would let us hold, or the
+        # dial would wait for a slot only a connection of ours can give back.
+        per_host = session.connector.limit_per_host if session.connector is not None else 0
+        self._most = min(_CONNECTIONS_PER_ORIGIN, per_host or _CONNECTIONS_PER_ORIGIN)
         self._clients: dict[tuple[str, str, int], list[H2Client]] = {}
         self._dialling: dict[tuple[str, str, int], asyncio.Future[H2Client | Http1]] = {}
 
@@ -341,7 +410,9 @@ class H2Upstream:
         try:
             async with asyncio.timeout(self._pool_wait):
                 while True:
-                    clients = [c for c in self._clients.get(key, []) if c.usable]
+                    # Every open connection counts (one going away still holds its slot in
+                    # the connector); only those that may open a stream are chosen.
+                    clients = [c for c in self._clients.get(key, []) if c.transport is not None]
                     self._clients[key] = clients
                     for client in clients:
                         if client.can_open():
@@ -354,12 +425,9 @@ class H2Upstream:
                         if isinstance(await asyncio.shield(dialling), Http1):
                             return self._over_http1
                         continue
-                    if len(clients) >= _CONNECTIONS_PER_ORIGIN:  # wait for a stream slot
+                    if len(clients) >= self._most:
                         waited = True
-                        await asyncio.wait(
-                            [asyncio.ensure_future(c.slot_freed.wait()) for c in clients],
-                            return_when=asyncio.FIRST_COMPLETED,
-                        )
+                        await _first_freed(clients)
                         continue
                     if waited:
                         timings.queue += perf_counter() - started
@@ -416,7 +484,9 @@ class H2Upstream:
                 connection.release()  # into the session's pool, for this request only
                 self._remember_http1(url)
                 return Http1(self._context, dialled=True)
-        client = H2Client(connection, old, limits=self._limits, idle=self._idle)
+        client = H2Client(
+            connection, old, limits=self._limits, idle=self._idle, keepalive=self._keepalive
+        )
         # No await since connect returned: what aiohttp read meanwhile is in its tail.
         tail: Any = bytes(old._tail)
         transport.set_protocol(client)
@@ -442,6 +512,48 @@ class H2Upstream:
 
     def __repr__(self) -> str:
         return f"<H2Upstream origins={len(self._clients)} http1_only={len(self._http1)}>"
+
+
+async def _final_head(pending: _Pending) -> core.Head:
+    """The stream's final head; each 1xx before it goes to the request's ``INTERIM_SINK``
+    (the forwarder relays it to the client, RFC 9113 §8.1)."""
+    sink = INTERIM_SINK.get()
+    while True:
+        head = await pending.heads.get()
+        if isinstance(head, Exception):
+            raise head
+        if isinstance(head, core.Head):
+            return head
+        if sink is not None:
+            await sink(_interim_message(head))
+
+
+def _interim_message(head: core.Interim) -> RawResponseMessage:
+    """A 1xx as aiohttp's parser would give it; HTTP/1.1's field rules hold for it (h2 has
+    checked the framing and the pseudo-fields, as for a final head: ``check_upstream``)."""
+    status = 0
+    raw: list[tuple[bytes, bytes]] = []
+    for name, value in head.fields:
+        if name == b":status":
+            status = int(value)
+        elif name[:1] != b":":
+            raw.append((name, value))
+    fields = CIMultiDict(
+        (n.decode("latin-1"), v.decode("utf-8", "surrogateescape")) for n, v in raw
+    )
+    return RawResponseMessage(
+        HttpVersion11, status, "", CIMultiDictProxy(fields), tuple(raw), False, None, False, False
+    )
+
+
+async def _first_freed(clients: list[H2Client]) -> None:
+    """Until a stream slot frees on one of ``clients`` (or one closes or goes away)."""
+    waits = [asyncio.ensure_future(client.slot_freed.wait()) for client in clients]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
 
 
 def _request_fields(

@@ -10,7 +10,11 @@ of the event loop per scrape. Here instead:
   ``_count`` and ``_sum`` come from one moment; between hosts the loop is given back every
   ``slice_seconds`` so proxied traffic keeps flowing during a scrape;
 - the body is written in pieces, each awaited, so a slow reader holds back only its own
-  scrape; with ``Accept-Encoding: gzip`` (Prometheus sends it) each piece is compressed.
+  scrape; with ``Accept-Encoding: gzip`` (Prometheus sends it) each piece is compressed;
+- scrapes share the one cache of blocks, updated in place, and a scrape looks each block up
+  as it writes it: a reader that stops reading pins a piece, not a rendering of every host
+  (each used to keep the blocks it started with, 8.5 MiB at 1,000 hosts), and a write that
+  waits ``write_timeout`` ends the scrape and its connection.
 
 Sample lines are the same in both formats (counters are ``_total`` in both, no
 ``_created``); OpenMetrics adds exemplars on histogram buckets, names counter families
@@ -20,6 +24,7 @@ without ``_total`` in ``# TYPE``, escapes ``"`` in help and ends with ``# EOF``.
 from __future__ import annotations
 
 import asyncio
+import re
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -29,14 +34,16 @@ from typing import Any, Final, cast
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import choose_encoder, generate_latest
+from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.openmetrics import exposition as openmetrics
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
+from structlog.typing import FilteringBoundLogger
 
 from proxy import __version__
+from proxy.observe import log
 from proxy.observe.metrics import (
     PHASES,
     Histogram,
@@ -239,6 +246,18 @@ HOST_FAMILIES: Final[tuple[_HostFamily, ...]] = (
         ("direction",),
         _tunnel_bytes,
     ),
+    _HostHistogram(
+        "proxy_tunnel_ttfb_seconds",
+        "Tunnels: each exchange's first byte, read from TLS record timing (TLS 1.3: the first "
+        "one estimated).",
+        lambda s: s.tunnel_ttfb if any(s.tunnel_ttfb.counts) else None,
+    ),
+    _HostCounter(
+        "proxy_tunnel_sni_mismatches",
+        "Tunnels whose TLS server name was not their CONNECT host.",
+        (),
+        lambda s: (((), s.tunnel_sni_mismatches),) if s.tunnels else (),
+    ),
     _HostCounter(
         "proxy_intercept_failures",
         "Intercepted CONNECTs whose client TLS handshake failed (unknown_ca: CA not trusted).",
@@ -346,7 +365,8 @@ GLOBAL_FAMILIES: Final = (
     _Global(
         "proxy_scrape_duration_seconds",
         "histogram",
-        "Time to answer each /metrics scrape, request received to last byte written.",
+        "Time to answer each /metrics scrape, request received to last byte written (or to "
+        "the scraper's disconnect or the write timeout).",
         lambda m, f: m.scrapes,
     ),
 )
@@ -358,6 +378,57 @@ _Block = tuple[HostStats, int, list[str]]
 # Pieces of the body handed to the socket at a time: small enough that a slow scraper
 # holds back the rest, large enough that few writes are needed.
 _PIECE: Final = 64 * 1024
+
+# How long one piece may wait for the scraper to read: Prometheus's default scrape_timeout.
+# A reader that takes longer has given up, or never meant to read.
+WRITE_TIMEOUT: Final = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Format:
+    """One representation of /metrics: its media type and the version written."""
+
+    media_type: str
+    version: str
+    openmetrics: bool
+
+    @property
+    def content_type(self) -> str:
+        return f"{self.media_type}; version={self.version}; charset=utf-8"
+
+    def quality(self, accept: str) -> float:
+        """The weight ``accept`` gives this format: that of its most specific matching range
+        (RFC 9110 §12.5.1); 0 when none matches. A range naming another ``version`` does
+        not match; other parameters (escaping, charset) do not matter here, as every name
+        written is a legacy one in UTF-8."""
+        kind = self.media_type.split("/")[0] + "/*"
+        best_rank, best_weight = -1, 0.0
+        for value, params, weight in weighted_items(accept):
+            if value == "*/*":
+                rank = 0
+            elif value == kind:
+                rank = 1
+            elif value != self.media_type:
+                continue
+            elif "version" not in params:
+                rank = 2
+            elif params["version"] == self.version:
+                rank = 3
+            else:
+                continue
+            if rank > best_rank or (rank == best_rank and weight > best_weight):
+                best_rank, best_weight = rank, weight
+        return best_weight
+
+
+CLASSIC: Final = _Format("text/plain", "0.0.4", openmetrics=False)
+OPENMETRICS: Final = _Format("application/openmetrics-text", "1.0.0", openmetrics=True)
+
+
+def negotiate(accept: str) -> _Format:
+    """OpenMetrics when ``accept`` weighs it above the classic text; else the classic text,
+    also when it accepts neither (RFC 9110 §12.5.1 lets a server disregard Accept)."""
+    return OPENMETRICS if OPENMETRICS.quality(accept) > CLASSIC.quality(accept) else CLASSIC
 
 
 class Exposition:
@@ -373,72 +444,87 @@ class Exposition:
         others: CollectorRegistry | None = None,
         *,
         slice_seconds: float = 0.001,
+        write_timeout: float = WRITE_TIMEOUT,
     ) -> None:
         self._metrics = metrics
         self._in_flight = in_flight
         self._others = others if others is not None else CollectorRegistry()
         self.slice_seconds = slice_seconds  # how long a slice of rendering may hold the loop
+        self.write_timeout = write_timeout  # how long a piece may wait for the reader
         # Blocks of the format scraped last only: Prometheus asks for one format, and two
         # caches would hold the text twice (up to 24 KB per host label).
         self._cache: dict[bool, dict[str, _Block]] = {}
+        self._logger: FilteringBoundLogger = log.get_logger()
 
     def __repr__(self) -> str:
         return f"<Exposition hosts={len(self._metrics.hosts)} slice={self.slice_seconds}s>"
 
     # -- rendering --------------------------------------------------------------------------
 
-    def _blocks(self, om: bool) -> Iterator[list[list[str]] | None]:
-        """Fresh blocks for every host, sorted by label; yields None when the slice is used up.
+    def _blocks(self, om: bool) -> Iterator[tuple[list[str], dict[str, _Block]] | None]:
+        """Brings every host's block up to date in the cache; yields None when the slice is
+        used up.
 
-        The last item is the blocks (per host, a string per family).
+        The last item is the host labels, sorted, and the cache itself: the blocks are looked
+        up as they are written, so a scrape that another one overtakes writes the newer
+        block, and keeps no block the cache has dropped.
         """
         self._metrics.expire_idle()
         items = sorted(self._metrics.hosts.items())
-        old = self._cache.get(om, {})
-        new: dict[str, _Block] = {}
+        blocks = self._cache.get(om)
+        if blocks is None:
+            blocks = {}
+            self._cache = {om: blocks}
         deadline = perf_counter() + self.slice_seconds
         for host, stats in items:
-            block = old.get(host)
+            block = blocks.get(host)
             if block is None or block[0] is not stats or block[1] != stats.version:
                 escaped = label_value(host)
-                lines = [f.lines(escaped, stats, om) for f in HOST_FAMILIES]
-                block = (stats, stats.version, lines)
+                blocks[host] = (
+                    stats,
+                    stats.version,
+                    [f.lines(escaped, stats, om) for f in HOST_FAMILIES],
+                )
                 if perf_counter() >= deadline:
                     yield None
                     deadline = perf_counter() + self.slice_seconds
-            new[host] = block
-        self._cache = {om: new}
-        yield [block[2] for block in new.values()]
+        for host in blocks.keys() - self._metrics.hosts.keys():
+            del blocks[host]  # expired
+        yield [host for host, _ in items], blocks
 
-    def _pieces(self, om: bool, blocks: list[list[str]], extra: str) -> Iterator[str]:
+    def _pieces(
+        self, om: bool, hosts: list[str], blocks: dict[str, _Block], extra: str
+    ) -> Iterator[str]:
         for i, family in enumerate(HOST_FAMILIES):
             yield family.header(om)
-            yield from (block[i] for block in blocks)
+            for host in hosts:
+                block = blocks.get(host)
+                if block is not None:  # None: expired while an earlier family was written
+                    yield block[2][i]
         metrics, in_flight = self._metrics, self._in_flight()
         for g in GLOBAL_FAMILIES:
             yield g.header(om) + g.lines(metrics, in_flight, om)
         yield extra
 
-    def _extra_text(self, encoder: Callable[[CollectorRegistry], bytes], om: bool) -> str:
+    def _extra_text(self, om: bool) -> str:
+        encoder = openmetrics.generate_latest if om else generate_latest
         text = encoder(self._others).decode()
         # The OpenMetrics encoder ends its output; ours goes on after it.
         return text.removesuffix("# EOF\n") + "# EOF\n" if om else text
 
     def render(self, om: bool = False) -> bytes:
         """The whole body at once (tests, benchmarks, the registry view)."""
-        *_, blocks = self._blocks(om)
-        assert blocks is not None
-        encoder = openmetrics.generate_latest if om else generate_latest
-        return "".join(self._pieces(om, blocks, self._extra_text(encoder, om))).encode()
+        *_, rendered = self._blocks(om)
+        assert rendered is not None
+        return "".join(self._pieces(om, *rendered, self._extra_text(om))).encode()
 
     # -- serving ----------------------------------------------------------------------------
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         started = perf_counter()
-        encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
-        om = content_type.startswith("application/openmetrics-text")
+        fmt = negotiate(request.headers.get("Accept", ""))
         response = web.StreamResponse(
-            headers={"Content-Type": content_type, "Vary": "Accept-Encoding"}
+            headers={"Content-Type": fmt.content_type, "Vary": "Accept, Accept-Encoding"}
         )
         gzip = _gzip() if accepts_gzip(request.headers.get("Accept-Encoding", "")) else None
         if gzip is not None:
@@ -448,32 +534,56 @@ class Exposition:
             # A HEAD is an up-check (RFC 9110 §9.3.2): the head only, nothing rendered.
             await response.write_eof()
             return response
-        blocks: list[list[str]] | None = None
-        for blocks in self._blocks(om):
-            if blocks is None:
+        try:
+            await self._write_body(response, fmt.openmetrics, gzip)
+        except (ConnectionError, TimeoutError) as exc:
+            self._aborted(request, exc, perf_counter() - started)
+        self._metrics.scrapes.observe(perf_counter() - started)
+        return response
+
+    async def _write_body(self, response: web.StreamResponse, om: bool, gzip: Any) -> None:
+        rendered: tuple[list[str], dict[str, _Block]] | None = None
+        for rendered in self._blocks(om):
+            if rendered is None:
                 await asyncio.sleep(0)  # let proxied traffic run between slices
-        assert blocks is not None
+        assert rendered is not None
         buffered: list[str] = []
         size = 0
         deadline = perf_counter() + self.slice_seconds
-        for piece in self._pieces(om, blocks, self._extra_text(encoder, om)):
+        for piece in self._pieces(om, *rendered, self._extra_text(om)):
             buffered.append(piece)
             size += len(piece)
             if size >= _PIECE:
                 data = "".join(buffered).encode()
                 # write() returns without yielding while the socket keeps up: yield here.
-                await response.write(data if gzip is None else gzip.compress(data))
+                await self._write(response, data if gzip is None else gzip.compress(data))
                 buffered, size = [], 0
                 if perf_counter() >= deadline:
                     await asyncio.sleep(0)
                     deadline = perf_counter() + self.slice_seconds
         data = "".join(buffered).encode()
-        await response.write(data if gzip is None else gzip.compress(data))
+        await self._write(response, data if gzip is None else gzip.compress(data))
         if gzip is not None:
-            await response.write(gzip.flush())
-        await response.write_eof()
-        self._metrics.scrapes.observe(perf_counter() - started)
-        return response
+            await self._write(response, gzip.flush())
+        async with asyncio.timeout(self.write_timeout):
+            await response.write_eof()
+
+    async def _write(self, response: web.StreamResponse, data: bytes) -> None:
+        async with asyncio.timeout(self.write_timeout):
+            await response.write(data)
+
+    def _aborted(self, request: web.BaseRequest, exc: BaseException, seconds: float) -> None:
+        """The scraper went away (info), or stopped reading (warning: its connection is cut)."""
+        timed_out = isinstance(exc, TimeoutError)
+        if timed_out and request.transport is not None:
+            request.transport.abort()  # the rest of the body would wait for it too
+        write = self._logger.warning if timed_out else self._logger.info
+        write(
+            "scrape_aborted",
+            client=request.remote,
+            reason="write_timeout" if timed_out else "client_disconnected",
+            duration_ms=round(seconds * 1000.0, 3),
+        )
 
 
 def _gzip() -> Any:
@@ -487,18 +597,29 @@ def _gzip() -> Any:
 
 def accepts_gzip(accept_encoding: str) -> bool:
     """RFC 9110 §12.5.3: gzip is listed and not refused with a weight of 0."""
-    for item in accept_encoding.split(","):
-        coding, _, params = item.partition(";")
-        if coding.strip().lower() != "gzip":
+    return any(
+        coding == "gzip" and weight > 0 for coding, _, weight in weighted_items(accept_encoding)
+    )
+
+
+# RFC 9110 §12.4.2: a weight is 0 to 1 with at most three decimals.
+_QVALUE: Final = re.compile(r"0(\.[0-9]{0,3})?|1(\.0{0,3})?")
+
+
+def weighted_items(header: str) -> Iterator[tuple[str, dict[str, str], float]]:
+    """The items of an Accept or Accept-Encoding list: the value in lower case, its other
+    parameters (names in lower case), and its weight; a malformed weight counts as 0."""
+    for item in header.split(","):
+        value, *fields = item.split(";")
+        value = value.strip().lower()
+        if not value:
             continue
-        name, _, weight = params.partition("=")
-        if name.strip().lower() != "q":
-            return True
-        try:
-            return float(weight) > 0
-        except ValueError:
-            return False
-    return False
+        params: dict[str, str] = {}
+        for field in fields:
+            name, _, text = field.partition("=")
+            params[name.strip().lower()] = text.strip().strip('"')
+        q = params.pop("q", "1")
+        yield value, params, float(q) if _QVALUE.fullmatch(q) else 0.0
 
 
 class RegistryView(Collector):

@@ -141,6 +141,8 @@ class HostStats:
         "tunnel_bytes_received",
         "tunnel_bytes_sent",
         "tunnel_seconds",
+        "tunnel_sni_mismatches",
+        "tunnel_ttfb",
         "tunnels",
         "version",
     )
@@ -172,6 +174,10 @@ class HostStats:
         self.tunnel_seconds = Histogram(TUNNEL_BUCKETS)
         self.tunnel_bytes_sent = 0  # client -> upstream
         self.tunnel_bytes_received = 0  # upstream -> client
+        # Read from the TLS records a tunnel carries (proxy.rules.tls_timing): each exchange's
+        # first byte, and tunnels whose SNI was not their CONNECT host.
+        self.tunnel_ttfb = Histogram(bounds)
+        self.tunnel_sni_mismatches = 0
         self.live = Live() if live else None  # the live page's history and rings
 
     def counts(self) -> Counts:
@@ -219,7 +225,7 @@ PHASES: Final = (
     (
         "proxy_upstream_tls_seconds",
         "tls",
-        "TLS handshake of each new upstream https connection.",
+        "TLS handshake of each new upstream https connection, or seen in a tunnel's bytes.",
     ),
     (
         "proxy_upstream_ttfb_seconds",
@@ -238,14 +244,15 @@ PHASE_ATTRS: Final = tuple(attr for _, attr, _ in PHASES)
 
 # The phases a CONNECT tunnel fills too. A host reached only through tunnels exports these and
 # no request-side series (queue, tls, ttfb, request, connections, bytes): a row of count-0
-# request histograms per tunnelled host would be noise.
+# request histograms per tunnelled host would be noise. Its tls phase appears once a tunnel
+# carried a TLS handshake the proxy could time.
 TUNNEL_PHASES: Final = frozenset({"dns", "connect"})
 
 
 def exports_phase(stats: HostStats, attr: str) -> bool:
     """Whether a host's ``attr`` phase histogram is exported: tunnel phases always, the rest
-    once the host has had a forwarded request."""
-    return attr in TUNNEL_PHASES or bool(stats.requests)
+    once the host has had a forwarded request, or an observation of that phase."""
+    return attr in TUNNEL_PHASES or bool(stats.requests) or any(getattr(stats, attr).counts)
 
 
 # A scrape takes milliseconds per hundred hosts; seconds would mean trouble.

@@ -11,6 +11,7 @@ from proxy.observe.live import Call
 from proxy.observe.metrics import Metrics, exemplar_ids, grpc_code, method_label
 from proxy.observe.tracing import Timings
 from proxy.rules.errors import ProxyError
+from proxy.rules.query import loggable
 from proxy.rules.request_id import TraceContext
 
 
@@ -142,7 +143,9 @@ class Observer:
             protocol="HTTP/2" if version.major == 2 else f"HTTP/{version.major}.{version.minor}",
             scheme=outcome.target.scheme,
             host=outcome.host,
-            path=outcome.target.raw_path_qs if self._log_query else outcome.target.raw_path,
+            path=loggable(outcome.target).raw_path_qs
+            if self._log_query
+            else outcome.target.raw_path,
             status=outcome.status,
             bytes_in=outcome.bytes_in,
             bytes_out=outcome.bytes_out,

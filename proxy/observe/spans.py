@@ -14,6 +14,7 @@ itself whatever the wall clock does later.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from time import perf_counter, time_ns
@@ -31,8 +32,9 @@ from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from proxy import __version__
-from proxy.observe.metrics import method_label
+from proxy.observe.metrics import grpc_code, method_label
 from proxy.rules.headers import rpc_method
+from proxy.rules.query import loggable
 
 if TYPE_CHECKING:
     from proxy.observe.outcome import Outcome
@@ -43,7 +45,7 @@ if TYPE_CHECKING:
 AttributeValue = str | int | float | tuple[str, ...]
 
 # Why a span was not exported, and how each export ended (both pre-set to 0).
-DROP_REASONS: Final = ("queue_full", "export_failed", "rejected", "shutdown")
+DROP_REASONS: Final = ("queue_full", "export_failed", "rejected", "shutdown", "unencodable")
 EXPORT_RESULTS: Final = ("success", "http_error", "connection_error", "timeout")
 
 SCOPE_NAME: Final = "tracing-proxy"
@@ -52,6 +54,10 @@ SCOPE_NAME: Final = "tracing-proxy"
 _HAS_IS_REMOTE: Final = 0x100
 _IS_REMOTE: Final = 0x200
 _SAMPLED: Final = 0x01
+
+# A lone surrogate: a byte that was not UTF-8 in a header (proxy.rules.headers decodes
+# with surrogateescape). Protobuf refuses it in a string field.
+_SURROGATE: Final = re.compile("[\ud800-\udfff]")
 
 
 class TraceIdRatio:
@@ -126,6 +132,18 @@ class SpanRecord:
     def epoch_ns(self, perf: float) -> int:
         return self.wall_anchor_ns - round((self.perf_anchor - perf) * 1e9)
 
+    def clean(self) -> None:
+        """Make every text encodable; only for a record protobuf refused (off the request path).
+
+        A lone surrogate becomes U+FFFD. A ``trace_state`` holding one is left out instead:
+        W3C tracestate is printable ASCII, and a replaced value would be another vendor's.
+        """
+        self.name = _cleaned(self.name)
+        self.error_text = _cleaned(self.error_text)
+        if self.trace_state is not None and _SURROGATE.search(self.trace_state):
+            self.trace_state = None
+        self.attributes = {_cleaned(k): _cleaned_value(v) for k, v in self.attributes.items()}
+
     def __repr__(self) -> str:
         return f"<SpanRecord {self.name} {self.trace_id}/{self.span_id} error={self.error}>"
 
@@ -142,6 +160,7 @@ class SpanQueue:
         self.batch_size = batch_size
         self._records: deque[SpanRecord] = deque()
         self.dropped: dict[str, int] = dict.fromkeys(DROP_REASONS, 0)
+        self.cleaned = 0  # encoded with the text protobuf refused replaced or left out
         self.exports: dict[str, int] = dict.fromkeys(EXPORT_RESULTS, 0)
         self.wanted: list[asyncio.Event] = []  # the exporter's wake-up
 
@@ -181,17 +200,23 @@ class _SpanCollector(Collector):
         dropped = CounterMetricFamily(
             "proxy_spans_dropped",
             "Spans not exported: queue full, export failed, rejected by the collector, "
-            "or still queued at shutdown.",
+            "still queued at shutdown, or not encodable.",
             labels=["reason"],
         )
         for reason, count in self._queue.dropped.items():
             dropped.add_metric([reason], count)
+        cleaned = CounterMetricFamily(
+            "proxy_spans_cleaned",
+            "Spans encoded with text that was not UTF-8 replaced by U+FFFD, or their "
+            "tracestate left out.",
+            value=self._queue.cleaned,
+        )
         exports = CounterMetricFamily(
             "proxy_span_exports", "OTLP export requests, by how they ended.", labels=["result"]
         )
         for result, count in self._queue.exports.items():
             exports.add_metric([result], count)
-        yield from (dropped, exports)
+        yield from (dropped, cleaned, exports)
 
 
 class SpanRecorder:
@@ -225,7 +250,7 @@ class SpanRecorder:
             "server.address": target.raw_host or "",
             "server.port": target.port or 80,
             "url.scheme": target.scheme,
-            "url.full": str(target if self._log_query else target.with_query(None)),
+            "url.full": str(loggable(target) if self._log_query else target.with_query(None)),
             self._rid_key: (outcome.request_id,),
         }
         if method != request.method:
@@ -235,18 +260,22 @@ class SpanRecorder:
             attributes["http.response.status_code"] = outcome.status
             if error is None and outcome.status >= 400:
                 error = str(outcome.status)  # semconv: 4xx/5xx fail a client span
-        if error is not None:
-            attributes["error.type"] = error
-        add_peer(attributes, outcome.peer)
         name = method
-        rpc = rpc_method(target.raw_path) if outcome.grpc_status is not None else None
-        if rpc is not None:
-            # OpenTelemetry RPC semantic conventions: the span is named service/method.
+        grpc = outcome.grpc_status
+        rpc = rpc_method(target.raw_path) if grpc is not None else None
+        if grpc is not None and rpc is not None:
+            # OpenTelemetry RPC semantic conventions: the span is named service/method; on a
+            # gRPC client span every status but OK is an error, error.type the code's name.
             name = f"{rpc[0]}/{rpc[1]}"
             attributes["rpc.system"] = "grpc"
             attributes["rpc.service"] = rpc[0]
             attributes["rpc.method"] = rpc[1]
-            attributes["rpc.grpc.status_code"] = outcome.grpc_status or 0
+            attributes["rpc.grpc.status_code"] = grpc
+            if error is None and grpc != 0:
+                error = grpc_code(grpc)
+        if error is not None:
+            attributes["error.type"] = error
+        add_peer(attributes, outcome.peer)
         self.queue.add(
             SpanRecord(
                 name,
@@ -331,7 +360,12 @@ def resource(service_name: str) -> Resource:
 
 
 class BatchBuilder:
-    """One ``ExportTraceServiceRequest`` (one resource, one scope), filled a slice at a time."""
+    """One ``ExportTraceServiceRequest`` (one resource, one scope), filled a slice at a time.
+
+    A record protobuf refuses is cleaned and tried once more, and left out if it is refused
+    again: one record never fails its batch. ``cleaned`` and ``dropped`` list those records
+    with what was refused, for the exporter to count and report.
+    """
 
     def __init__(self, service: Resource) -> None:
         self._request = ExportTraceServiceRequest()
@@ -340,12 +374,31 @@ class BatchBuilder:
         scope_spans = resource_spans.scope_spans.add()
         scope_spans.scope.name = SCOPE_NAME
         scope_spans.scope.version = __version__
-        self._add = scope_spans.spans.add
+        self._spans = scope_spans.spans
+        self.cleaned: list[tuple[SpanRecord, Exception]] = []
+        self.dropped: list[tuple[SpanRecord, Exception]] = []
 
     def add(self, records: Iterable[SpanRecord]) -> None:
-        add = self._add
+        add = self._spans.add
         for record in records:
-            fill_span(add(), record)
+            try:
+                fill_span(add(), record)
+            except Exception as exc:
+                del self._spans[-1]  # the half-filled span
+                self._retry_cleaned(record, exc)
+
+    def _retry_cleaned(self, record: SpanRecord, refused: Exception) -> None:
+        record.clean()
+        try:
+            fill_span(self._spans.add(), record)
+        except Exception as exc:
+            del self._spans[-1]
+            self.dropped.append((record, exc))
+        else:
+            self.cleaned.append((record, refused))
+
+    def __len__(self) -> int:
+        return len(self._spans)
 
     def body(self) -> bytes:
         body: bytes = self._request.SerializeToString()
@@ -397,6 +450,18 @@ def fill_span(span: Span, record: SpanRecord) -> None:
     if record.error is not None:
         span.status.code = Status.STATUS_CODE_ERROR
         span.status.message = record.error_text
+
+
+def _cleaned(text: str) -> str:
+    return _SURROGATE.sub("\ufffd", text)
+
+
+def _cleaned_value(value: AttributeValue) -> AttributeValue:
+    if isinstance(value, str):
+        return _cleaned(value)
+    if isinstance(value, tuple):
+        return tuple(map(_cleaned, value))
+    return value
 
 
 def _key_value(key: str, value: AttributeValue) -> KeyValue:

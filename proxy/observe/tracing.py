@@ -11,6 +11,11 @@ The phases are disjoint (see README "Timings"):
 - total: request reached the proxy -> last response byte written (the handler's clock;
   no signal marks the end of a streamed body).
 
+When aiohttp sends an idempotent request again on a fresh connection (the first one
+closed before any answer, RFC 9112 §9.3.1), each dial adds its own lookup, TCP connect
+and handshake to dns, connect and tls; ttfb and reused are the last attempt's. Each phase
+is then still >= 0 and observed once per request.
+
 Signals are delivered with the ``Timings`` object as ``trace_request_ctx``; the callbacks
 only record clock readings, so they stay cheap on the request path. aiohttp has no signal
 for the handshake, so the connector finds the request's ``Timings`` through a context
@@ -35,9 +40,13 @@ class Timings:
     __slots__ = (
         "_connect_end",
         "_connect_start",
+        "_dial_dns",
+        "_dial_tls",
+        "_dialling",
         "_dns_start",
         "_queue_start",
         "_queue_waiting",
+        "_resolving",
         "_tls_start",
         "connect",
         "dns",
@@ -65,8 +74,12 @@ class Timings:
         self._queue_start = 0.0  # when the last wait began
         self._queue_waiting = False
         self._dns_start = 0.0
+        self._resolving = False  # a lookup began and has not ended
         self._connect_start = 0.0
         self._connect_end = 0.0
+        self._dialling = False  # a dial began and has not ended
+        self._dial_dns = 0.0  # dns and tls before the current dial began
+        self._dial_tls = 0.0
         self._tls_start = 0.0
 
     @property
@@ -93,11 +106,38 @@ class Timings:
         wait that was cancelled (``--pool-wait-timeout``), the wait that matters most.
         """
         self.end_queue_wait(now)
-        if self._dns_start and self.dns is None:
-            self.dns = now - self._dns_start
-        elif self._connect_start and self.connect is None:
-            self._connect_end = now
-            self.connect = now - self._connect_start - (self.dns or 0.0) - (self.tls or 0.0)
+        if self._resolving:
+            self.end_lookup(now)  # the dial failed in its lookup: it has no connect time
+        elif self._dialling:
+            self.end_dial(now)
+
+    def begin_lookup(self, now: float) -> None:
+        self._dns_start = now
+        self._resolving = True
+
+    def end_lookup(self, now: float) -> None:
+        self._resolving = False
+        self.dns = (self.dns or 0.0) + (now - self._dns_start)
+
+    def begin_dial(self, now: float) -> None:
+        self._connect_start = now
+        self._dialling = True
+        self._dial_dns = self.dns or 0.0
+        self._dial_tls = self.tls or 0.0
+        self.reused = False
+
+    def end_dial(self, now: float) -> None:
+        """A dial ended: its TCP part is its span minus its own lookup and handshake.
+
+        Only this dial's: a retry's dial must not subtract the previous attempt's handshake
+        (that made connect negative). The clamp absorbs float rounding, nothing more.
+        """
+        self._dialling = False
+        self._connect_end = now
+        own_dns = (self.dns or 0.0) - self._dial_dns
+        own_tls = (self.tls or 0.0) - self._dial_tls
+        tcp = max(now - self._connect_start - own_dns - own_tls, 0.0)
+        self.connect = (self.connect or 0.0) + tcp
 
     def connected(self, started: float) -> None:
         """A connection opened outside the connector (a tunnel's dial), begun at ``started``."""
@@ -107,7 +147,8 @@ class Timings:
     def handshook(self, started: float) -> None:
         """A TLS handshake begun at ``started`` ended now (``proxy.tls.connector``).
 
-        Summed: when one address fails its handshake, the connector tries the next one.
+        Summed: when one address fails its handshake, the connector tries the next one, and
+        a retried request makes a new connection.
         """
         self._tls_start = started
         self.tls = (self.tls or 0.0) + (perf_counter() - started)
@@ -178,14 +219,12 @@ async def _queued_end(_s: Any, ctx: SimpleNamespace, _p: Any) -> None:
 
 async def _create_start(_s: Any, ctx: SimpleNamespace, _p: Any) -> None:
     if (t := _timings(ctx)) is not None:
-        t._connect_start = perf_counter()
-        t.reused = False
+        t.begin_dial(perf_counter())
 
 
 async def _create_end(_s: Any, ctx: SimpleNamespace, _p: Any) -> None:
     if (t := _timings(ctx)) is not None:
-        t._connect_end = perf_counter()
-        t.connect = t._connect_end - t._connect_start - (t.dns or 0.0) - (t.tls or 0.0)
+        t.end_dial(perf_counter())
 
 
 async def _reuseconn(_s: Any, ctx: SimpleNamespace, _p: Any) -> None:
@@ -195,12 +234,12 @@ async def _reuseconn(_s: Any, ctx: SimpleNamespace, _p: Any) -> None:
 
 async def _dns_start(_s: Any, ctx: SimpleNamespace, _p: Any) -> None:
     if (t := _timings(ctx)) is not None:
-        t._dns_start = perf_counter()
+        t.begin_lookup(perf_counter())
 
 
 async def _dns_end(_s: Any, ctx: SimpleNamespace, _p: Any) -> None:
     if (t := _timings(ctx)) is not None:
-        t.dns = perf_counter() - t._dns_start
+        t.end_lookup(perf_counter())
 
 
 async def _dns_hit(_s: Any, ctx: SimpleNamespace, _p: Any) -> None:

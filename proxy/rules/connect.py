@@ -9,8 +9,9 @@ A CONNECT (RFC 9110 §9.3.6) is opaque by default. Two cases are opened up:
   may carry plain HTTP only, which is no riskier than forwarding ``http://`` to that port;
   anything else on it is closed.
 
-The HTTP/2 prior-knowledge preface (h2c) is an opening of its own; it is served only where an
-HTTP/2 server is registered for ``"h2c"``.
+The HTTP/2 prior-knowledge preface (h2c) is an opening of its own, served where an HTTP/2
+server is registered for ``"h2c"``. Where none is (``--http2 false``) it is spliced to the
+target: h2c is HTTP (RFC 9113 §3.3), which either mode lets through.
 """
 
 from __future__ import annotations

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Iterable
 from typing import Final
 
-# A name or IPv4 literal, optionally behind "*." ; or a bracketed IPv6 literal.
-_PATTERN: Final = re.compile(r"(?:\*\.)?[a-z0-9_-]+(?:\.[a-z0-9_-]+)*|\[[0-9a-f:.]+\]")
+from proxy.rules.addresses import ip_literal
+
+# A name, optionally behind "*." (IP literals are read apart).
+_NAME: Final = re.compile(r"(?:\*\.)?[a-z0-9_-]+(?:\.[a-z0-9_-]+)*")
 
 
 class PatternError(ValueError):
@@ -15,10 +18,21 @@ class PatternError(ValueError):
 
 
 def check_pattern(text: str) -> str:
-    """The pattern in lower case; raises ``PatternError`` for anything else."""
+    """The pattern in the spelling of host labels; raises ``PatternError`` for anything else.
+
+    Names are lower-cased. An IP literal in any spelling becomes what a URL's host label
+    makes of it (yarl: the compressed IPv6 form in brackets, tests/test_hostpatterns.py
+    checks that they agree); IPv4 becomes the dotted quad, the only IPv4 spelling the proxy
+    forwards or tunnels to.
+    """
     pattern = text.strip().lower()
-    if not _PATTERN.fullmatch(pattern):
-        raise PatternError(f"expected a host name or *.domain, got {text!r}")
+    address = ip_literal(pattern)
+    if isinstance(address, ipaddress.IPv6Address):
+        return f"[{address.compressed}]"
+    if address is not None:
+        return str(address)
+    if not _NAME.fullmatch(pattern):
+        raise PatternError(f"expected a host name, an IP address or *.domain, got {text!r}")
     return pattern
 
 

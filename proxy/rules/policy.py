@@ -16,14 +16,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
+from proxy.rules.addresses import IPAddress, ip_literal
 from proxy.rules.hostpatterns import HostPatterns, check_pattern
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-# Never dialled unless an allow rule says so: link-local (which holds the cloud metadata
-# service at 169.254.169.254), AWS's IPv6 metadata address, and the unspecified
-# addresses, which Linux connects to the local host.
 BUILTIN_DENIED: Final = ("169.254.0.0/16", "fe80::/10", "fd00:ec2::254/128", "0.0.0.0/8", "::/128")
 
 LOOPBACK: Final = ("127.0.0.0/8", "::1/128")
@@ -31,52 +28,22 @@ LOOPBACK: Final = ("127.0.0.0/8", "::1/128")
 
 # -- addresses in every spelling ---------------------------------------------------------------
 
-# One part of a legacy numeric IPv4 address, as inet_aton(3) reads it: hex, octal or decimal.
-_NUMBER_PART: Final = re.compile(r"0[xX][0-9a-fA-F]*|0[0-7]*|[1-9][0-9]*")
-
 
 def parse_ip(text: str) -> IPAddress | None:
-    """The address ``text`` spells, however it spells it; None when it is a host name.
+    """The address ``text`` spells, however it spells it (``ip_literal``); None for a name.
 
-    Besides the canonical forms this reads ``[v6]``, IPv4-mapped IPv6 (as the IPv4
-    address it reaches) and the inet_aton forms ``2130706433``, ``0177.0.0.1``,
-    ``0x7f.1`` and ``127.1``, which socket calls accept as addresses.
+    IPv4-mapped IPv6 is read as the IPv4 address it reaches.
     """
-    if text.startswith("[") and text.endswith("]"):
-        text = text[1:-1]
-    if ":" in text:
-        try:
-            address = ipaddress.IPv6Address(text)
-        except ValueError:
-            return None
+    address = ip_literal(text)
+    if isinstance(address, ipaddress.IPv6Address):
         return address.ipv4_mapped or address
-    return _legacy_ipv4(text)
-
-
-def _legacy_ipv4(text: str) -> ipaddress.IPv4Address | None:
-    parts = text.split(".")
-    if not 1 <= len(parts) <= 4 or not all(_NUMBER_PART.fullmatch(part) for part in parts):
-        return None
-    numbers = [_number(part) for part in parts]
-    *leading, last = numbers
-    # a.b.c.d; a.b.c with c 16 bits wide; a.b with b 24 bits wide; a alone 32 bits wide.
-    if any(n > 255 for n in leading) or last >= 1 << (8 * (5 - len(numbers))):
-        return None
-    value = last
-    for index, number in enumerate(leading):
-        value |= number << (24 - 8 * index)
-    return ipaddress.IPv4Address(value)
-
-
-def _number(part: str) -> int:
-    if part[:2].lower() == "0x":
-        return int(part[2:] or "0", 16)
-    return int(part, 8 if part.startswith("0") else 10)
+    return address
 
 
 # -- IPv4 inside IPv6 ----------------------------------------------------------------------------
 
 _V6 = ipaddress.IPv6Network
+_MAPPED: Final = _V6("::ffff:0:0/96")  # RFC 4291 §2.5.5.2
 _COMPATIBLE: Final = _V6("::/96")  # RFC 4291 §2.5.5.1 (deprecated, still routed by some stacks)
 _NAT64_WELL_KNOWN: Final = _V6("64:ff9b::/96")  # RFC 6052 §2.1
 _NAT64_LOCAL: Final = _V6("64:ff9b:1::/48")  # RFC 8215: operators pick a longer prefix inside
@@ -131,17 +98,31 @@ def _nat64_readings(value: int) -> list[int]:
 # -- rules: networks and host-name patterns ----------------------------------------------------
 
 
-def _network(text: str) -> Network | None:
+def parse_network(text: str) -> Network | None:
+    """The network a CIDR or a bare address names (a /32 or /128); None for anything else.
+
+    The address may be spelled as ``parse_ip`` reads it: brackets, any IPv6 spelling, the
+    legacy IPv4 forms. An IPv4-mapped network is the IPv4 network it maps, as a mapped
+    destination or client is the IPv4 address it reaches: one spelling on both sides.
+    """
+    text, slash, prefix = text.strip().partition("/")
+    address = ip_literal(text)
+    if address is None:
+        return None
     try:
-        return ipaddress.ip_network(text.strip(), strict=False)
+        network = ipaddress.ip_network(f"{address}/{prefix}" if slash else address, strict=False)
     except ValueError:
         return None
+    if isinstance(network, _V6) and network.prefixlen >= 96 and network.subnet_of(_MAPPED):
+        mapped = int(network.network_address) & _LOW_32
+        return ipaddress.IPv4Network((mapped, network.prefixlen - 96))
+    return network
 
 
 def parse_rule(text: str) -> str:
     """A rule in its normal spelling: a CIDR (a bare address is a /32 or /128) or a host
     pattern (``name``, ``*.domain``); raises ValueError for anything else."""
-    network = _network(text)
+    network = parse_network(text)
     return check_pattern(text) if network is None else str(network)
 
 
@@ -157,7 +138,7 @@ class Rules:
         networks: list[Network] = []
         patterns: list[str] = []
         for item in items:
-            network = _network(item)
+            network = parse_network(item)
             if network is None:
                 patterns.append(item)
             else:

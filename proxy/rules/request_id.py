@@ -36,10 +36,12 @@ _ZERO_TRACE: Final = "0" * 32
 _ZERO_PARENT: Final = "0" * 16
 
 # A new trace the proxy does not record is not sampled: §3.2.2.5 says the flag tells
-# whether the caller may have recorded. One it records (span export on, sampled by the
-# ratio) goes out with 01. See docs/trace-context.md.
+# whether the caller may have recorded. Whatever it records (span export on: a sampled
+# caller, or a new trace the ratio chose) goes out with 01, the sampled bit alone: version
+# 00 defines no other flag, and §3.2.2.5.2 says the rest MUST be zero. See
+# docs/trace-context.md.
 NEW_TRACE_FLAGS: Final = "00"
-RECORDED_NEW_TRACE_FLAGS: Final = "01"
+RECORDED_FLAGS: Final = "01"
 _SAMPLED_BIT: Final = 0x01
 
 
@@ -87,7 +89,8 @@ def choose_trace_context(
     starts (by its id). An incoming trace is recorded when its sampled flag is set
     (parent-based sampling). A recorded request goes upstream with the proxy's span id as
     its parent (W3C Trace Context §4.3: a participant updates parent-id and writes the
-    version it knows, 00); one not recorded goes as it came, or as a new unsampled trace.
+    version it knows, 00, with that version's one flag); one not recorded goes as it
+    came, or as a new unsampled trace.
     """
     fields = parse_traceparent_fields(incoming)
     if fields is not None and incoming is not None:
@@ -96,7 +99,7 @@ def choose_trace_context(
             return TraceContext(incoming.strip(), trace_id, kept=True)
         span_id = os.urandom(8).hex()
         return TraceContext(
-            f"00-{trace_id}-{span_id}-{flags}",
+            f"00-{trace_id}-{span_id}-{RECORDED_FLAGS}",
             trace_id,
             kept=True,
             parent_id=parent_id,
@@ -106,7 +109,7 @@ def choose_trace_context(
     span_id = os.urandom(8).hex()
     if record_new is not None and record_new(trace_id):
         return TraceContext(
-            f"00-{trace_id}-{span_id}-{RECORDED_NEW_TRACE_FLAGS}",
+            f"00-{trace_id}-{span_id}-{RECORDED_FLAGS}",
             trace_id,
             kept=False,
             span_id=span_id,

@@ -98,12 +98,17 @@ def connect_origin(scheme: str, host: str, port: int) -> URL:
     return URL.build(scheme=scheme, host=host, port=port)
 
 
-def inner_target(origin: URL, url: URL, *, websocket: bool = False) -> Target:
+def inner_target(
+    origin: URL, url: URL, upgrade: HostPatterns = _NO_UPGRADE, *, websocket: bool = False
+) -> Target:
     """Where a request on the stream inside a CONNECT goes: always the CONNECT's target.
 
     Origin-form (RFC 9112 §3.2.1) is resolved against ``origin``; the path is appended, never
     joined, so ``//other/x`` stays a path. Absolute-form (§3.2.2) must name the same host and
     port: a tunnel reaches the one target its CONNECT named (RFC 9110 §9.3.6).
+
+    The absolute URL this makes then takes ``forward_target``'s rules, ``upgrade`` included:
+    plain HTTP inside ``CONNECT host:80`` is the request ``GET http://host/`` would be.
     """
     if url.absolute:
         if (url.host or "").lower() != origin.host or url.port != origin.port:
@@ -113,4 +118,4 @@ def inner_target(origin: URL, url: URL, *, websocket: bool = False) -> Target:
     elif not url.raw_path.startswith("/"):
         raise TargetError("inside a CONNECT, the target must be a path", "inner_target")
     full = URL(str(origin) + url.raw_path_qs, encoded=True)
-    return Target(full, host_label(full), websocket)
+    return forward_target(full, upgrade, websocket=websocket)

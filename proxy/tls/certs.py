@@ -27,6 +27,7 @@ CA_DAYS: Final = 3650
 LEAF_DAYS: Final = 30
 # Client clocks run a little behind: a leaf is valid from a few minutes before it was minted.
 _BACKDATE: Final = datetime.timedelta(minutes=5)
+_CERTIFICATE_PEM: Final = b"-----BEGIN CERTIFICATE-----"
 
 
 class CAError(ValueError):
@@ -97,19 +98,29 @@ class CertificateAuthority:
     def load(
         cls, cert_path: str, key_path: str, now: datetime.datetime | None = None
     ) -> CertificateAuthority:
-        """Read and check a CA (valid at ``now``); raises ``CAError`` naming the file at fault."""
-        _check_private(key_path)
-        cert_pem = _read("ca_cert", cert_path)
+        """Read and check a CA (valid at ``now``); raises ``CAError`` naming the file at fault.
+
+        The key is read as a key before its mode is judged: a certificate given as the key
+        (the two flags swapped) is named as such, not met with advice to chmod it.
+        """
         key_pem = _read("ca_key", key_path)
-        try:
-            cert = x509.load_pem_x509_certificate(cert_pem)
-        except ValueError:
-            raise CAError("ca_cert", f"{cert_path} holds no PEM certificate") from None
+        cert_pem = _read("ca_cert", cert_path)
         try:
             key = serialization.load_pem_private_key(key_pem, password=None)
         except (ValueError, TypeError):
             # The library's message may quote the input; ours says only what was expected.
+            if _CERTIFICATE_PEM in key_pem:
+                raise CAError(
+                    "ca_key",
+                    f"{key_path} holds a certificate, not a private key "
+                    "(are --ca-cert and --ca-key swapped?)",
+                ) from None
             raise CAError("ca_key", f"{key_path} holds no unencrypted PEM private key") from None
+        _check_private(key_path)
+        try:
+            cert = x509.load_pem_x509_certificate(cert_pem)
+        except ValueError:
+            raise CAError("ca_cert", f"{cert_path} holds no PEM certificate") from None
         if not isinstance(key, ec.EllipticCurvePrivateKey):
             raise CAError("ca_key", f"{key_path} is not an ECDSA key")
         if key.public_key() != cert.public_key():
@@ -172,12 +183,15 @@ def _check_private(key_path: str) -> None:
         info = os.stat(key_path)
     except OSError as exc:
         raise CAError("ca_key", f"cannot read {key_path}: {exc.strerror}") from None
-    mode = info.st_mode
-    foreign_group = info.st_gid != os.getegid()
-    if mode & stat.S_IRWXO or (mode & stat.S_IRWXG and foreign_group):
+    mode, group, ours = info.st_mode, info.st_gid, os.getegid()
+    shown = f"mode {stat.S_IMODE(mode):o}"
+    if mode & stat.S_IRWXO:
+        raise CAError("ca_key", f"{key_path} is readable by others ({shown}); chmod 600 it")
+    if mode & stat.S_IRWXG and group != ours:
         raise CAError(
             "ca_key",
-            f"{key_path} is readable by others (mode {stat.S_IMODE(mode):o}); chmod 600 it",
+            f"{key_path} is readable by group {group} ({shown}), not the proxy's group {ours}; "
+            f"chmod 600 it, or chgrp it to {ours}",
         )
 
 

@@ -20,7 +20,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy.h2.core import Fields
-from proxy.h2.server import StreamTransport, StreamWriter
+from proxy.h2.server import CLIENT_RESET, StreamWriter
 from proxy.h2.upstream import HTTP1, H2Response, H2Upstream, Http1
 from proxy.observe import log
 from proxy.observe.outcome import Observer, Outcome
@@ -194,15 +194,12 @@ class Forwarder:
         try:
             response = await self._forward(request, target, outcome, expect)
         except asyncio.CancelledError as exc:
-            # Shutdown cancels handlers still running after its backstop (the drain was
-            # skipped or timed out): whatever the client got is cut short. An HTTP/2
-            # client cancels a stream's request by resetting the stream or leaving.
+            # An HTTP/2 client's RST_STREAM cancels its stream's handler. Otherwise shutdown
+            # cancels handlers still running after its backstop (the drain was skipped or
+            # timed out): whatever the client got is cut short.
             outcome.timings.settle(perf_counter())
-            cancelled = request.transport
-            if isinstance(cancelled, StreamTransport) and cancelled.cancelled_by_client:
-                outcome.fail(errors.CLIENT_DISCONNECTED, exc)
-            else:
-                outcome.fail(errors.CUT_AT_SHUTDOWN, exc)
+            reset = exc.args == (CLIENT_RESET,)
+            outcome.fail(errors.CLIENT_DISCONNECTED if reset else errors.CUT_AT_SHUTDOWN, exc)
             raise
         finally:
             # A WebSocket's handshake ends at its 101: that is the request logged here.
@@ -230,7 +227,8 @@ class Forwarder:
         if not outcome.trace.kept:
             fields.popall("tracestate", None)  # it belonged to the trace we replaced
         version = (request.version.major, request.version.minor)
-        fields.add("Via", self._via.get(version) or headers.via_value(version, self._pseudonym))
+        via = self._via.get(version) or headers.via_value(version, self._pseudonym)
+        fields.add("Via", via)
         self._stamp(fields, outcome)
         if target.websocket:
             fields.extend(headers.WEBSOCKET_UPGRADE)
@@ -250,7 +248,7 @@ class Forwarder:
             if length is not None:
                 fields["Content-Length"] = length  # keeps the client's framing choice
 
-        sink = INTERIM_SINK.set(InterimRelay(request, self._rid_key, self._via[(1, 1)]))
+        sink = INTERIM_SINK.set(InterimRelay(request, self._rid_key, via))
         try:
             with timing(outcome.timings):  # the connector's TLS clock finds it there
                 up: Upstream | None = None

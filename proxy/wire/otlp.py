@@ -15,8 +15,9 @@ import contextlib
 from typing import Final
 
 import aiohttp
+from structlog.typing import FilteringBoundLogger
 
-from proxy.observe import spans
+from proxy.observe import log, spans
 from proxy.observe.spans import SpanQueue
 
 CONTENT_TYPE: Final = "application/x-protobuf"  # OTLP/HTTP binary protobuf encoding
@@ -47,6 +48,8 @@ class SpanExporter:
         self._closing = False
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
+        self._logger: FilteringBoundLogger = log.get_logger()
+        self._reported: set[str] = set()  # the events logged once already
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(
@@ -80,16 +83,40 @@ class SpanExporter:
         batch = self.queue.take(self.queue.batch_size)
         if not batch:
             return
+        builder = spans.BatchBuilder(self._resource)
+        counted = 0  # records of the batch whose end is counted already
         try:
-            builder = spans.BatchBuilder(self._resource)
             for offset in range(0, len(batch), _ENCODE_SLICE):
                 if offset:
                     await asyncio.sleep(0)
                 builder.add(batch[offset : offset + _ENCODE_SLICE])
-            self.queue.exports[await self._post(builder.body(), len(batch))] += 1
+            counted = self._count_refused(builder)
+            if len(builder):
+                self.queue.exports[await self._post(builder.body(), len(builder))] += 1
         except asyncio.CancelledError:
-            self.queue.dropped["shutdown"] += len(batch)  # the flush deadline passed
+            self.queue.dropped["shutdown"] += len(batch) - counted  # the flush deadline passed
             raise
+
+    def _count_refused(self, builder: spans.BatchBuilder) -> int:
+        """Count the records protobuf refused, log the first of each kind; how many were left
+        out."""
+        self.queue.cleaned += len(builder.cleaned)
+        self.queue.dropped["unencodable"] += len(builder.dropped)
+        for event, refused, counter in (
+            ("span_cleaned", builder.cleaned, "proxy_spans_cleaned_total"),
+            ("span_dropped", builder.dropped, 'proxy_spans_dropped_total{reason="unencodable"}'),
+        ):
+            if refused and event not in self._reported:
+                self._reported.add(event)
+                record, exc = refused[0]
+                self._logger.warning(
+                    event,
+                    trace_id=record.trace_id,
+                    span_id=record.span_id,
+                    error=f"{type(exc).__name__}: {exc}",
+                    note=f"logged for the first only; {counter} counts them all",
+                )
+        return len(builder.dropped)
 
     async def _post(self, body: bytes, count: int) -> str:
         assert self._session is not None, "start() first"

@@ -11,10 +11,17 @@ A tunnel therefore holds at most the two transports' buffers, however slow eithe
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from time import perf_counter
 from typing import Final, Literal, cast
 
 Side = Literal["client", "upstream"]
 _OTHER: Final[dict[Side, Side]] = {"client": "upstream", "upstream": "client"}
+
+# Reads each read as it is relayed (side, bytes, perf_counter time) and says whether it wants
+# more (``proxy.rules.tls_timing.TunnelTls``). It only looks: the relay passes every byte on
+# as it would without it, and it never raises (tests/test_tls_timing.py's properties).
+Tap = Callable[[Side, bytes, float], bool]
 
 
 class Relay:
@@ -25,8 +32,9 @@ class Relay:
     "reset", "idle_timeout", "shutdown" or "error". ``done`` resolves when it has ended.
     """
 
-    def __init__(self, idle_timeout: float) -> None:
+    def __init__(self, idle_timeout: float, tap: Tap | None = None) -> None:
         self._loop = asyncio.get_running_loop()
+        self.tap = tap
         self._idle_timeout = idle_timeout
         self._transports: dict[Side, asyncio.Transport] = {}
         self._held: list[bytes] = []  # what the upstream sent before the client was attached
@@ -66,6 +74,8 @@ class Relay:
             return
         self.received[side] += len(data)
         self._last_active = self._loop.time()
+        if self.tap is not None and not self.tap(side, data, perf_counter()):
+            self.tap = None  # it has all it wanted: later reads cost it nothing
         peer = self._transports.get(_OTHER[side])
         if peer is not None:
             peer.write(data)

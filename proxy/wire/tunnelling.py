@@ -23,7 +23,7 @@ from aiohttp.tracing import Trace
 from yarl import URL
 
 from proxy.observe.live import Call
-from proxy.observe.metrics import Metrics, exemplar_ids
+from proxy.observe.metrics import ExemplarIds, Metrics, exemplar_ids
 from proxy.observe.outcome import milliseconds
 from proxy.observe.spans import SpanRecorder
 from proxy.observe.tracing import Timings
@@ -37,6 +37,7 @@ from proxy.rules.request_id import (
     parse_traceparent,
 )
 from proxy.rules.target import host_label
+from proxy.rules.tls_timing import TunnelTls, sni_differs
 from proxy.wire.relay import ClientProtocol, Relay
 
 BAD_AUTHORITY: Final = ProxyError(
@@ -161,6 +162,7 @@ class TunnelRecord:
         "status",
         "target",
         "timings",
+        "tls",
         "trace",
         "trace_id",
     )
@@ -196,6 +198,7 @@ class TunnelRecord:
         self.duration = 0.0
         self.trace = trace  # only when spans are exported
         self.peer: tuple[str, int] | None = None  # the address dialled, for the span
+        self.tls: TunnelTls | None = None  # what the relayed TLS showed, when observed
 
     def fail(self, error: ProxyError, exc: BaseException) -> None:
         self.error = error
@@ -228,11 +231,29 @@ class TunnelObserver:
     def opened(self) -> None:
         self._metrics.tunnels_open += 1
 
+    def watch(self, record: TunnelRecord) -> TunnelTls:
+        """A reader for the TLS ``record``'s relay will carry; each exchange's first byte is
+        observed as soon as it is known (a tunnel may carry requests for hours)."""
+
+        def first_byte(seconds: float) -> None:
+            ids = self._ids(record)
+            self._metrics.host(record.target.label).tunnel_ttfb.observe(seconds, ids)
+
+        record.tls = TunnelTls(first_byte)
+        return record.tls
+
+    def _ids(self, record: TunnelRecord) -> ExemplarIds | None:
+        return exemplar_ids(record.trace_id, record.request_id) if self._exemplars else None
+
     def __call__(self, record: TunnelRecord) -> None:
         t = record.timings
+        tls = record.tls
+        if tls is not None:
+            tls.finish()  # before the host's stats are taken: it may observe a first byte
         stats = self._metrics.host(record.target.label)
-        ids = exemplar_ids(record.trace_id, record.request_id) if self._exemplars else None
-        stats.observe_dial(t.dns, t.dns_cache, t.connect, ids=ids)
+        ids = self._ids(record)
+        handshake = tls.handshake if tls is not None else None
+        stats.observe_dial(t.dns, t.dns_cache, t.connect, handshake, ids=ids)
         outcome = record.outcome
         stats.tunnels[outcome] = stats.tunnels.get(outcome, 0) + 1
         relay = record.relay
@@ -267,6 +288,11 @@ class TunnelObserver:
             exc = relay.error
             relay_error = _RELAY_ERRORS.get(outcome)
             error = relay_error.error if relay_error is not None else None
+        hello = tls.client_hello if tls is not None else None
+        sni = hello.sni if hello is not None else None
+        # Only logged and counted: the CONNECT host is what was checked and dialled.
+        mismatch = sni_differs(sni, record.target.host)
+        stats.tunnel_sni_mismatches += mismatch
         trace = record.trace
         self._logger.info(
             record.kind,
@@ -284,9 +310,42 @@ class TunnelObserver:
             duration_ms=milliseconds(record.duration),
             bytes_in=sent,
             bytes_out=received,
+            **_tls_fields(tls, mismatch),
             error=error,
             details=errors.describe(exc) if exc is not None else None,
         )
+
+
+def _tls_fields(tls: TunnelTls | None, sni_mismatch: bool) -> dict[str, Any]:
+    """The tunnel line's TLS fields (all None for a tunnel that carried no TLS handshake)."""
+    hello = tls.client_hello if tls is not None else None
+    if tls is None or hello is None:
+        return dict.fromkeys(_TLS_FIELDS)
+    answer = tls.server_hello
+    return {
+        "sni": hello.sni,
+        "sni_mismatch": sni_mismatch,
+        "tls_version": tls.version,
+        "alpn_offered": list(hello.alpn),
+        "alpn": answer.alpn if answer is not None else None,
+        "tls_ms": milliseconds(tls.handshake),
+        "ttfb_ms": milliseconds(tls.ttfb),
+        "exchanges": tls.exchanges if tls.counting else None,
+        "exchange_ttfb_ms": [milliseconds(s) for s in tls.first_bytes] if tls.counting else None,
+    }
+
+
+_TLS_FIELDS: Final = (
+    "sni",
+    "sni_mismatch",
+    "tls_version",
+    "alpn_offered",
+    "alpn",
+    "tls_ms",
+    "ttfb_ms",
+    "exchanges",
+    "exchange_ttfb_ms",
+)
 
 
 # An established tunnel that ended badly; RFC 9209 has no type for a reset mid-tunnel.
@@ -306,6 +365,10 @@ class Relays:
     def __init__(self, observer: TunnelObserver | None) -> None:
         self._observer = observer
         self._open: set[Relay] = set()
+
+    def watch(self, record: TunnelRecord) -> TunnelTls | None:
+        """What reads the TLS a tunnel carries, when tunnels are observed."""
+        return self._observer.watch(record) if self._observer is not None else None
 
     def record(self, record: TunnelRecord) -> None:
         """A relay (or an attempt at one) has ended: its metrics and log line."""
@@ -455,7 +518,7 @@ class Tunneller:
             return self._fail(record, errors.classify(exc, errors.LOOKUP), exc)
         if mode is not ConnectMode.TUNNEL and self._inspector is not None:
             return await self._answer_and_inspect(request, record, mode, addresses)
-        relay = Relay(self._idle_timeout)
+        relay = Relay(self._idle_timeout, self._relays.watch(record))
         try:
             record.peer = await self._dial(addresses, relay, record.timings)
         except Exception as exc:
@@ -505,7 +568,7 @@ class Tunneller:
     ) -> None:
         """Dial the checked addresses now and relay, ``early`` first. The 200 is out already:
         a failure can only close the client connection."""
-        relay = Relay(self._idle_timeout)
+        relay = Relay(self._idle_timeout, self._relays.watch(record))
         try:
             record.peer = await self._dial(addresses, relay, record.timings)
         except Exception as exc:

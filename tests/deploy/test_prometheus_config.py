@@ -97,6 +97,34 @@ def test_promtool_checks_the_config_as_is() -> None:
         assert all("field kubernetes_sd_configs not found" in error for error in errors), output
 
 
+PROMETHEUS_DOC = PROMETHEUS_YML.parent / "docs" / "prometheus.md"
+
+
+def doc_commands(program: str) -> list[str]:
+    """Every command line of docs/prometheus.md's sh blocks that runs ``program``."""
+    blocks = re.findall(r"```sh\n(.*?)```", PROMETHEUS_DOC.read_text(), re.DOTALL)
+    return [line for block in blocks for line in block.splitlines() if line.startswith(program)]
+
+
+def test_docs_start_prometheus_with_the_exemplar_storage_the_page_requires() -> None:
+    """Each `prometheus` command in docs/prometheus.md keeps exemplars, as the page says to."""
+    commands = doc_commands("prometheus ")
+    assert commands
+    for command in commands:
+        assert "--enable-feature=exemplar-storage" in command, command
+
+
+def test_docs_say_what_this_promtool_says_of_the_kubernetes_job() -> None:
+    """Where promtool rejects the Kubernetes SD job (Debian's), the page says so, with the fix."""
+    result = run([find_tool("promtool"), "check", "config", str(PROMETHEUS_YML)])
+    rejected = "field kubernetes_sd_configs not found" in result.stdout + result.stderr
+    text = " ".join(PROMETHEUS_DOC.read_text().split())
+    if rejected:
+        assert "`promtool check config prometheus.yml` rejects it too" in text
+        assert "`field kubernetes_sd_configs not found`" in text
+    assert "promtool check config prometheus.yml" in doc_commands("promtool ")
+
+
 def test_promtool_checks_the_config_with_file_sd_in_place_of_kubernetes_sd(tmp_path: Path) -> None:
     """promtool check config accepts prometheus.yml with kubernetes SD swapped for file SD."""
     promtool = find_tool("promtool")
