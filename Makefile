@@ -53,6 +53,8 @@ fuzz: $(STAMP_TEST)
 bench: $(STAMP_TEST)
 	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -qq wrk; } \
 		|| { echo "make bench needs wrk: apt-get install wrk"; exit 1; }
+	@command -v h2load >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -qq nghttp2-client; } \
+		|| { echo "make bench needs h2load: apt-get install nghttp2-client"; exit 1; }
 	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
 
 # ours under load, sampled by py-spy: .bench/profile-ours.speedscope.json

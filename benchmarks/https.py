@@ -68,55 +68,82 @@ class _Rig:
     cafile: str  # the origin's CA and the interception CA, for the load generator
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """An origin's certificate for 127.0.0.1 and its CA, and an interception CA."""
+
+    cert: str
+    key: str
+    origin_ca: str
+    ca_cert: str  # made by ``tracing-proxy ca DIR``, as an operator would
+    ca_key: str
+
+    def intercepting(self, *ports: int) -> tuple[str, ...]:
+        """The proxy's flags: trust the origin's CA, intercept 127.0.0.1 on ``ports``."""
+        return (
+            *("--upstream-ca-file", self.origin_ca, "--intercept", "127.0.0.1"),
+            *("--connect-ports", ",".join(map(str, ports))),
+            *("--ca-cert", self.ca_cert, "--ca-key", self.ca_key),
+        )
+
+
+def tls_files(tmp: Path) -> TlsFiles:
+    """Write them under ``tmp``."""
+    ca = trustme.CA()
+    cert, key, origin_ca = (str(tmp / n) for n in ("cert.pem", "key.pem", "origin.pem"))
+    leaf = ca.issue_cert("127.0.0.1")
+    leaf.cert_chain_pems[0].write_to_path(cert)
+    leaf.private_key_pem.write_to_path(key)
+    ca.cert_pem.write_to_path(origin_ca)
+    ca_dir = tmp / "ca"
+    subprocess.run(
+        [sys.executable, "-m", "proxy", "ca", str(ca_dir)], check=True, stdout=subprocess.DEVNULL
+    )
+    return TlsFiles(cert, key, origin_ca, str(ca_dir / "ca.pem"), str(ca_dir / "ca-key.pem"))
+
+
+@contextlib.contextmanager
+def drained(proxy: subprocess.Popen[str]) -> Iterator[None]:
+    """The proxy's log read away, as a node's log pipe would (a full pipe blocks); on the
+    way out the proxy is stopped, and cat ends with it."""
+    drain = subprocess.Popen(["cat"], stdin=proxy.stdout, stdout=subprocess.DEVNULL)
+    try:
+        yield
+    finally:
+        proxy.terminate()
+        proxy.wait(timeout=30)
+        drain.wait(timeout=30)
+
+
 @contextlib.contextmanager
 def _rig(loop: str) -> Iterator[_Rig]:
-    ca = trustme.CA()
     with tempfile.TemporaryDirectory() as tmp:
-        cert, key, origin_ca = (str(Path(tmp) / n) for n in ("cert.pem", "key.pem", "origin.pem"))
-        leaf = ca.issue_cert("127.0.0.1")
-        leaf.cert_chain_pems[0].write_to_path(cert)
-        leaf.private_key_pem.write_to_path(key)
-        ca.cert_pem.write_to_path(origin_ca)
-        ca_dir = Path(tmp) / "ca"
-        subprocess.run(  # tracing-proxy ca DIR, as an operator would
-            [sys.executable, "-m", "proxy", "ca", str(ca_dir)],
-            check=True,
-            stdout=subprocess.DEVNULL,
-        )
+        files = tls_files(Path(tmp))
         bundle = Path(tmp) / "bundle.pem"
-        bundle.write_text(Path(origin_ca).read_text() + (ca_dir / "ca.pem").read_text())
+        bundle.write_text(Path(files.origin_ca).read_text() + Path(files.ca_cert).read_text())
         origin_command = pinned(
-            LOAD_CORE, [sys.executable, "-m", "benchmarks.https_origin", cert, key]
+            LOAD_CORE, [sys.executable, "-m", "benchmarks.https_origin", files.cert, files.key]
         )
-        drains: list[subprocess.Popen[bytes]] = []
-        try:
-            with ready_process(origin_command) as (origin, ports):
-                tls_port, plain_port = (int(p) for p in ports.split())
-                command = proxy_command(
-                    *("--admin-listen", "127.0.0.1:0", "--event-loop", loop),
-                    *("--upstream-ca-file", origin_ca, "--upgrade-to-https", "127.0.0.1"),
-                    *("--intercept", "127.0.0.1", "--connect-ports", str(tls_port)),
-                    *("--ca-cert", str(ca_dir / "ca.pem"), "--ca-key", str(ca_dir / "ca-key.pem")),
+        with ready_process(origin_command) as (origin, ports):
+            tls_port, plain_port = (int(p) for p in ports.split())
+            command = proxy_command(
+                *("--admin-listen", "127.0.0.1:0", "--event-loop", loop),
+                *("--upgrade-to-https", "127.0.0.1", *files.intercepting(tls_port)),
+            )
+            with (
+                ready_process(pinned(PROXY_CORE, command)) as (proxy, listening),
+                drained(proxy),
+            ):
+                ready = json.loads(listening)
+                yield _Rig(
+                    origin,
+                    proxy,
+                    ready["proxy"],
+                    ready["metrics"],
+                    tls_port,
+                    plain_port,
+                    str(bundle),
                 )
-                with ready_process(pinned(PROXY_CORE, command)) as (proxy, listening):
-                    # The access log is read away, as a node's log pipe would (a full pipe
-                    # blocks); cat ends when the proxy does.
-                    drains.append(
-                        subprocess.Popen(["cat"], stdin=proxy.stdout, stdout=subprocess.DEVNULL)
-                    )
-                    ready = json.loads(listening)
-                    yield _Rig(
-                        origin,
-                        proxy,
-                        ready["proxy"],
-                        ready["metrics"],
-                        tls_port,
-                        plain_port,
-                        str(bundle),
-                    )
-        finally:
-            for drain in drains:
-                drain.wait(timeout=30)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """Installing the third-party proxies ``make bench`` compares against, on first use.
 
-- proxy.py goes into its own venv under ``.bench/`` (git-ignored), never into ours.
+- proxy.py and mitmproxy each go into a venv of their own under ``.bench/`` (git-ignored),
+  never into ours.
 - squid and tinyproxy are Debian packages, installed only when running as root. Their
   packages would start a system daemon; a ``policy-rc.d`` that forbids starting services
   is in place for the install (see invoke-rc.d(8)), and any daemon process that
@@ -25,22 +26,34 @@ BENCH_DIR: Final = Path(__file__).resolve().parent.parent / ".bench"
 PROXYPY_VENV: Final = BENCH_DIR / "proxypy"
 PROXYPY_BIN: Final = PROXYPY_VENV / "bin" / "proxy"
 PROXYPY_REQUIREMENT: Final = "proxy.py>=2.4,<2.5"
+MITMPROXY_VENV: Final = BENCH_DIR / "mitmproxy"
+MITMPROXY_BIN: Final = MITMPROXY_VENV / "bin" / "mitmdump"
+MITMPROXY_REQUIREMENT: Final = "mitmproxy>=11.0,<11.1"  # 11.0 is the last for Python 3.11
 POLICY_RC_D: Final = Path("/usr/sbin/policy-rc.d")
 
 
-def proxypy() -> str | None:
-    if PROXYPY_BIN.exists():
+def _venv(venv: Path, binary: Path, requirement: str) -> str | None:
+    """``requirement`` pip-installed into a venv of its own, unless ``binary`` is there."""
+    if binary.exists():
         return None
     try:
-        subprocess.run([sys.executable, "-m", "venv", str(PROXYPY_VENV)], check=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
         subprocess.run(
-            [str(PROXYPY_VENV / "bin" / "pip"), "install", "--quiet", PROXYPY_REQUIREMENT],
+            [str(venv / "bin" / "pip"), "install", "--quiet", requirement],
             check=True,
             timeout=600,
         )
     except (OSError, subprocess.SubprocessError) as exc:
-        return f"installing {PROXYPY_REQUIREMENT} failed: {exc}"
+        return f"installing {requirement} failed: {exc}"
     return None
+
+
+def proxypy() -> str | None:
+    return _venv(PROXYPY_VENV, PROXYPY_BIN, PROXYPY_REQUIREMENT)
+
+
+def mitmproxy() -> str | None:
+    return _venv(MITMPROXY_VENV, MITMPROXY_BIN, MITMPROXY_REQUIREMENT)
 
 
 def debian(package: str, binary: str) -> Callable[[], str | None]:

@@ -7,10 +7,10 @@ keep-alive clients on one origin path, with the proxy's CPU (its whole process t
 from /proc) counted over exactly the measured load.
 
 To add a scenario from another module (``benchmarks.scrape``, ``benchmarks.https``,
-``benchmarks.spans``): define ``SCENARIOS: tuple[Scenario, ...]`` there and add the
-module's name to ``PLUGIN_MODULES``; ``make bench`` then runs and reports it like the
-built-in ones (``--scenarios NAME`` picks it alone). ``Measurement.extra`` carries
-figures of its own, which go to the JSON file and the table's last column.
+``benchmarks.spans``, ``benchmarks.http2``): define ``SCENARIOS: tuple[Scenario, ...]``
+there and add the module's name to ``PLUGIN_MODULES``; ``make bench`` then runs and reports
+it like the built-in ones (``--scenarios NAME`` picks it alone). ``Measurement.extra``
+carries figures of its own, which go to the JSON file and the table's last column.
 
 A ``Study`` is the other kind a module may list in ``SCENARIOS``: a measurement that starts
 its own processes (a TLS origin and a proxy with ``--intercept``, a proxy with 1,000 host
@@ -35,7 +35,12 @@ from typing import Any, Final, Literal
 from benchmarks.candidates import LOAD_CORE, Running, pinned
 from benchmarks.procfs import tree_cpu_seconds, tree_peak_rss_mb
 
-PLUGIN_MODULES: Final = ("benchmarks.scrape", "benchmarks.https", "benchmarks.spans")
+PLUGIN_MODULES: Final = (
+    "benchmarks.scrape",
+    "benchmarks.https",
+    "benchmarks.spans",
+    "benchmarks.http2",
+)
 
 SCRAPE_INTERVAL: Final = 15.0  # Prometheus' usual scrape interval, as in a real pod
 

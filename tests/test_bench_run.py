@@ -9,9 +9,9 @@ from benchmarks.scenarios import Measurement, Study
 
 
 def test_plugin_modules_define_their_studies() -> None:
-    """benchmarks.https, benchmarks.scrape and benchmarks.spans each list a study."""
+    """benchmarks.https, .scrape, .spans and .http2 each list a study."""
     found = {item.name for item in plugin_scenarios() if isinstance(item, Study)}
-    assert found == {"https", "scrape", "span-cost"}
+    assert found == {"https", "scrape", "span-cost", "http2"}
 
 
 @pytest.mark.parametrize(
