@@ -10,6 +10,7 @@ only the ratio is.
 
     python -m benchmarks.ab --ref HEAD              # working tree vs the last commit
     python -m benchmarks.ab --a ours --b ours-off   # any two make bench candidates
+    python -m benchmarks.ab --a-ref X --ref X~1     # one commit vs its parent
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ def paired_round(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--a", default="ours", help="candidate A (default: the working tree)")
+    parser.add_argument("--a-ref", help="candidate A is ours at this git ref")
     parser.add_argument("--b", help="candidate B, a make bench candidate name")
     parser.add_argument("--ref", help="candidate B is ours at this git ref")
     parser.add_argument("--b-observe", default="true", choices=("true", "false"))
@@ -76,7 +78,7 @@ def main() -> None:
     parser.add_argument("--path", default="/", help="origin path: / (13 B), /64k, /10m")
     args = parser.parse_args()
     by_name = {c.name: c for c in (*CANDIDATES, *EXTRA_CANDIDATES)}
-    a = by_name[args.a]
+    a = ours_at(args.a_ref) if args.a_ref else by_name[args.a]
     b: Candidate
     if args.ref:
         b = ours_at(args.ref, observe=args.b_observe == "true")
