@@ -260,7 +260,7 @@ async def raw_origin() -> AsyncIterator[Callable[[Script], Awaitable[RawOrigin]]
             task.cancel()
         for server in servers:
             server.close()
-            await server.wait_closed()
+            await asyncio.wait_for(server.wait_closed(), 10)
 
 
 class LogCapture:

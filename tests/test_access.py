@@ -116,7 +116,7 @@ async def trap() -> AsyncIterator[Trap]:
         yield state
     finally:
         state.server.close()
-        await state.server.wait_closed()
+        await asyncio.wait_for(state.server.wait_closed(), 10)
 
 
 def basic(user_password: str) -> str:
@@ -303,7 +303,7 @@ async def trap_on(host: str) -> AsyncIterator[Trap]:
         yield state
     finally:
         state.server.close()
-        await state.server.wait_closed()
+        await asyncio.wait_for(state.server.wait_closed(), 10)
 
 
 @pytest.mark.parametrize(

@@ -107,7 +107,7 @@ async def delayed_handshake(target: TLSOrigin, delay: float) -> AsyncIterator[in
         for task in list(tasks):
             task.cancel()
         server.close()
-        await server.wait_closed()
+        await asyncio.wait_for(server.wait_closed(), 10)
 
 
 @pytest.fixture
