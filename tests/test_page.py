@@ -18,7 +18,6 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
-from aiohttp.test_utils import TestServer
 from PIL import Image
 from playwright.async_api import ConsoleMessage, Page, async_playwright
 
@@ -28,8 +27,8 @@ from tests.conftest import (
     Origin,
     RunningProxy,
     http_request,
-    origin_app,
     promtool_or_skip,
+    serving_origin,
     unavailable,
 )
 from tests.test_failures import closed_port
@@ -40,12 +39,8 @@ HOLD_MS = 300  # the slow origin holds its response headers this long
 @pytest.fixture
 async def fast_origin() -> AsyncIterator[Origin]:
     """A second origin (another port, so another host label) for the quick calls."""
-    server = TestServer(origin_app(), host="127.0.0.1")
-    await server.start_server()
-    try:
-        yield Origin("127.0.0.1", server.port or 0)
-    finally:
-        await server.close()
+    async with serving_origin() as served:
+        yield served
 
 
 @dataclass
