@@ -35,7 +35,7 @@ async def holding_origin() -> AsyncIterator[int]:
 
 
 @pytest.mark.parametrize("trace", [False, True], ids=["bare", "bare-traced"])
-async def test_client_gone_before_the_response_head_prints_no_traceback(
+async def test_client_gone_before_the_response_head_logs_a_traceback(
     holding_origin: int, trace: bool
 ) -> None:
     """Clients that leave while the origin holds its answer (as wrk does when a run ends):
