@@ -84,6 +84,7 @@ def fill(metrics: Metrics, hosts: int, *, exemplars: bool = True, seed: int = 0)
         stats.tunnels["closed"] = rng.randrange(1, 100)
         stats.tunnel_bytes_sent, stats.tunnel_bytes_received = rng.randrange(10**6), 7
         stats.tunnel_sni_mismatches = rng.randrange(3)
+        stats.grpc["OK"], stats.grpc["NOT_FOUND"] = rng.randrange(1, 1000), rng.randrange(10)
         if n % 3 == 0:
             stats.intercept_failures["unknown_ca"] = rng.randrange(1, 10)
             stats.intercept_splices["alpn"] = rng.randrange(1, 10)
@@ -120,6 +121,11 @@ def _buckets(hist: Histogram) -> list[Any]:
 _HOST_COUNTERS: Final = (
     ("proxy_upstream_requests", "Finished forwarded requests.", ("method", "code")),
     ("proxy_upstream_errors", "Failed requests by RFC 9209 Proxy-Status error type.", ("error",)),
+    (
+        "proxy_upstream_grpc",
+        "gRPC calls by the grpc-status the upstream answered (the 17 codes).",
+        ("code",),
+    ),
     (
         "proxy_upstream_connections",
         "Upstream connection acquisitions, new or reused from the pool.",
@@ -212,6 +218,15 @@ class ReferenceCollector:
         for reason, count in sorted(m.denied.counts.items()):
             denied.add_metric([reason], count)
         yield denied
+        http2 = c(
+            "proxy_client_http2_errors",
+            "Client HTTP/2 connections the proxy ended: a defence ran out (rapid_reset, "
+            "continuation_flood, ping_flood, ...) or the client broke the protocol.",
+            labels=["reason"],
+        )
+        for reason, count in sorted(m.http2_errors.counts.items()):
+            http2.add_metric([reason], count)
+        yield http2
         build = g("proxy_build_info", "Always 1; the version is a label.", labels=["version"])
         build.add_metric([__version__], 1)
         yield build
@@ -227,6 +242,7 @@ class ReferenceCollector:
         (
             requests,
             errors,
+            grpc,
             connections,
             dns_cache,
             body,
@@ -255,6 +271,8 @@ class ReferenceCollector:
                 requests.add_metric([host, method, code], n)
             for error, n in sorted(s.errors.items()):
                 errors.add_metric([host, error], n)
+            for code, n in sorted(s.grpc.items()):
+                grpc.add_metric([host, code], n)
             if s.requests:
                 connections.add_metric([host, "new"], s.connections_new)
                 connections.add_metric([host, "reused"], s.connections_reused)
@@ -276,8 +294,8 @@ class ReferenceCollector:
                 intercept_failures.add_metric([host, reason], n)
             for reason, n in sorted(s.intercept_splices.items()):
                 intercept_splices.add_metric([host, reason], n)
-        yield from (requests, errors, connections, dns_cache, body, outcomes, seconds, tunnel_bytes)
-        yield from (ttfb, sni_mismatches, intercept_failures, intercept_splices)
+        yield from (requests, errors, grpc, connections, dns_cache, body, outcomes, seconds)
+        yield from (tunnel_bytes, ttfb, sni_mismatches, intercept_failures, intercept_splices)
 
 
 # prometheus-client's OpenMetrics encoder (untyped there).

@@ -16,6 +16,9 @@ from structlog.typing import FilteringBoundLogger
 from yarl import URL
 
 from proxy.config import Settings
+from proxy.h2.core import Limits
+from proxy.h2.server import H2Server
+from proxy.h2.upstream import H2Upstream
 from proxy.observe import log
 from proxy.observe.exposition import Exposition
 from proxy.observe.metrics import Metrics
@@ -24,20 +27,20 @@ from proxy.observe.page import LivePage
 from proxy.observe.spans import SpanRecorder
 from proxy.observe.tracing import trace_config
 from proxy.rules import errors, headers, policy
-from proxy.rules.connect import HTTP1, ConnectMode
+from proxy.rules.connect import H2, H2C, HTTP1, ConnectMode
 from proxy.rules.errors import ProxyError
 from proxy.rules.hostpatterns import HostPatterns
 from proxy.rules.request_id import new_request_id
 from proxy.rules.target import TargetError, absolute_target, forward_target, inner_target
 from proxy.tls.certs import CertificateAuthority
-from proxy.tls.contexts import upstream_context
+from proxy.tls.contexts import ALPN_H2, upstream_context
 from proxy.tls.intercept import Inspector, InterceptPolicy, StreamServer, serve_http1
 from proxy.wire import obs_text
 from proxy.wire.forwarding import SKIP_AUTO_HEADERS, Forwarder, strip_added_defaults
 from proxy.wire.guard import CheckedConnector, CheckedResolver, ClientGate, Denial
 from proxy.wire.inner import InnerStream
 from proxy.wire.interim import Continue, InterimResponse, defer_expectation
-from proxy.wire.limits import inner_stream
+from proxy.wire.limits import GuardedRequestHandler, inner_stream
 from proxy.wire.tunnelling import (
     Relays,
     SessionResolver,
@@ -105,7 +108,8 @@ EXPECTATION_FAILED: Final = ProxyError(
 )
 
 # What serves the stream inside a CONNECT, by protocol id, in the order the proxy prefers:
-# an intercepted client is offered these in ALPN (proxy.rules.connect.alpn_offer).
+# an intercepted client is offered these in ALPN (proxy.rules.connect.alpn_offer). These need
+# nothing from a handler; ProxyHandler puts its HTTP/2 servers ("h2", "h2c") ahead of them.
 STREAM_SERVERS: Final[dict[str, StreamServer]] = {HTTP1: serve_http1}
 
 # -- local endpoints: the same handlers on the admin listener and the proxy listener ----------
@@ -205,11 +209,23 @@ class ProxyHandler:
             http_ports=settings.connect_http_ports,
             splice_seconds=settings.intercept_splice_seconds,
         )
+        self.h2_limits = Limits(
+            max_concurrent_streams=settings.http2_max_concurrent_streams,
+            max_header_list=settings.max_request_header_size,
+            max_header_block=settings.max_request_header_size,
+        )
+        # HTTP/2 streams come back to this handler, so its servers are bound here and passed
+        # in (not registered in the module's table, which every handler shares); first, as
+        # the ALPN preference. With --http2 false they are left out: an h2-only client is
+        # spliced, and h2c is served by nothing.
+        h2: dict[str, StreamServer] = (
+            {H2: self._serve_h2, H2C: self._serve_h2} if settings.http2 else {}
+        )
         self.inspector = Inspector(
             ca,
             self.intercept,
             metrics,
-            servers=STREAM_SERVERS,
+            servers={**h2, **STREAM_SERVERS},
             head_limit=settings.max_request_target_length + _REQUEST_LINE_FRAME,
             head_timeout=settings.request_header_timeout,
         )
@@ -221,6 +237,7 @@ class ProxyHandler:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.session: aiohttp.ClientSession | None = None
         self._forwarder: Forwarder | None = None
+        self._h2: H2Upstream | None = None
         self._tunneller: Tunneller | None = None
 
     def make_request(
@@ -378,6 +395,17 @@ class ProxyHandler:
 
         return inspect
 
+    def _serve_h2(
+        self, server_protocol: GuardedRequestHandler, stream: InnerStream
+    ) -> asyncio.Protocol:
+        """An HTTP/2 connection inside a CONNECT: its streams come back here, one request each."""
+        count = self.metrics.http2_errors
+        server = H2Server(self, self.make_request, stream, limits=self.h2_limits, on_error=count)
+        guard = server_protocol.guard
+        guard.track(server)  # a GOAWAY at the drain
+        server.closed.add_done_callback(lambda _: guard.untrack(server))
+        return server
+
     def on_response_prepare(self, request: web.BaseRequest, response: web.StreamResponse) -> None:
         """Before every response head (``ProxyRequest._prepare_hook``)."""
         strip_added_defaults(response)
@@ -408,6 +436,19 @@ class ProxyHandler:
             if settings.observe
             else None
         )
+        self._h2 = (
+            H2Upstream(
+                session,
+                upstream_context(settings.upstream_ca_file or None, alpn=ALPN_H2),
+                limits=Limits(max_header_list=settings.max_request_header_size),
+                read_idle_timeout=settings.read_idle_timeout,
+                headers_timeout=settings.response_headers_timeout,
+                pool_wait_timeout=settings.pool_wait_timeout,
+                keepalive_timeout=settings.upstream_keepalive_timeout,
+            )
+            if settings.http2
+            else None
+        )
         self._forwarder = Forwarder(
             session,
             observer,
@@ -417,6 +458,7 @@ class ProxyHandler:
             read_idle_timeout=settings.read_idle_timeout,
             spans=self.spans,
             tunnel_idle_timeout=settings.tunnel_idle_timeout,
+            h2=self._h2,
         )
         self._tunneller = Tunneller(
             SessionResolver(session),
@@ -435,6 +477,8 @@ class ProxyHandler:
             self._tunneller.close_all()
 
     async def close(self) -> None:
+        if self._h2 is not None:
+            await self._h2.close()
         if self.session is not None:
             await self.session.close()
             self.session = None

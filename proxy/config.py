@@ -107,6 +107,8 @@ class Settings:
     ca_cert: str = ""
     ca_key: str = ""
     intercept_splice_seconds: float = 300.0
+    http2: bool = True
+    http2_max_concurrent_streams: int = 100
 
 
 class SettingError(ValueError):
@@ -624,6 +626,18 @@ OPTIONS: tuple[Option, ...] = (
         parse_seconds,
         "after a client rejects a minted certificate, seconds its host is only tunnelled",
         "SECONDS",
+    ),
+    Option(
+        "http2",
+        parse_bool,
+        "serve HTTP/2 inside CONNECTs: ALPN h2 when intercepting, and the h2c preface",
+        "BOOL",
+    ),
+    Option(
+        "http2_max_concurrent_streams",
+        parse_positive_count,
+        "streams one client HTTP/2 connection may have open at once",
+        "N",
     ),
     Option(
         "otlp_endpoint",

@@ -16,7 +16,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import aiohttp
 import pytest
 from aiohttp import web
+from aiohttp.http import HttpVersion11
+from aiohttp.http_parser import RawResponseMessage
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.wire.forwarding import ReadyForwardedResponse
 from tests.conftest import Origin
@@ -195,3 +198,19 @@ async def test_prepare_hook_of_a_request_factory_sees_every_response_head() -> N
     finally:
         await runner.cleanup()
     assert seen == [200, 500]
+
+
+def test_raw_response_message_has_the_fields_an_http2_interim_is_built_with() -> None:
+    """proxy.h2.upstream builds an origin's 1xx as a RawResponseMessage, its fields in order
+    (the C parser's class when it is in use, a NamedTuple otherwise)."""
+    fields = CIMultiDictProxy(CIMultiDict(Link="</a>"))
+    raw = ((b"link", b"</a>"),)
+    message = RawResponseMessage(HttpVersion11, 103, "", fields, raw, False, None, False, False)
+    assert (message.version, message.code, message.reason) == (HttpVersion11, 103, "")
+    assert (message.headers, message.raw_headers) == (fields, raw)
+    assert (message.should_close, message.compression, message.upgrade, message.chunked) == (
+        False,
+        None,
+        False,
+        False,
+    )

@@ -72,6 +72,8 @@ def random_metrics(seed: int, hosts: int = 60) -> Metrics:
             stats.requests[key] = rng.randrange(1, 3_000_000)
         if rng.random() < 0.3:
             stats.errors[rng.choice(("dns_error", "connection_timeout"))] = rng.randrange(1, 9)
+        if rng.random() < 0.3:
+            stats.grpc[rng.choice(("OK", "NOT_FOUND"))] = rng.randrange(1, 9)
         stats.connections_new, stats.connections_reused = rng.randrange(9), rng.randrange(2**40)
         if rng.random() < 0.5:
             stats.dns_hit, stats.dns_miss = rng.randrange(9), rng.randrange(9)
@@ -90,6 +92,7 @@ def random_metrics(seed: int, hosts: int = 60) -> Metrics:
     metrics.clients.open, metrics.clients.rejected = rng.randrange(9), rng.randrange(9)
     for reason in ("client_not_allowed", "client_not_allowed", 'we"ird'):
         metrics.denied(reason)
+    metrics.http2_errors("rapid_reset")
     metrics.scrapes.observe(0.003)
     return metrics
 

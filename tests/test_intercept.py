@@ -507,7 +507,8 @@ def test_connect_mode_table(intercepted: bool, port: int, mode: ConnectMode) -> 
     ],
 )
 def test_classify_opening(data: bytes, opening: Opening | None) -> None:
-    """A ClientHello record, an HTTP/1.x request line, something else, or not yet known."""
+    """A ClientHello record, an HTTP/1.x request line, the h2c preface, something else, or
+    not yet known."""
     assert classify_opening(data, limit=100) is opening
 
 
@@ -1085,14 +1086,18 @@ async def _intercepting_proxy(
 async def test_h2_only_client_gets_no_alpn_and_hangs_up(
     ca_files: CAFiles, tls_ca: trustme.CA, tls_ca_file: str, loop: str
 ) -> None:
-    """A client offering only h2 (grpcio's ClientHello) is spliced: it reaches the TLS origin
-    itself, agrees on h2 with it, and the proxy counts the splice and mints nothing."""
+    """With HTTP/2 serving off, a client offering only h2 (grpcio's ClientHello) is spliced:
+    it reaches the TLS origin itself, agrees on h2 with it, and the proxy counts the splice and
+    mints nothing."""
     context = server_context(tls_ca, "localhost")
     context.set_alpn_protocols(["h2", "http/1.1"])
     async with (
         alpn_origin(context) as port,
         intercepting_cli(
-            ca_files, tls_ca_file, TLSOrigin("127.0.0.1", port), "--event-loop", loop
+            ca_files,
+            tls_ca_file,
+            TLSOrigin("127.0.0.1", port),
+            *("--event-loop", loop, "--http2", "false"),
         ) as running,
         aiohttp.ClientSession() as session,
     ):
@@ -1290,17 +1295,23 @@ async def test_ca_that_expires_while_running_raises_a_traceback(
     assert [line["outcome"] for line in await logs.wait_for("tunnel", 2)] == ["closed"] * 2
 
 
-async def test_h2c_preface_is_refused_with_its_reason(
+async def test_h2c_preface_is_spliced_when_http2_is_off(
     start_proxy: StartProxy, origin: Origin, logs: LogCapture
 ) -> None:
-    """HTTP/2 with prior knowledge inside a CONNECT, with no h2c server registered: closed,
-    nothing dialled, and the tunnel line says why."""
-    proxy = await start_proxy(connect_http_ports=(origin.port,))
+    """HTTP/2 with prior knowledge inside a CONNECT, with no h2c server registered (HTTP/2
+    serving off): relayed to the target untouched (this origin, HTTP/1.1 only, answers it
+    itself), counted as a splice, nothing forwarded."""
+    proxy = await start_proxy(connect_http_ports=(origin.port,), http2=False)
     answer = await _exchange_in_tunnel(proxy, origin.authority, H2_PREFACE)
-    assert answer == b""
+    # aiohttp's own answer to the preface, not one of ours:
+    assert answer.startswith(b"HTTP/1.0 400 Bad Request\r\n")
+    assert b"Pause on PRI/Upgrade" in answer
+    assert b"Proxy-Status" not in answer
     (line,) = await logs.wait_for("tunnel")
-    assert line["outcome"] == "refused"
-    assert "h2c" in line["details"]
+    assert (line["outcome"], line["bytes_in"]) == ("closed", len(H2_PREFACE))
+    host = origin.authority
+    assert proxy.sample("proxy_intercept_splices_total", host=host, reason="h2c") == 1
+    assert logs.events("access") == []
 
 
 class _Toy(asyncio.Protocol):

@@ -641,6 +641,10 @@ NOT_PER_REQUEST = {
     "ca_cert": "chooses the route: every case runs on it",
     "ca_key": "chooses the route: every case runs on it",
     "intercept_splice_seconds": "a host whose client refused our CA is tunnelled: no request",
+    # HTTP/2 streams are routes of their own that this walk (HTTP/1.1 on the wire) does not
+    # take yet; test_h2_server.py and test_grpc.py run them.
+    "http2": "chooses whether HTTP/2 is served inside a CONNECT (tests/test_h2_server.py)",
+    "http2_max_concurrent_streams": "streams per client HTTP/2 connection (test_h2_core.py)",
     "tunnel_idle_timeout": "the relay after a 200 to CONNECT or a 101 (test_tunnelling, _upgrade)",
     "otlp_batch_size": "how the exporter batches, apart from any request",
     "otlp_queue_size": "how the exporter batches, apart from any request",

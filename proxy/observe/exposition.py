@@ -203,6 +203,12 @@ HOST_FAMILIES: Final[tuple[_HostFamily, ...]] = (
         lambda s: (((e,), n) for e, n in sorted(s.errors.items())),
     ),
     _HostCounter(
+        "proxy_upstream_grpc",
+        "gRPC calls by the grpc-status the upstream answered (the 17 codes).",
+        ("code",),
+        lambda s: (((c,), n) for c, n in sorted(s.grpc.items())),
+    ),
+    _HostCounter(
         "proxy_upstream_connections",
         "Upstream connection acquisitions, new or reused from the pool.",
         ("kind",),
@@ -339,6 +345,14 @@ GLOBAL_FAMILIES: Final = (
         "Requests the proxy answered itself instead of proxying, by reason: the client, "
         "its credentials, the request's form or target, or a shutdown.",
         lambda m, f: (((r,), n) for r, n in sorted(m.denied.counts.items())),
+        "reason",
+    ),
+    _Global(
+        "proxy_client_http2_errors",
+        "counter",
+        "Client HTTP/2 connections the proxy ended: a defence ran out (rapid_reset, "
+        "continuation_flood, ping_flood, ...) or the client broke the protocol.",
+        lambda m, f: (((r,), n) for r, n in sorted(m.http2_errors.counts.items())),
         "reason",
     ),
     _Global(

@@ -28,6 +28,34 @@ def method_label(method: str) -> str:
     return method if method in STANDARD_METHODS else "_OTHER"
 
 
+# gRPC status codes (grpc/doc/statuscodes.md): the code label of proxy_upstream_grpc_total.
+GRPC_CODES: Final = (
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+)
+
+
+def grpc_code(status: int) -> str:
+    """The name of a grpc-status; a number outside the 17 codes counts as UNKNOWN, as gRPC
+    clients treat it (the label set stays bounded)."""
+    return GRPC_CODES[status] if 0 <= status < len(GRPC_CODES) else "UNKNOWN"
+
+
 # An exemplar's labels as OpenMetrics text (sorted by name, as the encoders write them) and
 # the text of the wall-clock time of the observation (Prometheus drops an exemplar older
 # than the last one it stored for the series). Rendered once per request, shared by its
@@ -100,6 +128,7 @@ class HostStats:
         "dns_hit",
         "dns_miss",
         "errors",
+        "grpc",
         "intercept_failures",
         "intercept_splices",
         "last_used",
@@ -132,6 +161,7 @@ class HostStats:
         self.total = Histogram(bounds)
         self.requests: dict[tuple[str, str], int] = {}
         self.errors: dict[str, int] = {}
+        self.grpc: dict[str, int] = {}  # gRPC responses by status code name
         self.connections_new = 0
         self.connections_reused = 0
         self.dns_hit = 0
@@ -296,6 +326,7 @@ class Metrics:
         self.certificates_minted = 0  # leaves minted for intercepted hosts
         self.clients = ClientStats()
         self.denied = Refusals()  # proxy.app and proxy.wire.limits count here
+        self.http2_errors = Refusals()  # client HTTP/2 connections ended, by reason (proxy.h2)
         self._clock = clock
         self.scrapes = Histogram(SCRAPE_BUCKETS)  # seconds per /metrics answer
         self._capped = 0  # labels in ``hosts`` that count against max_hosts

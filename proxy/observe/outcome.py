@@ -8,7 +8,7 @@ from aiohttp import web
 from yarl import URL
 
 from proxy.observe.live import Call
-from proxy.observe.metrics import Metrics, exemplar_ids, method_label
+from proxy.observe.metrics import Metrics, exemplar_ids, grpc_code, method_label
 from proxy.observe.tracing import Timings
 from proxy.rules.errors import ProxyError
 from proxy.rules.query import loggable
@@ -23,6 +23,7 @@ class Outcome:
         "bytes_out",
         "error",
         "exc",
+        "grpc_status",
         "host",
         "peer",
         "request",
@@ -57,6 +58,7 @@ class Outcome:
         self.total = 0.0
         # Spans only (proxy.observe.spans): the upstream address; left None when export is off.
         self.peer: tuple[str, int] | None = None
+        self.grpc_status: int | None = None  # a gRPC response's grpc-status, when it had one
 
     def fail(self, error: ProxyError, exc: BaseException | None = None) -> None:
         self.error = error
@@ -109,6 +111,10 @@ class Observer:
             stats.errors[error] = stats.errors.get(error, 0) + 1
         stats.bytes_sent += outcome.bytes_in
         stats.bytes_received += outcome.bytes_out
+        grpc = outcome.grpc_status
+        if grpc is not None:
+            code = grpc_code(grpc)
+            stats.grpc[code] = stats.grpc.get(code, 0) + 1
         live = stats.live
         if live is not None and live.add(stats.last_used, outcome.total, outcome.status, error):
             live.keep(
@@ -125,6 +131,7 @@ class Observer:
                     (t.queue if waited else None, t.dns, t.connect, t.tls, ttfb),
                 )
             )
+        version = request.version
 
         self._logger.info(
             "access",
@@ -133,6 +140,7 @@ class Observer:
             span_id=outcome.trace.span_id,  # None unless the proxy records a span
             client=request.remote,
             method=request.method,
+            protocol="HTTP/2" if version.major == 2 else f"HTTP/{version.major}.{version.minor}",
             scheme=outcome.target.scheme,
             host=outcome.host,
             path=loggable(outcome.target).raw_path_qs
@@ -149,4 +157,5 @@ class Observer:
             total_ms=milliseconds(outcome.total),
             reused=t.reused,
             error=error,
+            grpc_status=grpc,
         )

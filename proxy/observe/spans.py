@@ -32,7 +32,8 @@ from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from proxy import __version__
-from proxy.observe.metrics import method_label
+from proxy.observe.metrics import grpc_code, method_label
+from proxy.rules.headers import rpc_method
 from proxy.rules.query import loggable
 
 if TYPE_CHECKING:
@@ -259,12 +260,25 @@ class SpanRecorder:
             attributes["http.response.status_code"] = outcome.status
             if error is None and outcome.status >= 400:
                 error = str(outcome.status)  # semconv: 4xx/5xx fail a client span
+        name = method
+        grpc = outcome.grpc_status
+        rpc = rpc_method(target.raw_path) if grpc is not None else None
+        if grpc is not None and rpc is not None:
+            # OpenTelemetry RPC semantic conventions: the span is named service/method; on a
+            # gRPC client span every status but OK is an error, error.type the code's name.
+            name = f"{rpc[0]}/{rpc[1]}"
+            attributes["rpc.system"] = "grpc"
+            attributes["rpc.service"] = rpc[0]
+            attributes["rpc.method"] = rpc[1]
+            attributes["rpc.grpc.status_code"] = grpc
+            if error is None and grpc != 0:
+                error = grpc_code(grpc)
         if error is not None:
             attributes["error.type"] = error
         add_peer(attributes, outcome.peer)
         self.queue.add(
             SpanRecord(
-                method,
+                name,
                 trace.trace_id,
                 trace.span_id,
                 trace.parent_id,

@@ -9,8 +9,9 @@ A CONNECT (RFC 9110 §9.3.6) is opaque by default. Two cases are opened up:
   may carry plain HTTP only, which is no riskier than forwarding ``http://`` to that port;
   anything else on it is closed.
 
-The HTTP/2 prior-knowledge preface (h2c) is an opening of its own; it is served only where an
-HTTP/2 server is registered for ``"h2c"``.
+The HTTP/2 prior-knowledge preface (h2c) is an opening of its own, served where an HTTP/2
+server is registered for ``"h2c"``. Where none is (``--http2 false``) it is spliced to the
+target: h2c is HTTP (RFC 9113 §3.3), which either mode lets through.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class Opening(Enum):
 
 # Protocol ids (RFC 7301 §6) that servers of a stream are registered under.
 HTTP1: Final = "http/1.1"
+H2: Final = "h2"  # RFC 9113 §3.2: HTTP/2 over TLS
 # RFC 9113 §3.1: "h2c" names HTTP/2 over cleartext TCP; it is never offered in TLS ALPN.
 H2C: Final = "h2c"
 # The protocol a cleartext opening speaks.

@@ -105,6 +105,18 @@ class PoolWaitExceeded(Exception):
     """No pooled upstream connection became free within ``--pool-wait-timeout``."""
 
 
+class Http2Required(Exception):
+    """A request that needs HTTP/2 (gRPC) to an origin whose ALPN offers only HTTP/1.1."""
+
+
+# RFC 9209 §2.3.12: the next hop cannot carry this request's protocol.
+HTTP2_REQUIRED: Final = ProxyError(
+    502,
+    "http_protocol_error",
+    "the upstream speaks only HTTP/1.1 and this request (gRPC) needs HTTP/2",
+)
+
+
 # Refusals by policy (proxy.rules.policy): who may use the proxy and where it may connect.
 # 407: RFC 9110 §15.5.8; 508 Loop Detected: RFC 5842 §7.2; error types: RFC 9209 §2.3.
 CLIENT_DENIED: Final = ProxyError(403, "http_request_denied", "this client may not use the proxy")
@@ -152,6 +164,7 @@ Rule = tuple[type[BaseException], Callable[[BaseException], bool], ProxyError]
 # ServerTimeoutError, which come later).
 BEFORE_RESPONSE: Final[tuple[Rule, ...]] = (
     (PoolWaitExceeded, _always, CONNECTION_LIMIT_REACHED),
+    (Http2Required, _always, HTTP2_REQUIRED),
     (DestinationDenied, _always, DESTINATION_DENIED),
     (LoopDetected, _always, LOOP_DETECTED),
     (AddressWithTrailingDot, _always, TRAILING_DOT_ADDRESS),  # a subclass: before its base

@@ -162,8 +162,13 @@ def codings_other_than_chunked(raw: RawHeaders) -> bool:
 
 
 def via_value(version: tuple[int, int], pseudonym: str) -> str:
-    """Our Via entry: the protocol we received the message with, then our name (§7.6.3)."""
-    return f"{version[0]}.{version[1]} {pseudonym}"
+    """Our Via entry: the protocol we received the message with, then our name (§7.6.3).
+
+    HTTP/2's version is written "2" (RFC 9113 §3.1), HTTP/1.x's "1.1" or "1.0".
+    """
+    major, minor = version
+    protocol = str(major) if major >= 2 else f"{major}.{minor}"
+    return f"{protocol} {pseudonym}"
 
 
 # RFC 9110 §7.6.2: Max-Forwards applies to TRACE and OPTIONS only.
@@ -182,3 +187,37 @@ def max_forwards(method: str, value: str | None) -> int | None:
     if not (text.isascii() and text.isdigit()):
         return None
     return int(text)
+
+
+def accepts_trailers(raw: RawHeaders) -> bool:
+    """The client's TE lists ``trailers``: it will take trailer fields (RFC 9110 §10.1.4)."""
+    return any(
+        part.strip().lower() == b"trailers"
+        for name, value in raw
+        if name.lower() == b"te"
+        for part in value.split(b",")
+    )
+
+
+def needs_http2(raw: RawHeaders) -> bool:
+    """A request only HTTP/2 can carry: gRPC (its status comes in trailers; content type
+    ``application/grpc``, gRPC over HTTP/2 spec) or any request that waits for trailers."""
+    return accepts_trailers(raw) or any(
+        name.lower() == b"content-type" and value.lower().startswith(b"application/grpc")
+        for name, value in raw
+    )
+
+
+def grpc_status(raw: RawHeaders) -> int | None:
+    """The ``grpc-status`` of a gRPC response's trailers (or trailers-only head), if valid."""
+    for name, value in raw:
+        if name.lower() == b"grpc-status":
+            text = value.strip()
+            return int(text) if text.isdigit() and len(text) <= 3 else None
+    return None
+
+
+def rpc_method(path: str) -> tuple[str, str] | None:
+    """(service, method) of a gRPC path ``/package.Service/Method``, None for anything else."""
+    service, slash, method = path.removeprefix("/").partition("/")
+    return (service, method) if path.startswith("/") and slash and service and method else None

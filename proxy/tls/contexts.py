@@ -24,14 +24,16 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from proxy.tls.certs import CertificateAuthority, leaf_name, mint_leaf
 
-# aiohttp's client speaks HTTP/1.x only: offer nothing else upstream. (The server side
-# offers what the proxy serves on an intercepted stream: ``ServerContexts``' ``alpn``.)
+# aiohttp's client speaks HTTP/1.x only: upstream, offer nothing else unless the caller
+# carries HTTP/2 itself (proxy.h2.upstream offers ALPN_H2). (The server side offers what the
+# proxy serves on an intercepted stream: ``ServerContexts``' ``alpn``.)
 ALPN: tuple[str, ...] = ("http/1.1",)
+ALPN_H2: tuple[str, ...] = ("h2", "http/1.1")
 # A leaf is reminted once less than this much of its validity is left.
 _RENEW_BEFORE: Final = datetime.timedelta(days=1)
 
 
-def upstream_context(ca_file: str | None = None) -> ssl.SSLContext:
+def upstream_context(ca_file: str | None = None, alpn: tuple[str, ...] = ALPN) -> ssl.SSLContext:
     """Verifying client context: the system trust store, plus ``ca_file`` when given.
 
     ``create_default_context(cafile=...)`` would trust only that file; loading it on top
@@ -41,7 +43,7 @@ def upstream_context(ca_file: str | None = None) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
     if ca_file:
         context.load_verify_locations(cafile=ca_file)
-    context.set_alpn_protocols(list(ALPN))
+    context.set_alpn_protocols(list(alpn))
     return context
 
 

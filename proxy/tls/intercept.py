@@ -8,8 +8,9 @@ not trust the CA recovers on retry instead of failing until the operator steps i
 that closes during our handshake, or right after it without a byte of a request (grpcio
 does, with no alert), counts as such a rejection too.
 
-``Inspector`` reads the first bytes: an HTTP/1.x request line (or the h2c preface, where a
-server is registered for it) is served on the raw stream. A ClientHello for an intercepted
+``Inspector`` reads the first bytes: an HTTP/1.x request line or the h2c preface is served on
+the raw stream (the preface is spliced to the target where no HTTP/2 server is registered,
+``--http2 false``). A ClientHello for an intercepted
 host is read whole first; when the client offers no protocol the proxy serves, or no leaf
 can be minted, the stream goes back to the tunneller to be spliced to the target untouched.
 Otherwise ``loop.start_tls(server_side=True)`` answers it with a leaf for the CONNECT host
@@ -149,10 +150,6 @@ def serve_http1(server_protocol: GuardedRequestHandler, stream: InnerStream) -> 
     return server_protocol.open_inner(stream)
 
 
-class NotServed(Exception):
-    """A stream in a protocol no server is registered for; closed, the reason logged."""
-
-
 class Inspector:
     """Serves the stream of a CONNECT answered without dialling (``Tunneller``'s inspector).
 
@@ -211,11 +208,14 @@ class Inspector:
                 inner = server(server_protocol, stream)
                 await self._serve(server_protocol, inner, transport, record, early)
                 record.served = "http"
+            elif protocol is not None:
+                # HTTP the proxy does not serve (h2c with --http2 false): the client chose it
+                # for this origin, so relayed untouched it still works; on a port open for
+                # plain HTTP that is no riskier than serving it.
+                return self._splice(record, protocol, early)
             else:
                 # Not a protocol this CONNECT may carry: close, nothing was dialled.
                 record.served = "timeout" if opening is None else "refused"
-                if protocol is not None:
-                    record.exc = NotServed(f"no server for {protocol} is registered")
                 transport.close()
             return None
         except BaseException:

@@ -19,13 +19,16 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
+from proxy.h2.core import Fields
+from proxy.h2.server import CLIENT_RESET, StreamWriter
+from proxy.h2.upstream import HTTP1, H2Response, H2Upstream, Http1
 from proxy.observe import log
 from proxy.observe.outcome import Observer, Outcome
 from proxy.observe.spans import SpanRecorder
 from proxy.observe.tracing import Timings, timing
 from proxy.rules import errors, headers, policy
 from proxy.rules import response as response_rules
-from proxy.rules.errors import ProxyError
+from proxy.rules.errors import Http2Required, ProxyError
 from proxy.rules.request_id import choose_request_id, choose_trace_context
 from proxy.rules.response import InvalidResponse
 from proxy.rules.target import Target
@@ -42,6 +45,9 @@ _TRACE_ECHO_HIDDEN: Final = frozenset(
     {b"authorization", b"proxy-authorization", b"cookie", b"set-cookie"}
 )
 _ALLOWED_METHODS: Final = "GET, HEAD, POST, PUT, DELETE, OPTIONS, TRACE, PATCH"
+
+# What the forwarder relays: aiohttp's HTTP/1.1 response, or a stream of an HTTP/2 origin.
+Upstream = aiohttp.ClientResponse | H2Response
 
 
 class CountedBody:
@@ -69,7 +75,7 @@ class CountedBody:
 class ForwardedResponse(web.StreamResponse):
     """A response relayed from an upstream; remembers which defaults aiohttp must not add."""
 
-    def __init__(self, up: aiohttp.ClientResponse, fields: CIMultiDict[str]) -> None:
+    def __init__(self, up: Upstream, fields: CIMultiDict[str]) -> None:
         super().__init__(status=up.status, reason=up.reason, headers=fields)
         self.upstream_had_content_type = "Content-Type" in fields
         self.upstream_had_server = "Server" in fields
@@ -85,18 +91,22 @@ class ReadyForwardedResponse(ForwardedResponse):
     _send_headers_immediately = False
 
 
-def check_upstream(up: aiohttp.ClientResponse) -> InvalidResponse | None:
+def check_upstream(up: Upstream) -> InvalidResponse | None:
     """Why an upstream response head must not be relayed, or None when it may be.
 
     Called for every upstream response before anything reaches the client; aiohttp's
     client parser is lenient, so this is where RFC 9110/9112 are held (proxy.rules.response).
+    An HTTP/2 head (its version checked by h2) is held to the same field rules.
     """
-    version = up.version
-    key = (version.major, version.minor) if version is not None else (1, 1)
+    if isinstance(up, H2Response):
+        key = (1, 1)  # h2 checked the framing and version; the field rules are the same
+    else:
+        version = up.version
+        key = (version.major, version.minor) if version is not None else (1, 1)
     return response_rules.check(key, up.status, up.reason, up.raw_headers)
 
 
-def discard_upstream(up: aiohttp.ClientResponse) -> None:
+def discard_upstream(up: Upstream) -> None:
     """Close the connection ``up`` came on, even if aiohttp has already pooled it.
 
     When the whole response arrives with its head, aiohttp hands the connection back to
@@ -105,6 +115,9 @@ def discard_upstream(up: aiohttp.ClientResponse) -> None:
     still reachable as ``up._protocol`` (private: see docs/aiohttp-internals.md); closing
     its transport makes the pool drop it. No await lies between the release and this.
     """
+    if isinstance(up, H2Response):
+        up.close()  # a stream: its connection carries on (HTTP/2 framing is per stream)
+        return
     protocol = up._protocol
     up.close()
     if protocol is not None:
@@ -146,8 +159,10 @@ class Forwarder:
         read_idle_timeout: float,
         tunnel_idle_timeout: float,
         spans: SpanRecorder | None = None,
+        h2: H2Upstream | None = None,
     ) -> None:
         self._session = session
+        self._h2 = h2  # HTTP/2 upstream for requests that came in over HTTP/2
         self._observer = observer
         self._relays = relays
         self._tunnel_idle_timeout = tunnel_idle_timeout
@@ -158,7 +173,8 @@ class Forwarder:
         self._pseudonym = via_pseudonym
         self._read_idle_timeout = read_idle_timeout
         self._via = {
-            version: headers.via_value(version, via_pseudonym) for version in ((1, 1), (1, 0))
+            version: headers.via_value(version, via_pseudonym)
+            for version in ((1, 1), (1, 0), (2, 0))
         }
         self._logger = log.get_logger()
 
@@ -178,10 +194,12 @@ class Forwarder:
         try:
             response = await self._forward(request, target, outcome, expect)
         except asyncio.CancelledError as exc:
-            # Shutdown cancels handlers still running after its backstop (the drain was
-            # skipped or timed out): whatever the client got is cut short.
+            # An HTTP/2 client's RST_STREAM cancels its stream's handler. Otherwise shutdown
+            # cancels handlers still running after its backstop (the drain was skipped or
+            # timed out): whatever the client got is cut short.
             outcome.timings.settle(perf_counter())
-            outcome.fail(errors.CUT_AT_SHUTDOWN, exc)
+            reset = exc.args == (CLIENT_RESET,)
+            outcome.fail(errors.CLIENT_DISCONNECTED if reset else errors.CUT_AT_SHUTDOWN, exc)
             raise
         finally:
             # A WebSocket's handshake ends at its 101: that is the request logged here.
@@ -209,7 +227,8 @@ class Forwarder:
         if not outcome.trace.kept:
             fields.popall("tracestate", None)  # it belonged to the trace we replaced
         version = (request.version.major, request.version.minor)
-        fields.add("Via", self._via.get(version) or headers.via_value(version, self._pseudonym))
+        via = self._via.get(version) or headers.via_value(version, self._pseudonym)
+        fields.add("Via", via)
         self._stamp(fields, outcome)
         if target.websocket:
             fields.extend(headers.WEBSOCKET_UPGRADE)
@@ -229,17 +248,29 @@ class Forwarder:
             if length is not None:
                 fields["Content-Length"] = length  # keeps the client's framing choice
 
-        sink = INTERIM_SINK.set(InterimRelay(request, self._rid_key, self._via[(1, 1)]))
+        sink = INTERIM_SINK.set(InterimRelay(request, self._rid_key, via))
         try:
             with timing(outcome.timings):  # the connector's TLS clock finds it there
-                up = await self._session.request(
-                    request.method,
-                    target.url,
-                    headers=fields,
-                    data=body,
-                    allow_redirects=False,
-                    trace_request_ctx=outcome.timings,
-                )
+                up: Upstream | None = None
+                h1 = HTTP1
+                if request.version.major == 2 and self._h2 is not None:
+                    sent = await self._h2_request(request, target, fields, body, outcome)
+                    if isinstance(sent, H2Response):
+                        up = sent
+                    else:
+                        h1 = sent
+                if up is None:
+                    up = await self._session.request(
+                        request.method,
+                        target.url,
+                        headers=fields,
+                        data=body,
+                        allow_redirects=False,
+                        trace_request_ctx=outcome.timings,
+                        ssl=h1.ssl,
+                    )
+                    if h1.dialled:  # it reused the connection this request dialled
+                        outcome.timings.reused = False
         except InvalidResponse as exc:  # a 1xx head that breaks a rule (InterimRelay)
             return self._refuse_upstream(request, outcome, exc)
         except Exception as exc:
@@ -252,7 +283,7 @@ class Forwarder:
             discard_upstream(up)  # RFC 9112 §6.3: that connection is never used again
             up.release()
             return self._refuse_upstream(request, outcome, invalid)
-        if up.status == 101:
+        if up.status == 101 and isinstance(up, aiohttp.ClientResponse):
             try:
                 return await self._switch(request, up, outcome, target.websocket)
             except BaseException:
@@ -263,7 +294,33 @@ class Forwarder:
         finally:
             up.release()
 
-    def _response_fields(self, up: aiohttp.ClientResponse, outcome: Outcome) -> CIMultiDict[str]:
+    async def _h2_request(
+        self,
+        request: web.BaseRequest,
+        target: Target,
+        fields: CIMultiDict[str],
+        body: CountedBody | None,
+        outcome: Outcome,
+    ) -> H2Response | Http1:
+        """Over HTTP/2 when the origin speaks it; else how to go over HTTP/1.1 (the session).
+
+        A request that needs HTTP/2 (gRPC) is refused rather than sent to an HTTP/1.1 origin.
+        """
+        assert self._h2 is not None
+        raw = request.raw_headers
+        up = await self._h2.request(
+            request.method,
+            target.url,
+            fields,
+            body,
+            outcome.timings,
+            trailers=headers.accepts_trailers(raw),
+        )
+        if isinstance(up, Http1) and headers.needs_http2(raw):
+            raise Http2Required(f"{target.host} offers no h2 in ALPN")
+        return up
+
+    def _response_fields(self, up: Upstream, outcome: Outcome) -> CIMultiDict[str]:
         raw = up.raw_headers
         fields = headers.filter_fields(raw, headers.response_drop_set(raw, self._rid_key))
         version = up.version
@@ -275,7 +332,7 @@ class Forwarder:
     async def _relay(
         self,
         request: web.BaseRequest,
-        up: aiohttp.ClientResponse,
+        up: Upstream,
         outcome: Outcome,
         expect: Continue,
     ) -> web.StreamResponse:
@@ -320,6 +377,11 @@ class Forwarder:
                 up.close()
                 return response
             outcome.bytes_out += len(chunk)
+        if isinstance(up, H2Response):
+            # gRPC's status: in the trailers, or in the head of a trailers-only answer.
+            outcome.grpc_status = headers.grpc_status(up.trailers or up.raw_headers)
+            if up.trailers:
+                relay_trailers(request, up.trailers, self._rid_key)
         await response.write_eof()
         return response
 
@@ -452,13 +514,25 @@ class Forwarder:
         fields["traceparent"] = outcome.trace.traceparent
 
 
-def upstream_peer(up: aiohttp.ClientResponse) -> tuple[str, int] | None:
+def relay_trailers(request: web.BaseRequest, trailers: Fields, request_id_header: bytes) -> None:
+    """Trailers go to a client that can take them (an HTTP/2 stream), byte for byte; hop-by-hop
+    fields stay behind (RFC 9110 §6.5.1)."""
+    writer = request.writer
+    if isinstance(writer, StreamWriter):
+        drop = headers.response_drop_set(trailers, request_id_header)
+        writer.trailers = [(name, value) for name, value in trailers if name not in drop]
+
+
+def upstream_peer(up: Upstream) -> tuple[str, int] | None:
     """The address the response came from, for the span's network.peer.*.
 
-    ``up.connection`` is already None when the whole body came with the headers (the
+    An HTTP/2 stream knows its connection's peer. ``up.connection`` is already None when
+    the whole body came with the headers (the
     connection went back to the pool), so this reads the private ``_protocol`` aiohttp
     keeps on the response (pinned below 3.15; docs/aiohttp-internals.md; tests/test_spans.py).
     """
+    if isinstance(up, H2Response):
+        return up.peer
     protocol = getattr(up, "_protocol", None)
     transport = getattr(protocol, "transport", None)
     peer = transport.get_extra_info("peername") if transport is not None else None

@@ -18,8 +18,8 @@ expect handler does.
 from __future__ import annotations
 
 import contextvars
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from typing import Any, Final
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from typing import Any, Final, Protocol, runtime_checkable
 
 import aiohttp
 from aiohttp import web
@@ -28,8 +28,6 @@ from aiohttp.http import HttpVersion11, RawResponseMessage
 
 from proxy.rules import headers
 from proxy.rules import response as response_rules
-
-CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 def expects_continue(request: web.BaseRequest) -> bool:
@@ -47,6 +45,24 @@ async def defer_expectation(request: web.BaseRequest) -> None:
         raise web.HTTPExpectationFailed(text="only Expect: 100-continue is supported\n")
 
 
+@runtime_checkable
+class InterimWriter(Protocol):
+    """A writer that frames a 1xx itself (HTTP/2: a HEADERS frame, RFC 9113 §8.1)."""
+
+    async def write_interim(self, status: int, fields: Sequence[tuple[bytes, bytes]]) -> None: ...
+
+
+async def write_interim(
+    request: web.BaseRequest, status: int, reason: str, fields: Sequence[tuple[bytes, bytes]]
+) -> None:
+    """Send a 1xx ahead of the final response, in the framing of the request's protocol."""
+    writer = request.writer
+    if isinstance(writer, InterimWriter):
+        await writer.write_interim(status, fields)
+    else:
+        await writer.write(interim_head(status, reason, fields))
+
+
 class Continue:
     """The 100 Continue one request may still be owed; sent at most once, never late."""
 
@@ -60,7 +76,7 @@ class Continue:
         """The body is about to be read: invite it."""
         if self.pending:
             self.pending = False
-            await self._request.writer.write(CONTINUE)
+            await write_interim(self._request, 100, "Continue", ())
 
     def withdraw(self, response: web.StreamResponse) -> None:
         """A final response goes out first: no 100 after it, and close if the body is unread.
@@ -149,7 +165,7 @@ class InterimRelay:
             raise invalid
         kept = [(name, value) for name, value in raw if name.lower() not in drop]
         kept.append((b"Via", self._via))
-        await self._request.writer.write(interim_head(message.code, message.reason, kept))
+        await write_interim(self._request, message.code, message.reason, kept)
 
     def __repr__(self) -> str:
         return f"<InterimRelay {self._request.method} {self._request.path}>"

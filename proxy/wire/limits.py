@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
@@ -68,6 +68,14 @@ class ClientLimits:
         return {"max_line_size": self.target_bytes, "max_field_size": self.header_bytes}
 
 
+class Drainable(Protocol):
+    """A connection serving many requests at once (HTTP/2), told when the drain begins."""
+
+    def go_away(self) -> bool:
+        """Refuse new requests, finish those in flight, then close; True if it was idle."""
+        ...
+
+
 # The proxy_denied_total reason of each answer to a head that is refused here.
 REASONS: Final = {
     errors.REQUEST_TIMEOUT: "header_timeout",
@@ -98,6 +106,7 @@ class ListenerGuard:
         self._rid_header = request_id_header
         self._logger = log.get_logger()
         self._connections: set[GuardedRequestHandler] = set()
+        self._sessions: set[Drainable] = set()
 
     def admit(self, connection: GuardedRequestHandler) -> bool:
         cap = self.limits.max_connections
@@ -119,19 +128,27 @@ class ListenerGuard:
     def detach(self, stream: GuardedRequestHandler) -> None:
         self._connections.discard(stream)
 
+    def track(self, session: Drainable) -> None:
+        """An HTTP/2 connection inside an admitted CONNECT: told of the drain, not counted."""
+        self._sessions.add(session)
+
+    def untrack(self, session: Drainable) -> None:
+        self._sessions.discard(session)
+
     def close_idle(self) -> int:
         """Close every keep-alive connection waiting between requests; return how many.
 
         For the drain (RFC 9112 §9.6): a busy connection closes after the response it is
         sending, which says ``Connection: close``; an idle one would otherwise carry its
-        client's next request into the refusals after the grace period.
+        client's next request into the refusals after the grace period. An HTTP/2
+        connection gets a GOAWAY (RFC 9113 §6.8) and closes once its streams are done.
         """
         idle = [connection for connection in self._connections if connection.between_requests()]
         for connection in idle:
             # Not close(): that only ends the wait for a next request, leaving the socket
             # open until aiohttp's own shutdown. Nothing is in flight on these.
             connection.force_close()
-        return len(idle)
+        return len(idle) + sum(session.go_away() for session in list(self._sessions))
 
     def classify(self, exc: BaseException | None) -> ProxyError | None:
         """The answer to a head that failed to parse or was refused; None for other failures."""
@@ -202,6 +219,10 @@ class GuardedRequestHandler(RequestHandler):
     def open_inner(self, stream: InnerStream) -> GuardedRequestHandler:
         """A handler for the stream inside this connection's CONNECT (same app and limits)."""
         return self._server.handler(stream)
+
+    @property
+    def guard(self) -> ListenerGuard:
+        return self._guard
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -329,9 +350,13 @@ def _tail_lost(message: RawRequestMessage) -> bool:
 
 
 def inner_stream(request: web.BaseRequest) -> InnerStream | None:
-    """The stream inside a CONNECT that ``request`` arrived on, if it came on one."""
-    protocol = request.protocol
-    return protocol.stream if isinstance(protocol, GuardedRequestHandler) else None
+    """The stream inside a CONNECT that ``request`` arrived on, if it came on one.
+
+    An HTTP/1 request's protocol is its ``GuardedRequestHandler``; an HTTP/2 stream's is a
+    ``proxy.h2.server.StreamHandle``: both carry ``stream``.
+    """
+    stream = getattr(request.protocol, "stream", None)
+    return stream if isinstance(stream, InnerStream) else None
 
 
 def _head_size(message: RawRequestMessage) -> int:

@@ -38,6 +38,7 @@ PER_HOST_METRICS = frozenset(
         "proxy_upstream_connections_total",
         "proxy_upstream_dns_cache_total",
         "proxy_upstream_bytes_total",
+        "proxy_upstream_grpc_total",
         "proxy_tunnels_total",
         "proxy_tunnel_seconds",
         "proxy_tunnel_bytes_total",

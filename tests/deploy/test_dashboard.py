@@ -169,7 +169,8 @@ def test_every_panel_has_a_description_and_queries() -> None:
 
 
 def test_promised_panels_are_there() -> None:
-    """Phases p50/p99, status codes, errors, reuse/DNS ratios, tunnels and refusals exist."""
+    """Phases p50/p99, status codes, errors, reuse/DNS ratios, tunnels, refusals and the gRPC
+    row (calls by code, the not-OK ratio, ttfb and total of gRPC hosts) exist."""
     queries = dashboard_queries()
     text = "\n".join(expr for _, expr in queries)
     for metric in (
@@ -197,8 +198,15 @@ def test_promised_panels_are_there() -> None:
         "sum by (host) (rate(proxy_upstream_tls_seconds_count{",
         "sum by (host) (rate(proxy_tunnel_sni_mismatches_total{",
         'error=~"tls_.*"',
+        "sum by (host, code) (rate(proxy_upstream_grpc_total{",
+        'code!="OK"',
     ):
         assert needle in text, needle
+    grpc_hosts = "and on (host) sum by (host) (rate(proxy_upstream_grpc_total{"
+    for metric in ("proxy_upstream_ttfb_seconds_bucket", "proxy_upstream_request_seconds_bucket"):
+        # The gRPC row: these quantiles only for hosts that had gRPC calls.
+        grpc_only = [e for _, e in queries if f"rate({metric}{{" in e and grpc_hosts in e]
+        assert len(grpc_only) == 2, metric  # p50 and p99
     stacked = [
         panel
         for panel in iter_panels(load_dashboard()["panels"])

@@ -71,9 +71,15 @@ PHASES = {
     "total": "proxy_upstream_request_seconds",
 }
 # Metrics that this version of the proxy may not export yet, or that the scenario gives no
-# samples (it sends no request the proxy refuses, and its traffic is plain http, so no TLS
-# failures): their queries must evaluate, but may come back empty.
-MAYBE_ABSENT = ("proxy_tunnel", "proxy_host_label_overflow", "proxy_denied", 'error=~"tls_')
+# samples (it sends no request the proxy refuses, its traffic is plain http, so no TLS
+# failures, and it makes no gRPC call): their queries must evaluate, but may come back empty.
+MAYBE_ABSENT = (
+    "proxy_tunnel",
+    "proxy_host_label_overflow",
+    "proxy_denied",
+    'error=~"tls_',
+    "proxy_upstream_grpc_total",
+)
 
 
 class LoopThread:
