@@ -91,12 +91,12 @@ class Forward:
         ) as up:
             out = CIMultiDict((k, v) for k, v in up.headers.items() if k.lower() not in _HOP)
             response = web.StreamResponse(status=up.status, reason=up.reason, headers=out)
-            await response.prepare(request)
             try:
+                await response.prepare(request)
                 async for chunk in up.content.iter_any():
                     await response.write(chunk)
                 await response.write_eof()
-            except ConnectionError:  # the client left (wrk stops mid-download)
+            except ConnectionError:  # the client left (wrk stops, before or mid-download)
                 return response
         if self._histograms is not None:
             host = url.host or ""

@@ -36,7 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from functools import partial
 from typing import Any, Final, cast
 
@@ -506,11 +506,7 @@ async def _stalled(live: _Live, urls: list[str], readers: int) -> dict[str, Any]
 
 def stalled_figures(hosts: int, readers: int = 10) -> dict[str, Any]:
     """A live proxy's RSS before and with ``readers`` scrapers that stopped reading."""
-    with ready_process([sys.executable, "-m", "benchmarks.ports_origin", str(hosts)]) as (_, line):
-        urls = [f"http://127.0.0.1:{port}/" for port in json.loads(line)]
-        with _proxy("--max-hosts", str(hosts)) as (pid, ready):
-            out = asyncio.run(_session_run(pid, ready, lambda live: _stalled(live, urls, readers)))
-    return {"hosts": hosts, **out}
+    return _through_live_proxy(hosts, lambda live, urls: _stalled(live, urls, readers))
 
 
 def _quantile(ordered: list[float], q: float) -> float:
@@ -622,13 +618,21 @@ async def _session_run(pid: int, ready: dict[str, Any], work: Callable[[_Live], 
         return await work(_Live(session, pid, ready["proxy"], ready["metrics"]))
 
 
-def live_figures(hosts: int, rounds: int = 5) -> dict[str, Any]:
-    """Scrape wall time and a proxied request's latency during a scrape, against a live proxy."""
+def _through_live_proxy(
+    hosts: int, work: Callable[[_Live, list[str]], Awaitable[dict[str, Any]]]
+) -> dict[str, Any]:
+    """``work``'s figures against a live proxy, given the URLs of ``hosts`` origin ports (a
+    host label each)."""
     with ready_process([sys.executable, "-m", "benchmarks.ports_origin", str(hosts)]) as (_, line):
         urls = [f"http://127.0.0.1:{port}/" for port in json.loads(line)]
         with _proxy("--max-hosts", str(hosts)) as (pid, ready):
-            out = asyncio.run(_session_run(pid, ready, lambda live: _live(live, urls, rounds)))
+            out = asyncio.run(_session_run(pid, ready, lambda live: work(live, urls)))
     return {"hosts": hosts, **out}
+
+
+def live_figures(hosts: int, rounds: int = 5) -> dict[str, Any]:
+    """Scrape wall time and a proxied request's latency during a scrape, against a live proxy."""
+    return _through_live_proxy(hosts, lambda live, urls: _live(live, urls, rounds))
 
 
 def exemplar_cpu(rounds: int = 3, seconds: float = 5.0) -> dict[str, Any]:

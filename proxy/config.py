@@ -757,10 +757,8 @@ def unknown_flags_message(extras: Sequence[str]) -> str:
     hints = []
     for extra in extras:
         name = extra.partition("=")[0]
-        if name.startswith("--"):
-            closest = difflib.get_close_matches(name, known, n=1)
-            if closest:
-                hints.append(f"{name}: did you mean {closest[0]}?")
+        if name.startswith("--") and (found := closest(name, known)) is not None:
+            hints.append(f"{name}: did you mean {found}?")
     message = f"unrecognized arguments: {' '.join(extras)}"
     return f"{message} ({'; '.join(hints)})" if hints else message
 
@@ -826,10 +824,15 @@ def unknown_environment(environ: Mapping[str, str]) -> list[tuple[str, str | Non
     """
     known = [option.env for option in OPTIONS]
     return [
-        (name, next(iter(difflib.get_close_matches(name, known, n=1)), None))
+        (name, closest(name, known))
         for name in sorted(environ)
         if name.startswith("PROXY_") and name not in known
     ]
+
+
+def closest(name: str, known: Sequence[str]) -> str | None:
+    """The known name a mistyped ``name`` most likely meant; None when none is close."""
+    return next(iter(difflib.get_close_matches(name, known, n=1)), None)
 
 
 def replace(settings: Settings, **changes: Any) -> Settings:

@@ -167,14 +167,21 @@ class Origin:
         return f"http://{self.authority}{path}"
 
 
-@pytest.fixture
-async def origin() -> AsyncIterator[Origin]:
+@contextlib.asynccontextmanager
+async def serving_origin() -> AsyncIterator[Origin]:
+    """``origin_app()`` on a free loopback port, closed on exit."""
     server = TestServer(origin_app(), host="127.0.0.1")
     await server.start_server()
     try:
         yield Origin("127.0.0.1", server.port or 0)
     finally:
         await server.close()
+
+
+@pytest.fixture
+async def origin() -> AsyncIterator[Origin]:
+    async with serving_origin() as served:
+        yield served
 
 
 @dataclass
@@ -260,7 +267,7 @@ async def raw_origin() -> AsyncIterator[Callable[[Script], Awaitable[RawOrigin]]
             task.cancel()
         for server in servers:
             server.close()
-            await server.wait_closed()
+            await asyncio.wait_for(server.wait_closed(), 10)
 
 
 class LogCapture:

@@ -138,7 +138,8 @@ class Received:
     body: bytes
 
     def field(self, name: bytes) -> list[bytes]:
-        return [value for key, value in self.fields if key == name]
+        """The values of field ``name``, in any case (RFC 9110 §5.1); ``fields`` keep theirs."""
+        return [value for key, value in self.fields if key.lower() == name.lower()]
 
 
 @dataclass
@@ -149,30 +150,46 @@ class ClientView:
     closed: bool = False
 
 
-def _one_response(conn: h11.Connection, more: Callable[[], bytes]) -> Received | None:
-    """h11's events up to one whole response (1xx skipped); None when the peer closed first.
+class ResponseReading:
+    """h11's events on a client ``conn`` up to one whole response (1xx skipped), taken a step
+    at a time, so one reading serves a blocking socket and an asyncio stream alike."""
 
-    ``more`` gives the next bytes whenever h11 needs them.
-    """
-    response: Received | None = None
-    body = bytearray()
-    while True:
-        event = conn.next_event()
-        if event is h11.NEED_DATA:
-            conn.receive_data(more())
-        elif isinstance(event, h11.ConnectionClosed):
-            return None
-        elif isinstance(event, h11.Response):
-            fields = list(event.headers.raw_items())
-            response = Received(event.status_code, bytes(event.reason), fields, b"")
-        elif isinstance(event, h11.Data):
-            body += event.data
-        elif isinstance(event, h11.EndOfMessage):
-            assert response is not None
-            response.body = bytes(body)
-            return response
-        elif not isinstance(event, h11.InformationalResponse):
-            raise AssertionError(f"h11 gave {event!r} before the response ended")
+    def __init__(self, conn: h11.Connection) -> None:
+        self._conn = conn
+        self._body = bytearray()
+        self.response: Received | None = None  # once whole; None when the peer closed first
+
+    def step(self) -> bool:
+        """Take events until h11 needs bytes (False: feed ``conn`` and step again) or the
+        response is settled (True)."""
+        conn = self._conn
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                return False
+            if isinstance(event, h11.ConnectionClosed):
+                self.response = None
+                return True
+            if isinstance(event, h11.Response):
+                fields = list(event.headers.raw_items())
+                self.response = Received(event.status_code, bytes(event.reason), fields, b"")
+            elif isinstance(event, h11.Data):
+                self._body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                assert self.response is not None
+                self.response.body = bytes(self._body)
+                return True
+            elif not isinstance(event, h11.InformationalResponse):
+                raise AssertionError(f"h11 gave {event!r} before the response ended")
+
+
+def _one_response(conn: h11.Connection, more: Callable[[], bytes]) -> Received | None:
+    """One whole response (``ResponseReading``); ``more`` gives the next bytes whenever h11
+    needs them."""
+    reading = ResponseReading(conn)
+    while not reading.step():
+        conn.receive_data(more())
+    return reading.response
 
 
 def _asked(conn: h11.Connection, method: bytes) -> None:

@@ -107,16 +107,23 @@ class Trap:
             writer.close()
 
 
-@pytest.fixture
-async def trap() -> AsyncIterator[Trap]:
-    state = Trap(DENIED_HOST)
-    state.server = await asyncio.start_server(state.handle, DENIED_HOST, 0)
+@contextlib.asynccontextmanager
+async def trap_on(host: str) -> AsyncIterator[Trap]:
+    """A ``Trap`` listening on ``host``."""
+    state = Trap(host)
+    state.server = await asyncio.start_server(state.handle, host, 0)
     state.port = state.server.sockets[0].getsockname()[1]
     try:
         yield state
     finally:
         state.server.close()
-        await state.server.wait_closed()
+        await asyncio.wait_for(state.server.wait_closed(), 10)
+
+
+@pytest.fixture
+async def trap() -> AsyncIterator[Trap]:
+    async with trap_on(DENIED_HOST) as state:
+        yield state
 
 
 def basic(user_password: str) -> str:
@@ -291,19 +298,6 @@ async def test_denied_address_gets_403_in_any_spelling_and_is_not_dialled(
     assert (line["status"], line["error"]) == (403, "destination_ip_prohibited")
     error = "destination_ip_prohibited"
     assert proxy.sample("proxy_upstream_errors_total", host=line["host"], error=error) == 1
-
-
-@contextlib.asynccontextmanager
-async def trap_on(host: str) -> AsyncIterator[Trap]:
-    """A ``Trap`` listening on ``host``."""
-    state = Trap(host)
-    state.server = await asyncio.start_server(state.handle, host, 0)
-    state.port = state.server.sockets[0].getsockname()[1]
-    try:
-        yield state
-    finally:
-        state.server.close()
-        await state.server.wait_closed()
 
 
 @pytest.mark.parametrize(

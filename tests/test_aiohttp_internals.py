@@ -42,7 +42,7 @@ async def serve() -> AsyncIterator[Callable[[Handler], Awaitable[int]]]:
     yield start
     for server in servers:
         server.close()
-        await server.wait_closed()
+        await asyncio.wait_for(server.wait_closed(), 10)
 
 
 async def _raw_get(port: int) -> bytes:
@@ -90,14 +90,14 @@ async def test_read_timeout_restarted_mid_body_cuts_a_quiet_upstream(origin: Ori
         aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as session,
         session.get(origin.url("/stream?size=1048576&delay_ms=60000")) as resp,
     ):
-        await resp.content.readany()  # the first chunk; the origin then goes quiet
+        await asyncio.wait_for(resp.content.readany(), 10)  # the first chunk; then quiet
         assert resp.connection is not None
         protocol = resp.connection.protocol
         assert protocol is not None
         protocol.read_timeout = 0.05
         protocol.start_timeout()
-        with pytest.raises(aiohttp.ServerTimeoutError):
-            await resp.content.read()
+        with pytest.raises(aiohttp.ServerTimeoutError):  # not wait_for's own TimeoutError
+            await asyncio.wait_for(resp.content.read(), 10)
 
 
 async def test_resolve_host_takes_host_port_traces_and_returns_results() -> None:

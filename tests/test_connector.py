@@ -132,5 +132,5 @@ async def test_hang_up_during_the_handshake_is_a_tls_error(
                 raised.append(type(info.value))
     finally:
         server.close()
-        await server.wait_closed()
+        await asyncio.wait_for(server.wait_closed(), 10)
     assert raised == [aiohttp.ClientConnectorError, aiohttp.ClientConnectorSSLError]

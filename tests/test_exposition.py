@@ -392,7 +392,7 @@ async def test_scrapes_interleaved_with_traffic_show_count_equal_to_inf_bucket(
                 checked += len(count)
     finally:
         stop.set()
-        sent = sum(await asyncio.gather(*workers))
+        sent = sum(await asyncio.wait_for(asyncio.gather(*workers), 10))
     assert sent > 0
     assert checked > 12 * 200
 
@@ -408,24 +408,25 @@ async def test_a_proxied_request_completes_while_a_capped_scrape_is_in_progress(
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
     sock.setblocking(False)
     loop = asyncio.get_running_loop()
-    await loop.sock_connect(
-        sock, (proxy.server.admin_address.host, proxy.server.admin_address.port)
-    )
+    address = (proxy.server.admin_address.host, proxy.server.admin_address.port)
     try:
-        await loop.sock_sendall(
-            sock, b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
-        head = b""
-        while b"\r\n\r\n" not in head:  # the scrape has begun: its status line is out
-            head += await loop.sock_recv(sock, 1024)
+        async with asyncio.timeout(10):
+            await loop.sock_connect(sock, address)
+            await loop.sock_sendall(
+                sock, b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            )
+            head = b""
+            while b"\r\n\r\n" not in head:  # the scrape has begun: its status line is out
+                head += await loop.sock_recv(sock, 1024)
         # Nothing more of the scrape is read until the proxied request is done.
         async with client.get(origin.url("/echo"), proxy=proxy.url) as resp:
             assert resp.status == 200
             await resp.read()
         assert sum(scrapes.counts) == 0  # the scrape has not written its last byte
         received = len(head)
-        while chunk := await loop.sock_recv(sock, 1 << 20):
-            received += len(chunk)
+        async with asyncio.timeout(10):
+            while chunk := await loop.sock_recv(sock, 1 << 20):
+                received += len(chunk)
     finally:
         sock.close()
     # The body could not have fitted in the socket buffers and one piece.
@@ -555,12 +556,12 @@ async def test_a_tunnel_gets_an_exemplar_with_its_traceparent(
         f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n"
         f"traceparent: 00-{trace}-b7ad6b7169203331-01\r\n\r\n".encode()
     )
-    head = await read_head(reader)
+    head = await asyncio.wait_for(read_head(reader), 10)
     assert head.startswith(b"HTTP/1.1 200")
     writer.write(b"ping")
-    assert await reader.readexactly(4) == b"ping"
+    assert await asyncio.wait_for(reader.readexactly(4), 10) == b"ping"
     writer.close()
-    await writer.wait_closed()
+    await asyncio.wait_for(writer.wait_closed(), 10)
     (line,) = await logs.wait_for("tunnel")
     text = await scrape(client, proxy.admin_url, OM_ACCEPT)
     found = {

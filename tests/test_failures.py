@@ -312,7 +312,7 @@ async def test_client_disconnect_during_download(
     reader, writer = await proxy.connect()
     url = origin.url("/stream?size=50000000&delay_ms=5")
     writer.write(f"GET {url} HTTP/1.1\r\nHost: {origin.authority}\r\n\r\n".encode())
-    await reader.readexactly(100_000)
+    await asyncio.wait_for(reader.readexactly(100_000), 10)
     writer.transport.abort()
     (line,) = await logs.wait_for("access")
     assert (line["status"], line["error"]) == (499, "client_disconnected")
@@ -466,7 +466,7 @@ async def post_raw(proxy: RunningProxy, url: str, size: int, read: int | None = 
         f"POST {url} HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n\r\n".encode() + b"u" * size
     )
     if read is not None:
-        received = await reader.readexactly(read)
+        received = await asyncio.wait_for(reader.readexactly(read), 10)
         writer.transport.abort()
         return received
     received = await asyncio.wait_for(reader.read(), 10)

@@ -247,8 +247,9 @@ async def raw_exchange(proxy: RunningProxy, data: bytes) -> tuple[bytes, bytes]:
     reader, writer = await proxy.connect()
     try:
         writer.write(data)
-        await writer.drain()
-        received = await asyncio.wait_for(reader.read(-1), 10)
+        async with asyncio.timeout(10):
+            await writer.drain()
+            received = await reader.read(-1)
     finally:
         writer.close()
     return received.split(b"\r\n", 1)[0], received
@@ -506,7 +507,7 @@ async def test_client_keep_alive_serves_many_requests_on_one_connection(
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
             assert head.startswith(b"HTTP/1.1 200 OK")
             length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
-            echo = json.loads(await reader.readexactly(length))
+            echo = json.loads(await asyncio.wait_for(reader.readexactly(length), 5))
             assert echo["target"] == f"/echo/{i}"
     finally:
         writer.close()

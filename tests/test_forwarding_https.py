@@ -427,7 +427,7 @@ async def test_full_pool_holds_for_https(
     busy = asyncio.ensure_future(fetch(proxy, secure_origin.url("/slow-headers?ms=1500")))
     await until(lambda: proxy.server.lifecycle.in_flight == 1)
     answer = await fetch(proxy, secure_origin.url("/echo"))
-    assert (await busy).status == 200
+    assert (await asyncio.wait_for(busy, 10)).status == 200
     assert answer.status == 503
     assert "error=connection_limit_reached" in answer.headers["Proxy-Status"]
 

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import trustme
 
+from benchmarks.processes import communicate
 from tests import test_intercept
 from tests.conftest import LogCapture, RunningProxy, pattern, unavailable
 from tests.h2_origin import H2Origin, h2_origin
@@ -69,12 +70,7 @@ async def run_go(binary: Path, proxy: str, ca: str, *urls: str) -> list[dict[str
         stderr=asyncio.subprocess.PIPE,
         env={"PATH": os.environ["PATH"]},  # no proxy variables, no SSL_CERT_FILE
     )
-    try:
-        out, err = await asyncio.wait_for(process.communicate(), 60)
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+    out, err = await communicate(process, 60)  # past the bound: killed, reaped, TimeoutError
     assert process.returncode == 0, err.decode()
     results: list[dict[str, Any]] = json.loads(out)
     return results

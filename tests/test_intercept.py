@@ -138,7 +138,9 @@ async def test_requests_keeps_one_intercepted_connection_for_big_bodies(
     def run() -> list[Any]:
         with _requests_session(intercepting) as session:
             small = session.get(f"{base}/echo", verify=ca_files.cert, timeout=30)
-            down = session.get(f"{base}/stream?size={5 * MIB}&cl=1", verify=ca_files.cert)
+            down = session.get(
+                f"{base}/stream?size={5 * MIB}&cl=1", verify=ca_files.cert, timeout=30
+            )
             up = session.post(f"{base}/echo", data=body, verify=ca_files.cert, timeout=30)
             again = session.get(f"{base}/echo", verify=ca_files.cert, timeout=30)
             return [small.status_code, down.content, up.json(), again.status_code]
@@ -654,7 +656,7 @@ async def test_sigterm_lets_an_intercepted_request_finish(
                     break
             await asyncio.sleep(0.01)
         running.process.send_signal(signal.SIGTERM)
-        response = await slow
+        response = await asyncio.wait_for(slow, 10)
         assert response.status == 200
         assert await response.text() == "slow"
         response.release()
@@ -1064,7 +1066,7 @@ async def alpn_origin(context: ssl.SSLContext) -> AsyncIterator[int]:
         yield server.sockets[0].getsockname()[1]
     finally:
         server.close()
-        await server.wait_closed()
+        await asyncio.wait_for(server.wait_closed(), 10)
 
 
 async def _intercepting_proxy(

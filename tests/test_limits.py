@@ -230,7 +230,7 @@ async def test_full_pool_past_the_wait_limit_is_503_with_retry_after(
         busy = asyncio.ensure_future(get("/slow-headers?ms=1500"))
         await until(lambda: proxy.server.lifecycle.in_flight == 1)
         status, headers = await get("/echo")
-        assert (await busy)[0] == 200
+        assert (await asyncio.wait_for(busy, 10))[0] == 200
     assert status == 503
     assert headers["Proxy-Status"].startswith("tracing-proxy; error=connection_limit_reached")
     assert headers["Retry-After"] == "1"
@@ -259,7 +259,7 @@ async def test_request_timed_out_waiting_for_the_pool_is_in_the_queue_histogram(
         busy = asyncio.ensure_future(get("/slow-headers?ms=1500"))
         await until(lambda: proxy.server.lifecycle.in_flight == 1)
         assert await get("/echo") == 503
-        assert await busy == 200
+        assert await asyncio.wait_for(busy, 10) == 200
     await until(lambda: len(logs.events("access")) == 2)
     (refused,) = [line for line in logs.events("access") if line["status"] == 503]
     # The wait ends when the limit expires: never before it.

@@ -1,7 +1,7 @@
 """The live page and its JSON: the same numbers as /metrics, served on the admin listener only,
 and the page itself in a real browser (Debian's chromium, headless, driven by playwright; no
-browser is downloaded). The browser test's screenshot is docs/live-page.png, so the picture in
-the docs is always the page as it is."""
+browser is downloaded). The browser test's screenshot becomes docs/live-page.png whenever the
+page's sources have changed since that picture was committed, so the docs keep up with the page."""
 
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
-from aiohttp.test_utils import TestServer
 from PIL import Image
 from playwright.async_api import ConsoleMessage, Page, async_playwright
 
@@ -28,8 +27,8 @@ from tests.conftest import (
     Origin,
     RunningProxy,
     http_request,
-    origin_app,
     promtool_or_skip,
+    serving_origin,
     unavailable,
 )
 from tests.test_failures import closed_port
@@ -40,12 +39,8 @@ HOLD_MS = 300  # the slow origin holds its response headers this long
 @pytest.fixture
 async def fast_origin() -> AsyncIterator[Origin]:
     """A second origin (another port, so another host label) for the quick calls."""
-    server = TestServer(origin_app(), host="127.0.0.1")
-    await server.start_server()
-    try:
-        yield Origin("127.0.0.1", server.port or 0)
-    finally:
-        await server.close()
+    async with serving_origin() as served:
+        yield served
 
 
 @dataclass
@@ -341,7 +336,9 @@ async def test_bad_query_is_answered_with_what_to_send(
 # -- in a real browser ---------------------------------------------------------------------
 
 CHROMIUM = "/usr/bin/chromium"
-SCREENSHOT = Path(__file__).parent.parent / "docs" / "live-page.png"
+ROOT = Path(__file__).parent.parent
+SCREENSHOT = "docs/live-page.png"
+PAGE_SOURCES = ("proxy/observe/page.py", "proxy/observe/page.html")  # what the page looks like
 # Headless on this machine (root, no GPU, no display); nothing but what the test asks for
 # (no first-run page, no component, sync or background requests to hosts off loopback, no
 # QUIC), and no proxy from the environment.
@@ -360,6 +357,31 @@ FLAGS = [
     "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
 ]
 WAIT_MS = 15_000  # the bound on every browser step
+
+
+def _git(*args: str) -> str | None:
+    """``git args`` in the checkout; None without git or a checkout."""
+    try:
+        done = subprocess.run(
+            ["git", "-C", str(ROOT), *args], capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+def screenshot_path(elsewhere: Path) -> Path:
+    """docs/live-page.png when the page has changed since that picture was committed (a commit
+    to its sources after it, or changes not committed), so the docs keep up with the page;
+    ``elsewhere`` when nothing changed, so a run leaves the tree clean (docs/development.md)."""
+    shot = _git("log", "-1", "--format=%H", "--", SCREENSHOT)
+    if shot is None:
+        return elsewhere  # not a git checkout: nothing to keep up to date
+    if not shot.strip():
+        return ROOT / SCREENSHOT  # never committed yet
+    newer = _git("rev-list", f"{shot.strip()}..HEAD", "--", *PAGE_SOURCES)
+    uncommitted = _git("status", "--porcelain", "--", *PAGE_SOURCES, SCREENSHOT)
+    return ROOT / SCREENSHOT if newer or uncommitted else elsewhere
 
 
 async def bar_widths(page: Page, row: int) -> dict[str, float]:
@@ -393,6 +415,7 @@ async def test_page_in_chromium_shows_where_the_time_goes(
             "the live page's browser test needs Debian's chromium: apt-get install chromium"
         )
     load = await scripted_load(proxy, origin, fast_origin)
+    screenshot = screenshot_path(tmp_path / "live-page.png")
     problems: list[str] = []
     requested: list[str] = []
 
@@ -442,12 +465,12 @@ async def test_page_in_chromium_shows_where_the_time_goes(
             await page.wait_for_function(
                 "id => document.querySelector('#slow').innerText.includes(id)", arg=late
             )
-            await page.screenshot(path=str(SCREENSHOT), full_page=True)
+            await page.screenshot(path=str(screenshot), full_page=True)
         finally:
             await context.close()
     assert problems == []
     assert [url for url in requested if not url.startswith(proxy.admin_url + "/")] == []
-    share, colours = drawn_share(SCREENSHOT)
+    share, colours = drawn_share(screenshot)
     assert share > 0.02, share
     assert colours > 50, colours
 

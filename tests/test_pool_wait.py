@@ -36,7 +36,7 @@ async def test_a_queued_request_gets_the_slot_once_freed(origin: Origin) -> None
         await asyncio.sleep(0)  # let it reach the queue
         assert not queued.done()
         held.release()
-        async with await queued as resp:
+        async with await asyncio.wait_for(queued, 10) as resp:
             assert resp.status == 200
 
 

@@ -29,7 +29,7 @@ from proxy.rules.policy import Credential
 from proxy.tls.certs import CertificateAuthority, write_ca
 from tests.conftest import LogCapture, RunningProxy, read_head
 from tests.dns import DnsServer, start_dns, stop_dns
-from tests.oracle import Received, Rejected
+from tests.oracle import Received, Rejected, ResponseReading
 from tests.otlp import OtlpReceiver, attributes
 from tests.test_failures import unanswered_port  # noqa: F401 (a fixture)
 from tests.test_limits import until
@@ -190,30 +190,17 @@ async def read_response(reader: asyncio.StreamReader, method: bytes) -> Received
     conn = h11.Connection(h11.CLIENT)
     conn.send(h11.Request(method=method, target="/", headers=[("Host", "x")]))
     conn.send(h11.EndOfMessage())
-    response: Received | None = None
-    body = bytearray()
-    while True:
-        try:
-            event = conn.next_event()
-        except h11.RemoteProtocolError as exc:
-            return Rejected(str(exc))
-        if event is h11.NEED_DATA:
+    reading = ResponseReading(conn)
+    try:
+        while not reading.step():
             try:
                 data = await asyncio.wait_for(reader.read(65536), 10)
             except ConnectionResetError:
                 data = b""
             conn.receive_data(data)
-        elif isinstance(event, h11.ConnectionClosed):
-            return None
-        elif isinstance(event, h11.Response):
-            fields = [(name.lower(), value) for name, value in event.headers.raw_items()]
-            response = Received(event.status_code, bytes(event.reason), fields, b"")
-        elif isinstance(event, h11.Data):
-            body += event.data
-        elif isinstance(event, h11.EndOfMessage):
-            assert response is not None
-            response.body = bytes(body)
-            return response
+    except h11.RemoteProtocolError as exc:
+        return Rejected(str(exc))
+    return reading.response
 
 
 async def read_connect_answer(reader: asyncio.StreamReader) -> Received:

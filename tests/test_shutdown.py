@@ -46,7 +46,7 @@ async def test_upload_in_flight_completes_during_drain(
             return result
 
     uploading = asyncio.create_task(upload())
-    await half_sent.wait()
+    await asyncio.wait_for(half_sent.wait(), 10)
     draining = asyncio.create_task(proxy.server.drain(grace=0.3, drain_timeout=10))
     await asyncio.sleep(0.05)
 
@@ -62,9 +62,9 @@ async def test_upload_in_flight_completes_during_drain(
         assert r.headers["Connection"] == "close"
     assert proxy.sample("proxy_denied_total", reason="shutting_down") == 1
 
-    echo = await uploading
+    echo = await asyncio.wait_for(uploading, 10)
     assert echo["body_sha256"] == hashlib.sha256(b"".join(parts)).hexdigest()
-    assert await draining is True
+    assert await asyncio.wait_for(draining, 15) is True  # drain_timeout=10 bounds it
     assert proxy.server.lifecycle.in_flight == 0
 
 
@@ -242,7 +242,7 @@ async def test_download_cut_off_at_shutdown_is_logged_and_counted_as_an_error(
     reader, writer = await proxy.connect()
     url = origin.url("/stream?size=20000000&cl=1&delay_ms=50")  # about 15 s: never finishes here
     writer.write(f"GET {url} HTTP/1.1\r\nHost: {origin.authority}\r\n\r\n".encode())
-    first = await reader.readexactly(100_000)
+    first = await asyncio.wait_for(reader.readexactly(100_000), 10)
     assert first.startswith(b"HTTP/1.1 200 OK\r\n")
     rest = asyncio.ensure_future(reader.read())  # keeps reading until the proxy cuts it off
     try:

@@ -96,10 +96,10 @@ async def _parsed(line: bytes) -> URL | None:
     port = listener.sockets[0].getsockname()[1]
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(line + b"\r\nHost: x\r\nConnection: close\r\n\r\n")
-    await reader.read(-1)
+    await asyncio.wait_for(reader.read(-1), 10)
     writer.close()
     listener.close()
-    await server.shutdown()
+    await server.shutdown(10)
     result: URL | None = seen[0]
     return result
 

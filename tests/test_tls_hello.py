@@ -24,6 +24,7 @@ from proxy.rules.tls_hello import (
     parse_server_hello,
     version_name,
 )
+from tests.tls import MemoryPeers
 
 
 @dataclass
@@ -42,29 +43,12 @@ def handshake_bytes(
     server_alpn: list[str] | None = None,
     maximum: ssl.TLSVersion = ssl.TLSVersion.TLSv1_3,
 ) -> Flight:
-    """Run a client and a server over memory BIOs until the server has answered the hello."""
-    client_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ca.configure_trust(client_ctx)
-    client_ctx.maximum_version = maximum
-    if client_alpn is not None:
-        client_ctx.set_alpn_protocols(client_alpn)
-    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ca.issue_cert("api.test").configure_cert(server_ctx)
-    if server_alpn is not None:
-        server_ctx.set_alpn_protocols(server_alpn)
-    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
-    client = client_ctx.wrap_bio(c_in, c_out, server_hostname=sni)
-    if sni is None:
-        client_ctx.check_hostname = False
-        client = client_ctx.wrap_bio(c_in, c_out)
-    server = server_ctx.wrap_bio(s_in, s_out, server_side=True)
-    with pytest.raises(ssl.SSLWantReadError):
-        client.do_handshake()
-    hello = c_out.read()
-    s_in.write(hello)
-    with pytest.raises(ssl.SSLWantReadError):
-        server.do_handshake()
-    return Flight(hello, s_out.read())
+    """The ClientHello and the server's answer to it, from a real handshake over memory BIOs."""
+    peers = MemoryPeers(
+        ca, sni=sni, client_alpn=client_alpn, server_alpn=server_alpn, maximum=maximum
+    )
+    (_, hello), (_, answer), *_ = peers.handshake()
+    return Flight(hello, answer)
 
 
 @pytest.fixture(scope="module")

@@ -50,7 +50,7 @@ async def test_request_behind_a_slow_one_shows_the_wait_in_queue(
     slow = asyncio.create_task(fetch("/slow-headers?ms=300"))
     await asyncio.sleep(0.05)  # let the slow one take the only connection first
     await fetch("/echo")
-    await slow
+    await asyncio.wait_for(slow, 10)
     lines = {line["path"]: line for line in logs.events("access")}
     assert lines["/echo"]["queue_ms"] >= 200
     assert lines["/echo"]["ttfb_ms"] < 100
@@ -148,7 +148,7 @@ async def test_retry_after_a_handshake_then_close_gives_no_negative_connect(
                 assert resp.status == 502
     finally:
         server.close()
-        await server.wait_closed()
+        await asyncio.wait_for(server.wait_closed(), 10)
     assert dials == 2  # aiohttp retried the idempotent GET once on a fresh connection
     (line,) = logs.events("access")
     assert line["connect_ms"] >= 0

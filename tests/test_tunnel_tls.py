@@ -21,6 +21,7 @@ import pytest
 import requests
 import trustme
 
+from benchmarks.processes import stop
 from proxy.rules.tls_hello import HandshakeReader, HelloError
 from tests.conftest import LogCapture, RunningProxy, unavailable
 from tests.test_forwarding import curl
@@ -516,13 +517,7 @@ async def test_tls12_renegotiation_passes_and_is_no_exchange(
             await asyncio.wait_for(read_until(process.stdout, BODY), 10)
         finally:
             process.stdin.close()
-            with contextlib.suppress(ProcessLookupError):
-                process.terminate()
-            try:
-                await asyncio.wait_for(process.wait(), 5)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
+            await stop(process)
         (line,) = await logs.wait_for("tunnel")
     assert line["tls_version"] == "TLSv1.2"
     assert line["exchanges"] == 1

@@ -107,7 +107,7 @@ async def delayed_handshake(target: TLSOrigin, delay: float) -> AsyncIterator[in
         for task in list(tasks):
             task.cancel()
         server.close()
-        await server.wait_closed()
+        await asyncio.wait_for(server.wait_closed(), 10)
 
 
 @pytest.fixture
@@ -133,14 +133,16 @@ class MemoryPeers:
         server_alpn: list[str] | None = None,
         tickets: int | None = None,
         server_curve: str | None = None,
-        sni: str = "api.test",
+        sni: str | None = "api.test",
     ) -> None:
+        """``sni`` None: the client sends none (and checks no name; the chain it still checks)."""
         client_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ca.configure_trust(client_ctx)
         client_ctx.maximum_version = maximum
+        client_ctx.check_hostname = sni is not None
         if client_alpn is not None:
             client_ctx.set_alpn_protocols(client_alpn)
-        server_ctx = server_context(ca, sni)
+        server_ctx = server_context(ca, sni or "api.test")
         if server_alpn is not None:
             server_ctx.set_alpn_protocols(server_alpn)
         if tickets is not None:

@@ -24,6 +24,7 @@ from array import array
 from bisect import bisect_left
 from collections import deque
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Final, NamedTuple
 
 STEP: Final = 5.0  # seconds between counter snapshots
@@ -51,46 +52,21 @@ class Counts(NamedTuple):
     sums: array[float]  # each row's sum of observations
 
 
+@dataclass(slots=True, eq=False)
 class Call:
     """One finished call as the page lists it: ids, method, path without its query, status,
     error and phases (seconds); never a header value or a body."""
 
-    __slots__ = (
-        "at",
-        "error",
-        "host",
-        "method",
-        "path",
-        "phases",
-        "request_id",
-        "status",
-        "total",
-        "trace_id",
-    )
-
-    def __init__(
-        self,
-        at: float,
-        host: str,
-        method: str,
-        path: str,
-        status: int,
-        error: str | None,
-        request_id: str,
-        trace_id: str | None,
-        total: float,
-        phases: tuple[float | None, ...],
-    ) -> None:
-        self.at = at  # the metrics clock (monotonic) when it finished
-        self.host = host
-        self.method = method
-        self.path = path
-        self.status = status
-        self.error = error
-        self.request_id = request_id
-        self.trace_id = trace_id
-        self.total = total
-        self.phases = phases  # queue, dns, connect, tls, ttfb: None where the phase did not run
+    at: float  # the metrics clock (monotonic) when it finished
+    host: str
+    method: str
+    path: str
+    status: int
+    error: str | None
+    request_id: str
+    trace_id: str | None
+    total: float
+    phases: tuple[float | None, ...]  # queue, dns, connect, tls, ttfb: None where not run
 
     def __lt__(self, other: Call) -> bool:
         # heapq orders by this: the heap's top is the fastest of the slow calls.

@@ -21,6 +21,9 @@ from proxy.rules.hostpatterns import HostPatterns, check_pattern
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
+# Never dialled unless an allow rule says so: link-local (which holds the cloud metadata
+# service at 169.254.169.254), AWS's IPv6 metadata address, and the unspecified
+# addresses, which Linux connects to the local host.
 BUILTIN_DENIED: Final = ("169.254.0.0/16", "fe80::/10", "fd00:ec2::254/128", "0.0.0.0/8", "::/128")
 
 LOOPBACK: Final = ("127.0.0.0/8", "::1/128")
