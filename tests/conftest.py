@@ -29,8 +29,9 @@ from proxy.config import Address, Settings
 from proxy.observe import log
 from proxy.server import ProxyServer
 
-# TLS origins (tests/tls.py): the secure_origin fixture.
-pytest_plugins = ["tests.tls"]
+# TLS origins (tests/tls.py): the secure_origin fixture; HTTP/2 origins (tests/h2_origin.py):
+# the tls_h2_origin and h2c_origin fixtures.
+pytest_plugins = ["tests.tls", "tests.h2_origin"]
 
 GZIP_BODY = gzip.compress(b"compressed hello " * 100)
 
@@ -313,13 +314,18 @@ class RunningProxy:
     def admin_url(self) -> str:
         return f"http://{self.server.admin_address}"
 
+    @property
+    def port(self) -> int:
+        """The proxy listener's port."""
+        assert self.server.proxy_address is not None
+        return self.server.proxy_address.port
+
     def sample(self, name: str, **labels: str) -> float | None:
         return self.registry.get_sample_value(name, labels)
 
     async def connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """A raw client connection to the proxy listener."""
-        assert self.server.proxy_address is not None
-        return await asyncio.open_connection("127.0.0.1", self.server.proxy_address.port)
+        return await asyncio.open_connection("127.0.0.1", self.port)
 
 
 TEST_SETTINGS = Settings(listen=Address("127.0.0.1", 0), admin_listen=Address("127.0.0.1", 0))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import h2.config
@@ -143,6 +144,18 @@ async def connect(
         host = authority.rsplit(":", 1)[0]
         await asyncio.wait_for(writer.start_tls(context, server_hostname=host), 5)
     return H2TestClient(reader, writer)
+
+
+@contextlib.asynccontextmanager
+async def connected(
+    proxy_port: int, authority: str, context: ssl.SSLContext | None = None
+) -> AsyncIterator[H2TestClient]:
+    """``connect``, closed on the way out."""
+    client = await connect(proxy_port, authority, context)
+    try:
+        yield client
+    finally:
+        await client.close()
 
 
 def get(authority: str, path: str, scheme: str = "https", *extra: tuple[bytes, bytes]) -> Fields:

@@ -26,6 +26,7 @@ from urllib.parse import parse_qs
 import h2.config
 import h2.connection
 import h2.events
+import pytest
 import trustme
 from hypercorn.asyncio import serve
 from hypercorn.config import Config
@@ -151,6 +152,20 @@ async def h2_origin(ca: trustme.CA | None, max_streams: int = 100) -> AsyncItera
             await asyncio.wait_for(task, 5)
         for file in files:
             file.__exit__(None, None, None)
+
+
+@pytest.fixture
+async def tls_h2_origin(tls_ca: trustme.CA) -> AsyncIterator[H2Origin]:
+    """hypercorn over TLS (h2 by ALPN), certified for localhost by ``tls_ca``."""
+    async with h2_origin(tls_ca) as origin:
+        yield origin
+
+
+@pytest.fixture
+async def h2c_origin() -> AsyncIterator[H2Origin]:
+    """hypercorn in the clear: h2c with prior knowledge (and HTTP/1.1)."""
+    async with h2_origin(None) as origin:
+        yield origin
 
 
 def client_context(ca: trustme.CA) -> ssl.SSLContext:

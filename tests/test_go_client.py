@@ -12,18 +12,17 @@ import json
 import os
 import shutil
 import subprocess
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-import trustme
 
 from benchmarks.processes import communicate
 from tests import test_intercept
 from tests.conftest import LogCapture, RunningProxy, pattern, unavailable
-from tests.h2_origin import H2Origin, h2_origin
-from tests.test_intercept import CAFiles
+from tests.h2_origin import H2Origin
+from tests.test_intercept import CAFiles, intercepting_proxy
 
 StartProxy = Callable[..., Awaitable[RunningProxy]]
 ca_files = test_intercept.ca_files
@@ -76,12 +75,6 @@ async def run_go(binary: Path, proxy: str, ca: str, *urls: str) -> list[dict[str
     return results
 
 
-@pytest.fixture
-async def tls_h2_origin(tls_ca: trustme.CA) -> AsyncIterator[H2Origin]:
-    async with h2_origin(tls_ca) as origin:
-        yield origin
-
-
 async def test_go_net_http_gets_http2_through_interception(
     go_client: Path,
     start_proxy: StartProxy,
@@ -94,13 +87,7 @@ async def test_go_net_http_gets_http2_through_interception(
     answer with its trailers and a 1 MiB body come through, and each GET is an HTTP/2 access
     line."""
     origin = tls_h2_origin
-    proxy = await start_proxy(
-        intercept=("localhost",),
-        ca_cert=ca_files.cert,
-        ca_key=ca_files.key,
-        upstream_ca_file=tls_ca_file,
-        connect_ports=(origin.port,),
-    )
+    proxy = await intercepting_proxy(start_proxy, ca_files, tls_ca_file, origin.port)
     grpc, big = await run_go(
         go_client,
         proxy.url,

@@ -23,7 +23,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 from tests import otlp, test_intercept
 from tests.conftest import LogCapture, RunningProxy, pattern
 from tests.otlp import StartReceiver, attributes
-from tests.test_intercept import CAFiles
+from tests.test_intercept import CAFiles, intercepting_proxy
 from tests.tls import TLSOrigin
 
 StartProxy = Callable[..., Awaitable[RunningProxy]]
@@ -100,20 +100,6 @@ def grpc_origin(tls_ca: trustme.CA) -> Iterator[GrpcOrigin]:
         yield GrpcOrigin(tls_port, plain_port)
     finally:
         server.stop(0).wait(5)
-
-
-async def intercepting_proxy(
-    start_proxy: StartProxy, ca_files: CAFiles, tls_ca_file: str, port: int, **changes: Any
-) -> RunningProxy:
-    """A proxy intercepting localhost on ``port`` (a --connect-ports port)."""
-    return await start_proxy(
-        intercept=("localhost",),
-        ca_cert=ca_files.cert,
-        ca_key=ca_files.key,
-        upstream_ca_file=tls_ca_file,
-        connect_ports=(port,),
-        **changes,
-    )
 
 
 def tls_channel(proxy: RunningProxy, port: int, *roots: str) -> grpc.Channel:

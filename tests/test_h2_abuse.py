@@ -21,7 +21,6 @@ from typing import Any
 import aiohttp
 import hpack
 import pytest
-import trustme
 from h2.errors import ErrorCodes
 from hyperframe.frame import (
     ContinuationFrame,
@@ -40,9 +39,9 @@ from benchmarks.procfs import rss_mb
 from proxy.config import Settings
 from tests import h2_client, test_intercept
 from tests.h2_client import H2TestClient
-from tests.h2_origin import H2Origin, h2_origin
+from tests.h2_origin import H2Origin
 from tests.test_cli import start_cli
-from tests.test_intercept import CAFiles
+from tests.test_intercept import CAFiles, intercept_flags
 from tests.test_limits import until
 
 ca_files = test_intercept.ca_files  # the interception CA fixture
@@ -89,40 +88,17 @@ class Child:
 
 
 @pytest.fixture
-async def tls_h2(tls_ca: trustme.CA) -> AsyncIterator[H2Origin]:
-    async with h2_origin(tls_ca) as origin:
-        yield origin
-
-
-@pytest.fixture
-async def clear_h2() -> AsyncIterator[H2Origin]:
-    async with h2_origin(None) as origin:
-        yield origin
-
-
-@pytest.fixture
 async def child(
-    ca_files: CAFiles, tls_ca_file: str, tls_h2: H2Origin, clear_h2: H2Origin
+    ca_files: CAFiles, tls_ca_file: str, tls_h2_origin: H2Origin, h2c_origin: H2Origin
 ) -> AsyncIterator[Child]:
     """The proxy CLI intercepting the TLS origin and serving h2c towards the clear one."""
     running = await start_cli(
-        "--intercept",
-        "localhost",
-        "--ca-cert",
-        ca_files.cert,
-        "--ca-key",
-        ca_files.key,
-        "--upstream-ca-file",
-        tls_ca_file,
-        "--connect-ports",
-        str(tls_h2.port),
-        "--connect-http-ports",
-        str(clear_h2.port),
-        "--shutdown-grace",
-        "0",
+        *intercept_flags(ca_files, tls_ca_file, tls_h2_origin.port),
+        *("--connect-http-ports", str(h2c_origin.port), "--shutdown-grace", "0"),
     )
     port = int(running.proxy.rsplit(":", 1)[1])
-    it = Child(running.process, port, running.metrics, tls_h2, clear_h2, ca_files.client_context())
+    context = ca_files.client_context()
+    it = Child(running.process, port, running.metrics, tls_h2_origin, h2c_origin, context)
 
     async def read_log() -> None:
         assert running.process.stdout is not None

@@ -6,7 +6,7 @@ import asyncio
 import hashlib
 import json
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import httpx
@@ -19,24 +19,16 @@ from tests import h2_client, test_intercept
 from tests.conftest import LogCapture, Origin, RunningProxy, pattern, proxy_process
 from tests.h2_origin import EARLY_HINT, H2Origin, h2_origin, raw_h2_origin
 from tests.test_forwarding import curl
-from tests.test_intercept import CAFiles
+from tests.test_intercept import CAFiles, intercept_flags, intercepting_proxy
 from tests.test_limits import until
 from tests.tls import TLSOrigin
 
 StartProxy = Callable[..., Awaitable[RunningProxy]]
 TE_TRAILERS = (b"te", b"trailers")
 
-# The interception fixtures: a CA, a TLS origin, a proxy intercepting it.
+# The interception fixtures: a CA, a proxy intercepting the TLS origin.
 ca_files = test_intercept.ca_files
-secure_origin = test_intercept.secure_origin
 intercepting = test_intercept.intercepting
-
-
-@pytest.fixture
-async def h2c_origin() -> AsyncIterator[H2Origin]:
-    """hypercorn in the clear: h2c with prior knowledge (and HTTP/1.1)."""
-    async with h2_origin(None) as origin:
-        yield origin
 
 
 async def h2c_proxy(
@@ -161,22 +153,10 @@ async def test_h2c_to_an_http1_origin_is_a_502(
 
 
 @pytest.fixture
-async def tls_h2_origin(tls_ca: trustme.CA) -> AsyncIterator[H2Origin]:
-    async with h2_origin(tls_ca) as origin:
-        yield origin
-
-
-@pytest.fixture
 async def intercepting_h2(
     start_proxy: StartProxy, ca_files: CAFiles, tls_ca_file: str, tls_h2_origin: H2Origin
 ) -> RunningProxy:
-    return await start_proxy(
-        intercept=("localhost",),
-        ca_cert=ca_files.cert,
-        ca_key=ca_files.key,
-        upstream_ca_file=tls_ca_file,
-        connect_ports=(tls_h2_origin.port,),
-    )
+    return await intercepting_proxy(start_proxy, ca_files, tls_ca_file, tls_h2_origin.port)
 
 
 async def test_curl_and_httpx_get_http2_end_to_end(
@@ -214,23 +194,18 @@ async def test_trailers_are_relayed_byte_exact(
     intercepting_h2: RunningProxy, ca_files: CAFiles, tls_h2_origin: H2Origin
 ) -> None:
     """grpc-status and grpc-message reach the client as the origin sent them."""
-    client = await h2_client.connect(
-        intercepting_h2.server.proxy_address.port,  # type: ignore[union-attr]
-        tls_h2_origin.authority,
-        ca_files.client_context(),
-    )
-    try:
+    async with h2_client.connected(
+        intercepting_h2.port, tls_h2_origin.authority, ca_files.client_context()
+    ) as client:
         answer = await client.fetch(
             h2_client.get(
                 tls_h2_origin.authority,
                 "/grpc?status=5&messages=2",
                 "https",
-                (b"te", b"trailers"),
+                TE_TRAILERS,
                 (b"content-type", b"application/grpc"),
             )
         )
-    finally:
-        await client.close()
     assert answer.status == 200
     assert answer.body == (b"\x00\x00\x00\x00\x05hello") * 2
     assert answer.trailers == [(b"grpc-status", b"5"), (b"grpc-message", b"caf\xc3\xa9 %20 ok")]
@@ -241,20 +216,15 @@ async def test_timings_are_true_over_http2(
 ) -> None:
     """Headers held 300 ms land in ttfb; 5 messages 100 ms apart in total, not ttfb; the
     second call on the connection is reused, with no connect or tls of its own."""
-    client = await h2_client.connect(
-        intercepting_h2.server.proxy_address.port,  # type: ignore[union-attr]
-        tls_h2_origin.authority,
-        ca_files.client_context(),
-    )
     path = "/grpc?head_ms=300&messages=5&gap_ms=100"
-    try:
+    async with h2_client.connected(
+        intercepting_h2.port, tls_h2_origin.authority, ca_files.client_context()
+    ) as client:
         for _ in range(2):
             answer = await client.fetch(
-                h2_client.get(tls_h2_origin.authority, path, "https", (b"te", b"trailers"))
+                h2_client.get(tls_h2_origin.authority, path, "https", TE_TRAILERS)
             )
             assert answer.trailers[0] == (b"grpc-status", b"0")
-    finally:
-        await client.close()
     first, second = await logs.wait_for("access", 2)
     for line in (first, second):
         assert line["ttfb_ms"] >= 300
@@ -275,23 +245,18 @@ async def test_grpc_to_an_http1_only_origin_is_a_clear_502(
     intercepting: RunningProxy, ca_files: CAFiles, secure_origin: TLSOrigin, logs: LogCapture
 ) -> None:
     """A gRPC request to an origin whose ALPN offers no h2: 502 with a Proxy-Status reason."""
-    client = await h2_client.connect(
-        intercepting.server.proxy_address.port,  # type: ignore[union-attr]
-        f"localhost:{secure_origin.port}",
-        ca_files.client_context(),
-    )
-    try:
+    async with h2_client.connected(
+        intercepting.port, f"localhost:{secure_origin.port}", ca_files.client_context()
+    ) as client:
         answer = await client.fetch(
             h2_client.get(
                 f"localhost:{secure_origin.port}",
                 "/echo",
                 "https",
-                (b"te", b"trailers"),
+                TE_TRAILERS,
                 (b"content-type", b"application/grpc"),
             )
         )
-    finally:
-        await client.close()
     assert answer.status == 502
     status = answer.header(b"proxy-status") or b""
     assert b"error=http_protocol_error" in status
@@ -304,12 +269,9 @@ async def test_client_reset_before_the_answer_leaves_the_upstream_stream_waiting
 ) -> None:
     """A client that resets its stream while the origin holds the head back: the upstream
     stream is reset at once (the origin sees the client go) and the call is logged 499."""
-    client = await h2_client.connect(
-        intercepting_h2.server.proxy_address.port,  # type: ignore[union-attr]
-        tls_h2_origin.authority,
-        ca_files.client_context(),
-    )
-    try:
+    async with h2_client.connected(
+        intercepting_h2.port, tls_h2_origin.authority, ca_files.client_context()
+    ) as client:
         sid = client.start(
             h2_client.get(tls_h2_origin.authority, "/grpc?head_ms=8000", "https", TE_TRAILERS)
         )
@@ -318,8 +280,6 @@ async def test_client_reset_before_the_answer_leaves_the_upstream_stream_waiting
         client.flush()
         (line,) = await logs.wait_for("access")
         await until(lambda: tls_h2_origin.disconnects == 1)
-    finally:
-        await client.close()
     assert (line["status"], line["error"]) == (499, "client_disconnected")
     assert line["ttfb_ms"] is None
 
@@ -331,25 +291,14 @@ async def test_origin_goaway_kills_the_streams_it_promised_to_finish(
     still ends whole, trailers included (RFC 9113 §6.8); the next request gets a new
     connection."""
     async with raw_h2_origin(tls_ca, goaway=True) as origin:
-        proxy = await start_proxy(
-            intercept=("localhost",),
-            ca_cert=ca_files.cert,
-            ca_key=ca_files.key,
-            upstream_ca_file=tls_ca_file,
-            connect_ports=(origin.port,),
-        )
-        client = await h2_client.connect(
-            proxy.server.proxy_address.port,  # type: ignore[union-attr]
-            origin.authority,
-            ca_files.client_context(),
-        )
-        try:
+        proxy = await intercepting_proxy(start_proxy, ca_files, tls_ca_file, origin.port)
+        async with h2_client.connected(
+            proxy.port, origin.authority, ca_files.client_context()
+        ) as client:
             answers = [
                 await client.fetch(h2_client.get(origin.authority, "/", "https", TE_TRAILERS))
                 for _ in range(2)
             ]
-        finally:
-            await client.close()
     for answer in answers:
         assert (answer.status, answer.reset) == (200, None)
         assert answer.body == b"before after"
@@ -368,28 +317,22 @@ async def test_stream_waiting_for_a_slot_under_a_stream_limit_of_one_deadlocks(
     waits for the first one's slot (not for a dial the pool limit forbids), and that wait is
     its queue phase; it rides the same connection."""
     async with h2_origin(tls_ca, max_streams=1) as origin:
-        proxy = await start_proxy(
-            intercept=("localhost",),
-            ca_cert=ca_files.cert,
-            ca_key=ca_files.key,
-            upstream_ca_file=tls_ca_file,
-            connect_ports=(origin.port,),
+        proxy = await intercepting_proxy(
+            start_proxy,
+            ca_files,
+            tls_ca_file,
+            origin.port,
             pool_limit_per_host=1,
             pool_wait_timeout=5.0,
         )
-        client = await h2_client.connect(
-            proxy.server.proxy_address.port,  # type: ignore[union-attr]
-            origin.authority,
-            ca_files.client_context(),
-        )
-        try:
+        async with h2_client.connected(
+            proxy.port, origin.authority, ca_files.client_context()
+        ) as client:
             held = client.start(
                 h2_client.get(origin.authority, "/grpc?head_ms=300", "https", TE_TRAILERS)
             )
             second = client.start(h2_client.get(origin.authority, "/grpc", "https", TE_TRAILERS))
             answers = [await client.wait(held), await client.wait(second)]
-        finally:
-            await client.close()
     assert [(a.status, a.trailers[:1]) for a in answers] == [(200, [(b"grpc-status", b"0")])] * 2
     first, waited = await logs.wait_for("access", 2)  # in the order they ended
     assert first["reused"] is False
@@ -408,26 +351,16 @@ async def test_idle_upstream_http2_connection_is_kept_forever(
     """An upstream HTTP/2 connection with no stream is closed after
     --upstream-keepalive-timeout, as an idle HTTP/1.1 one is: it holds a pool slot."""
     async with raw_h2_origin(tls_ca, goaway=False) as origin:
-        proxy = await start_proxy(
-            intercept=("localhost",),
-            ca_cert=ca_files.cert,
-            ca_key=ca_files.key,
-            upstream_ca_file=tls_ca_file,
-            connect_ports=(origin.port,),
-            upstream_keepalive_timeout=0.3,
+        proxy = await intercepting_proxy(
+            start_proxy, ca_files, tls_ca_file, origin.port, upstream_keepalive_timeout=0.3
         )
-        client = await h2_client.connect(
-            proxy.server.proxy_address.port,  # type: ignore[union-attr]
-            origin.authority,
-            ca_files.client_context(),
-        )
-        try:
+        async with h2_client.connected(
+            proxy.port, origin.authority, ca_files.client_context()
+        ) as client:
             answer = await client.fetch(h2_client.get(origin.authority, "/", "https", TE_TRAILERS))
             assert answer.body == b"before after"
             await until(lambda: origin.closed_by_client == 1)
             again = await client.fetch(h2_client.get(origin.authority, "/", "https", TE_TRAILERS))
-        finally:
-            await client.close()
     assert again.body == b"before after"
     assert origin.connections == 2
 
@@ -441,16 +374,12 @@ async def test_sigterm_sends_goaway_finishes_streams_in_flight_and_refuses_new_o
     exits 0 once the connection is done, well inside the drain timeout."""
     origin = tls_h2_origin
     async with proxy_process(
-        "--admin-listen",
-        "off",
-        *("--intercept", "localhost", "--ca-cert", ca_files.cert, "--ca-key", ca_files.key),
-        *("--upstream-ca-file", tls_ca_file, "--connect-ports", str(origin.port)),
-        *("--shutdown-grace", "0.2", "--drain-timeout", "30"),
+        *("--admin-listen", "off", "--shutdown-grace", "0.2", "--drain-timeout", "30"),
+        *intercept_flags(ca_files, tls_ca_file, origin.port),
     ) as (process, proxy_url):
-        client = await h2_client.connect(
+        async with h2_client.connected(
             URL(proxy_url).port or 0, origin.authority, ca_files.client_context()
-        )
-        try:
+        ) as client:
             path = "/grpc?head_ms=100&messages=5&gap_ms=100"
             in_flight = client.start(h2_client.get(origin.authority, path, "https", TE_TRAILERS))
             await until(lambda: len(origin.versions) == 1)  # it reached the origin
@@ -461,8 +390,6 @@ async def test_sigterm_sends_goaway_finishes_streams_in_flight_and_refuses_new_o
             late = client.start(h2_client.get(origin.authority, "/echo"))
             answer = await client.wait(in_flight)
             refused = await client.wait(late)
-        finally:
-            await client.close()
         assert await asyncio.wait_for(process.wait(), 20) == 0
     assert client.goaways == [(in_flight, ErrorCodes.NO_ERROR)]
     assert (answer.status, answer.reset) == (200, None)
@@ -483,8 +410,7 @@ async def test_http2_upstream_on_uvloop_is_a_502(
         h2_origin(None) as plain,
         proxy_process(
             *("--admin-listen", "off", "--event-loop", loop),
-            *("--intercept", "localhost", "--ca-cert", ca_files.cert, "--ca-key", ca_files.key),
-            *("--upstream-ca-file", tls_ca_file, "--connect-ports", str(origin.port)),
+            *intercept_flags(ca_files, tls_ca_file, origin.port),
             *("--connect-http-ports", str(plain.port)),
         ) as (_, proxy_url),
     ):
@@ -506,21 +432,10 @@ async def test_early_hints_from_an_http2_origin_are_dropped(
     """An h2 origin's 103 Early Hints reaches the HTTP/2 client ahead of the final response,
     as an informational HEADERS with the origin's fields and our Via (RFC 9113 §8.1)."""
     async with raw_h2_origin(tls_ca, hints=True) as origin:
-        proxy = await start_proxy(
-            intercept=("localhost",),
-            ca_cert=ca_files.cert,
-            ca_key=ca_files.key,
-            upstream_ca_file=tls_ca_file,
-            connect_ports=(origin.port,),
-        )
-        client = await h2_client.connect(
-            proxy.server.proxy_address.port,  # type: ignore[union-attr]
-            origin.authority,
-            ca_files.client_context(),
-        )
-        try:
+        proxy = await intercepting_proxy(start_proxy, ca_files, tls_ca_file, origin.port)
+        async with h2_client.connected(
+            proxy.port, origin.authority, ca_files.client_context()
+        ) as client:
             answer = await client.fetch(h2_client.get(origin.authority, "/", "https", TE_TRAILERS))
-        finally:
-            await client.close()
     assert answer.interim == [[(b":status", b"103"), EARLY_HINT, (b"via", b"2 tracing-proxy")]]
     assert (answer.status, answer.body) == (200, b"before after")

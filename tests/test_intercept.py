@@ -46,7 +46,7 @@ from tests.test_cli import start_cli
 from tests.test_forwarding import curl
 from tests.test_limits import until
 from tests.test_tunnelling import Tunnel, open_tunnel
-from tests.tls import TLSOrigin, server_context, tls_origin
+from tests.tls import TLSOrigin, server_context
 
 StartProxy = Callable[..., Awaitable[RunningProxy]]
 MIB = 1 << 20
@@ -70,10 +70,27 @@ def ca_files(tmp_path: Path) -> CAFiles:
     return CAFiles(ca, str(cert), str(key))
 
 
-@pytest.fixture
-async def secure_origin(tls_ca: trustme.CA) -> AsyncIterator[TLSOrigin]:
-    async with tls_origin(server_context(tls_ca, "localhost", "127.0.0.1")) as origin:
-        yield origin
+async def intercepting_proxy(
+    start_proxy: StartProxy, ca_files: CAFiles, tls_ca_file: str, port: int, **changes: Any
+) -> RunningProxy:
+    """A proxy intercepting localhost on ``port`` (a --connect-ports port) with our CA, trusting
+    the origins' CA; ``changes`` add settings or override these."""
+    settings: dict[str, Any] = {
+        "intercept": ("localhost",),
+        "ca_cert": ca_files.cert,
+        "ca_key": ca_files.key,
+        "upstream_ca_file": tls_ca_file,
+        "connect_ports": (port,),
+    }
+    return await start_proxy(**(settings | changes))
+
+
+def intercept_flags(ca_files: CAFiles, tls_ca_file: str, port: int) -> tuple[str, ...]:
+    """The same as ``intercepting_proxy``'s settings, as ``python -m proxy`` flags."""
+    return (
+        *("--intercept", "localhost", "--ca-cert", ca_files.cert, "--ca-key", ca_files.key),
+        *("--upstream-ca-file", tls_ca_file, "--connect-ports", str(port)),
+    )
 
 
 @pytest.fixture
@@ -81,12 +98,12 @@ async def intercepting(
     start_proxy: StartProxy, ca_files: CAFiles, tls_ca_file: str, secure_origin: TLSOrigin
 ) -> RunningProxy:
     """A proxy intercepting localhost and 127.0.0.1 on the TLS origin's port."""
-    return await start_proxy(
+    return await intercepting_proxy(
+        start_proxy,
+        ca_files,
+        tls_ca_file,
+        secure_origin.port,
         intercept=("localhost", "127.0.0.1"),
-        ca_cert=ca_files.cert,
-        ca_key=ca_files.key,
-        upstream_ca_file=tls_ca_file,
-        connect_ports=(secure_origin.port,),
     )
 
 
@@ -584,19 +601,7 @@ async def intercepting_cli(
     ca_files: CAFiles, tls_ca_file: str, origin: TLSOrigin, *extra: str
 ) -> AsyncIterator[Child]:
     """``python -m proxy`` (uvloop, the default loop) intercepting localhost."""
-    running = await start_cli(
-        "--intercept",
-        "localhost",
-        "--ca-cert",
-        ca_files.cert,
-        "--ca-key",
-        ca_files.key,
-        "--upstream-ca-file",
-        tls_ca_file,
-        "--connect-ports",
-        str(origin.port),
-        *extra,
-    )
+    running = await start_cli(*intercept_flags(ca_files, tls_ca_file, origin.port), *extra)
     child = Child(running.proxy, running.metrics, running.process, [])
 
     async def read_log() -> None:
@@ -762,13 +767,8 @@ async def test_slow_head_inside_an_intercepted_connection_gets_408(
     secure_origin: TLSOrigin,
 ) -> None:
     """--request-header-timeout runs on an intercepted stream: half a head, then 408 and close."""
-    proxy = await start_proxy(
-        intercept=("localhost",),
-        ca_cert=ca_files.cert,
-        ca_key=ca_files.key,
-        upstream_ca_file=tls_ca_file,
-        connect_ports=(secure_origin.port,),
-        request_header_timeout=0.5,
+    proxy = await intercepting_proxy(
+        start_proxy, ca_files, tls_ca_file, secure_origin.port, request_header_timeout=0.5
     )
     authority = f"localhost:{secure_origin.port}"
     tunnel = await open_tunnel(proxy.url, authority)
@@ -881,13 +881,8 @@ async def test_intercepted_websocket_never_releases_the_connect(
     """Four wss:// WebSockets in turn through interception (--max-client-connections 3): each
     end writes the CONNECT's tunnel line and gives its connection back."""
     async with ws_server(server_context(tls_ca, "localhost")) as port:
-        proxy = await start_proxy(
-            intercept=("localhost",),
-            ca_cert=ca_files.cert,
-            ca_key=ca_files.key,
-            upstream_ca_file=tls_ca_file,
-            connect_ports=(port,),
-            max_client_connections=3,
+        proxy = await intercepting_proxy(
+            start_proxy, ca_files, tls_ca_file, port, max_client_connections=3
         )
         for count in range(1, 5):
             await _websocket_once(
@@ -1067,19 +1062,6 @@ async def alpn_origin(context: ssl.SSLContext) -> AsyncIterator[int]:
     finally:
         server.close()
         await asyncio.wait_for(server.wait_closed(), 10)
-
-
-async def _intercepting_proxy(
-    start_proxy: StartProxy, ca_files: CAFiles, tls_ca_file: str, port: int, **changes: Any
-) -> RunningProxy:
-    return await start_proxy(
-        intercept=("localhost",),
-        ca_cert=ca_files.cert,
-        ca_key=ca_files.key,
-        upstream_ca_file=tls_ca_file,
-        connect_ports=(port,),
-        **changes,
-    )
 
 
 @pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
@@ -1346,7 +1328,7 @@ async def test_registered_stream_servers_get_their_streams(
     client's stream; one registered for "h2c" gets the prior-knowledge preface."""
     monkeypatch.setitem(STREAM_SERVERS, "h2", _toy("h2"))
     monkeypatch.setitem(STREAM_SERVERS, "h2c", _toy("h2c"))
-    proxy = await _intercepting_proxy(
+    proxy = await intercepting_proxy(
         start_proxy, ca_files, tls_ca_file, secure_origin.port, connect_http_ports=(origin.port,)
     )
     client = ca_files.client_context()

@@ -20,7 +20,7 @@ from tests.test_intercept import (  # noqa: F401
     CAFiles,
     ca_files,
     intercepting,
-    secure_origin,
+    intercepting_proxy,
     ws_server,
 )
 from tests.test_limits import until
@@ -94,7 +94,7 @@ async def test_node_https_call_through_interception(
     kind: str,
     intercepting: RunningProxy,  # noqa: F811
     ca_files: CAFiles,  # noqa: F811
-    secure_origin: TLSOrigin,  # noqa: F811
+    secure_origin: TLSOrigin,
     logs: LogCapture,
 ) -> None:
     """Trusting our CA (what NODE_EXTRA_CA_CERTS does), Node's https call is intercepted."""
@@ -119,11 +119,11 @@ async def test_node_websockets_inside_connect_never_release_it(
     (ws:// as plain HTTP inside CONNECT, wss:// intercepted): each echoes and ends its CONNECT."""
     context = server_context(tls_ca, "localhost") if scheme == "wss" else None
     async with ws_server(context) as port:
-        proxy = await start_proxy(
-            intercept=("localhost",),
-            ca_cert=ca_files.cert,
-            ca_key=ca_files.key,
-            upstream_ca_file=tls_ca_file,
+        proxy = await intercepting_proxy(
+            start_proxy,
+            ca_files,
+            tls_ca_file,
+            port,
             connect_ports=(port,) if scheme == "wss" else (),
             connect_http_ports=(port,) if scheme == "ws" else (),
             max_client_connections=3,
