@@ -169,18 +169,6 @@ def held(ca: trustme.CA) -> Callable[..., contextlib.AbstractContextManager[Held
     return start
 
 
-@pytest.fixture
-def https_proxy(monkeypatch: pytest.MonkeyPatch) -> Callable[[RunningProxy], None]:
-    """Point HTTPS_PROXY at a proxy for the clients that read it (requests, httpx)."""
-
-    def point_at(proxy: RunningProxy) -> None:
-        monkeypatch.setenv("HTTPS_PROXY", proxy.url)
-        for name in ("https_proxy", "NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
-            monkeypatch.delenv(name, raising=False)
-
-    return point_at
-
-
 # -- the clients: each fetches its URLs over one connection, through HTTPS_PROXY --------------
 
 
@@ -233,17 +221,41 @@ def client_id(case: tuple[Client, list[str]]) -> str:
     return case[0].__name__.removeprefix("with_")
 
 
+FetchThrough = Callable[
+    [Client, HeldOrigin, list[str]], Awaitable[tuple[RunningProxy, dict[str, Any]]]
+]
+
+
+@pytest.fixture
+def fetch_through(
+    start_proxy: StartProxy, ca_file: str, logs: LogCapture, monkeypatch: pytest.MonkeyPatch
+) -> FetchThrough:
+    """Fetch ``urls`` of a held origin with a client through a proxy that allows a CONNECT to
+    it, HTTPS_PROXY pointing at it (for the clients that read it: requests, httpx, node);
+    each answer is BODY. Gives the proxy and the tunnel's log line."""
+
+    async def fetch(
+        client: Client, origin: HeldOrigin, urls: list[str]
+    ) -> tuple[RunningProxy, dict[str, Any]]:
+        proxy = await start_proxy(connect_ports=(origin.port,))
+        monkeypatch.setenv("HTTPS_PROXY", proxy.url)
+        for name in ("https_proxy", "NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        assert await client(proxy.url, ca_file, urls) == [BODY] * len(urls)
+        (line,) = await logs.wait_for("tunnel")
+        return proxy, line
+
+    return fetch
+
+
 # -- the timings ---------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("maximum", [TLS12, TLS13], ids=["tls12", "tls13"])
 @pytest.mark.parametrize("case", CLIENTS, ids=client_id)
 async def test_handshake_and_first_response_through_a_plain_tunnel(
-    start_proxy: StartProxy,
     held: Callable[..., contextlib.AbstractContextManager[HeldOrigin]],
-    ca_file: str,
-    logs: LogCapture,
-    https_proxy: Callable[[RunningProxy], None],
+    fetch_through: FetchThrough,
     case: tuple[Client, list[str]],
     maximum: ssl.TLSVersion,
 ) -> None:
@@ -251,10 +263,7 @@ async def test_handshake_and_first_response_through_a_plain_tunnel(
     offer in TLS 1.3 leaves it untold; both in the line and the histograms."""
     fetch, offered = case
     with held(maximum=maximum, handshake_hold=HANDSHAKE_HOLD, response_hold=RESPONSE_HOLD) as o:
-        proxy = await start_proxy(connect_ports=(o.port,))
-        https_proxy(proxy)
-        assert await fetch(proxy.url, ca_file, [o.url()]) == [BODY]
-        (line,) = await logs.wait_for("tunnel")
+        proxy, line = await fetch_through(fetch, o, [o.url()])
     version = "TLSv1.3" if maximum is TLS13 else "TLSv1.2"
     assert (line["sni"], line["sni_mismatch"], line["tls_version"]) == ("localhost", False, version)
     assert line["alpn_offered"] == offered
@@ -282,22 +291,15 @@ KEEP_ALIVE = [c for c in CLIENTS if c[0] in (with_curl_http11, with_requests, wi
 @pytest.mark.parametrize("maximum", [TLS12, TLS13], ids=["tls12", "tls13"])
 @pytest.mark.parametrize("case", KEEP_ALIVE, ids=client_id)
 async def test_five_requests_on_one_tunnel_are_five_exchanges(
-    start_proxy: StartProxy,
     held: Callable[..., contextlib.AbstractContextManager[HeldOrigin]],
-    ca_file: str,
-    logs: LogCapture,
-    https_proxy: Callable[[RunningProxy], None],
+    fetch_through: FetchThrough,
     case: tuple[Client, list[str]],
     maximum: ssl.TLSVersion,
 ) -> None:
     """A kept-alive tunnel with 5 requests held 100 ms each: 5 exchanges, each timed."""
     fetch, _ = case
     with held(maximum=maximum, response_hold=0.1) as origin:
-        proxy = await start_proxy(connect_ports=(origin.port,))
-        https_proxy(proxy)
-        urls = [origin.url(f"/{n}") for n in range(5)]
-        assert await fetch(proxy.url, ca_file, urls) == [BODY] * 5
-        (line,) = await logs.wait_for("tunnel")
+        proxy, line = await fetch_through(fetch, origin, [origin.url(f"/{n}") for n in range(5)])
     assert origin.requests == 5
     assert line["exchanges"] == 5
     for first_byte in line["exchange_ttfb_ms"]:
