@@ -11,6 +11,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
@@ -124,19 +125,29 @@ async def in_thread(work: Callable[[], T]) -> T:
     return await asyncio.wait_for(asyncio.to_thread(work), 30)
 
 
-def every_kind_of_call(channel: grpc.Channel) -> list[Any]:
-    """Unary, NOT_FOUND, server-, client- and bidi-streaming: what each answered."""
-    unary = channel.unary_unary("/pkg.Svc/Unary")
-    answers: list[Any] = [unary(b"world", timeout=10)]
-    try:
-        unary(b"missing", timeout=10)
-        answers.append(grpc.StatusCode.OK)
-    except grpc.RpcError as exc:
-        answers.append(exc.code())
-    answers.append(list(channel.unary_stream("/pkg.Svc/Stream")(b"", timeout=10)))
-    answers.append(channel.stream_unary("/pkg.Svc/Collect")(iter([b"a", b"b", b"c"]), timeout=10))
-    answers.append(list(channel.stream_stream("/pkg.Svc/Chat")(iter([b"x", b"y"]), timeout=10)))
-    return answers
+async def every_kind_of_call(open_channel: Callable[[], grpc.Channel]) -> list[Any]:
+    """Unary, NOT_FOUND, server-, client- and bidi-streaming on a channel of their own (in a
+    thread, at most 30 s): what each answered."""
+
+    def calls() -> list[Any]:
+        with open_channel() as channel:
+            unary = channel.unary_unary("/pkg.Svc/Unary")
+            answers: list[Any] = [unary(b"world", timeout=10)]
+            try:
+                unary(b"missing", timeout=10)
+                answers.append(grpc.StatusCode.OK)
+            except grpc.RpcError as exc:
+                answers.append(exc.code())
+            answers.append(list(channel.unary_stream("/pkg.Svc/Stream")(b"", timeout=10)))
+            answers.append(
+                channel.stream_unary("/pkg.Svc/Collect")(iter([b"a", b"b", b"c"]), timeout=10)
+            )
+            answers.append(
+                list(channel.stream_stream("/pkg.Svc/Chat")(iter([b"x", b"y"]), timeout=10))
+            )
+            return answers
+
+    return await in_thread(calls)
 
 
 EVERY_ANSWER: Final = [
@@ -185,12 +196,7 @@ async def served(
 async def test_grpcio_calls_are_each_visible(served: Served, logs: LogCapture) -> None:
     """Unary, NOT_FOUND, server-, client- and bidi-streaming calls get their answers; each has
     an access line with its path, protocol, grpc_status and phases, and is counted."""
-
-    def calls() -> list[Any]:
-        with served.channel() as channel:
-            return every_kind_of_call(channel)
-
-    assert await in_thread(calls) == EVERY_ANSWER
+    assert await every_kind_of_call(served.channel) == EVERY_ANSWER
     lines = await logs.wait_for("access", len(EVERY_LINE))
     assert [(line["path"], line["grpc_status"]) for line in lines] == EVERY_LINE
     assert {line["protocol"] for line in lines} == {"HTTP/2"}
@@ -247,6 +253,23 @@ async def test_grpc_4mib_message_both_ways(served: Served, logs: LogCapture) -> 
 # -- HTTP/2 serving off: every gRPC client is spliced, and still works ------------------------
 
 
+async def every_kind_of_call_is_spliced(
+    proxy: RunningProxy,
+    logs: LogCapture,
+    channel: Callable[[], grpc.Channel],
+    port: int,
+    reason: str,
+) -> None:
+    """Every kind of call on ``channel`` works, and the proxy only spliced its connection:
+    one tunnel line, the splice counted under ``reason``, no access line."""
+    assert await every_kind_of_call(channel) == EVERY_ANSWER
+    (line,) = await logs.wait_for("tunnel")
+    assert line["bytes_out"] > 0
+    host = f"localhost:{port}"
+    assert proxy.sample("proxy_intercept_splices_total", host=host, reason=reason) == 1
+    assert logs.events("access") == []
+
+
 async def test_tls_grpc_with_http2_off_is_spliced(
     start_proxy: StartProxy,
     ca_files: CAFiles,
@@ -258,18 +281,9 @@ async def test_tls_grpc_with_http2_off_is_spliced(
     certificate it trusts, and every kind of call works."""
     port = grpc_origin.tls_port
     proxy = await intercepting_proxy(start_proxy, ca_files, tls_ca_file, port, http2=False)
-
-    def calls() -> list[Any]:
-        with tls_channel(proxy, port, ca_files.cert, tls_ca_file) as channel:
-            return every_kind_of_call(channel)
-
-    assert await in_thread(calls) == EVERY_ANSWER
-    (line,) = await logs.wait_for("tunnel")
-    assert line["bytes_out"] > 0
-    host = f"localhost:{port}"
-    assert proxy.sample("proxy_intercept_splices_total", host=host, reason="alpn") == 1
+    channel = partial(tls_channel, proxy, port, ca_files.cert, tls_ca_file)
+    await every_kind_of_call_is_spliced(proxy, logs, channel, port, "alpn")
     assert proxy.sample("proxy_intercept_certificates_minted_total") == 0
-    assert logs.events("access") == []
 
 
 @pytest.mark.parametrize("port_is", ["connect_http_port", "intercepted_connect_port"])
@@ -288,17 +302,8 @@ async def test_insecure_grpc_with_http2_off_is_refused(
         proxy = await start_proxy(connect_http_ports=(port,), http2=False)
     else:
         proxy = await intercepting_proxy(start_proxy, ca_files, tls_ca_file, port, http2=False)
-
-    def calls() -> list[Any]:
-        with insecure_channel(proxy, port) as channel:
-            return every_kind_of_call(channel)
-
-    assert await in_thread(calls) == EVERY_ANSWER
-    (line,) = await logs.wait_for("tunnel")
-    assert line["bytes_out"] > 0
-    host = f"localhost:{port}"
-    assert proxy.sample("proxy_intercept_splices_total", host=host, reason="h2c") == 1
-    assert logs.events("access") == []
+    channel = partial(insecure_channel, proxy, port)
+    await every_kind_of_call_is_spliced(proxy, logs, channel, port, "h2c")
 
 
 async def test_grpc_client_that_rejects_the_ca_without_an_alert_is_spliced_on_its_retry(
