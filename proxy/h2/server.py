@@ -9,7 +9,7 @@ forwarder, its outcome, log line and span). What differs lives here:
 - ``StreamWriter``: aiohttp's response head, body and end become HEADERS, DATA and
   END_STREAM (trailers too); it waits for the client's window;
 - the request body is a ``BodyReader``: acknowledged to the client only as it is read;
-- ``StreamTransport``: what the request sees as its transport. Closing it resets the stream
+- ``H2StreamTransport``: what the request sees as its transport. Closing it resets the stream
   (a response cut short must not look complete, RFC 9113 §8.1), not the connection.
 
 An answer the proxy gives itself goes out as an HTTP/2 response while the head can still be
@@ -117,8 +117,9 @@ def response_fields(status: int, headers: CIMultiDict[str]) -> list[tuple[bytes,
     return out
 
 
-class StreamTransport(asyncio.Transport):
-    """One stream seen as a transport: closing it resets the stream, not the connection."""
+class H2StreamTransport(asyncio.Transport):
+    """One HTTP/2 stream seen as a transport: closing it resets the stream, not the connection
+    (``proxy.wire.inner.StreamTransport`` is another thing: a CONNECT's inner stream)."""
 
     def __init__(self, connection: H2Server, stream_id: int) -> None:
         super().__init__()
@@ -143,7 +144,7 @@ class StreamTransport(asyncio.Transport):
         self.close()
 
     def __repr__(self) -> str:
-        return f"<StreamTransport {self._stream_id} ended={self.ended}>"
+        return f"<H2StreamTransport {self._stream_id} ended={self.ended}>"
 
 
 class StreamHandle:
@@ -151,7 +152,7 @@ class StreamHandle:
 
     __slots__ = ("peername", "sockname", "ssl_context", "stream", "transport")
 
-    def __init__(self, transport: StreamTransport, stream: InnerStream) -> None:
+    def __init__(self, transport: H2StreamTransport, stream: InnerStream) -> None:
         self.transport = transport
         self.stream = stream
         self.ssl_context = transport.get_extra_info("sslcontext")
@@ -165,7 +166,7 @@ class StreamHandle:
 class StreamWriter(AbstractStreamWriter):
     """aiohttp's response writer for one stream: head, DATA, trailers, END_STREAM."""
 
-    def __init__(self, connection: H2Server, stream_id: int, transport: StreamTransport) -> None:
+    def __init__(self, connection: H2Server, stream_id: int, transport: H2StreamTransport) -> None:
         self._connection = connection
         self._stream_id = stream_id
         self._transport = transport
@@ -231,7 +232,7 @@ class _Stream:
     __slots__ = ("body", "task", "transport", "writer")
 
     def __init__(
-        self, transport: StreamTransport, writer: StreamWriter, body: StreamReader
+        self, transport: H2StreamTransport, writer: StreamWriter, body: StreamReader
     ) -> None:
         self.transport = transport
         self.writer = writer
@@ -280,7 +281,7 @@ class H2Server(H2Connection):
 
     def _open(self, head: core.Head) -> None:
         sid = head.stream_id
-        transport = StreamTransport(self, sid)
+        transport = H2StreamTransport(self, sid)
         writer = StreamWriter(self, sid, transport)
         body: StreamReader = EMPTY_PAYLOAD
         if not head.end:
