@@ -140,8 +140,9 @@ async def h2_origin(ca: trustme.CA | None, max_streams: int = 100) -> AsyncItera
     task = asyncio.ensure_future(serve(_app(state), config, shutdown_trigger=stop.wait))  # type: ignore[arg-type]
     try:
         for _ in range(500):  # bounded: 5 s until it accepts
-            with contextlib.suppress(OSError):
-                _, writer = await asyncio.open_connection("127.0.0.1", state.port)
+            with contextlib.suppress(OSError):  # TimeoutError included
+                opening = asyncio.open_connection("127.0.0.1", state.port)
+                _, writer = await asyncio.wait_for(opening, 1)
                 writer.close()
                 break
             await asyncio.sleep(0.01)

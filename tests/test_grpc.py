@@ -425,8 +425,11 @@ async def test_grpcio_with_grpc_proxy_through_the_cli_is_seen_call_by_call(
 
         assert await in_thread(calls) == (b"hello world", EVERY_ANSWER[2])
         lines = await test_intercept._child_lines(running, "access", 2)
-        async with aiohttp.ClientSession() as session:
-            text = await (await session.get(running.metrics)).text()
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(10)) as session,
+            session.get(running.metrics) as response,
+        ):
+            text = await response.text()
         spans = await receiver.wait_for_spans(2)
     assert [(line["path"], line["grpc_status"]) for line in lines] == [
         ("/pkg.Svc/Unary", 0),

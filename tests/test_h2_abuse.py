@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import signal
 import ssl
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from hyperframe.frame import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
+from benchmarks.processes import stop
 from benchmarks.procfs import rss_mb
 from proxy.config import Settings
 from tests import h2_client, test_intercept
@@ -110,14 +110,7 @@ async def child(
     try:
         yield it
     finally:
-        process = running.process
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(process.wait(), 10)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
+        await stop(running.process, wait=10)  # SIGTERM, SIGKILL after 10 s, reaped
         await asyncio.wait_for(reading, 10)
 
 

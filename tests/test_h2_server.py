@@ -120,7 +120,11 @@ async def test_httpx_http2_through_interception(
 ) -> None:
     """httpx http2=True through interception speaks HTTP/2 to the proxy (ALPN h2)."""
     async with httpx.AsyncClient(
-        http2=True, proxy=intercepting.url, verify=ca_files.client_context(), trust_env=False
+        http2=True,
+        proxy=intercepting.url,
+        verify=ca_files.client_context(),
+        trust_env=False,
+        timeout=10,
     ) as client:
         responses = [
             await client.get(f"https://localhost:{secure_origin.port}/echo/{i}") for i in range(3)
@@ -177,7 +181,11 @@ async def test_curl_and_httpx_get_http2_end_to_end(
     assert code == 0, err
     assert out.endswith(b"\n2")
     async with httpx.AsyncClient(
-        http2=True, proxy=intercepting_h2.url, verify=ca_files.client_context(), trust_env=False
+        http2=True,
+        proxy=intercepting_h2.url,
+        verify=ca_files.client_context(),
+        trust_env=False,
+        timeout=10,
     ) as client:
         response = await client.get(url)
     assert response.http_version == "HTTP/2"

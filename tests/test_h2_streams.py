@@ -68,7 +68,7 @@ async def test_every_read_acknowledges_what_it_took(read: Read) -> None:
     reader.feed_data(data[11:])
     reader.feed_eof()
     assert acked == []  # nothing is returned to the peer before it is read
-    assert await read(reader) == data
+    assert await asyncio.wait_for(read(reader), 5) == data
     assert sum(acked) == len(data)
 
 
