@@ -19,7 +19,12 @@ from tests import h2_client, test_intercept
 from tests.conftest import LogCapture, Origin, RunningProxy, pattern, proxy_process
 from tests.h2_origin import EARLY_HINT, H2Origin, h2_origin, raw_h2_origin
 from tests.test_forwarding import curl
-from tests.test_intercept import CAFiles, intercept_flags, intercepting_proxy
+from tests.test_intercept import (
+    CAFiles,
+    intercept_flags,
+    intercepting_proxy,
+    one_tunnel_intercepted,
+)
 from tests.test_limits import until
 from tests.tls import TLSOrigin
 
@@ -133,10 +138,7 @@ async def test_httpx_http2_through_interception(
     assert [r.json()["target"] for r in responses] == ["/echo/0", "/echo/1", "/echo/2"]
     lines = await logs.wait_for("access", 3)
     assert {line["status"] for line in lines} == {200}
-    host = f"localhost:{secure_origin.port}"
-    await until(
-        lambda: intercepting.sample("proxy_tunnels_total", host=host, outcome="intercepted") == 1
-    )
+    await one_tunnel_intercepted(intercepting, secure_origin)
 
 
 async def test_h2c_to_an_http1_origin_is_a_502(

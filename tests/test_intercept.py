@@ -111,6 +111,13 @@ def access_lines(logs: LogCapture) -> list[dict[str, Any]]:
     return logs.events("access")
 
 
+async def one_tunnel_intercepted(proxy: RunningProxy, origin: TLSOrigin) -> None:
+    """Until the proxy has counted one CONNECT to the origin, intercepted (counted as the
+    client closes it)."""
+    host = f"localhost:{origin.port}"
+    await until(lambda: proxy.sample("proxy_tunnels_total", host=host, outcome="intercepted") == 1)
+
+
 # -- real clients through interception --------------------------------------------------------
 
 
@@ -166,12 +173,9 @@ async def test_requests_keeps_one_intercepted_connection_for_big_bodies(
     assert (small, again) == (200, 200)
     assert hashlib.sha256(down).digest() == hashlib.sha256(pattern(5 * MIB)).digest()
     assert (up["body_len"], up["body_sha256"]) == (len(body), hashlib.sha256(body).hexdigest())
-    host = f"localhost:{secure_origin.port}"
     await until(lambda: len(access_lines(logs)) == 4)
     assert [line["bytes_in"] for line in access_lines(logs)][2] == len(body)
-    await until(
-        lambda: intercepting.sample("proxy_tunnels_total", host=host, outcome="intercepted") == 1
-    )
+    await one_tunnel_intercepted(intercepting, secure_origin)
 
 
 async def test_httpx_through_interception(
@@ -194,10 +198,7 @@ async def test_httpx_through_interception(
     assert version == "HTTP/1.1"
     assert down == pattern(5 * MIB)
     assert up["body_sha256"] == hashlib.sha256(body).hexdigest()
-    host = f"localhost:{secure_origin.port}"
-    await until(
-        lambda: intercepting.sample("proxy_tunnels_total", host=host, outcome="intercepted") == 1
-    )
+    await one_tunnel_intercepted(intercepting, secure_origin)
 
 
 async def test_aiohttp_chunked_upload_through_interception(
