@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import h2.config
 import h2.connection
 import h2.events
+from hyperframe.frame import HeadersFrame
 
 Fields = list[tuple[bytes, bytes]]
 
@@ -166,3 +167,19 @@ def get(authority: str, path: str, scheme: str = "https", *extra: tuple[bytes, b
         (b":path", path.encode()),
         *extra,
     ]
+
+
+# A header block for GET / that decodes the same whatever the HPACK state: static table
+# indexes 2, 4 and 7 (:method GET, :path /, :scheme https; RFC 7541 §6.1, Appendix A), then
+# :authority "x" as a literal with indexing (§6.2.1).
+GET_BLOCK = b"\x82\x84\x87\x41\x01x"
+
+
+def headers_frame(stream_id: int, block: bytes = GET_BLOCK, *, end_stream: bool = True) -> bytes:
+    """A HEADERS frame written by hand: the whole ``block`` (END_HEADERS), and END_STREAM
+    unless a body follows."""
+    frame = HeadersFrame(stream_id, data=block)
+    frame.flags.add("END_HEADERS")
+    if end_stream:
+        frame.flags.add("END_STREAM")
+    return frame.serialize()

@@ -38,7 +38,7 @@ from benchmarks.processes import stop
 from benchmarks.procfs import rss_mb
 from proxy.config import Settings
 from tests import h2_client, test_intercept
-from tests.h2_client import H2TestClient
+from tests.h2_client import H2TestClient, headers_frame
 from tests.h2_origin import H2Origin
 from tests.test_cli import start_cli
 from tests.test_intercept import CAFiles, intercept_flags
@@ -156,19 +156,12 @@ class Frames:
             )
         )
 
-    def headers(self, stream_id: int, block: bytes, *, end_stream: bool = True) -> bytes:
-        frame = HeadersFrame(stream_id, data=block)
-        frame.flags.add("END_HEADERS")
-        if end_stream:
-            frame.flags.add("END_STREAM")
-        return frame.serialize()
-
 
 def rapid_reset(frames: Frames, count: int, first: int = 1) -> Iterator[bytes]:
     """HEADERS then RST_STREAM(CANCEL) for ``count`` streams (CVE-2023-44487), each asking
     for an answer the origin holds for a minute."""
     for stream_id in range(first, first + 2 * count, 2):
-        yield frames.headers(stream_id, frames.block(HELD))
+        yield headers_frame(stream_id, frames.block(HELD))
         yield RstStreamFrame(stream_id, error_code=ErrorCodes.CANCEL).serialize()
 
 
@@ -184,8 +177,8 @@ def hpack_bomb(frames: Frames, count: int) -> Iterator[bytes]:
     """One 3 KB field into the dynamic table, then a block naming it ``count`` times by index:
     about ``count`` bytes on the wire, 3 KB each decoded."""
     big = (b"x-big", b"b" * 3000)
-    yield frames.headers(1, frames.block("/echo/table", "GET", big))
-    yield frames.headers(3, frames.block("/echo/bomb", "GET", *[big] * count))
+    yield headers_frame(1, frames.block("/echo/table", "GET", big))
+    yield headers_frame(3, frames.block("/echo/bomb", "GET", *[big] * count))
 
 
 def settings_flood(frames: Frames, count: int) -> Iterator[bytes]:
@@ -205,7 +198,7 @@ def priority_flood(frames: Frames, count: int) -> Iterator[bytes]:
 
 def empty_data_flood(frames: Frames, count: int) -> Iterator[bytes]:
     """A POST whose body is ``count`` empty DATA frames that never end it."""
-    yield frames.headers(1, frames.block("/echo/empty", "POST"), end_stream=False)
+    yield headers_frame(1, frames.block("/echo/empty", "POST"), end_stream=False)
     for _ in range(count):
         yield DataFrame(1, data=b"").serialize()
 
@@ -214,7 +207,7 @@ def too_many_streams(frames: Frames, count: int) -> Iterator[bytes]:
     """``count`` streams opened at once by a client that has not acknowledged the proxy's
     SETTINGS; the origin holds each answer for a minute."""
     for stream_id in range(1, 2 * count, 2):
-        yield frames.headers(stream_id, frames.block(HELD))
+        yield headers_frame(stream_id, frames.block(HELD))
 
 
 def too_many_streams_acknowledged(frames: Frames, count: int) -> Iterator[bytes]:

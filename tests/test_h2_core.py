@@ -24,6 +24,7 @@ from hyperframe.frame import (
 
 from proxy.h2 import core
 from proxy.h2.core import H2Core, Limits
+from tests.h2_client import headers_frame
 
 REQUEST = [
     (b":method", b"POST"),
@@ -66,15 +67,6 @@ def raw_client(limits: Limits = DEFAULT, clock: Callable[[], float] | None = Non
     server.start()
     server.receive(core.PREFACE + SettingsFrame(0).serialize())
     return server
-
-
-def headers_frame(stream_id: int, *, end_stream: bool = True) -> bytes:
-    # A literal block for GET / (static table indexes 2, 4, 6 and :authority as a literal).
-    frame = HeadersFrame(stream_id, data=b"\x82\x84\x87\x41\x01x")
-    frame.flags.add("END_HEADERS")
-    if end_stream:
-        frame.flags.add("END_STREAM")
-    return frame.serialize()
 
 
 def test_request_response_and_trailers_pass_through() -> None:
@@ -215,9 +207,7 @@ def test_flood_ends_the_connection_with_enhance_your_calm(
     assert server.error == reason
     heads = [e for e in events if isinstance(e, core.Head)]
     assert len(heads) <= 201  # rapid reset: no stream past the budget reached the caller
-    goaway = _frames(server.outbound())[-1]
-    assert isinstance(goaway, GoAwayFrame)
-    assert goaway.error_code == ErrorCodes.ENHANCE_YOUR_CALM
+    assert goaway_code(server) == ErrorCodes.ENHANCE_YOUR_CALM
     assert server.receive(flood(1)) == []  # nothing more is read
 
 
@@ -257,9 +247,7 @@ def test_too_many_streams_is_refused() -> None:
     opened = b"".join(headers_frame(stream, end_stream=False) for stream in range(1, 25, 2))
     server.receive(opened)
     assert server.error == "too_many_streams"
-    goaway = _frames(server.outbound())[-1]
-    assert isinstance(goaway, GoAwayFrame)
-    assert goaway.error_code == ErrorCodes.PROTOCOL_ERROR
+    assert goaway_code(server) == ErrorCodes.PROTOCOL_ERROR
 
 
 def test_streams_past_a_limit_not_yet_acknowledged_are_refused() -> None:
@@ -280,15 +268,20 @@ def test_streams_past_a_limit_not_yet_acknowledged_are_refused() -> None:
     flood = b"".join(headers_frame(s, end_stream=False) for s in range(25, 25 + 2 * budget, 2))
     server.receive(flood)
     assert server.error == "too_many_streams"
-    goaway = _frames(server.outbound())[-1]
-    assert isinstance(goaway, GoAwayFrame)
-    assert goaway.error_code == ErrorCodes.ENHANCE_YOUR_CALM
+    assert goaway_code(server) == ErrorCodes.ENHANCE_YOUR_CALM
 
 
 def test_reasons_are_a_bounded_set() -> None:
     """Every reason the core can give is listed once (they are metric labels)."""
     assert len(set(core.REASONS)) == len(core.REASONS)
     assert {"rapid_reset", "continuation_flood", "hpack_bomb", "ping_flood"} <= set(core.REASONS)
+
+
+def goaway_code(server: H2Core) -> int:
+    """The error code of the GOAWAY that ``server`` wrote last (it must be its last frame)."""
+    goaway = _frames(server.outbound())[-1]
+    assert isinstance(goaway, GoAwayFrame)
+    return int(goaway.error_code)
 
 
 def _frames(data: bytes) -> list[Frame]:
