@@ -36,6 +36,17 @@ ca_files = test_intercept.ca_files
 intercepting = test_intercept.intercepting
 
 
+def http2_httpx(proxy: RunningProxy, ca_files: CAFiles) -> httpx.AsyncClient:
+    """httpx offering HTTP/2 through ``proxy``, trusting only our CA, every wait 10 s at most."""
+    return httpx.AsyncClient(
+        http2=True,
+        proxy=proxy.url,
+        verify=ca_files.client_context(),
+        trust_env=False,
+        timeout=10,
+    )
+
+
 async def h2c_proxy(
     start_proxy: StartProxy, origin: Origin | H2Origin, **changes: object
 ) -> RunningProxy:
@@ -124,13 +135,7 @@ async def test_httpx_http2_through_interception(
     intercepting: RunningProxy, ca_files: CAFiles, secure_origin: TLSOrigin, logs: LogCapture
 ) -> None:
     """httpx http2=True through interception speaks HTTP/2 to the proxy (ALPN h2)."""
-    async with httpx.AsyncClient(
-        http2=True,
-        proxy=intercepting.url,
-        verify=ca_files.client_context(),
-        trust_env=False,
-        timeout=10,
-    ) as client:
+    async with http2_httpx(intercepting, ca_files) as client:
         responses = [
             await client.get(f"https://localhost:{secure_origin.port}/echo/{i}") for i in range(3)
         ]
@@ -182,13 +187,7 @@ async def test_curl_and_httpx_get_http2_end_to_end(
     )
     assert code == 0, err
     assert out.endswith(b"\n2")
-    async with httpx.AsyncClient(
-        http2=True,
-        proxy=intercepting_h2.url,
-        verify=ca_files.client_context(),
-        trust_env=False,
-        timeout=10,
-    ) as client:
+    async with http2_httpx(intercepting_h2, ca_files) as client:
         response = await client.get(url)
     assert response.http_version == "HTTP/2"
     assert response.json()["version"] == "2"
