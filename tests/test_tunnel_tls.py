@@ -37,11 +37,13 @@ RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(BODY) + BODY
 HANDSHAKE_HOLD = 0.3
 RESPONSE_HOLD = 0.2
 # A lower bound is exact: the origin holds at least that long after the proxy passed the
-# bytes on. The upper bound (the issue's ±20 ms) shows that the right interval was measured:
-# well short of the other hold. Measured on the shared 2-core machine at load 2-4, the
-# excess over the hold had a median of 1.1 ms (handshake) and 0.4 ms (first byte), at most
-# 10.4 ms, over 4 rounds of the 10 client and version cases.
-UPPER = 0.02
+# bytes on. The upper bound shows that the right interval was measured: every wrong one
+# would take in another hold, of 100 ms at least. Measured on the shared 2-core machine at
+# load 2-4, the excess over the hold had a median of 1.1 ms (handshake) and 0.4 ms (first
+# byte), at most 10.4 ms, over 4 rounds of the 10 client and version cases; but with a
+# second suite running beside this one, a handshake read 21.7 ms over (the issue's ±20 ms).
+# A bound the machine's load can break is no test of the proxy: 80 ms still tells apart.
+UPPER = 0.08
 
 # OpenSSL 3.0's SSL_OP_ALLOW_CLIENT_RENEGOTIATION (ssl.py does not name it): off by default.
 _ALLOW_CLIENT_RENEGOTIATION = 1 << 8
