@@ -116,11 +116,19 @@ def _app(state: H2Origin) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
 
 
 @contextlib.asynccontextmanager
-async def h2_origin(ca: trustme.CA | None, max_streams: int = 100) -> AsyncIterator[H2Origin]:
+async def h2_origin(
+    ca: trustme.CA | None,
+    max_streams: int = 100,
+    *,
+    alpn: tuple[str, ...] = ("h2", "http/1.1"),
+    port: int = 0,
+) -> AsyncIterator[H2Origin]:
     """hypercorn on 127.0.0.1 (TLS with a ``localhost`` certificate from ``ca``, or plain),
-    allowing ``max_streams`` concurrent streams per connection."""
+    allowing ``max_streams`` concurrent streams per connection, offering ``alpn``; on
+    ``port`` when given (an origin restarted where another was)."""
     sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # the last one's may linger
+    sock.bind(("127.0.0.1", port))
     state = H2Origin(sock.getsockname()[1])
     config = Config()
     config.bind = [f"fd://{sock.detach()}"]  # hypercorn owns (and closes) the socket now
@@ -128,6 +136,7 @@ async def h2_origin(ca: trustme.CA | None, max_streams: int = 100) -> AsyncItera
     config.errorlog = None
     config.graceful_timeout = 0.5
     config.h2_max_concurrent_streams = max_streams
+    config.alpn_protocols = list(alpn)
     files: list[Any] = []
     if ca is not None:
         leaf = ca.issue_cert("localhost", "127.0.0.1")

@@ -273,6 +273,27 @@ async def test_grpc_to_an_http1_only_origin_is_a_clear_502(
     assert line["error"] == "http_protocol_error"
 
 
+async def test_origin_that_starts_choosing_h2_while_remembered_as_http1_gets_502s(
+    start_proxy: StartProxy, ca_files: CAFiles, tls_ca: trustme.CA, tls_ca_file: str
+) -> None:
+    """An origin that chose http/1.1, restarted on its port choosing h2: the HTTP/2 client's
+    requests go on over HTTP/1.1 while the proxy remembers it so, and every one is answered."""
+    statuses: list[int] = []
+
+    async def fetch(proxy: RunningProxy, authority: str) -> None:
+        async with h2_client.connected(proxy.port, authority, ca_files.client_context()) as c:
+            for _ in range(2):
+                statuses.append((await c.fetch(h2_client.get(authority, "/echo"))).status)
+
+    async with h2_origin(tls_ca, alpn=("http/1.1",)) as before:
+        proxy = await intercepting_proxy(start_proxy, ca_files, tls_ca_file, before.port)
+        await fetch(proxy, before.authority)
+    async with h2_origin(tls_ca, port=before.port) as after:
+        await fetch(proxy, after.authority)
+    assert statuses == [200] * 4
+    assert (before.versions, after.versions) == (["1.1"] * 2, ["1.1"] * 2)
+
+
 async def test_client_reset_before_the_answer_leaves_the_upstream_stream_waiting(
     intercepting_h2: RunningProxy, ca_files: CAFiles, tls_h2_origin: H2Origin, logs: LogCapture
 ) -> None:

@@ -56,10 +56,10 @@ class Http1:
     """The origin speaks HTTP/1.1 only: send through the session with this ``ssl``.
 
     A dial whose ALPN answer was http/1.1 puts its connection in the session's pool under
-    the context that offered h2; requests from HTTP/2 clients to that origin name the same
-    context, so they reuse it. (Should the origin start choosing h2 within the memory's
-    lifetime, a new connection in that pool would carry HTTP/1.1 on h2 and fail: a 502,
-    until the origin is probed again.)
+    the context that offered h2, and the request that dialled it takes it from there
+    (``dialled``). Later requests to that origin go with the session's own context, which
+    offers http/1.1 alone: should the origin start choosing h2 while it is remembered as
+    HTTP/1.1-only, a new connection must not get h2 and then carry HTTP/1.1 on it.
     """
 
     ssl: ssl.SSLContext | bool = True
@@ -354,7 +354,6 @@ class H2Upstream:
     ) -> None:
         self._session = session
         self._context = context  # offers h2 and http/1.1
-        self._over_http1 = Http1(context)
         self._limits = limits
         self._idle = read_idle_timeout
         self._headers_timeout = headers_timeout
@@ -395,7 +394,7 @@ class H2Upstream:
         to us inside a CONNECT to that origin). ``trailers``: the client said ``te: trailers``.
         """
         if url.scheme == "https" and self.speaks_http1_only(url):
-            return self._over_http1
+            return HTTP1
         client = await self._acquire(url, timings)
         if isinstance(client, Http1):
             return client
@@ -423,7 +422,7 @@ class H2Upstream:
                     if dialling is not None:
                         waited = True
                         if isinstance(await asyncio.shield(dialling), Http1):
-                            return self._over_http1
+                            return HTTP1
                         continue
                     if len(clients) >= self._most:
                         waited = True
