@@ -33,6 +33,7 @@ from hypercorn.config import Config
 from hyperframe.frame import GoAwayFrame
 
 from tests.conftest import pattern
+from tests.h2_client import Fields
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -192,6 +193,8 @@ class RawH2Origin:
     port: int
     connections: int = 0  # accepted
     closed_by_client: int = 0  # ended by the client (EOF), not by the origin
+    bodies: list[bytes] = field(default_factory=list)  # each request's body, as it came
+    trailers: list[Fields] = field(default_factory=list)  # each request's trailers
 
     @property
     def authority(self) -> str:
@@ -202,7 +205,8 @@ class RawH2Origin:
 async def raw_h2_origin(
     ca: trustme.CA, *, goaway: bool = False, hints: bool = False
 ) -> AsyncIterator[RawH2Origin]:
-    """An h2 origin on h2 itself (TLS, a leaf for ``localhost``): each response is a head,
+    """An h2 origin on h2 itself (TLS, a leaf for ``localhost``): once a request has ended
+    (its body and trailers kept), its response is a head,
     ``before ``, 100 ms, ``after`` and trailers ``grpc-status: 0``; with ``hints``, a
     ``103 Early Hints`` with a ``link`` field comes first (RFC 8297).
 
@@ -222,6 +226,8 @@ async def raw_h2_origin(
         connection = h2.connection.H2Connection(config)
         connection.initiate_connection()
         writer.write(connection.data_to_send())
+        bodies: dict[int, bytes] = {}
+        trailers: dict[int, Fields] = {}
         try:
             while True:
                 data = await asyncio.wait_for(reader.read(65536), 10)
@@ -229,8 +235,17 @@ async def raw_h2_origin(
                     state.closed_by_client += 1
                     return
                 for event in connection.receive_data(data):
+                    sid = getattr(event, "stream_id", 0)
                     if isinstance(event, h2.events.RequestReceived):
-                        sid = event.stream_id
+                        bodies[sid], trailers[sid] = b"", []
+                    elif isinstance(event, h2.events.DataReceived):
+                        bodies[sid] += event.data
+                        connection.acknowledge_received_data(event.flow_controlled_length, sid)
+                    elif isinstance(event, h2.events.TrailersReceived):
+                        trailers[sid] = list(event.headers)
+                    if isinstance(event, h2.events.StreamEnded):
+                        state.bodies.append(bodies.pop(sid))
+                        state.trailers.append(trailers.pop(sid))
                         if hints:
                             connection.send_headers(sid, [(b":status", b"103"), EARLY_HINT])
                         connection.send_headers(sid, [(b":status", b"200")])

@@ -294,6 +294,31 @@ async def test_origin_that_starts_choosing_h2_while_remembered_as_http1_gets_502
     assert (before.versions, after.versions) == (["1.1"] * 2, ["1.1"] * 2)
 
 
+async def test_request_trailers_are_dropped_on_the_way_to_an_http2_origin(
+    start_proxy: StartProxy, ca_files: CAFiles, tls_ca: trustme.CA, tls_ca_file: str
+) -> None:
+    """A request's trailers reach an HTTP/2 origin after its body, byte for byte; fields
+    the proxy owns or that are hop-by-hop stay behind (RFC 9110 §6.5.1)."""
+    sent = [
+        (b"x-checksum", b"sha256=abc"),
+        (b"x-odd", b"caf\xc3\xa9 %20"),
+        (b"proxy-authorization", b"Basic dTpw"),  # the proxy's, never the origin's
+    ]
+    async with raw_h2_origin(tls_ca) as origin:
+        proxy = await intercepting_proxy(start_proxy, ca_files, tls_ca_file, origin.port)
+        context = ca_files.client_context()
+        async with h2_client.connected(proxy.port, origin.authority, context) as client:
+            head = h2_client.get(origin.authority, "/upload")
+            head[0] = (b":method", b"POST")
+            sid = client.start(head, pattern(16_000), end=False)
+            client.h2.send_headers(sid, sent, end_stream=True)
+            client.flush()
+            answer = await client.wait(sid)
+    assert answer.status == 200
+    assert origin.bodies == [pattern(16_000)]
+    assert origin.trailers == [sent[:2]]
+
+
 async def test_client_reset_before_the_answer_leaves_the_upstream_stream_waiting(
     intercepting_h2: RunningProxy, ca_files: CAFiles, tls_h2_origin: H2Origin, logs: LogCapture
 ) -> None:

@@ -150,11 +150,12 @@ class H2StreamTransport(asyncio.Transport):
 class StreamHandle:
     """What a request on a stream sees as its protocol (aiohttp reads these attributes)."""
 
-    __slots__ = ("peername", "sockname", "ssl_context", "stream", "transport")
+    __slots__ = ("peername", "sockname", "ssl_context", "stream", "trailers", "transport")
 
     def __init__(self, transport: H2StreamTransport, stream: InnerStream) -> None:
         self.transport = transport
         self.stream = stream
+        self.trailers: Fields = ()  # the request's, once its body has ended with them
         self.ssl_context = transport.get_extra_info("sslcontext")
         self.peername = transport.get_extra_info("peername")
         self.sockname = transport.get_extra_info("sockname")
@@ -229,12 +230,11 @@ class StreamWriter(AbstractStreamWriter):
 
 
 class _Stream:
-    __slots__ = ("body", "task", "transport", "writer")
+    __slots__ = ("body", "handle", "task", "transport", "writer")
 
-    def __init__(
-        self, transport: H2StreamTransport, writer: StreamWriter, body: StreamReader
-    ) -> None:
-        self.transport = transport
+    def __init__(self, handle: StreamHandle, writer: StreamWriter, body: StreamReader) -> None:
+        self.handle = handle
+        self.transport = handle.transport
         self.writer = writer
         self.body = body
         self.task: asyncio.Task[None] | None = None
@@ -275,7 +275,9 @@ class H2Server(H2Connection):
         elif isinstance(event, core.End | core.Trailers):
             stream = self._streams.get(event.stream_id)
             if stream is not None and not stream.body.is_eof():
-                stream.body.feed_eof()  # request trailers are not forwarded
+                if isinstance(event, core.Trailers):  # read by the forwarder at the body's end
+                    stream.handle.trailers = event.fields
+                stream.body.feed_eof()
         elif isinstance(event, core.Reset):
             self._reset_by_client(event.stream_id)
 
@@ -286,16 +288,16 @@ class H2Server(H2Connection):
         body: StreamReader = EMPTY_PAYLOAD
         if not head.end:
             body = self.body_reader(sid, READER_LIMIT)
-        stream = self._streams[sid] = _Stream(transport, writer, body)
+        handle = StreamHandle(transport, self._inner)
+        stream = self._streams[sid] = _Stream(handle, writer, body)
         message = request_message(head.fields)
         stream.task = asyncio.ensure_future(self._serve(sid, stream, message))
 
     async def _serve(self, sid: int, stream: _Stream, message: RawRequestMessage) -> None:
         task = asyncio.current_task()
         assert task is not None
-        handle = StreamHandle(stream.transport, self._inner)
         request = self._factory(
-            message, stream.body, cast(RequestHandler, handle), stream.writer, task
+            message, stream.body, cast(RequestHandler, stream.handle), stream.writer, task
         )
         try:
             response = await self._handler(request)

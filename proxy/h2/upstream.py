@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, Callable
 from dataclasses import dataclass
 from time import monotonic, perf_counter
 from typing import Any, Final
@@ -44,6 +44,8 @@ from proxy.rules.errors import PoolWaitExceeded
 from proxy.wire.interim import INTERIM_SINK
 
 HTTP2: Final = HttpVersion(2, 0)
+# The request's trailers, asked for once its body has ended (they come after it).
+TrailersOf = Callable[[], Fields] | None
 _KEPT: Final = 4096  # origins whose ALPN answer is remembered at once
 _CONNECTIONS_PER_ORIGIN: Final = 8  # at most (H2Upstream._most)
 _INTERIM_KEPT: Final = 8  # 1xx heads relayed per stream; more from an origin are dropped
@@ -174,6 +176,7 @@ class H2Client(H2Connection):
         body: AsyncIterable[bytes] | None,
         timings: Timings,
         headers_timeout: float | None,
+        trailers_of: TrailersOf = None,
     ) -> H2Response:
         core_ = self.core
         sid = core_.next_stream_id()
@@ -188,7 +191,9 @@ class H2Client(H2Connection):
             self._streams.pop(sid, None)
             raise aiohttp.ServerDisconnectedError("the HTTP/2 connection closed") from exc
         timings.sent_at = perf_counter()
-        pump = asyncio.ensure_future(self._pump(sid, body)) if body is not None else None
+        pump = None
+        if body is not None:
+            pump = asyncio.ensure_future(self._pump(sid, body, trailers_of))
         try:
             async with asyncio.timeout(headers_timeout):
                 head = await _final_head(pending)
@@ -211,12 +216,18 @@ class H2Client(H2Connection):
             self._arm(sid, pending)
         return response
 
-    async def _pump(self, sid: int, body: AsyncIterable[bytes]) -> None:
-        """The request body, as the origin's window allows; ends the stream at its end."""
+    async def _pump(self, sid: int, body: AsyncIterable[bytes], trailers_of: TrailersOf) -> None:
+        """The request body, as the origin's window allows; ends the stream at its end, with
+        the request's trailers when it had some (RFC 9113 §8.1)."""
         try:
             async for chunk in body:
                 await self.send_body(sid, chunk, False)
-            await self.send_body(sid, b"", True)
+            trailers = trailers_of() if trailers_of is not None else ()
+            if trailers:
+                self.core.send_head(sid, trailers, end=True)
+                self.flush()
+            else:
+                await self.send_body(sid, b"", True)
         except StreamGone:
             pass  # the stream ended first (an early answer, a reset): nothing more to send
         except Exception:
@@ -387,11 +398,13 @@ class H2Upstream:
         timings: Timings,
         *,
         trailers: bool,
+        trailers_of: TrailersOf = None,
     ) -> H2Response | Http1:
         """Send on an HTTP/2 connection to ``url``'s origin, or say how to send over HTTP/1.1.
 
         ``https`` offers h2 in ALPN; ``http`` is h2c with prior knowledge (the client spoke it
-        to us inside a CONNECT to that origin). ``trailers``: the client said ``te: trailers``.
+        to us inside a CONNECT to that origin). ``trailers``: the client said ``te: trailers``;
+        ``trailers_of`` gives the request's own trailers, which follow its body.
         """
         if url.scheme == "https" and self.speaks_http1_only(url):
             return HTTP1
@@ -399,7 +412,11 @@ class H2Upstream:
         if isinstance(client, Http1):
             return client
         return await client.request(
-            _request_fields(method, url, fields, trailers), body, timings, self._headers_timeout
+            _request_fields(method, url, fields, trailers),
+            body,
+            timings,
+            self._headers_timeout,
+            trailers_of,
         )
 
     async def _acquire(self, url: URL, timings: Timings) -> H2Client | Http1:

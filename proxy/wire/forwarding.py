@@ -11,6 +11,7 @@ in exactly one ``Outcome`` that feeds the metrics and the access log.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterable, AsyncIterator
 from time import perf_counter
 from typing import Final
@@ -20,7 +21,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy.h2.core import Fields
-from proxy.h2.server import CLIENT_RESET, StreamWriter
+from proxy.h2.server import CLIENT_RESET, StreamHandle, StreamWriter
 from proxy.h2.upstream import HTTP1, H2Response, H2Upstream, Http1
 from proxy.observe import log
 from proxy.observe.outcome import Observer, Outcome
@@ -315,6 +316,7 @@ class Forwarder:
             body,
             outcome.timings,
             trailers=headers.accepts_trailers(raw),
+            trailers_of=functools.partial(request_trailers, request, self._rid_key),
         )
         if isinstance(up, Http1) and headers.needs_http2(raw):
             raise Http2Required(f"{target.host} offers no h2 in ALPN")
@@ -521,6 +523,17 @@ def relay_trailers(request: web.BaseRequest, trailers: Fields, request_id_header
     if isinstance(writer, StreamWriter):
         drop = headers.response_drop_set(trailers, request_id_header)
         writer.trailers = [(name, value) for name, value in trailers if name not in drop]
+
+
+def request_trailers(request: web.BaseRequest, request_id_header: bytes) -> Fields:
+    """The trailers an HTTP/2 client sent after its request body, for an HTTP/2 origin,
+    without what the proxy owns or what is hop-by-hop (RFC 9110 §6.5.1). (aiohttp's client
+    cannot send trailers: an HTTP/1.1 origin never gets them.)"""
+    handle = request.protocol
+    if not isinstance(handle, StreamHandle) or not handle.trailers:
+        return ()
+    drop = headers.request_drop_set(handle.trailers, request_id_header)
+    return [(name, value) for name, value in handle.trailers if name not in drop]
 
 
 def upstream_peer(up: Upstream) -> tuple[str, int] | None:
