@@ -1,4 +1,5 @@
-"""1 GiB each way through the proxy process: byte-exact, with the proxy's memory bounded."""
+"""Large bodies each way through the proxy process (1 GiB over HTTP/1.1, 256 MiB over HTTP/2):
+byte-exact, with the proxy's memory bounded."""
 
 from __future__ import annotations
 
@@ -7,16 +8,23 @@ import hashlib
 from collections.abc import AsyncIterator
 
 import aiohttp
+import httpx
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from benchmarks.procfs import peak_rss_mb
-from tests.conftest import proxy_process
+from tests import test_intercept
+from tests.conftest import pattern, proxy_process
+from tests.h2_origin import H2Origin
+from tests.test_intercept import CAFiles, intercept_flags
 
 GIB = 1024**3
 CHUNK = hashlib.sha256(b"block").digest() * 8192  # 256 KiB of fixed bytes
 RSS_LIMIT_MB = 100
+
+# The interception fixture: a CA for the proxy to mint with.
+ca_files = test_intercept.ca_files
 
 
 def expected_digest(size: int) -> str:
@@ -90,3 +98,40 @@ async def transfer_both_ways(big_origin: str, pid: int, proxy_url: str) -> None:
     assert (size, digest.hexdigest()) == (GIB, want)
     assert after_upload < RSS_LIMIT_MB
     assert peak_rss_mb(pid) < RSS_LIMIT_MB
+
+
+H2_SIZE = 256 * 1024**2  # more than the RSS limit, so nothing can hold it whole
+
+
+async def test_256_mib_each_way_over_http2_byte_exact_with_bounded_memory(
+    ca_files: CAFiles, tls_ca_file: str, tls_h2_origin: H2Origin
+) -> None:
+    """Over HTTP/2 on both legs (interception, an h2 origin), a 256 MiB upload and download
+    arrive byte-exact while the proxy stays under 100 MB: the windows hold both directions."""
+    flags = intercept_flags(ca_files, tls_ca_file, tls_h2_origin.port)
+    async with proxy_process(*flags, "--admin-listen", "off") as (process, proxy_url):
+
+        async def body() -> AsyncIterator[bytes]:
+            for _ in range(H2_SIZE // len(CHUNK)):
+                yield CHUNK
+
+        async with httpx.AsyncClient(
+            http2=True, proxy=proxy_url, verify=ca_files.client_context(), trust_env=False
+        ) as client:
+            async with asyncio.timeout(300):
+                up = await client.post(tls_h2_origin.url("/echo"), content=body())
+                digest = hashlib.sha256()
+                size = 0
+                url = tls_h2_origin.url(f"/stream?size={H2_SIZE}")
+                async with client.stream("GET", url) as down:
+                    async for data in down.aiter_raw():
+                        digest.update(data)
+                        size += len(data)
+        peak = peak_rss_mb(process.pid)
+    want_up = await asyncio.to_thread(expected_digest, H2_SIZE)
+    want_down = await asyncio.to_thread(lambda: hashlib.sha256(pattern(H2_SIZE)).hexdigest())
+    assert (up.http_version, down.http_version) == ("HTTP/2", "HTTP/2")
+    echoed = up.json()
+    assert (echoed["version"], echoed["body_len"], echoed["body_sha256"]) == ("2", H2_SIZE, want_up)
+    assert (size, digest.hexdigest()) == (H2_SIZE, want_down)
+    assert peak < RSS_LIMIT_MB
