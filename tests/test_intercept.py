@@ -347,21 +347,34 @@ def _complete(answer: bytes) -> bool:
     raise AssertionError("the test expects a Content-Length")
 
 
+async def _exchange_in_tls(
+    proxy: RunningProxy,
+    ca_files: CAFiles,
+    authority: str,
+    writes: Callable[[bytes], list[bytes]] = lambda hello: [hello],
+    in_connect: bool = False,
+) -> bytes:
+    """One GET on an intercepted stream, the ClientHello sent as ``writes`` cuts it; with
+    ``in_connect`` the first piece goes in the CONNECT's own write."""
+    tls = MemoryTLS(ca_files.client_context(), authority.rpartition(":")[0])
+    pieces = writes(tls.client_hello())
+    tunnel = await open_tunnel(proxy.url, authority, early=pieces.pop(0) if in_connect else b"")
+    assert tunnel.status == 200
+    for piece in pieces:
+        tunnel.writer.write(piece)
+        await asyncio.sleep(0.02)  # a read of its own for each
+    await tls.finish(tunnel.reader, tunnel.writer)
+    answer = await tls.request(tunnel.reader, tunnel.writer, _get(authority, "/echo", close=True))
+    tunnel.writer.close()
+    return answer
+
+
 async def test_client_hello_in_the_connect_segment_does_not_hang(
     intercepting: RunningProxy, ca_files: CAFiles, secure_origin: TLSOrigin
 ) -> None:
     """CONNECT and the ClientHello in one write: the proxy still completes the handshake."""
     authority = f"localhost:{secure_origin.port}"
-    tls = MemoryTLS(ca_files.client_context(), "localhost")
-    tunnel = await open_tunnel(intercepting.url, authority, early=tls.client_hello())
-    assert tunnel.status == 200
-    await tls.finish(tunnel.reader, tunnel.writer)
-    answer = await tls.request(
-        tunnel.reader,
-        tunnel.writer,
-        f"GET /echo HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n".encode(),
-    )
-    tunnel.writer.close()
+    answer = await _exchange_in_tls(intercepting, ca_files, authority, in_connect=True)
     assert answer.startswith(b"HTTP/1.1 200")
     assert b'"target": "/echo"' in answer
 
@@ -1152,25 +1165,9 @@ async def test_two_tls_bytes_mint_a_leaf(
         tunnel.writer.close()
     await logs.wait_for("tunnel", 3)
     assert intercepting.sample("proxy_intercept_certificates_minted_total") == 0
-    answer = await _exchange_in_tls(intercepting, ca_files, authority, lambda hello: [hello])
+    answer = await _exchange_in_tls(intercepting, ca_files, authority)
     assert answer.startswith(b"HTTP/1.1 200")
     assert intercepting.sample("proxy_intercept_certificates_minted_total") == 1
-
-
-async def _exchange_in_tls(
-    proxy: RunningProxy, ca_files: CAFiles, authority: str, writes: Callable[[bytes], list[bytes]]
-) -> bytes:
-    """One GET on an intercepted stream, the ClientHello sent as ``writes`` cuts it."""
-    tls = MemoryTLS(ca_files.client_context(), authority.rpartition(":")[0])
-    tunnel = await open_tunnel(proxy.url, authority)
-    assert tunnel.status == 200
-    for piece in writes(tls.client_hello()):
-        tunnel.writer.write(piece)
-        await asyncio.sleep(0.02)  # a read of its own for each
-    await tls.finish(tunnel.reader, tunnel.writer)
-    answer = await tls.request(tunnel.reader, tunnel.writer, _get(authority, "/echo", close=True))
-    tunnel.writer.close()
-    return answer
 
 
 def _recut(hello: bytes, sizes: tuple[int, ...]) -> list[bytes]:
