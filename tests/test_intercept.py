@@ -45,7 +45,7 @@ from tests.conftest import LogCapture, Origin, RunningProxy, pattern, read_head
 from tests.test_cli import start_cli
 from tests.test_forwarding import curl
 from tests.test_limits import until
-from tests.test_tunnelling import Tunnel, open_tunnel
+from tests.test_tunnelling import Tunnel, echo, open_tunnel
 from tests.tls import TLSOrigin, server_context
 
 StartProxy = Callable[..., Awaitable[RunningProxy]]
@@ -1029,21 +1029,12 @@ async def test_stalled_handshake_is_counted_as_closed(
     assert [line for line in running.lines if line.get("level") == "error"] == []
 
 
-async def test_connect_inside_a_stream_is_forwarded_and_pooled(
+async def test_connect_inside_a_stream_is_refused_not_forwarded(
     start_proxy: StartProxy, raw_origin: Any, logs: LogCapture
 ) -> None:
     """A CONNECT sent on the stream of a CONNECT carries no content (RFC 9110 §9.3.6) and is
     not forwarded: 403 with Proxy-Status, counted, logged, the stream closed, nothing dialled."""
-    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
-
-    async def answer_all(
-        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, state: Any
-    ) -> None:
-        while data := await reader.read(65536):
-            state.received.append(data)
-            writer.write(ok)
-
-    target = await raw_origin(answer_all)
+    target = await raw_origin(echo)  # never dialled: it only gives the CONNECT a port
     proxy = await start_proxy(connect_http_ports=(target.port,))
     authority = f"127.0.0.1:{target.port}"
     nested = f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode()
