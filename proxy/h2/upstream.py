@@ -27,7 +27,6 @@ from time import monotonic, perf_counter
 from typing import Any, Final
 
 import aiohttp
-from aiohttp.client_reqrep import ClientRequest
 from aiohttp.connector import Connection
 from aiohttp.http import HttpVersion, HttpVersion11
 from aiohttp.http_parser import RawResponseMessage
@@ -41,6 +40,7 @@ from proxy.h2.core import Fields, H2Core, Limits, StreamGone
 from proxy.h2.streams import READER_LIMIT, BodyReader, H2Connection
 from proxy.observe.tracing import Timings
 from proxy.rules.errors import PoolWaitExceeded
+from proxy.tls.connector import AlpnProbe
 from proxy.wire.interim import INTERIM_SINK
 
 HTTP2: Final = HttpVersion(2, 0)
@@ -58,10 +58,10 @@ class Http1:
     """The origin speaks HTTP/1.1 only: send through the session with this ``ssl``.
 
     A dial whose ALPN answer was http/1.1 puts its connection in the session's pool under
-    the context that offered h2, and the request that dialled it takes it from there
-    (``dialled``). Later requests to that origin go with the session's own context, which
-    offers http/1.1 alone: should the origin start choosing h2 while it is remembered as
-    HTTP/1.1-only, a new connection must not get h2 and then carry HTTP/1.1 on it.
+    the context that offered h2; requests from HTTP/2 clients to that origin name the same
+    context, so they reuse it. A new connection the session dials under it offers
+    http/1.1 alone (``proxy.tls.connector``): an origin that starts choosing h2 while it is
+    remembered as HTTP/1.1-only still gets HTTP/1.1 it can read.
     """
 
     ssl: ssl.SSLContext | bool = True
@@ -365,6 +365,7 @@ class H2Upstream:
     ) -> None:
         self._session = session
         self._context = context  # offers h2 and http/1.1
+        self._over_http1 = Http1(context)
         self._limits = limits
         self._idle = read_idle_timeout
         self._headers_timeout = headers_timeout
@@ -407,7 +408,7 @@ class H2Upstream:
         ``trailers_of`` gives the request's own trailers, which follow its body.
         """
         if url.scheme == "https" and self.speaks_http1_only(url):
-            return HTTP1
+            return self._over_http1
         client = await self._acquire(url, timings)
         if isinstance(client, Http1):
             return client
@@ -439,7 +440,7 @@ class H2Upstream:
                     if dialling is not None:
                         waited = True
                         if isinstance(await asyncio.shield(dialling), Http1):
-                            return HTTP1
+                            return self._over_http1
                         continue
                     if len(clients) >= self._most:
                         waited = True
@@ -482,7 +483,7 @@ class H2Upstream:
         https = url.scheme == "https"
         # h2c dials with ssl=False: a pool key of its own, so an idle HTTP/1.1 connection of
         # the session is never taken for it.
-        request = ClientRequest(
+        request = AlpnProbe(
             "GET", url, loop=asyncio.get_running_loop(), ssl=self._context if https else False
         )
         traces = [

@@ -10,6 +10,11 @@ pinned below 3.15, and tests/test_connector.py runs this against the real librar
 The handshake's duration (failed ones too) goes to the ``Timings`` the caller made
 current with ``proxy.observe.tracing.timing``, and the connect phase subtracts it, so
 connect is TCP only and the phases stay disjoint.
+
+aiohttp speaks HTTP/1.1 only, so every handshake it dials for a request offers what the
+connector's own context offers (``http/1.1``), whatever context the request names: that
+context only picks the pool. Only an ``AlpnProbe`` (``proxy.h2.upstream``'s dial) offers
+what its own context offers, h2 included.
 """
 
 from __future__ import annotations
@@ -25,12 +30,23 @@ from aiohttp.client_exceptions import (
     ClientConnectorError,
     ClientConnectorSSLError,
 )
+from aiohttp.client_reqrep import ClientRequest
 
 from proxy.observe.tracing import Timings, current_timings
 
 
+class AlpnProbe(ClientRequest):
+    """A dial that learns what the origin picks in ALPN: its handshake offers what its
+    ``ssl`` context offers (h2 too), and the connection is pooled under that context."""
+
+
 class TimedTLSConnector(aiohttp.TCPConnector):
     """TCP first, then TLS, each timed; same exceptions as the stock connector."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        context = kwargs.get("ssl")
+        self._http1_context = context if isinstance(context, ssl.SSLContext) else None
 
     async def _wrap_create_connection(
         self,
@@ -42,6 +58,11 @@ class TimedTLSConnector(aiohttp.TCPConnector):
         **kwargs: Any,
     ) -> tuple[asyncio.Transport, Any]:
         context: ssl.SSLContext | None = kwargs.pop("ssl", None)
+        if context and self._http1_context is not None and not isinstance(req, AlpnProbe):
+            # A request pooled under a context that offers h2 (an origin that chose
+            # http/1.1 when probed) must not get h2 on a new connection: aiohttp would send
+            # HTTP/1.1 over it.
+            context = self._http1_context
         server_hostname: str | None = kwargs.pop("server_hostname", None)
         started = perf_counter()
         transport, protocol = await super()._wrap_create_connection(
