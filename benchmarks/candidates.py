@@ -42,6 +42,12 @@ def pinned(core: str, args: Sequence[str]) -> list[str]:
     return ["taskset", "-c", core, *args]
 
 
+def bench_loop() -> str:
+    """The event loop our proxy runs on: run.py's --loop, read from the environment because
+    the candidates and studies are declared before any argument is parsed."""
+    return os.environ.get("BENCH_LOOP", "uvloop")
+
+
 @dataclass(frozen=True)
 class Running:
     name: str
@@ -168,7 +174,7 @@ def _ours(observe: bool, *extra: str, source: Path | None = None) -> Starter:
             "--log-level",
             "info",
             "--event-loop",
-            os.environ.get("BENCH_LOOP", "uvloop"),
+            bench_loop(),
             *extra,
         )
         with _ready(pinned(PROXY_CORE, command), workdir, cwd=source) as (proc, line):

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import re
 import shutil
 import statistics
@@ -40,7 +39,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from benchmarks.candidates import LOAD_CORE, PROXY_CORE, pinned
+from benchmarks.candidates import LOAD_CORE, PROXY_CORE, bench_loop, pinned
 from benchmarks.https import TlsFiles, drained, tls_files
 from benchmarks.installs import MITMPROXY_BIN, mitmproxy
 from benchmarks.processes import proxy_command, ready_process
@@ -244,7 +243,7 @@ def _study(bench: Bench) -> StudyResult:
     return http2_figures(
         seconds=3.0 if bench.quick else float(bench.seconds),
         rounds=1 if bench.quick else 3,
-        loop=os.environ.get("BENCH_LOOP", "uvloop"),
+        loop=bench_loop(),
     )
 
 

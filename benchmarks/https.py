@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import re
 import subprocess
 import sys
@@ -37,7 +36,7 @@ from typing import Any, Final
 
 import trustme
 
-from benchmarks.candidates import LOAD_CORE, PROXY_CORE, pinned
+from benchmarks.candidates import LOAD_CORE, PROXY_CORE, bench_loop, pinned
 from benchmarks.processes import proxy_command, ready_process
 from benchmarks.procfs import cpu_seconds, peak_rss_mb
 from benchmarks.scenarios import Bench, Measurement, Study, StudyResult
@@ -234,7 +233,7 @@ def _study(bench: Bench) -> StudyResult:
     return https_figures(
         seconds=bench.seconds,
         requests=100 if bench.quick else 300,
-        loop=os.environ.get("BENCH_LOOP", "uvloop"),
+        loop=bench_loop(),
     )
 
 

@@ -116,6 +116,14 @@ def _buckets(hist: Histogram) -> list[Any]:
     return out
 
 
+def _by_reason(name: str, help_text: str, counts: dict[str, int]) -> CounterMetricFamily:
+    """A counter family with one ``reason`` label: a sample per reason, in reason order."""
+    family = CounterMetricFamily(name, help_text, labels=["reason"])
+    for reason, count in sorted(counts.items()):
+        family.add_metric([reason], count)
+    return family
+
+
 # The reference's own per-host counter families (name, help, labels after host), written
 # apart from the exposition's table so that the tests' comparison checks it.
 _HOST_COUNTERS: Final = (
@@ -209,24 +217,18 @@ class ReferenceCollector:
             'Requests and tunnels counted under host="other": the host label cap was reached.',
             value=m.host_overflow,
         )
-        denied = c(
+        yield _by_reason(
             "proxy_denied",
             "Requests the proxy answered itself instead of proxying, by reason: the client, "
             "its credentials, the request's form or target, or a shutdown.",
-            labels=["reason"],
+            m.denied.counts,
         )
-        for reason, count in sorted(m.denied.counts.items()):
-            denied.add_metric([reason], count)
-        yield denied
-        http2 = c(
+        yield _by_reason(
             "proxy_client_http2_errors",
             "Client HTTP/2 connections the proxy ended: a defence ran out (rapid_reset, "
             "continuation_flood, ping_flood, ...) or the client broke the protocol.",
-            labels=["reason"],
+            m.http2_errors.counts,
         )
-        for reason, count in sorted(m.http2_errors.counts.items()):
-            http2.add_metric([reason], count)
-        yield http2
         build = g("proxy_build_info", "Always 1; the version is a label.", labels=["version"])
         build.add_metric([__version__], 1)
         yield build

@@ -28,6 +28,7 @@ from proxy.observe.metrics import (
     EXEMPLAR_LABEL_CHARS,
     PHASES,
     HostLabelLimits,
+    HostStats,
     Metrics,
     exemplar_ids,
 )
@@ -95,6 +96,11 @@ def random_metrics(seed: int, hosts: int = 60) -> Metrics:
     metrics.http2_errors("rapid_reset")
     metrics.scrapes.observe(0.003)
     return metrics
+
+
+def rendered(metrics: Metrics, om: bool) -> str:
+    """One whole exposition of ``metrics`` as text, with no request in flight."""
+    return Exposition(metrics, lambda: 0).render(om=om).decode()
 
 
 @pytest.mark.parametrize("seed", range(8))
@@ -225,7 +231,7 @@ def test_promtool_accepts_the_classic_text_at_the_cap() -> None:
 def test_openmetrics_at_the_cap_parses_with_an_exemplar_per_bucket() -> None:
     """The OpenMetrics body at the cap parses, ends in # EOF and carries every exemplar."""
     metrics = capped_metrics(200)
-    body = Exposition(metrics, lambda: 0).render(om=True).decode()
+    body = rendered(metrics, om=True)
     assert body.endswith("# EOF\n")
     buckets = [
         s for f in parse_om(body) if f.type == "histogram" for s in f.samples
@@ -450,10 +456,6 @@ class Clock:
         return self.now
 
 
-def om_text(metrics: Metrics) -> str:
-    return Exposition(metrics, lambda: 0).render(om=True).decode()
-
-
 def exemplar_hosts(text: str, trace_id: str) -> set[str]:
     """The host labels of the bucket lines whose exemplar holds ``trace_id``."""
     return {
@@ -491,7 +493,7 @@ def test_a_host_past_the_cap_leaves_its_exemplars_on_other() -> None:
     metrics = Metrics((1.0,), HostLabelLimits(max_hosts=1), Clock())
     request_to(metrics, "a.test", "a" * 32, "first")
     request_to(metrics, "b.test", "b" * 32, "second")
-    text = om_text(metrics)
+    text = rendered(metrics, om=True)
     assert exemplar_hosts(text, "a" * 32) == {"a.test"}
     assert exemplar_hosts(text, "b" * 32) == {"other"}
     assert 'host="b.test"' not in text
@@ -592,18 +594,24 @@ async def test_every_family_on_the_registry_is_in_the_scrape(
     assert any("span" in name for name in registry)
 
 
-def test_a_host_only_tunnelled_exports_no_request_series() -> None:
-    """A tunnel-only host shows dns, connect and tunnel series, and no count-0 request rows."""
+def one_closed_tunnel() -> tuple[Metrics, HostStats]:
+    """Metrics that saw ``tunnelled.example`` only through one closed tunnel, connected in 3 ms."""
     metrics = Metrics((0.01, 1.0), HostLabelLimits(max_hosts=10))
     tunnelled = metrics.host("tunnelled.example")
     tunnelled.tunnels["closed"] = 1
-    tunnelled.dns.observe(0.002)
     tunnelled.connect.observe(0.003)
+    return metrics, tunnelled
+
+
+def test_a_host_only_tunnelled_exports_no_request_series() -> None:
+    """A tunnel-only host shows dns, connect and tunnel series, and no count-0 request rows."""
+    metrics, tunnelled = one_closed_tunnel()
+    tunnelled.dns.observe(0.002)
     tunnelled.tunnel_seconds.observe(5.0)
     forwarded = metrics.host("forwarded.example")
     forwarded.requests[("GET", "200")] = 1
     forwarded.ttfb.observe(0.004)
-    text = Exposition(metrics, lambda: 0).render(om=False).decode()
+    text = rendered(metrics, om=False)
     tunnel_lines = {line.split("{")[0] for line in text.splitlines() if "tunnelled.example" in line}
     assert tunnel_lines == {
         "proxy_upstream_dns_seconds_bucket",
@@ -626,13 +634,10 @@ def test_a_host_only_tunnelled_exports_no_request_series() -> None:
 def test_a_tunnel_whose_tls_was_timed_adds_its_tls_phase_and_first_bytes() -> None:
     """TLS read from a tunnel's bytes exports the tls phase and the tunnel's first bytes, and
     still no count-0 request series."""
-    metrics = Metrics((0.01, 1.0), HostLabelLimits(max_hosts=10))
-    tunnelled = metrics.host("tunnelled.example")
-    tunnelled.tunnels["closed"] = 1
-    tunnelled.connect.observe(0.003)
+    metrics, tunnelled = one_closed_tunnel()
     tunnelled.tls.observe(0.3)
     tunnelled.tunnel_ttfb.observe(0.2)
-    text = Exposition(metrics, lambda: 0).render(om=False).decode()
+    text = rendered(metrics, om=False)
     assert 'proxy_upstream_tls_seconds_count{host="tunnelled.example"} 1.0' in text
     assert 'proxy_tunnel_ttfb_seconds_count{host="tunnelled.example"} 1.0' in text
     assert "proxy_upstream_queue_seconds_count{" not in text

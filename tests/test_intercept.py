@@ -45,7 +45,7 @@ from tests.conftest import LogCapture, Origin, RunningProxy, pattern, read_head
 from tests.test_cli import start_cli
 from tests.test_forwarding import curl
 from tests.test_limits import until
-from tests.test_tunnelling import Tunnel, open_tunnel
+from tests.test_tunnelling import Tunnel, echo, open_tunnel
 from tests.tls import TLSOrigin, server_context
 
 StartProxy = Callable[..., Awaitable[RunningProxy]]
@@ -347,21 +347,34 @@ def _complete(answer: bytes) -> bool:
     raise AssertionError("the test expects a Content-Length")
 
 
+async def _exchange_in_tls(
+    proxy: RunningProxy,
+    ca_files: CAFiles,
+    authority: str,
+    writes: Callable[[bytes], list[bytes]] = lambda hello: [hello],
+    in_connect: bool = False,
+) -> bytes:
+    """One GET on an intercepted stream, the ClientHello sent as ``writes`` cuts it; with
+    ``in_connect`` the first piece goes in the CONNECT's own write."""
+    tls = MemoryTLS(ca_files.client_context(), authority.rpartition(":")[0])
+    pieces = writes(tls.client_hello())
+    tunnel = await open_tunnel(proxy.url, authority, early=pieces.pop(0) if in_connect else b"")
+    assert tunnel.status == 200
+    for piece in pieces:
+        tunnel.writer.write(piece)
+        await asyncio.sleep(0.02)  # a read of its own for each
+    await tls.finish(tunnel.reader, tunnel.writer)
+    answer = await tls.request(tunnel.reader, tunnel.writer, _get(authority, "/echo", close=True))
+    tunnel.writer.close()
+    return answer
+
+
 async def test_client_hello_in_the_connect_segment_does_not_hang(
     intercepting: RunningProxy, ca_files: CAFiles, secure_origin: TLSOrigin
 ) -> None:
     """CONNECT and the ClientHello in one write: the proxy still completes the handshake."""
     authority = f"localhost:{secure_origin.port}"
-    tls = MemoryTLS(ca_files.client_context(), "localhost")
-    tunnel = await open_tunnel(intercepting.url, authority, early=tls.client_hello())
-    assert tunnel.status == 200
-    await tls.finish(tunnel.reader, tunnel.writer)
-    answer = await tls.request(
-        tunnel.reader,
-        tunnel.writer,
-        f"GET /echo HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n".encode(),
-    )
-    tunnel.writer.close()
+    answer = await _exchange_in_tls(intercepting, ca_files, authority, in_connect=True)
     assert answer.startswith(b"HTTP/1.1 200")
     assert b'"target": "/echo"' in answer
 
@@ -1016,21 +1029,12 @@ async def test_stalled_handshake_is_counted_as_closed(
     assert [line for line in running.lines if line.get("level") == "error"] == []
 
 
-async def test_connect_inside_a_stream_is_forwarded_and_pooled(
+async def test_connect_inside_a_stream_is_refused_not_forwarded(
     start_proxy: StartProxy, raw_origin: Any, logs: LogCapture
 ) -> None:
     """A CONNECT sent on the stream of a CONNECT carries no content (RFC 9110 §9.3.6) and is
     not forwarded: 403 with Proxy-Status, counted, logged, the stream closed, nothing dialled."""
-    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
-
-    async def answer_all(
-        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, state: Any
-    ) -> None:
-        while data := await reader.read(65536):
-            state.received.append(data)
-            writer.write(ok)
-
-    target = await raw_origin(answer_all)
+    target = await raw_origin(echo)  # never dialled: it only gives the CONNECT a port
     proxy = await start_proxy(connect_http_ports=(target.port,))
     authority = f"127.0.0.1:{target.port}"
     nested = f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode()
@@ -1152,25 +1156,9 @@ async def test_two_tls_bytes_mint_a_leaf(
         tunnel.writer.close()
     await logs.wait_for("tunnel", 3)
     assert intercepting.sample("proxy_intercept_certificates_minted_total") == 0
-    answer = await _exchange_in_tls(intercepting, ca_files, authority, lambda hello: [hello])
+    answer = await _exchange_in_tls(intercepting, ca_files, authority)
     assert answer.startswith(b"HTTP/1.1 200")
     assert intercepting.sample("proxy_intercept_certificates_minted_total") == 1
-
-
-async def _exchange_in_tls(
-    proxy: RunningProxy, ca_files: CAFiles, authority: str, writes: Callable[[bytes], list[bytes]]
-) -> bytes:
-    """One GET on an intercepted stream, the ClientHello sent as ``writes`` cuts it."""
-    tls = MemoryTLS(ca_files.client_context(), authority.rpartition(":")[0])
-    tunnel = await open_tunnel(proxy.url, authority)
-    assert tunnel.status == 200
-    for piece in writes(tls.client_hello()):
-        tunnel.writer.write(piece)
-        await asyncio.sleep(0.02)  # a read of its own for each
-    await tls.finish(tunnel.reader, tunnel.writer)
-    answer = await tls.request(tunnel.reader, tunnel.writer, _get(authority, "/echo", close=True))
-    tunnel.writer.close()
-    return answer
 
 
 def _recut(hello: bytes, sizes: tuple[int, ...]) -> list[bytes]:
