@@ -1029,7 +1029,7 @@ async def test_stalled_handshake_is_counted_as_closed(
     assert [line for line in running.lines if line.get("level") == "error"] == []
 
 
-async def test_connect_inside_a_stream_is_refused_not_forwarded(
+async def test_connect_inside_a_stream_is_forwarded_and_pooled(
     start_proxy: StartProxy, raw_origin: Any, logs: LogCapture
 ) -> None:
     """A CONNECT sent on the stream of a CONNECT carries no content (RFC 9110 §9.3.6) and is
