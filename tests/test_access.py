@@ -47,7 +47,7 @@ class Connection:
     async def open(cls, proxy: RunningProxy, source: str = "127.0.0.1") -> Connection:
         assert proxy.server.proxy_address is not None
         reader, writer = await asyncio.open_connection(
-            "127.0.0.1", proxy.server.proxy_address.port, local_addr=(source, 0)
+            "127.0.0.1", proxy.port, local_addr=(source, 0)
         )
         return cls(reader, writer)
 
@@ -476,7 +476,7 @@ async def test_name_resolving_to_our_listener_gets_508(start_proxy: StartProxy) 
     try:
         proxy = await start_proxy(dns_servers=(dns.address,))
         assert proxy.server.proxy_address is not None
-        port = proxy.server.proxy_address.port
+        port = proxy.port
         answer = await ask(proxy, http_request("GET", f"http://self.test:{port}/"))
     finally:
         stop_dns(dns)
@@ -487,7 +487,7 @@ async def test_connect_to_our_own_listener_gets_508(start_proxy: StartProxy) -> 
     """CONNECT to the proxy's own address is answered 508 instead of tunnelling to itself."""
     first = await start_proxy()
     assert first.server.proxy_address is not None
-    port = first.server.proxy_address.port
+    port = first.port
     await first.server.close()
     # A second proxy whose --connect-ports includes its own port: bind that same port.
     proxy = await start_proxy(listen=config.Address("127.0.0.1", port), connect_ports=(port,))

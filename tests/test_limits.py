@@ -59,7 +59,7 @@ async def test_head_sent_one_byte_at_a_time_is_cut_off(start_proxy: StartProxy) 
     loop = asyncio.get_running_loop()
     received = bytearray()
     # Plain socket calls: a write failing after the close must not discard what was read.
-    with socket.create_connection(("127.0.0.1", proxy.server.proxy_address.port)) as sock:
+    with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
         sock.setblocking(False)
 
         async def collect() -> None:

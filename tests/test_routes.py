@@ -254,7 +254,7 @@ async def exchange(
     case, route = seen.case, seen.route
     assert seen.proxy.server.proxy_address is not None
     reader, writer = await asyncio.open_connection(
-        HOST, seen.proxy.server.proxy_address.port, local_addr=(case.source, 0)
+        HOST, seen.proxy.port, local_addr=(case.source, 0)
     )
     authority = f"{case.host}:{seen.port}"
     path = case.path if path is None else path

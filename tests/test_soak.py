@@ -56,6 +56,6 @@ def handshakes_completed(address: tuple[str, int], count: int) -> int:
 async def test_a_burst_of_connections_waits_in_the_backlog(proxy: RunningProxy) -> None:
     """Hundreds of connections opened while the proxy is busy are all queued, none dropped."""
     assert proxy.server.proxy_address is not None
-    address = ("127.0.0.1", proxy.server.proxy_address.port)
+    address = ("127.0.0.1", proxy.port)
     # Called without an await, so the event loop accepts nothing while this runs.
     assert handshakes_completed(address, 600) == 600  # aiohttp's default backlog: 129

@@ -401,7 +401,7 @@ def handshake_through(
 
 def tunnel_socket(proxy: RunningProxy, authority: str) -> socket.socket:
     assert proxy.server.proxy_address is not None
-    sock = socket.create_connection(("127.0.0.1", proxy.server.proxy_address.port), timeout=10)
+    sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
     sock.sendall(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
     head = b""
     while b"\r\n\r\n" not in head:
@@ -499,7 +499,7 @@ async def test_tls12_renegotiation_passes_and_is_no_exchange(
             openssl,
             "s_client",
             "-proxy",
-            f"127.0.0.1:{proxy.server.proxy_address.port}",
+            f"127.0.0.1:{proxy.port}",
             "-connect",
             f"localhost:{origin.port}",
             "-CAfile",

@@ -473,14 +473,14 @@ class H2Core:
                 sent += piece
                 if sent == size and (last or not end):
                     return sent
-        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as exc:
+        except h2.exceptions.ProtocolError as exc:  # StreamClosedError is one of them
             raise StreamGone(f"stream {stream_id} closed") from exc
 
     def window(self, stream_id: int) -> int:
         """Bytes that may be sent on ``stream_id`` now; 0 for a stream that is gone."""
         try:
             return self._h2.local_flow_control_window(stream_id)
-        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+        except h2.exceptions.ProtocolError:
             return 0
 
     def end(self, stream_id: int) -> None:
@@ -488,7 +488,7 @@ class H2Core:
 
     def reset(self, stream_id: int, code: int = ErrorCodes.CANCEL) -> None:
         """RST_STREAM, unless the stream is already closed (then nothing is owed)."""
-        with contextlib.suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+        with contextlib.suppress(h2.exceptions.ProtocolError):
             self._h2.reset_stream(stream_id, code)
 
     def ack(self, stream_id: int, size: int) -> None:
@@ -526,7 +526,7 @@ class H2Core:
     def _guarded(self, send: Callable[[], None]) -> None:
         try:
             send()
-        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as exc:
+        except h2.exceptions.ProtocolError as exc:
             raise StreamGone(str(exc)) from exc
 
     def __repr__(self) -> str:
