@@ -54,6 +54,12 @@ def connection_options(raw: RawHeaders) -> frozenset[bytes]:
     return frozenset(names)
 
 
+def kept_fields(raw: RawHeaders, drop: frozenset[bytes]) -> list[tuple[bytes, bytes]]:
+    """The fields whose lower-cased name is not in ``drop``, as bytes, in order: for a head
+    the proxy writes itself (a 1xx, HTTP/2 trailers)."""
+    return [(name, value) for name, value in raw if name.lower() not in drop]
+
+
 def filter_fields(raw: RawHeaders, drop: frozenset[bytes]) -> CIMultiDict[str]:
     """Copy fields whose lower-cased name is not in ``drop``, keeping order and duplicates.
 

@@ -522,7 +522,7 @@ def relay_trailers(request: web.BaseRequest, trailers: Fields, request_id_header
     writer = request.writer
     if isinstance(writer, StreamWriter):
         drop = headers.response_drop_set(trailers, request_id_header)
-        writer.trailers = [(name, value) for name, value in trailers if name not in drop]
+        writer.trailers = headers.kept_fields(trailers, drop)
 
 
 def request_trailers(request: web.BaseRequest, request_id_header: bytes) -> Fields:
@@ -533,7 +533,7 @@ def request_trailers(request: web.BaseRequest, request_id_header: bytes) -> Fiel
     if not isinstance(handle, StreamHandle) or not handle.trailers:
         return ()
     drop = headers.request_drop_set(handle.trailers, request_id_header)
-    return [(name, value) for name, value in handle.trailers if name not in drop]
+    return headers.kept_fields(handle.trailers, drop)
 
 
 def upstream_peer(up: Upstream) -> tuple[str, int] | None:

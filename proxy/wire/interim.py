@@ -163,7 +163,7 @@ class InterimRelay:
         invalid = response_rules.check(version, message.code, message.reason, raw)
         if invalid is not None:
             raise invalid
-        kept = [(name, value) for name, value in raw if name.lower() not in drop]
+        kept = headers.kept_fields(raw, drop)
         kept.append((b"Via", self._via))
         await write_interim(self._request, message.code, message.reason, kept)
 
