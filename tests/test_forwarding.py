@@ -16,6 +16,7 @@ import requests
 from benchmarks.processes import communicate
 from tests.conftest import (
     GZIP_BODY,
+    LogCapture,
     Origin,
     RawOrigin,
     RunningProxy,
@@ -667,3 +668,15 @@ async def test_request_trailers_are_dropped(proxy: RunningProxy, raw_origin: Any
     (seen,) = upstream.received
     assert b"x-checksum" not in seen.lower()
     assert seen.endswith(b"\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+
+
+@pytest.mark.parametrize("version", ["HTTP/1.0", "HTTP/1.1"])
+async def test_access_line_names_the_protocol_the_request_came_in(
+    proxy: RunningProxy, origin: Origin, logs: LogCapture, version: str
+) -> None:
+    """The access line's protocol is the version of the client's request line."""
+    request = f"GET {origin.url('/echo')} {version}\r\nHost: {origin.authority}\r\n"
+    status, _ = await raw_exchange(proxy, (request + "Connection: close\r\n\r\n").encode())
+    assert status.endswith(b" 200 OK")
+    (line,) = await logs.wait_for("access")
+    assert line["protocol"] == version

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 from aiohttp import web
+from aiohttp.http import HttpVersion, HttpVersion10, HttpVersion11
 from yarl import URL
 
 from proxy.observe.live import Call
@@ -71,6 +72,14 @@ class Outcome:
         return f"<Outcome {self.request.method} {self.host} status={self.status} error={err}>"
 
 
+# The access line's protocol, named once: HTTP/2's version is written "2" (RFC 9113 §3.1).
+_PROTOCOLS: Final = {
+    HttpVersion11: "HTTP/1.1",
+    HttpVersion10: "HTTP/1.0",
+    HttpVersion(2, 0): "HTTP/2",
+}
+
+
 def milliseconds(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000.0, 3)
 
@@ -132,6 +141,7 @@ class Observer:
                 )
             )
         version = request.version
+        protocol = _PROTOCOLS.get(version) or f"HTTP/{version.major}.{version.minor}"
 
         self._logger.info(
             "access",
@@ -140,7 +150,7 @@ class Observer:
             span_id=outcome.trace.span_id,  # None unless the proxy records a span
             client=request.remote,
             method=request.method,
-            protocol="HTTP/2" if version.major == 2 else f"HTTP/{version.major}.{version.minor}",
+            protocol=protocol,
             scheme=outcome.target.scheme,
             host=outcome.host,
             path=loggable(outcome.target).raw_path_qs
